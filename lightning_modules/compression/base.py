@@ -1,0 +1,41 @@
+"""The protocol every compression method follows, so the pipeline treats all methods alike.
+
+A method is a Lightning callback that acts during training through its hooks, and also answers:
+    finalize(model) -> model   the deployable form (masks folded, layers replaced, int8 built)
+    summary(model)  -> rows    per-layer facts for tracking (one dict per layer)
+Hybrids are several callbacks listed in order in the method config; finalize runs in that order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytorch_lightning as pl
+from torch import nn
+
+# The layer types the method families act on by default.
+WEIGHTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+
+
+class CompressionCallback(pl.Callback):
+    """Base class: a Lightning callback with `finalize` and `summary`."""
+
+    #: short name used in logs and metric prefixes
+    name: str = "compression"
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        """Return the deployable model; the default keeps the model as trained."""
+        return model
+
+    def summary(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Per-layer facts of the finalized model; one row per layer."""
+        return []
+
+
+def weighted_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(qualified name, module) of every Linear/Conv2d layer, in definition order."""
+    for name, module in model.named_modules():
+        if isinstance(module, WEIGHTED_LAYERS):
+            yield name, module
+

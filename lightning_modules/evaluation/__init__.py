@@ -1,0 +1,1 @@
+"""Measurements of a finalized model: accuracy, size, MACs, latency."""

@@ -1,0 +1,93 @@
+"""Every figure of the metric contract, measured on the finalized artifact and its baseline.
+
+The compressed model is saved as its deployable artifact first and reloaded from that file, so
+accuracy, size, MACs and latency are all taken on exactly what a user would ship.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from lightning_modules.data import InMemoryDataModule
+from lightning_modules.evaluation.accuracy import paired_drop_interval, predict
+from lightning_modules.evaluation.artifact import encoding_table, load_deployable, save_deployable
+from lightning_modules.evaluation.complexity import count_macs, layer_table, parameter_counts
+from lightning_modules.evaluation.latency import measure_latency
+from lightning_modules.evaluation.runtime import deploy
+
+
+@dataclass
+class Report:
+    metrics: dict[str, float]
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # artifact file -> rows
+    artifact: Path | None = None
+
+
+def measure(
+    model: nn.Module,
+    baseline: nn.Module,
+    data: InMemoryDataModule,
+    hardware: DictConfig,
+    device: torch.device,
+    artifact_dir: Path,
+) -> Report:
+    """Measure `model` (finalized) against `baseline` (dense), both deployed on `hardware`.
+
+    When `model is baseline` (a baseline run), its own figures are the baseline's and the ratios are 1.
+    """
+    is_baseline = model is baseline
+    artifact = artifact_dir / "model.pt"
+    size_bytes = save_deployable(model, artifact)
+    shipped = load_deployable(artifact)  # measure the file, not the object that produced it
+    baseline_size = size_bytes if is_baseline else save_deployable(baseline, artifact_dir / "baseline.pt")
+
+    test = data.split("test")
+    input_shape = tuple(test.tensors[0].shape[1:])
+    deployed = deploy(shipped, hardware.runtime, device)
+    deployed_baseline = deployed if is_baseline else deploy(baseline, hardware.runtime, device)
+
+    predictions = predict(deployed, test, device)
+    baseline_predictions = predictions if is_baseline else predict(deployed_baseline, test, device)
+    drop_low, drop_high = paired_drop_interval(baseline_predictions.correct, predictions.correct)
+
+    macs = count_macs(shipped, input_shape)
+    baseline_macs = macs if is_baseline else count_macs(baseline, input_shape)
+    timed = {"model": deployed} if is_baseline else {"model": deployed, "baseline": deployed_baseline}
+    latency = measure_latency(
+        timed, input_shape, list(hardware.latency.batch_sizes), device,
+        warmup=hardware.latency.warmup, repeats=hardware.latency.repeats,
+    )
+    model_latency = latency["model"]
+    baseline_latency = latency.get("baseline", model_latency)
+
+    metrics: dict[str, float] = {
+        "test_acc": 100.0 * predictions.accuracy,
+        "test_loss": predictions.loss,
+        "baseline_test_acc": 100.0 * baseline_predictions.accuracy,
+        "acc_drop": 100.0 * (baseline_predictions.accuracy - predictions.accuracy),
+        "acc_drop_ci95_low": drop_low,
+        "acc_drop_ci95_high": drop_high,
+        **parameter_counts(shipped),
+        "size_bytes": size_bytes,
+        "baseline_size_bytes": baseline_size,
+        "compression_ratio": baseline_size / size_bytes,
+        "flops_dense": macs["macs_dense"],
+        # PyTorch's dense kernels multiply zeros too: effective == dense; the sparse count is theoretical.
+        "flops_effective": macs["macs_dense"],
+        "flops_effective_theoretical": macs["macs_nonzero"],
+        "baseline_flops_dense": baseline_macs["macs_dense"],
+        **model_latency,
+    }
+    for batch_size in hardware.latency.batch_sizes:
+        key = f"latency_ms_p50_bs{batch_size}"
+        metrics[f"baseline_{key}"] = baseline_latency[key]
+        metrics[f"speedup_bs{batch_size}"] = 1.0 if is_baseline else baseline_latency[key] / model_latency[key]
+    tables = {"layers.csv": layer_table(shipped), "encoding.csv": encoding_table(shipped)}
+    return Report(metrics, tables, artifact)
+

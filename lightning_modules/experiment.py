@@ -1,0 +1,188 @@
+"""run_experiment(cfg): one run of the workbench, in the five steps of ARCHITECTURE.md.
+
+    1. baseline  - the trained dense model of (data, model, seed, baseline recipe), found in the
+                   store or trained now and logged as its own run
+    2. compress  - Trainer.fit from the baseline weights with the method's callbacks
+    3. finalize  - each callback turns its training-time form into the deployable form
+    4. evaluate  - the contract's figures on the finalized artifact and the baseline, same process
+    5. track     - metrics, tables, config and the artifact into the run
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra.utils
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from lightning_modules.compression.base import CompressionCallback
+from lightning_modules.config import build_callbacks, validate
+from lightning_modules.data import InMemoryDataModule
+from lightning_modules.evaluation.artifact import load_deployable
+from lightning_modules.evaluation.report import Report, measure
+from lightning_modules.models import build_model
+from lightning_modules.task import ClassificationTask
+from lightning_modules.tracking import (
+    FINGERPRINT_TAG, EpochMetricsLogger, Store, SweepInfo, TrackedRun, config_params, download_model_file,
+    find_baseline_run, read_sweep_info, run_name, run_tags, scratch_dir, tracked_run,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Baseline:
+    model: nn.Module
+    run_id: str
+    metrics: dict[str, float] | None = None  # set when it was trained (and logged) in this call
+
+
+def run_experiment(cfg: DictConfig) -> dict[str, float]:
+    """Run one (data, model, method, hardware, seed) and return its logged metrics."""
+    validate(cfg)
+    device = configure_hardware(cfg.hardware)
+    sweep = current_sweep()
+    store = Store(sweep.tracking_uri, sweep.experiment) if sweep else Store.from_config(cfg.tracking)
+    data: InMemoryDataModule = hydra.utils.instantiate(cfg.data)
+    started = time.perf_counter()
+
+    baseline = obtain_baseline(cfg, store, data, device, sweep)                                # 1
+    if cfg.method.name == "baseline" and baseline.metrics is not None:
+        return baseline.metrics  # this run trained the baseline: it is the method=baseline run
+    baseline_seconds = time.perf_counter() - started
+
+    with tracked_run(store, run_name(cfg), run_tags(cfg, sweep and sweep.name), sweep and sweep.parent_run_id) as run:
+        run.set_tags({"baseline_run_id": baseline.run_id})
+        callbacks = build_callbacks(cfg.method)
+        # method=baseline re-measures the stored baseline itself; other methods work on a copy
+        start = baseline.model if cfg.method.name == "baseline" else copy.deepcopy(baseline.model)
+        model, train_seconds = fit(cfg, cfg.method.fine_tune, start, data, callbacks, run)     # 2
+        model = finalize(model, callbacks)                                                    # 3
+        return evaluate_and_track(cfg, run, model, baseline.model, data, device, callbacks,  # 4, 5
+                                  timings={"time_baseline_s": baseline_seconds, "train_time_s": train_seconds})
+
+
+# ----------------------------------------------------------------------------- step 1: baseline
+
+
+def obtain_baseline(cfg: DictConfig, store: Store, data: InMemoryDataModule, device: torch.device,
+                    sweep: SweepInfo | None) -> Baseline:
+    fingerprint = baseline_fingerprint(cfg)
+    run_id = find_baseline_run(store, fingerprint)
+    if run_id is not None:
+        log.info("baseline %s found in the store: run %s", fingerprint, run_id)
+        with scratch_dir() as folder:
+            return Baseline(load_deployable(download_model_file(store, run_id, Path(folder))), run_id)
+    log.info("baseline %s not in the store: training it", fingerprint)
+    baseline_cfg = copy.deepcopy(cfg)
+    OmegaConf.update(baseline_cfg, "method", {"name": "baseline", "callbacks": {}, "fine_tune": None}, merge=False)
+    with tracked_run(store, run_name(baseline_cfg), run_tags(baseline_cfg, sweep and sweep.name),
+                     sweep and sweep.parent_run_id) as run:
+        run.set_tags({FINGERPRINT_TAG: fingerprint, "baseline_run_id": run.run_id})
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        model = build_model(cfg.model.net, data.shape)
+        model, train_seconds = fit(baseline_cfg, cfg.baseline, model, data, [], run)
+        metrics = evaluate_and_track(baseline_cfg, run, model, model, data, device, [],
+                                     timings={"time_baseline_s": 0.0, "train_time_s": train_seconds})
+    return Baseline(model, run.run_id, metrics)
+
+
+def baseline_fingerprint(cfg: DictConfig) -> str:
+    """What makes two baselines the same: data, model, seed, recipe, and the device it trained on."""
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    for where_or_how_fast in ("root", "eval_batch_size"):
+        data.pop(where_or_how_fast, None)
+    identity = {
+        "data": data,
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "seed": cfg.seed,
+        "recipe": OmegaConf.to_container(cfg.baseline, resolve=True),
+        "device": cfg.hardware.device,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- steps 2 and 3
+
+
+def fit(cfg: DictConfig, recipe: DictConfig | None, model: nn.Module, data: InMemoryDataModule,
+        callbacks: list[CompressionCallback], run: TrackedRun) -> tuple[nn.Module, float]:
+    """Train `model` with `recipe` (epochs, optimizer, scheduler) and the callbacks; return it and the seconds.
+
+    With no recipe (method=baseline) nothing is trained; with `epochs: 0` the callbacks still act
+    once (a one-shot cut without fine-tuning).
+    """
+    if recipe is None and not callbacks:
+        return model, 0.0
+    epochs = 0 if recipe is None else recipe.epochs
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    task = ClassificationTask(
+        model.train(),  # a baseline loaded from the store comes in eval mode
+        optimizer=hydra.utils.instantiate(recipe.optimizer) if recipe is not None else torch.optim.SGD,
+        scheduler=hydra.utils.instantiate(recipe.scheduler) if recipe is not None and recipe.get("scheduler") else None,
+    )
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, max_epochs=epochs,
+                                                  callbacks=[*callbacks, EpochMetricsLogger(run)])
+    started = time.perf_counter()
+    trainer.fit(task, datamodule=data)
+    return task.model, time.perf_counter() - started
+
+
+def finalize(model: nn.Module, callbacks: list[CompressionCallback]) -> nn.Module:
+    for callback in callbacks:  # in config order: prune, then quantize
+        model = callback.finalize(model)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- steps 4 and 5
+
+
+def evaluate_and_track(cfg: DictConfig, run: TrackedRun, model: nn.Module, baseline: nn.Module,
+                       data: InMemoryDataModule, device: torch.device, callbacks: list[CompressionCallback],
+                       timings: dict[str, float]) -> dict[str, float]:
+    started = time.perf_counter()
+    with scratch_dir() as folder:
+        report: Report = measure(model, baseline, data, cfg.hardware, device, Path(folder))
+        timings["time_evaluate_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        run.log_params(config_params(cfg))
+        run.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        run.log_file(report.artifact, "model")
+        for artifact_file, rows in report.tables.items():
+            run.log_table(rows, artifact_file)
+        for callback in callbacks:
+            run.log_table(callback.summary(model), f"{callback.name}_summary.csv")
+        timings["time_track_s"] = time.perf_counter() - started
+    metrics = {**report.metrics, **timings}
+    run.log_metrics(metrics)
+    log.info("%s: test_acc %.2f%% (drop %.2f, 95%% CI %.2f..%.2f), %.1fx smaller, speedup bs1 %.2fx",
+             run_name(cfg), metrics["test_acc"], metrics["acc_drop"], metrics["acc_drop_ci95_low"],
+             metrics["acc_drop_ci95_high"], metrics["compression_ratio"], metrics.get("speedup_bs1", float("nan")))
+    return metrics
+
+
+# ----------------------------------------------------------------------------- context
+
+
+def configure_hardware(hardware: DictConfig) -> torch.device:
+    if hardware.threads is not None:
+        torch.set_num_threads(hardware.threads)
+    return torch.device(hardware.device)
+
+
+def current_sweep() -> SweepInfo | None:
+    """The sweep this job belongs to (written by sweep.SweepCallback), or None for a single run."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return read_sweep_info(HydraConfig.get().sweep.dir)

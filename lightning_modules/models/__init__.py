@@ -1,0 +1,43 @@
+"""Architectures, and `build_model`, which adapts any nn.Module class to the data's shape.
+
+Bring your own model: point `model.net._target_` at any importable nn.Module class. Its
+constructor may accept any of `in_channels`, `image_size`, `num_classes`; the workbench passes
+those it accepts (and nothing else), plus the keys written under `model.net`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import hydra.utils
+from omegaconf import DictConfig
+from torch import nn
+
+from lightning_modules.data import DataShape
+from lightning_modules.models.lenet import LeNet5, LeNet300
+from lightning_modules.models.mobilenet import mobilenetv2
+from lightning_modules.models.resnet import ResNetCifar, resnet20
+
+__all__ = ["LeNet300", "LeNet5", "ResNetCifar", "resnet20", "mobilenetv2", "build_model"]
+
+
+def build_model(net_cfg: DictConfig, shape: DataShape) -> nn.Module:
+    """Instantiate `net_cfg` (a `_target_` config), passing the data's shape where it is accepted."""
+    target = hydra.utils.get_class(net_cfg._target_) if isinstance(net_cfg._target_, str) else net_cfg._target_
+    accepted = _accepted_arguments(target)
+    shape_kwargs: dict[str, Any] = {
+        key: value for key, value in vars(shape).items() if accepted is None or key in accepted
+    }
+    model = hydra.utils.instantiate(net_cfg, **shape_kwargs)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model.net._target_={net_cfg._target_!r} built a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _accepted_arguments(target: Any) -> set[str] | None:
+    """Names the callable accepts; None when it takes **kwargs (then it gets everything)."""
+    parameters = inspect.signature(target).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters}

@@ -1,0 +1,252 @@
+"""The MLflow store: where it is, runs with their tags and artifacts, the sweep's parent run, and
+the lookup of trained baselines.
+
+Everything goes through one `MlflowClient` per store (no global "active run"), so several runs in
+one process (a multirun, a baseline trained on demand) never step on each other.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import time
+import traceback
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from functools import cached_property, lru_cache
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+SWEEP_FILE = "mlflow_sweep.json"
+MODEL_ARTIFACT = "model/model.pt"
+FINGERPRINT_TAG = "baseline_fingerprint"  # only on runs that trained a baseline
+
+
+class Store:
+    """An MLflow tracking URI plus the experiment the workbench writes to."""
+
+    def __init__(self, uri: str, experiment: str) -> None:
+        self.uri = uri
+        self.experiment = experiment
+
+    @classmethod
+    def from_config(cls, tracking: DictConfig) -> Store:
+        """MLFLOW_TRACKING_URI wins when set; else tracking.uri; else the SQLite file in store_dir."""
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.get("uri")
+        if uri is None:
+            uri = f"sqlite:///{Path(tracking.store_dir).resolve() / 'mlflow.db'}"
+        return cls(uri, tracking.experiment)
+
+    @property
+    def artifact_root(self) -> str | None:
+        """A local SQLite store keeps its artifacts beside the database; a server decides for itself."""
+        if self.uri.startswith("sqlite:///"):
+            return (Path(self.uri.removeprefix("sqlite:///")).resolve().parent / "artifacts").as_uri()
+        return None
+
+    @cached_property
+    def client(self) -> MlflowClient:
+        if self.uri.startswith("sqlite:///"):
+            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        return MlflowClient(tracking_uri=self.uri)
+
+    @cached_property
+    def experiment_id(self) -> str:
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        return self.client.create_experiment(self.experiment, artifact_location=self.artifact_root)
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+class TrackedRun:
+    """Logging into one MLflow run."""
+
+    def __init__(self, store: Store, run_id: str) -> None:
+        self.store = store
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        for start in range(0, len(batch), 1000):  # MLflow's limit per batch
+            self.store.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        batch = [Param(key, str(value)[:6000]) for key, value in params.items()]
+        for start in range(0, len(batch), 100):  # MLflow's limit of params per batch
+            self.store.client.log_batch(self.run_id, params=batch[start : start + 100])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.store.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.store.client.log_text(self.run_id, text, artifact_file)
+
+    def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        """A list of dicts as a CSV artifact (per-layer tables)."""
+        if not rows:
+            return
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        self.log_text(buffer.getvalue(), artifact_file)
+
+    def log_file(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.store.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+@contextmanager
+def tracked_run(store: Store, name: str, tags: Mapping[str, Any], parent_run_id: str | None) -> Iterator[TrackedRun]:
+    """Open a run; close it FINISHED, or FAILED with its error (KILLED on Ctrl-C), never left RUNNING."""
+    all_tags = {key: str(value) for key, value in tags.items()}
+    if parent_run_id is not None:
+        all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+    run = store.client.create_run(store.experiment_id, run_name=name, tags=all_tags)
+    tracked = TrackedRun(store, run.info.run_id)
+    try:
+        yield tracked
+    except KeyboardInterrupt:
+        store.client.set_terminated(tracked.run_id, "KILLED")
+        raise
+    except BaseException as error:
+        record_failure(tracked, error)
+        raise
+    store.client.set_terminated(tracked.run_id, "FINISHED")
+
+
+def record_failure(run: TrackedRun, error: BaseException) -> None:
+    """Mark the run FAILED, with the error as a tag (UI-searchable) and the traceback as an artifact."""
+    try:
+        run.set_tags({"error": f"{type(error).__name__}: {error}"[:5000]})
+        run.log_text("".join(traceback.format_exception(error)), "error.txt")
+    finally:
+        run.store.client.set_terminated(run.run_id, "FAILED")
+
+
+def run_name(cfg: DictConfig) -> str:
+    return f"{cfg.model.name}-{cfg.method.name}-{cfg.hardware.name}-s{cfg.seed}"
+
+
+def run_tags(cfg: DictConfig, sweep: str | None) -> dict[str, str]:
+    commit, dirty = git_state(str(Path(cfg.paths.root).resolve()))
+    return {
+        "data": cfg.data.name, "model": cfg.model.name, "method": cfg.method.name,
+        "hardware": cfg.hardware.name, "seed": str(cfg.seed), "sweep": sweep or "",
+        "git_commit": commit, "git_dirty": str(dirty).lower(),
+    }
+
+
+def config_params(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config flattened to dotted keys (MLflow params), hydra's own node left out."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("hydra", None)
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    walk(container, "")
+    return flat
+
+
+@lru_cache(maxsize=8)
+def git_state(root: str) -> tuple[str, bool]:
+    """(commit, has uncommitted changes) of the repository at `root`; ('unknown', False) outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, check=True).stdout
+        return commit, bool(status.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown", False
+
+
+class EpochMetricsLogger(pl.Callback):
+    """Sends the epoch's logged metrics (train_loss, val_acc, ...) to the run, one batch per epoch."""
+
+    def __init__(self, run: TrackedRun) -> None:
+        self.run = run
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if value.numel() == 1}
+        if metrics:
+            self.run.log_metrics(metrics, step=trainer.current_epoch)
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def find_baseline_run(store: Store, fingerprint: str) -> str | None:
+    """Id of the newest FINISHED run that trained the baseline with this fingerprint."""
+    runs = store.client.search_runs(
+        [store.experiment_id],
+        filter_string=f"tags.{FINGERPRINT_TAG} = '{fingerprint}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def download_model_file(store: Store, run_id: str, destination: Path) -> Path:
+    return Path(store.client.download_artifacts(run_id, MODEL_ARTIFACT, str(destination)))
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+
+@dataclass(frozen=True)
+class SweepInfo:
+    """What every job of a multirun needs to attach its run to the sweep's parent run."""
+
+    name: str
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+
+
+def write_sweep_info(sweep_dir: str | Path, info: SweepInfo) -> None:
+    path = Path(sweep_dir) / SWEEP_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(info), indent=2))
+
+
+def read_sweep_info(sweep_dir: str | Path) -> SweepInfo | None:
+    path = Path(sweep_dir) / SWEEP_FILE
+    return SweepInfo(**json.loads(path.read_text())) if path.exists() else None
+
+
+def child_runs(store: Store, parent_run_id: str) -> list:
+    return store.client.search_runs(
+        [store.experiment_id],
+        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=50000,
+    )
+
+
+def scratch_dir() -> tempfile.TemporaryDirectory:
+    """A folder for files on their way into the store (artifacts are copied, then it is removed)."""
+    return tempfile.TemporaryDirectory(prefix="workbench-")
