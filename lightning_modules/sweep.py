@@ -32,12 +32,19 @@ TABLE_COLUMNS = ["model", "method", "hardware", "seed", "status", "test_acc", "a
 
 class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        jobs = expand_sweep(config)
-        for overrides in jobs:
-            job_cfg = compose(config_name=kwargs.get("config_name") or "config", overrides=overrides)
-            validate(job_cfg)
-        log.info("validated the configs of %d jobs", len(jobs))
+        # Hydra turns a callback's exceptions into warnings and launches the jobs anyway;
+        # a sweep that cannot work must stop here, before any job: hence SystemExit.
+        try:
+            jobs = expand_sweep(config)
+            for overrides in jobs:
+                validate(compose(config_name=kwargs.get("config_name") or "config", overrides=overrides))
+            log.info("validated the configs of %d jobs", len(jobs))
+            self.open_parent_run(config, jobs)
+        except Exception as error:
+            print(f"Error: {error}\nNothing was run.", file=sys.stderr)
+            raise SystemExit(2) from error
 
+    def open_parent_run(self, config: DictConfig, jobs: list[list[str]]) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         existing = read_sweep_info(sweep_dir)
         if existing is not None:  # the same sweep folder again: keep logging under its parent run

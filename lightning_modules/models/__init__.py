@@ -24,7 +24,7 @@ __all__ = ["LeNet300", "LeNet5", "ResNetCifar", "resnet20", "mobilenetv2", "buil
 
 def build_model(net_cfg: DictConfig, shape: DataShape) -> nn.Module:
     """Instantiate `net_cfg` (a `_target_` config), passing the data's shape where it is accepted."""
-    target = hydra.utils.get_class(net_cfg._target_) if isinstance(net_cfg._target_, str) else net_cfg._target_
+    target = hydra.utils.get_object(net_cfg._target_)
     accepted = _accepted_arguments(target)
     shape_kwargs: dict[str, Any] = {
         key: value for key, value in vars(shape).items() if accepted is None or key in accepted

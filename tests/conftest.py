@@ -1,0 +1,54 @@
+"""Shared fixtures: the real configs composed with Hydra, shrunk for speed, and a fresh store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# A run small enough for a test: 8x8 digits, one epoch of a few batches, short latency loops.
+FAST = [
+    "data=digits",
+    "baseline.epochs=1",
+    "trainer.limit_train_batches=4",
+    "trainer.enable_progress_bar=false",
+    "hardware.latency.warmup=1",
+    "hardware.latency.repeats=3",
+]
+
+
+def compose_config(overrides: list[str] | None = None) -> DictConfig:
+    os.environ.setdefault("WORKBENCH_ROOT", str(ROOT))
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides or []))
+
+
+@pytest.fixture
+def store_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh SQLite store for the test, announced the MLflow way (MLFLOW_TRACKING_URI wins)."""
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    return uri
+
+
+def run_train(args: list[str], tmp_path: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python train.py ARGS` as a user runs it, with the test's store and a sweep folder in tmp."""
+    command = [sys.executable, str(ROOT / "train.py"), *args,
+               f"hydra.sweep.dir={tmp_path / 'sweep'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+
+
+def all_runs(uri: str, experiment: str = "workbench") -> list:
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    return [] if found is None else client.search_runs([found.experiment_id], max_results=1000)

@@ -1,0 +1,91 @@
+"""The real configs compose, and every bad value fails before any work with a message naming it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_modules.config import ConfigError, validate
+from tests.conftest import CONF, FAST, all_runs, compose_config, run_train
+
+
+def _options(group: str) -> list[str]:
+    return sorted(path.stem for path in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["data", "model", "method", "hardware", "trainer", "tracking", "experiment"])
+def test_every_option_of_every_group_composes_and_validates(group: str) -> None:
+    for option in _options(group):
+        cfg = compose_config([f"{group}={option}"])
+        if group == "hardware" and cfg.hardware.device == "cuda" and not torch.cuda.is_available():
+            with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+                validate(cfg)
+            continue
+        validate(cfg)
+
+
+def test_method_entries_land_under_method_callbacks() -> None:
+    cfg = compose_config(["method=magnitude", "method.sparsity=0.6"])
+    assert cfg.method.callbacks.prune._target_.endswith("pruning.MagnitudePruning")
+    assert cfg.method.callbacks.prune.sparsity == 0.6  # follows the shared sweep axis
+
+
+def test_hardware_files_are_deltas_on_cpu() -> None:
+    cfg = compose_config(["hardware=cpu_1t"])
+    assert cfg.hardware.threads == 1
+    assert list(cfg.hardware.latency.batch_sizes) == [1, 32]  # inherited from cpu.yaml
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["seed=-1"], r"seed=-1 is not valid; allowed: an integer >= 0"),
+        (["hardware.device=tpu"], r"hardware.device='tpu' is not valid; allowed: cpu, cuda"),
+        (["hardware.threads=0"], r"hardware.threads=0 is not valid; allowed: an integer >= 1 or null"),
+        (["hardware.runtime=tensorrt"], r"hardware.runtime='tensorrt' is not valid; allowed: torch"),
+        (["hardware.latency.batch_sizes=[]"], r"hardware.latency.batch_sizes=.* allowed: a non-empty list"),
+        (["hardware.latency.batch_sizes=[1,0]"], r"hardware.latency.batch_sizes\[1\]=0 is not valid"),
+        (["hardware.latency.repeats=0"], r"hardware.latency.repeats=0 is not valid; allowed: an integer >= 1"),
+        (["data.name=imagenet"], r"data.name='imagenet' is not valid; allowed: mnist5k, digits, mnist, fashion_mnist, cifar10"),
+        (["data.batch_size=0"], r"data.batch_size=0 is not valid"),
+        (["baseline.epochs=0"], r"baseline.epochs=0 is not valid; allowed: an integer >= 1"),
+        (["baseline.optimizer._target_=torch.optim.Nope"], r"baseline.optimizer._target_='torch.optim.Nope' cannot be imported"),
+        (["model.net._target_=nowhere.Net"], r"model.net._target_='nowhere.Net' cannot be imported"),
+        (["method=magnitude", "method.sparsity=1.5"],
+         r"method.callbacks.prune: sparsity=1.5 is not valid; allowed: a fraction in \[0, 1\)"),
+        (["method=magnitude", "method.callbacks.prune.scope=row"],
+         r"method.callbacks.prune: scope='row' is not valid; allowed: global, layer"),
+        (["method=magnitude", "method.callbacks.prune.criterion=taylorr"],
+         r"method.callbacks.prune: criterion='taylorr' is not valid; allowed: magnitude, random"),
+        (["method=magnitude", "method.fine_tune.epochs=-1"], r"method.fine_tune.epochs=-1 is not valid; allowed: an integer >= 0"),
+        (["method=magnitude", "method.callbacks.prune._target_=torch.nn.Linear"], r"method.callbacks.prune"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_allowed_values(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_config(overrides))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_cuda_without_a_gpu_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match=r"hardware=cuda needs a CUDA GPU.*choose hardware=cpu or hardware=cpu_1t"):
+        validate(compose_config(["hardware=cuda"]))
+
+
+@pytest.mark.slow
+def test_unknown_group_option_lists_the_choices_and_writes_nothing(tmp_path: Path, store_uri: str) -> None:
+    result = run_train(["model=lenet7", *FAST], tmp_path)
+    assert result.returncode != 0
+    assert "Could not find 'model/lenet7'" in result.stderr
+    assert "lenet300" in result.stderr and "resnet20" in result.stderr  # Hydra lists the options
+    assert all_runs(store_uri) == []
+
+
+@pytest.mark.slow
+def test_a_bad_value_in_a_sweep_stops_it_before_any_job(tmp_path: Path, store_uri: str) -> None:
+    result = run_train(["-m", *FAST, "method=baseline", "seed=0,-1"], tmp_path)
+    assert result.returncode != 0
+    assert "seed=-1 is not valid; allowed: an integer >= 0" in result.stderr
+    assert not (tmp_path / "store" / "mlflow.db").exists()  # nothing trained, nothing half-written

@@ -1,0 +1,106 @@
+"""End to end, as a user runs it: `python train.py -m ...` into a fresh MLflow store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from lightning_modules.tracking import FINGERPRINT_TAG
+from tests.conftest import FAST, all_runs, run_train
+
+pytestmark = pytest.mark.slow
+
+CONTRACT = [
+    "test_acc", "test_loss", "baseline_test_acc", "acc_drop", "acc_drop_ci95_low", "acc_drop_ci95_high",
+    "params_total", "params_nonzero", "sparsity", "size_bytes", "compression_ratio", "flops_dense",
+    "flops_effective", "flops_effective_theoretical", "train_time_s",
+    *[f"{name}_bs{b}" for b in (1, 32) for name in ("latency_ms_p50", "latency_ms_p95", "throughput", "speedup")],
+]
+TAGS = ["data", "model", "method", "hardware", "seed", "sweep", "git_commit"]
+
+
+def _children(uri: str) -> tuple[list, list]:
+    runs = all_runs(uri)
+    parents = [r for r in runs if r.data.tags.get("role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    return parents, children
+
+
+def test_two_run_multirun_lands_every_contract_metric_tag_and_artifact(tmp_path: Path, store_uri: str) -> None:
+    result = run_train(["-m", *FAST, "model=lenet300,lenet5", "method=baseline"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    parents, children = _children(store_uri)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 2
+    client = MlflowClient(store_uri)
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        missing = [name for name in CONTRACT if name not in run.data.metrics]
+        assert missing == []
+        assert all(run.data.tags.get(tag) for tag in TAGS)
+        assert run.data.tags["sweep"] == parents[0].data.tags["sweep"]
+        assert run.data.metrics["acc_drop"] == 0.0 and run.data.metrics["speedup_bs1"] == 1.0
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.yaml", "model", "layers.csv", "encoding.csv"} <= artifacts
+        model_files = [a.path for a in client.list_artifacts(run.info.run_id, "model")]
+        assert model_files == ["model/model.pt"]
+        assert run.data.params["data.name"] == "digits"
+    assert {r.data.tags["model"] for r in children} == {"lenet300", "lenet5"}
+    # the compact grid at the end of the multirun
+    assert "test_acc" in result.stdout and "compression_ratio" in result.stdout and "lenet300" in result.stdout
+
+
+def test_baseline_is_trained_once_for_two_compression_runs(tmp_path: Path, store_uri: str) -> None:
+    result = run_train(["-m", *FAST, "model=lenet300", "method=magnitude", "method.sparsity=0.5,0.8",
+                        "method.fine_tune.epochs=1"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    runs = all_runs(store_uri)
+    trained_baselines = [r for r in runs if FINGERPRINT_TAG in r.data.tags]
+    assert len(trained_baselines) == 1
+    baseline_id = trained_baselines[0].info.run_id
+    pruned = [r for r in runs if r.data.tags.get("method") == "magnitude"]
+    assert len(pruned) == 2
+    for run in pruned:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["baseline_run_id"] == baseline_id
+        assert run.data.metrics["baseline_test_acc"] == trained_baselines[0].data.metrics["test_acc"]
+        assert run.data.metrics["time_baseline_s"] < trained_baselines[0].data.metrics["train_time_s"] + 5
+    sparsities = sorted(r.data.metrics["sparsity"] for r in pruned)
+    # first (64x300) and last (100x10) layers stay dense: only the 300x100 layer is cut
+    share_pruned = 300 * 100 / (64 * 300 + 300 * 100 + 100 * 10)
+    assert sparsities == pytest.approx([0.5 * share_pruned, 0.8 * share_pruned], abs=1e-4)
+    assert all(r.data.metrics["compression_ratio"] > 1.2 for r in pruned)
+
+    # A second sweep finds the baseline in the store and trains none.
+    again = run_train(["-m", *FAST, "model=lenet300", "method=baseline"], tmp_path / "again")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len([r for r in all_runs(store_uri) if FINGERPRINT_TAG in r.data.tags]) == 1
+
+
+def test_a_failing_run_is_recorded_failed_and_the_sweep_goes_on(tmp_path: Path, store_uri: str) -> None:
+    result = run_train(["-m", *FAST, "method=baseline", "model=lenet300",
+                        "model.net._target_=tests.helpers.FailingNet,lightning_modules.models.LeNet300"], tmp_path)
+    assert result.returncode == 1
+    assert "1 of 2 runs FAILED" in result.stderr
+
+    parents, children = _children(store_uri)
+    statuses = sorted(r.info.status for r in children)
+    assert statuses == ["FAILED", "FINISHED"]
+    failed = next(r for r in children if r.info.status == "FAILED")
+    assert "FailingNet refuses to run" in failed.data.tags["error"]
+    assert "error.txt" in {a.path for a in MlflowClient(store_uri).list_artifacts(failed.info.run_id)}
+    assert parents[0].info.status == "FAILED" and parents[0].data.tags["failed_runs"] == "1"
+    assert all(r.info.status != "RUNNING" for r in all_runs(store_uri))
+
+
+def test_single_run_without_sweep(tmp_path: Path, store_uri: str) -> None:
+    result = run_train([*FAST, "model=lenet300"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = all_runs(store_uri)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert "mlflow.parentRunId" not in runs[0].data.tags
