@@ -5,6 +5,7 @@ Any Hydra override works, e.g. `python train.py -m model=lenet300,lenet5 seed=0,
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import hydra
@@ -14,6 +15,10 @@ from omegaconf import DictConfig
 
 # Paths in conf/ are relative to the repository, wherever the command is started from.
 os.environ.setdefault("WORKBENCH_ROOT", str(Path(__file__).resolve().parent))
+# Baselines are fetched from the store for every run: no progress bar for a local file copy.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# Lightning 2.6 trips over its own use of a torch API deprecated in 2.14, once per fit.
+warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 log = logging.getLogger("train")
 

@@ -34,7 +34,7 @@ from lightning_modules.evaluation.report import Report, measure
 from lightning_modules.models import build_model
 from lightning_modules.task import ClassificationTask
 from lightning_modules.tracking import (
-    FINGERPRINT_TAG, EpochMetricsLogger, Store, SweepInfo, TrackedRun, config_params, download_model_file,
+    FINGERPRINT_TAG, EpochMetricsLogger, Store, SweepInfo, TrackedRun, config_params, csv_text, download_model_file,
     find_baseline_run, read_sweep_info, run_name, run_tags, scratch_dir, tracked_run,
 )
 
@@ -54,10 +54,13 @@ def run_experiment(cfg: DictConfig) -> dict[str, float]:
     device = configure_hardware(cfg.hardware)
     sweep = current_sweep()
     store = Store(sweep.tracking_uri, sweep.experiment) if sweep else Store.from_config(cfg.tracking)
+    started = time.perf_counter()
     data: InMemoryDataModule = hydra.utils.instantiate(cfg.data)
+    data.setup()  # read once per process (cached), before any run opens
+    data_seconds = time.perf_counter() - started
     started = time.perf_counter()
 
-    baseline = obtain_baseline(cfg, store, data, device, sweep)                                # 1
+    baseline = obtain_baseline(cfg, store, data, device, sweep, data_seconds)                  # 1
     if cfg.method.name == "baseline" and baseline.metrics is not None:
         return baseline.metrics  # this run trained the baseline: it is the method=baseline run
     baseline_seconds = time.perf_counter() - started
@@ -70,14 +73,15 @@ def run_experiment(cfg: DictConfig) -> dict[str, float]:
         model, train_seconds = fit(cfg, cfg.method.fine_tune, start, data, callbacks, run)     # 2
         model = finalize(model, callbacks)                                                    # 3
         return evaluate_and_track(cfg, run, model, baseline.model, data, device, callbacks,  # 4, 5
-                                  timings={"time_baseline_s": baseline_seconds, "train_time_s": train_seconds})
+                                  timings={"time_data_s": data_seconds, "time_baseline_s": baseline_seconds,
+                                           "train_time_s": train_seconds})
 
 
 # ----------------------------------------------------------------------------- step 1: baseline
 
 
 def obtain_baseline(cfg: DictConfig, store: Store, data: InMemoryDataModule, device: torch.device,
-                    sweep: SweepInfo | None) -> Baseline:
+                    sweep: SweepInfo | None, data_seconds: float) -> Baseline:
     fingerprint = baseline_fingerprint(cfg)
     run_id = find_baseline_run(store, fingerprint)
     if run_id is not None:
@@ -94,7 +98,8 @@ def obtain_baseline(cfg: DictConfig, store: Store, data: InMemoryDataModule, dev
         model = build_model(cfg.model.net, data.shape)
         model, train_seconds = fit(baseline_cfg, cfg.baseline, model, data, [], run)
         metrics = evaluate_and_track(baseline_cfg, run, model, model, data, device, [],
-                                     timings={"time_baseline_s": 0.0, "train_time_s": train_seconds})
+                                     timings={"time_data_s": data_seconds, "time_baseline_s": 0.0,
+                                               "train_time_s": train_seconds})
     return Baseline(model, run.run_id, metrics)
 
 
@@ -152,18 +157,21 @@ def evaluate_and_track(cfg: DictConfig, run: TrackedRun, model: nn.Module, basel
                        data: InMemoryDataModule, device: torch.device, callbacks: list[CompressionCallback],
                        timings: dict[str, float]) -> dict[str, float]:
     started = time.perf_counter()
-    with scratch_dir() as folder:
-        report: Report = measure(model, baseline, data, cfg.hardware, device, Path(folder))
+    with scratch_dir() as scratch:
+        artifacts = Path(scratch) / "artifacts"  # everything in it goes to the run in one call
+        (artifacts / "model").mkdir(parents=True)
+        report: Report = measure(model, baseline, data, cfg.hardware, device, artifacts / "model", Path(scratch))
         timings["time_evaluate_s"] = time.perf_counter() - started
         started = time.perf_counter()
+        tables = {**report.tables, **{f"{cb.name}_summary.csv": cb.summary(model) for cb in callbacks}}
+        for artifact_file, rows in tables.items():
+            if rows:
+                (artifacts / artifact_file).write_text(csv_text(rows))
+        (artifacts / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         run.log_params(config_params(cfg))
-        run.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        run.log_file(report.artifact, "model")
-        for artifact_file, rows in report.tables.items():
-            run.log_table(rows, artifact_file)
-        for callback in callbacks:
-            run.log_table(callback.summary(model), f"{callback.name}_summary.csv")
+        run.log_folder(artifacts)
         timings["time_track_s"] = time.perf_counter() - started
+    timings["run_time_s"] = time.perf_counter() - run.started
     metrics = {**report.metrics, **timings}
     run.log_metrics(metrics)
     log.info("%s: test_acc %.2f%% (drop %.2f, 95%% CI %.2f..%.2f), %.1fx smaller, speedup bs1 %.2fx",

@@ -81,6 +81,7 @@ class TrackedRun:
     def __init__(self, store: Store, run_id: str) -> None:
         self.store = store
         self.run_id = run_id
+        self.started = time.perf_counter()  # for run_time_s: the run's wall time as tracked
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)
@@ -101,17 +102,21 @@ class TrackedRun:
 
     def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
         """A list of dicts as a CSV artifact (per-layer tables)."""
-        if not rows:
-            return
-        columns = list(dict.fromkeys(key for row in rows for key in row))
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-        self.log_text(buffer.getvalue(), artifact_file)
+        if rows:
+            self.log_text(csv_text(rows), artifact_file)
 
-    def log_file(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.store.client.log_artifact(self.run_id, str(path), artifact_path)
+    def log_folder(self, folder: str | Path) -> None:
+        """Every file under `folder` as artifacts, keeping the sub-folders, in one call."""
+        self.store.client.log_artifacts(self.run_id, str(folder))
+
+
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 @contextmanager

@@ -36,16 +36,19 @@ def measure(
     hardware: DictConfig,
     device: torch.device,
     artifact_dir: Path,
+    scratch_dir: Path,
 ) -> Report:
     """Measure `model` (finalized) against `baseline` (dense), both deployed on `hardware`.
 
-    When `model is baseline` (a baseline run), its own figures are the baseline's and the ratios are 1.
+    The deployable file is written to `artifact_dir/model.pt`; `scratch_dir` takes the baseline's
+    file, written only to measure its size. When `model is baseline` (a baseline run), its own
+    figures are the baseline's and the ratios are 1.
     """
     is_baseline = model is baseline
     artifact = artifact_dir / "model.pt"
     size_bytes = save_deployable(model, artifact)
     shipped = load_deployable(artifact)  # measure the file, not the object that produced it
-    baseline_size = size_bytes if is_baseline else save_deployable(baseline, artifact_dir / "baseline.pt")
+    baseline_size = size_bytes if is_baseline else save_deployable(baseline, scratch_dir / "baseline.pt")
 
     test = data.split("test")
     input_shape = tuple(test.tensors[0].shape[1:])
