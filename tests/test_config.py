@@ -17,7 +17,9 @@ def _options(group: str) -> list[str]:
 
 @pytest.mark.parametrize("group", ["data", "model", "method", "hardware", "trainer", "tracking", "experiment"])
 def test_every_option_of_every_group_composes_and_validates(group: str) -> None:
-    for option in _options(group):
+    options = _options(group)
+    assert options, f"conf/{group}/ has no options"
+    for option in options:
         cfg = compose_config([f"{group}={option}"])
         if group == "hardware" and cfg.hardware.device == "cuda" and not torch.cuda.is_available():
             with pytest.raises(ConfigError, match="needs a CUDA GPU"):
