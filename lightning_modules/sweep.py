@@ -22,6 +22,7 @@ from hydra.utils import get_class
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_modules.analysis import log_sweep_figures
 from lightning_modules.config import validate
 from lightning_modules.tracking import Store, SweepInfo, TrackedRun, child_runs, read_sweep_info, write_sweep_info
 
@@ -68,6 +69,7 @@ class SweepCallback(Callback):
             parent.log_table(table.to_dict("records"), "grid.csv")
         failed = int((table["status"] == "FAILED").sum()) if not table.empty else 0
         parent.set_tags({"failed_runs": failed})
+        log_sweep_figures(info)  # the grid's figures on the parent run, for the UI; warns, never raises
         store.client.set_terminated(info.parent_run_id, "FAILED" if failed else "FINISHED")
         print_grid(table, info)
         if failed:

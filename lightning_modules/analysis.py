@@ -1,0 +1,764 @@
+"""Reading the MLflow store back: the code behind the notebooks and the sweep's figures.
+
+    load the runs   `load_runs` turns the runs of an experiment, or of one sweep, into a tidy
+                    DataFrame: one row per run, one column per tag, metric (contract names) and
+                    param (`params.<dotted key>`)
+    Pareto          `pareto_mask` / `pareto_front`: the runs no other run beats on both axes
+    grid overview   accuracy vs compression ratio and vs latency with their fronts, heatmaps
+                    method x model, the best run per (model, hardware) under an accuracy-drop budget
+    one run         per-layer facts (layers.csv + every `<method>_summary.csv`), weight histograms
+                    before and after, confusion matrices of the finalized model and its baseline
+    curves          accuracy vs sparsity with the spread over seeds; per-layer sensitivity tables
+    statistics      mean and t-interval over seeds; method vs reference, paired by seed
+    the sweep       `log_sweep_figures` logs the overview on the sweep's parent run (sweep.py)
+
+Figures are `matplotlib.figure.Figure` objects made without pyplot: no global state, no GUI
+backend, nothing to close; a notebook shows them with `%matplotlib inline`, the sweep saves them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from mlflow.entities import Run, ViewType
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from scipy import stats
+from torch import nn
+
+from lightning_modules.compression.base import weighted_layers
+from lightning_modules.tracking import MODEL_ARTIFACT, SweepInfo
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_EXPERIMENT = "workbench"
+#: tags that identify a run; they become plain columns of the tidy frame
+ID_TAGS = ("data", "model", "method", "hardware", "seed", "sweep", "role", "baseline_run_id", "git_commit", "error")
+RUN_COLUMNS = ("run_id", "run_name", "status", "start_time", "end_time", "parent_run_id", *ID_TAGS)
+#: the columns most tables show
+GRID_COLUMNS = ["run_name", "data", "model", "method", "hardware", "seed", "test_acc", "acc_drop",
+                "acc_drop_ci95_low", "acc_drop_ci95_high", "compression_ratio", "size_bytes", "sparsity",
+                "latency_ms_p50_bs1", "speedup_bs1", "speedup_bs32"]
+HEATMAP_METRICS = ("acc_drop", "compression_ratio", "speedup_bs1")
+LAYER_FACTS = ("sparsity", "bits", "rank")
+PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+SENSITIVITY_ARTIFACT = "sensitivity.csv"
+SENSITIVITY_COLUMNS = ["run_id", "data", "model", "method", "seed", "layer", "sparsity", "test_acc"]
+NO_SENSITIVITY_MESSAGE = (
+    "**No sensitivity analysis in this store yet.** The per-layer sensitivity tables come from runs "
+    f"tagged `role=sensitivity` that log a `{SENSITIVITY_ARTIFACT}` artifact (columns layer, sparsity, "
+    "test_acc). Run the sensitivity analysis, then run this notebook again."
+)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def default_tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set, else the project's store `mlruns/mlflow.db` (as train.py)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'mlruns' / 'mlflow.db'}"
+
+
+def open_client(tracking_uri: str | None = None) -> MlflowClient:
+    """A client on `tracking_uri` (None: the default store); a missing SQLite file is an error, not a new store."""
+    uri = tracking_uri if tracking_uri is not None else default_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        raise FileNotFoundError(f"No MLflow store at {uri.removeprefix('sqlite:///')}: run `python train.py -m` "
+                                f"first, or pass tracking_uri / set MLFLOW_TRACKING_URI")
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(client: MlflowClient, experiment: str) -> str:
+    """The id of `experiment`; a missing name lists the experiments the store has."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = [e.name for e in client.search_experiments(view_type=ViewType.ALL)]
+        raise ValueError(f"experiment={experiment!r} is not in the store; it has: {', '.join(names) or 'none'}")
+    return found.experiment_id
+
+
+def search_all(client: MlflowClient, experiment_ids: list[str], filter_string: str = "") -> list[Run]:
+    """Every run that matches, page after page."""
+    runs: list[Run] = []
+    token: str | None = None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string, max_results=5000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def resolve_sweep(client: MlflowClient, exp_id: str, sweep: str | None) -> str | None:
+    """`sweep` as given; "latest" names the newest sweep of the experiment; None means all runs."""
+    if sweep != "latest":
+        return sweep
+    parents = client.search_runs([exp_id], "tags.role = 'sweep'", order_by=["attributes.start_time DESC"],
+                                 max_results=1)
+    if not parents:
+        raise ValueError("sweep='latest': the experiment has no sweep (no run tagged role=sweep)")
+    return parents[0].data.tags["sweep"]
+
+
+def tidy_runs(runs: Iterable[Run], params: bool = True) -> pd.DataFrame:
+    """One row per run: RUN_COLUMNS, then every metric by its name, then `params.<key>` columns."""
+    rows = [_run_row(run, params) for run in runs]
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return pd.DataFrame(columns=list(RUN_COLUMNS))
+    extra = [c for c in frame.columns if c not in RUN_COLUMNS]
+    metrics = sorted(c for c in extra if not c.startswith("params."))
+    frame = frame[[*RUN_COLUMNS, *metrics, *sorted(c for c in extra if c.startswith("params."))]]
+    for column in ("start_time", "end_time"):
+        frame[column] = pd.to_datetime(frame[column], unit="ms")
+    frame["seed"] = pd.to_numeric(frame["seed"], errors="coerce").astype("Int64")
+    for column in [c for c in frame.columns if c.startswith("params.")]:
+        frame[column] = _numeric_if_possible(frame[column])
+    return frame
+
+
+def _run_row(run: Run, params: bool) -> dict[str, Any]:
+    tags = run.data.tags
+    row: dict[str, Any] = {
+        "run_id": run.info.run_id, "run_name": tags.get(MLFLOW_RUN_NAME, run.info.run_name),
+        "status": run.info.status, "start_time": run.info.start_time, "end_time": run.info.end_time,
+        "parent_run_id": tags.get(MLFLOW_PARENT_RUN_ID, ""),
+        **{tag: tags.get(tag, "") for tag in ID_TAGS},
+    }
+    row["role"] = row["role"] or "run"
+    row.update(run.data.metrics)
+    if params:
+        row.update({f"params.{key}": value for key, value in run.data.params.items()})
+    return row
+
+
+def _numeric_if_possible(column: pd.Series) -> pd.Series:
+    numbers = pd.to_numeric(column, errors="coerce")
+    return numbers if numbers.notna().sum() == column.notna().sum() else column
+
+
+def load_runs(
+    tracking_uri: str | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    sweep: str | None = None,
+    statuses: Sequence[str] | None = ("FINISHED",),
+    exclude_roles: Sequence[str] = ("sweep", "sensitivity"),
+    params: bool = True,
+) -> pd.DataFrame:
+    """The runs of `experiment` (or of one `sweep`, "latest" for the newest) as a tidy DataFrame.
+
+    By default only FINISHED runs of the grid: sweep parent runs and sensitivity runs are left out
+    (`exclude_roles`), and `statuses=None` keeps FAILED and RUNNING ones too.
+
+    Raises:
+        FileNotFoundError: no SQLite store at the URI.
+        ValueError: the experiment is not in the store, or sweep="latest" finds no sweep.
+    """
+    client = open_client(tracking_uri)
+    exp_id = experiment_id(client, experiment)
+    sweep = resolve_sweep(client, exp_id, sweep)
+    runs = tidy_runs(search_all(client, [exp_id], f"tags.sweep = '{sweep}'" if sweep else ""), params)
+    keep = ~runs["role"].isin(list(exclude_roles))
+    if statuses is not None:
+        keep &= runs["status"].isin(list(statuses))
+    return runs[keep].reset_index(drop=True)
+
+
+def describe(runs: pd.DataFrame) -> str:
+    """One line saying what a frame of runs holds."""
+    parts = [f"{len(runs)} runs"]
+    for column in ("data", "model", "method", "hardware", "seed"):
+        values = sorted(runs[column].dropna().astype(str).unique()) if column in runs else []
+        parts.append(f"{column}: {', '.join(values) or '-'}")
+    return "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------- Pareto
+
+
+def pareto_mask(x: Sequence[float], y: Sequence[float], x_larger_better: bool, y_larger_better: bool = True) -> np.ndarray:
+    """True for the points no other point dominates (as good on both axes, strictly better on one).
+
+    Duplicated points are all kept; a point with a NaN coordinate is never on the front. O(n log n).
+    """
+    xs = np.asarray(x, dtype=float) * (1 if x_larger_better else -1)
+    ys = np.asarray(y, dtype=float) * (1 if y_larger_better else -1)
+    on_front = np.zeros(len(xs), dtype=bool)
+    valid = np.flatnonzero(~(np.isnan(xs) | np.isnan(ys)))
+    best_y = -np.inf  # best y among points with a strictly larger x
+    order = valid[np.lexsort((-ys[valid], -xs[valid]))]  # x descending, then y descending
+    start = 0
+    while start < len(order):
+        stop = start
+        while stop < len(order) and xs[order[stop]] == xs[order[start]]:
+            stop += 1
+        group = order[start:stop]
+        group_best = ys[group].max()
+        if group_best > best_y:
+            on_front[group[ys[group] == group_best]] = True
+        best_y = max(best_y, group_best)
+        start = stop
+    return on_front
+
+
+def pareto_front(runs: pd.DataFrame, x: str, y: str, x_larger_better: bool, y_larger_better: bool = True,
+                 by: Sequence[str] = ()) -> pd.DataFrame:
+    """The runs on the front of (x, y), computed within each group of `by`, sorted by x."""
+    if runs.empty:
+        return runs.copy()
+    groups = runs.groupby(list(by), dropna=False, sort=True) if by else [((), runs)]
+    fronts = [group[pareto_mask(group[x], group[y], x_larger_better, y_larger_better)] for _, group in groups]
+    return pd.concat(fronts).sort_values([*by, x]).reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------- grid overview
+
+
+@dataclass
+class GridOverview:
+    """The figures and tables of the grid overview."""
+
+    figures: dict[str, Figure] = field(default_factory=dict)
+    fronts: dict[str, pd.DataFrame] = field(default_factory=dict)
+    best: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+def grid_overview(runs: pd.DataFrame, budget: float = 1.0, latency_batch: int = 1,
+                  conservative: bool = False) -> GridOverview:
+    """Every figure and table of the grid overview for a frame of runs (see notebooks/01)."""
+    latency = f"latency_ms_p50_bs{latency_batch}"
+    overview = GridOverview()
+    overview.figures["accuracy_vs_compression"] = accuracy_vs_compression(runs)
+    overview.fronts["accuracy_vs_compression"] = _front_table(
+        pareto_front(runs, "compression_ratio", "test_acc", x_larger_better=True, by=["data"]))
+    overview.figures["accuracy_vs_latency"] = accuracy_vs_latency(runs, latency)
+    overview.fronts["accuracy_vs_latency"] = _front_table(
+        pareto_front(runs, latency, "test_acc", x_larger_better=False, by=["data", "hardware"]), latency)
+    overview.figures["heatmaps"] = metric_heatmaps(runs, (*HEATMAP_METRICS[:2], f"speedup_bs{latency_batch}"))
+    overview.best = best_under_budget(runs, budget, conservative=conservative)
+    return overview
+
+
+def _front_table(front: pd.DataFrame, *extra: str) -> pd.DataFrame:
+    columns = ["run_name", "data", "model", "method", "hardware", "seed", "test_acc", "acc_drop",
+               "compression_ratio", *extra, "run_id"]
+    return front[[c for c in dict.fromkeys(columns) if c in front]]
+
+
+def _facet_values(runs: pd.DataFrame, column: str | None) -> list[Any]:
+    if column is None or column not in runs:
+        return [None]
+    return sorted(runs[column].dropna().unique(), key=str) or [None]
+
+
+def _subset(runs: pd.DataFrame, column: str | None, value: Any) -> pd.DataFrame:
+    return runs if value is None else runs[runs[column] == value]
+
+
+def _facet_grid(rows: int, cols: int, width: float = 5.0, height: float = 4.0) -> tuple[Figure, np.ndarray]:
+    figure = Figure(figsize=(width * cols + 1.5, height * rows), layout="constrained")
+    axes = np.atleast_2d(figure.subplots(rows, cols, squeeze=False))
+    return figure, axes
+
+
+def scatter_with_front(runs: pd.DataFrame, x: str, y: str, x_larger_better: bool, row: str | None = None,
+                       col: str | None = None, log_x: bool = False, title: str = "") -> Figure:
+    """Scatter of y vs x (hue method, style model), one panel per (row, col) value, front drawn in each."""
+    plotted = runs.dropna(subset=[x, y]) if {x, y} <= set(runs.columns) else runs.iloc[0:0]
+    row_values, col_values = _facet_values(plotted, row), _facet_values(plotted, col)
+    figure, axes = _facet_grid(len(row_values), len(col_values))
+    hue_order = sorted(plotted["method"].unique()) if "method" in plotted else None
+    style_order = sorted(plotted["model"].unique()) if "model" in plotted else None
+    for i, row_value in enumerate(row_values):
+        for j, col_value in enumerate(col_values):
+            ax: Axes = axes[i, j]
+            panel = _subset(_subset(plotted, row, row_value), col, col_value)
+            show_legend = i == 0 and j == len(col_values) - 1 and not panel.empty
+            _draw_panel(ax, panel, x, y, x_larger_better, hue_order, style_order, show_legend)
+            ax.set_title(" / ".join(str(v) for v in (row_value, col_value) if v is not None), fontsize=10)
+            if log_x and not panel.empty and (panel[x] > 0).all():
+                ax.set_xscale("log")
+    figure.suptitle(title or f"{y} vs {x} (dashed: Pareto front)")
+    return figure
+
+
+def _draw_panel(ax: Axes, panel: pd.DataFrame, x: str, y: str, x_larger_better: bool,
+                hue_order: list[str] | None, style_order: list[str] | None, legend: bool) -> None:
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    if panel.empty:
+        ax.text(0.5, 0.5, "no runs with these metrics", ha="center", va="center", transform=ax.transAxes)
+        return
+    sns.scatterplot(data=panel, x=x, y=y, hue="method", style="model", hue_order=hue_order,
+                    style_order=style_order, s=60, alpha=0.8, ax=ax, legend=legend)
+    front = panel[pareto_mask(panel[x], panel[y], x_larger_better)].sort_values(x)
+    ax.plot(front[x], front[y], "--", color="black", linewidth=1, zorder=0)
+    ax.scatter(front[x], front[y], s=140, facecolors="none", edgecolors="black", linewidths=1)
+    if legend:
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1), frameon=False, fontsize=8)
+
+
+def accuracy_vs_compression(runs: pd.DataFrame, accuracy: str = "test_acc") -> Figure:
+    """Accuracy vs compression ratio (log scale), one panel per dataset, with the Pareto front."""
+    return scatter_with_front(runs, "compression_ratio", accuracy, x_larger_better=True, col="data", log_x=True,
+                              title=f"{accuracy} vs compression ratio (dashed: Pareto front)")
+
+
+def accuracy_vs_latency(runs: pd.DataFrame, latency: str = "latency_ms_p50_bs1", accuracy: str = "test_acc") -> Figure:
+    """Accuracy vs latency, one panel per hardware (and dataset), with the Pareto front of each."""
+    return scatter_with_front(runs, latency, accuracy, x_larger_better=False, row="data", col="hardware",
+                              title=f"{accuracy} vs {latency} per hardware (dashed: Pareto front)")
+
+
+def metric_heatmaps(runs: pd.DataFrame, metrics: Sequence[str] = HEATMAP_METRICS) -> Figure:
+    """Heatmaps method x model of each metric (mean over seeds), one row per hardware."""
+    hardware = _facet_values(runs, "hardware")
+    figure, axes = _facet_grid(len(hardware), len(metrics), width=4.5, height=3.5)
+    table = runs
+    if "data" in runs and runs["data"].nunique() > 1:  # several datasets: columns tell them apart
+        table = runs.assign(model=runs["data"].astype(str) + "/" + runs["model"].astype(str))
+    for i, hw in enumerate(hardware):
+        for j, metric in enumerate(metrics):
+            ax = axes[i, j]
+            panel = _subset(table, "hardware", hw)
+            if metric not in panel or panel[metric].isna().all():
+                ax.text(0.5, 0.5, f"no {metric}", ha="center", va="center", transform=ax.transAxes)
+            else:
+                grid = panel.pivot_table(index="method", columns="model", values=metric, aggfunc="mean")
+                sns.heatmap(grid, annot=True, fmt=".3g", cmap="viridis", ax=ax, cbar=False, annot_kws={"size": 8})
+            ax.set_title(f"{metric}" + (f" ({hw})" if hw is not None else ""), fontsize=10)
+    figure.suptitle("method x model, mean over seeds")
+    return figure
+
+
+def best_under_budget(runs: pd.DataFrame, budget: float, objective: str = "compression_ratio",
+                      larger_better: bool = True, by: Sequence[str] = ("data", "model", "hardware"),
+                      conservative: bool = False) -> pd.DataFrame:
+    """The best run by `objective` per group among those within the accuracy-drop budget (points).
+
+    `conservative` judges a run by the upper end of its paired 95% interval instead of its drop.
+    """
+    drop = "acc_drop_ci95_high" if conservative else "acc_drop"
+    if runs.empty or drop not in runs or objective not in runs:
+        return pd.DataFrame(columns=[*by, "method", "seed", objective, "acc_drop", "run_name", "run_id"])
+    within = runs[(runs[drop] <= budget) & runs[objective].notna()]
+    ranked = within.sort_values([objective, "acc_drop"], ascending=[not larger_better, True])
+    best = ranked.groupby(list(by), sort=True).head(1).sort_values(list(by))
+    columns = [*by, "method", "seed", objective, "test_acc", "acc_drop", "acc_drop_ci95_high", "speedup_bs1",
+               "run_name", "run_id"]
+    return best[[c for c in dict.fromkeys(columns) if c in best]].reset_index(drop=True)
+
+
+def figure_png(figure: Figure, path: str | Path, dpi: int = 100) -> Path:
+    """Render a figure to a PNG file (Agg), returning the path."""
+    figure.savefig(path, format="png", dpi=dpi)
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------- the sweep's parent run
+
+
+def log_sweep_figures(info: SweepInfo, budget: float = 1.0) -> list[str]:
+    """Log the grid overview of a finished sweep as artifacts of its parent run (shown in the UI).
+
+    Never raises: a figure is a convenience, so any failure is logged as a warning and the sweep
+    carries on. Returns the artifact paths logged.
+    """
+    try:
+        runs = load_runs(info.tracking_uri, info.experiment, sweep=info.name)
+        if runs.empty:
+            log.warning("sweep %s has no finished runs: no figures logged", info.name)
+            return []
+        return _log_overview(MlflowClient(info.tracking_uri), info.parent_run_id, grid_overview(runs, budget), budget)
+    except Exception as error:  # noqa: BLE001 - plotting must never fail the sweep
+        log.warning("could not log the figures of sweep %s (%s: %s); the sweep's runs are unaffected",
+                    info.name, type(error).__name__, error, exc_info=log.isEnabledFor(logging.DEBUG))
+        return []
+
+
+def _log_overview(client: MlflowClient, run_id: str, overview: GridOverview, budget: float) -> list[str]:
+    logged = []
+    for name, figure in overview.figures.items():
+        path = f"figures/{name}.png"
+        client.log_figure(run_id, figure, path, save_kwargs={"dpi": 100})
+        logged.append(path)
+    tables = {f"figures/pareto_{name}.csv": table for name, table in overview.fronts.items()}
+    tables[f"figures/best_within_{budget:g}pt_drop.csv"] = overview.best
+    for path, table in tables.items():
+        client.log_text(run_id, table.to_csv(index=False), path)
+        logged.append(path)
+    log.info("logged %d figures and tables of the grid on parent run %s", len(logged), run_id)
+    return logged
+
+
+# ----------------------------------------------------------------------------- one run in depth
+
+
+def pick_run(runs: pd.DataFrame) -> str:
+    """A run worth a look when none is named: the most compressed non-baseline run (lowest drop on ties)."""
+    if runs.empty:
+        raise ValueError("no runs to pick from")
+    compressed = runs[runs["method"] != "baseline"]
+    pool = compressed if not compressed.empty else runs
+    ranked = pool.sort_values(["compression_ratio", "acc_drop"], ascending=[False, True], na_position="last")
+    return str(ranked.iloc[0]["run_id"])
+
+
+def read_csv_artifact(client: MlflowClient, run_id: str, artifact: str) -> pd.DataFrame | None:
+    """A CSV artifact of a run as a DataFrame, None when the run has no such file."""
+    folder = str(Path(artifact).parent) if Path(artifact).parent != Path(".") else None
+    if artifact not in {a.path for a in client.list_artifacts(run_id, folder)}:
+        return None
+    with tempfile.TemporaryDirectory(prefix="workbench-analysis-") as scratch, _quiet_downloads():
+        return pd.read_csv(client.download_artifacts(run_id, artifact, scratch))
+
+
+@contextmanager
+def _quiet_downloads() -> Iterator[None]:
+    """No MLflow progress bar per downloaded file (they flood notebook outputs); the user's setting comes back."""
+    previous = os.environ.get(PROGRESS_BAR_ENV)
+    os.environ[PROGRESS_BAR_ENV] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(PROGRESS_BAR_ENV, None)
+        else:
+            os.environ[PROGRESS_BAR_ENV] = previous
+
+
+def layer_facts(run_id: str, tracking_uri: str | None = None) -> pd.DataFrame:
+    """Per layer: layers.csv joined with every `<method>_summary.csv` (sparsity, bits, rank, ...).
+
+    A column a summary repeats keeps the value of layers.csv; new ones join under their own name.
+    """
+    client = open_client(tracking_uri)
+    table = read_csv_artifact(client, run_id, "layers.csv")
+    summaries = [a.path for a in client.list_artifacts(run_id) if a.path.endswith("_summary.csv")]
+    for artifact in sorted(summaries):
+        summary = read_csv_artifact(client, run_id, artifact)
+        if summary is None or "layer" not in summary:
+            continue
+        if table is None:
+            table = summary
+            continue
+        table = _join_layers(table, summary)
+    if table is None:
+        raise ValueError(f"run {run_id} has no layers.csv nor any *_summary.csv artifact")
+    return table
+
+
+def _join_layers(table: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
+    """Add the summary's new columns by layer, keeping the table's layer order; its extra layers go last."""
+    new = ["layer", *[c for c in summary.columns if c not in table.columns]]
+    joined = table.merge(summary[new], on="layer", how="left")
+    extra = summary[~summary["layer"].isin(table["layer"])]
+    return pd.concat([joined, extra], ignore_index=True) if not extra.empty else joined
+
+
+def plot_layer_facts(facts: pd.DataFrame, columns: Sequence[str] = LAYER_FACTS) -> Figure:
+    """One bar chart per fact the run has (sparsity, bits, rank), layers on the x axis."""
+    present = [c for c in columns if c in facts and facts[c].notna().any()]
+    figure, axes = _facet_grid(1, max(len(present), 1), width=max(4.0, 0.5 * len(facts)), height=3.5)
+    if not present:
+        axes[0, 0].text(0.5, 0.5, f"none of {', '.join(columns)} per layer", ha="center", va="center")
+    for ax, column in zip(axes[0], present):
+        sns.barplot(data=facts, x="layer", y=column, ax=ax, color="tab:blue")
+        ax.tick_params(axis="x", rotation=45, labelsize=8)
+        ax.set_title(f"{column} per layer", fontsize=10)
+    return figure
+
+
+@dataclass
+class RunModels:
+    """A finalized model, the dense baseline it started from, and the run's resolved config."""
+
+    run_id: str
+    model: nn.Module
+    baseline: nn.Module
+    config: Any  # omegaconf.DictConfig
+
+
+def load_run_models(run_id: str, tracking_uri: str | None = None) -> RunModels:
+    """Download the run's deployable model, its baseline's (tag baseline_run_id) and its config.yaml."""
+    from omegaconf import OmegaConf
+
+    from lightning_modules.evaluation.artifact import load_deployable
+
+    client = open_client(tracking_uri)
+    baseline_id = client.get_run(run_id).data.tags.get("baseline_run_id") or run_id
+    with tempfile.TemporaryDirectory(prefix="workbench-analysis-") as scratch, _quiet_downloads():
+        config = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", scratch))
+        model = load_deployable(client.download_artifacts(run_id, MODEL_ARTIFACT, f"{scratch}/run"))
+        baseline = model if baseline_id == run_id else \
+            load_deployable(client.download_artifacts(baseline_id, MODEL_ARTIFACT, f"{scratch}/baseline"))
+    return RunModels(run_id, model, baseline, config)
+
+
+def weight_histograms(model: nn.Module, baseline: nn.Module, max_layers: int = 8, bins: int = 60) -> Figure:
+    """Per Linear/Conv layer (by name, first `max_layers`): baseline weights vs the finalized model's nonzero ones."""
+    after = dict(weighted_layers(model))
+    layers = [(name, module) for name, module in weighted_layers(baseline) if name in after][:max_layers]
+    cols = min(4, max(len(layers), 1))
+    figure, axes = _facet_grid(math.ceil(max(len(layers), 1) / cols), cols, width=3.5, height=2.8)
+    for ax, (name, module) in zip(axes.flat, layers):
+        before = module.weight.detach().float().flatten().numpy()
+        weights = after[name].weight.detach().float().flatten().numpy()
+        edges = np.histogram_bin_edges(np.concatenate([before, weights]), bins=bins)
+        ax.hist(before, bins=edges, alpha=0.5, label="baseline", color="tab:gray")
+        ax.hist(weights[weights != 0], bins=edges, alpha=0.6, label="finalized (nonzero)", color="tab:orange")
+        ax.set_yscale("log")
+        ax.set_title(f"{name}: {np.mean(weights == 0):.0%} zero", fontsize=9)
+    for ax in list(axes.flat)[len(layers):]:
+        ax.set_visible(False)
+    if layers:
+        axes.flat[0].legend(fontsize=7)
+    figure.suptitle("weights before (baseline) and after (finalized model)")
+    return figure
+
+
+@torch.no_grad()
+def predicted_labels(model: nn.Module, images: torch.Tensor, runtime: str = "torch", batch_size: int = 512) -> np.ndarray:
+    """Class predictions of a model deployed on the CPU with the run's runtime."""
+    from lightning_modules.evaluation.runtime import deploy
+
+    deployed = deploy(model, runtime, torch.device("cpu"))
+    return torch.cat([deployed(batch).argmax(1) for batch in images.split(batch_size)]).numpy()
+
+
+@dataclass
+class Confusion:
+    """Confusion matrices (rows: true class, columns: predicted) of a run and its baseline."""
+
+    model: np.ndarray
+    baseline: np.ndarray
+    labels: list[int]
+
+    @property
+    def accuracies(self) -> tuple[float, float]:
+        """Test accuracy in percent of (model, baseline), from the matrices."""
+        return tuple(100.0 * float(np.trace(m) / m.sum()) for m in (self.model, self.baseline))
+
+
+def confusion_matrices(models: RunModels) -> Confusion:
+    """Both models scored on the run's test split (rebuilt from its config.yaml)."""
+    import hydra.utils
+    from sklearn.metrics import confusion_matrix
+
+    data = hydra.utils.instantiate(models.config.data)
+    images, targets = data.split("test").tensors
+    labels = list(range(int(targets.max()) + 1))
+    runtime = models.config.hardware.get("runtime", "torch")
+    return Confusion(confusion_matrix(targets.numpy(), predicted_labels(models.model, images, runtime), labels=labels),
+                     confusion_matrix(targets.numpy(), predicted_labels(models.baseline, images, runtime), labels=labels),
+                     labels)
+
+
+def plot_confusion(confusion: Confusion) -> Figure:
+    """Baseline, finalized model, and their difference (finalized - baseline) side by side."""
+    figure, axes = _facet_grid(1, 3, width=4.2, height=3.8)
+    model_acc, baseline_acc = confusion.accuracies
+    panels = [(confusion.baseline, f"baseline ({baseline_acc:.1f}%)", "Blues", None),
+              (confusion.model, f"finalized ({model_acc:.1f}%)", "Blues", None),
+              (confusion.model - confusion.baseline, "finalized - baseline", "RdBu_r", 0)]
+    for ax, (matrix, title, cmap, center) in zip(axes[0], panels):
+        sns.heatmap(matrix, annot=True, fmt="d", cmap=cmap, center=center, ax=ax, cbar=False,
+                    xticklabels=confusion.labels, yticklabels=confusion.labels, annot_kws={"size": 7})
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+    return figure
+
+
+# ----------------------------------------------------------------------------- statistics over seeds
+
+
+def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): Student-t interval of the mean; NaN bounds with fewer than two values."""
+    array = np.asarray(values, dtype=float)
+    array = array[~np.isnan(array)]
+    if len(array) == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(array.mean())
+    if len(array) < 2:
+        return mean, math.nan, math.nan
+    half = float(stats.t.ppf(0.5 + level / 2, len(array) - 1) * array.std(ddof=1) / math.sqrt(len(array)))
+    return mean, mean - half, mean + half
+
+
+def seed_summary(runs: pd.DataFrame, metric: str = "test_acc",
+                 by: Sequence[str] = ("data", "model", "hardware", "method"), level: float = 0.95) -> pd.DataFrame:
+    """Per group: seeds, mean, standard deviation and t-interval of `metric` over the runs."""
+    rows = []
+    for key, group in runs.dropna(subset=[metric]).groupby(list(by), sort=True):
+        mean, low, high = mean_interval(group[metric], level)
+        rows.append({**dict(zip(by, key)), "n": len(group), "seeds": _seed_list(group),
+                     "mean": mean, "std": group[metric].std(ddof=1), "ci_low": low, "ci_high": high})
+    return pd.DataFrame(rows, columns=[*by, "n", "seeds", "mean", "std", "ci_low", "ci_high"])
+
+
+def _seed_list(group: pd.DataFrame) -> str:
+    return ",".join(str(s) for s in sorted(group["seed"].dropna().unique())) if "seed" in group else ""
+
+
+def seed_spread(runs: pd.DataFrame, x: str = "sparsity", y: str = "test_acc",
+                by: Sequence[str] = ("data", "model", "method"), x_decimals: int = 3,
+                level: float = 0.95) -> pd.DataFrame:
+    """Points of a curve: y's mean and interval over seeds at each x (rounded, so seeds line up)."""
+    table = runs.dropna(subset=[x, y]).assign(**{x: lambda f: f[x].round(x_decimals)})
+    return seed_summary(table, y, (*by, x), level).rename(columns={"mean": y})
+
+
+def difference_test(values: pd.Series, reference: pd.Series, level: float = 0.95) -> dict[str, Any]:
+    """Mean difference (values - reference) with its t-interval and p-value.
+
+    Both series are indexed by seed. With the same seeds on both sides (at least two) the test is
+    paired, seed by seed (a seed fixes the baseline, so pairing removes its share of the noise);
+    otherwise Welch's unequal-variance test.
+    """
+    values, reference = values.dropna(), reference.dropna()
+    paired = len(values) >= 2 and set(values.index) == set(reference.index)
+    if paired:
+        differences = values - reference.reindex(values.index)
+        mean, n = float(differences.mean()), len(differences)
+        se, dof = float(differences.std(ddof=1)) / math.sqrt(n), n - 1
+    elif len(values) >= 2 and len(reference) >= 2:
+        mean = float(values.mean() - reference.mean())
+        va, vb = values.var(ddof=1) / len(values), reference.var(ddof=1) / len(reference)
+        se = math.sqrt(va + vb)
+        dof = (va + vb) ** 2 / (va**2 / (len(values) - 1) + vb**2 / (len(reference) - 1)) if se > 0 else 1.0
+    else:
+        mean = float(values.mean() - reference.mean()) if len(values) and len(reference) else math.nan
+        return {"test": "too few seeds", "diff": mean, "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan}
+    half = float(stats.t.ppf(0.5 + level / 2, dof)) * se
+    p_value = float(2 * stats.t.sf(abs(mean) / se, dof)) if se > 0 else float(mean == 0)
+    return {"test": "paired t" if paired else "Welch t", "diff": mean, "ci_low": mean - half,
+            "ci_high": mean + half, "p_value": p_value}
+
+
+def compare_methods(runs: pd.DataFrame, metric: str = "test_acc", reference: str = "baseline",
+                    by: Sequence[str] = ("data", "model", "hardware"), level: float = 0.95) -> pd.DataFrame:
+    """Each method against `reference` within each group: is the difference larger than the noise?
+
+    `verdict` is "larger than the noise" when the interval of the difference excludes zero.
+    """
+    rows = []
+    per_seed = runs.dropna(subset=[metric]).groupby([*by, "method", "seed"], sort=True)[metric].mean()
+    for key, group in per_seed.groupby(level=list(range(len(by))), sort=True):
+        by_method = {method: series.droplevel(list(range(len(by) + 1)))
+                     for method, series in group.groupby(level=len(by))}
+        if reference not in by_method:
+            continue
+        for method, values in by_method.items():
+            if method == reference:
+                continue
+            result = difference_test(values, by_method[reference], level)
+            rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "method": method,
+                         "reference": reference, "n": len(values), "n_reference": len(by_method[reference]),
+                         **result, "verdict": _verdict(result)})
+    columns = [*by, "method", "reference", "n", "n_reference", "test", "diff", "ci_low", "ci_high", "p_value", "verdict"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _verdict(result: dict[str, Any]) -> str:
+    if math.isnan(result["ci_low"]):
+        return "too few seeds"
+    return "larger than the noise" if result["ci_low"] > 0 or result["ci_high"] < 0 else "within the noise"
+
+
+def plot_seed_intervals(summary: pd.DataFrame, metric: str = "test_acc") -> Figure:
+    """Mean and interval over seeds per method, one panel per (data, model, hardware)."""
+    keys = [c for c in ("data", "model", "hardware") if c in summary]
+    groups = list(summary.groupby(keys, sort=True)) if not summary.empty else []
+    figure, axes = _facet_grid(1, max(len(groups), 1), width=4.0, height=3.2)
+    for ax, (key, group) in zip(axes[0], groups):
+        low = (group["mean"] - group["ci_low"]).fillna(0)
+        high = (group["ci_high"] - group["mean"]).fillna(0)
+        ax.errorbar(group["method"], group["mean"], yerr=[low, high], fmt="o", capsize=4)
+        ax.set_title(" / ".join(map(str, key if isinstance(key, tuple) else (key,))), fontsize=10)
+        ax.set_ylabel(f"{metric} (mean, CI over seeds)")
+        ax.tick_params(axis="x", rotation=30)
+    figure.suptitle(f"{metric}: mean and interval over seeds")
+    return figure
+
+
+# ----------------------------------------------------------------------------- pruning curves, sensitivity
+
+
+def plot_pruning_curves(runs: pd.DataFrame, x: str = "sparsity", y: str = "test_acc", level: float = 0.95) -> Figure:
+    """y vs x per method (mean over seeds, shaded interval), one panel per (data, model)."""
+    curve = seed_spread(runs, x, y, ("data", "model", "method"), level=level) if not runs.empty else pd.DataFrame()
+    panels = list(curve.groupby(["data", "model"], sort=True)) if not curve.empty else []
+    figure, axes = _facet_grid(1, max(len(panels), 1), width=4.5, height=3.5)
+    methods = sorted(curve["method"].unique()) if not curve.empty else []
+    palette = dict(zip(methods, sns.color_palette(n_colors=max(len(methods), 1))))
+    for ax, ((data, model), panel) in zip(axes[0], panels):
+        for method, points in panel.groupby("method", sort=True):
+            points = points.sort_values(x)
+            ax.plot(points[x], points[y], "o-", color=palette[method], label=method)
+            ax.fill_between(points[x], points["ci_low"], points["ci_high"], color=palette[method], alpha=0.2)
+        ax.set_title(f"{data} / {model}", fontsize=10)
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.legend(fontsize=8)
+    figure.suptitle(f"{y} vs {x}: mean over seeds, shaded {level:.0%} interval")
+    return figure
+
+
+def load_sensitivity(tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
+                     sweep: str | None = None) -> pd.DataFrame:
+    """Every `sensitivity.csv` of the runs tagged role=sensitivity, with the run's identity columns.
+
+    An empty frame (SENSITIVITY_COLUMNS) when there are none; a run without the artifact is skipped
+    with a warning.
+    """
+    client = open_client(tracking_uri)
+    exp_id = experiment_id(client, experiment)
+    sweep = resolve_sweep(client, exp_id, sweep)
+    query = "tags.role = 'sensitivity'" + (f" and tags.sweep = '{sweep}'" if sweep else "")
+    tables = []
+    for run in search_all(client, [exp_id], query):
+        table = read_csv_artifact(client, run.info.run_id, SENSITIVITY_ARTIFACT)
+        if table is None:
+            log.warning("sensitivity run %s has no %s: skipped", run.info.run_id, SENSITIVITY_ARTIFACT)
+            continue
+        tags = run.data.tags
+        identity = {"run_id": run.info.run_id, **{t: tags.get(t, "") for t in ("data", "model", "method", "seed")}}
+        tables.append(table.assign(**identity))
+    if not tables:
+        return pd.DataFrame(columns=SENSITIVITY_COLUMNS)
+    frame = pd.concat(tables, ignore_index=True)
+    return frame[[*SENSITIVITY_COLUMNS, *[c for c in frame.columns if c not in SENSITIVITY_COLUMNS]]]
+
+
+def sensitivity_table(sensitivity: pd.DataFrame, value: str = "test_acc") -> pd.DataFrame:
+    """Layers as rows, sparsities as columns, `value` averaged over runs (seeds); one block per model."""
+    return sensitivity.pivot_table(index=["data", "model", "layer"], columns="sparsity", values=value,
+                                   aggfunc="mean", sort=True)
+
+
+def plot_sensitivity(sensitivity: pd.DataFrame, value: str = "test_acc") -> Figure:
+    """value vs sparsity, one line per layer, one panel per (data, model)."""
+    panels = list(sensitivity.groupby(["data", "model"], sort=True))
+    figure, axes = _facet_grid(1, max(len(panels), 1), width=4.5, height=3.5)
+    for ax, ((data, model), panel) in zip(axes[0], panels):
+        mean = panel.groupby(["layer", "sparsity"], sort=True)[value].mean().reset_index()
+        sns.lineplot(data=mean, x="sparsity", y=value, hue="layer", marker="o", ax=ax)
+        ax.set_title(f"{data} / {model}: one layer pruned at a time", fontsize=10)
+        ax.legend(fontsize=7)
+    return figure
