@@ -1,14 +1,23 @@
+"""Unstructured pruning: the mask math, the schedules, and every masked method through a real Trainer."""
+
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import pytest
 import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from lightning_modules.compression.pruning import MASK, MagnitudePruning, global_masks, layer_mask
+from lightning_modules.compression.pruning import (
+    AGP, MASK, IterativePruning, LightningReference, LotteryTicket, MagnitudePruning, PolynomialSchedule, global_masks,
+    iterative_sparsities, layer_mask, polynomial_sparsity, pruning_callback, resolve, taylor_saliency,
+)
 from lightning_modules.data import InMemoryDataModule
 from lightning_modules.models import LeNet300
 from lightning_modules.task import ClassificationTask
+
+BATCHES_PER_EPOCH = 5
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.8, 0.95])
@@ -26,29 +35,174 @@ def test_global_masks_rank_all_layers_together() -> None:
     assert int(masks["small"].sum()) == 0 and int(masks["large"].sum()) == 30
 
 
-def _train(callback: MagnitudePruning, model: nn.Module, epochs: int = 2) -> nn.Module:
+# ----------------------------------------------------------------------------- schedules
+
+
+@pytest.mark.parametrize(
+    ("step", "expected"),
+    [
+        (0, 0.5),                               # the first cut, at begin
+        (5, 0.5),                               # between updates the last update holds
+        (10, 0.8 - 0.3 * 0.9 ** 3),             # 0.58130
+        (50, 0.8 - 0.3 * 0.5 ** 3),             # 0.7625
+        (99, 0.8 - 0.3 * 0.1 ** 3),             # the update at 90
+        (100, 0.8),                             # end
+        (1000, 0.8),                            # after end
+    ],
+)
+def test_polynomial_sparsity_is_zhu_and_gupta_cubic_ramp(step: int, expected: float) -> None:
+    assert polynomial_sparsity(step, 0.5, 0.8, begin=0, end=100, frequency=10) == pytest.approx(expected)
+
+
+def test_polynomial_sparsity_before_begin_and_with_another_power() -> None:
+    assert polynomial_sparsity(10, 0.0, 0.9, begin=20, end=120) == 0.0
+    assert polynomial_sparsity(70, 0.0, 0.9, begin=20, end=120, power=1) == pytest.approx(0.45)
+    assert PolynomialSchedule(0.0, 0.9, 20, 120, 1, 1)(70) == pytest.approx(0.45)
+
+
+def test_resolve_takes_a_value_or_a_function_of_the_step() -> None:
+    assert resolve(0.7, 123) == 0.7
+    assert resolve(lambda step: step / 100, 30) == pytest.approx(0.3)
+
+
+def test_iterative_sparsities_remove_a_fraction_of_what_is_left_and_stop_at_the_target() -> None:
+    assert iterative_sparsities(0.8, 0.5) == pytest.approx([0.5, 0.75, 0.8])
+    assert iterative_sparsities(0.95, 0.5) == pytest.approx([0.5, 0.75, 0.875, 0.9375, 0.95])
+    assert iterative_sparsities(0.5, 0.5) == pytest.approx([0.5])
+
+
+# ----------------------------------------------------------------------------- training with the masks
+
+
+class SparsityProbe(pl.Callback):
+    """Records (step, sparsity of the masked layers) at every batch, after the pruning callback acted."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, float]] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
+        masks = [m for m in pl_module.model.modules() if hasattr(m, MASK)]
+        zero = sum(int((getattr(m, MASK) == 0).sum()) for m in masks)
+        total = sum(getattr(m, MASK).numel() for m in masks)
+        self.seen.append((trainer.global_step, zero / total if total else 0.0))
+
+
+def _train(callbacks: list[pl.Callback], model: nn.Module, epochs: int = 2) -> nn.Module:
     pl.seed_everything(0, verbose=False)
     data = InMemoryDataModule("digits", batch_size=64)
-    task = ClassificationTask(model, optimizer=lambda params: torch.optim.Adam(params, lr=1e-2))
-    trainer = pl.Trainer(max_epochs=epochs, callbacks=[callback], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_train_batches=5,
+    task = ClassificationTask(model, optimizer=lambda params: torch.optim.Adam(params, lr=1e-2, weight_decay=1e-3))
+    trainer = pl.Trainer(max_epochs=epochs, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_train_batches=BATCHES_PER_EPOCH,
                          limit_val_batches=1, num_sanity_val_steps=0)
     trainer.fit(task, datamodule=data)
     return task.model
 
 
-def test_pruned_weights_stay_zero_through_fine_tuning_with_adam() -> None:
-    model = LeNet300(1, 8, 10)
-    callback = MagnitudePruning(sparsity=0.7, scope="layer", skip_layers=[])
-    trained = _train(callback, model)
-    for _, layer in [("0", trained.classifier[1]), ("1", trained.classifier[3]), ("2", trained.classifier[5])]:
+def _assert_masks_honoured(model: nn.Module) -> None:
+    masked = [m for m in model.modules() if hasattr(m, MASK)]
+    assert masked, "the callback attached no mask"
+    for layer in masked:
         mask = getattr(layer, MASK)
-        assert float((mask == 0).float().mean()) == pytest.approx(0.7, abs=0.01)
-        assert torch.all(layer.weight[mask == 0] == 0)  # the optimizer never moved them
+        assert torch.all(layer.weight[mask == 0] == 0)  # Adam's momentum and weight decay never moved them
         assert torch.any(layer.weight[mask == 1] != 0)
+
+
+def _layer_sparsity(layer: nn.Module) -> float:
+    return float((layer.weight == 0).float().mean())
+
+
+# (callback factory, epochs, expected sparsity of each pruned layer)
+METHODS: dict[str, tuple[Callable[[], pl.Callback], int, float]] = {
+    "magnitude": (lambda: MagnitudePruning(0.7, scope="layer", skip_layers=[]), 2, 0.7),
+    "taylor": (lambda: MagnitudePruning(0.7, scope="layer", criterion="taylor", taylor_batches=2, skip_layers=[]), 2, 0.7),
+    "random": (lambda: MagnitudePruning(0.7, scope="layer", criterion="random", skip_layers=[]), 2, 0.7),
+    "agp": (lambda: AGP(0.8, initial_sparsity=0.5, end=2, frequency=2, skip_layers=[]), 3, 0.8),
+    "iterative": (lambda: IterativePruning(0.8, fraction_per_cycle=0.5, scope="layer", skip_layers=[]), 3, 0.8),
+    "lottery": (lambda: LotteryTicket(0.75, fraction_per_cycle=0.5, scope="layer", skip_layers=[]), 2, 0.75),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_reaches_its_sparsity_and_pruned_weights_stay_zero(method: str) -> None:
+    factory, epochs, expected = METHODS[method]
+    callback = factory()
+    trained = _train([callback], LeNet300(1, 8, 10), epochs)
+    _assert_masks_honoured(trained)
     finalized = callback.finalize(trained)
     assert not any(hasattr(m, MASK) for m in finalized.modules())
-    assert float((finalized.classifier[1].weight == 0).float().mean()) == pytest.approx(0.7, abs=0.01)
+    for index in (1, 3, 5):
+        assert _layer_sparsity(finalized.classifier[index]) == pytest.approx(expected, abs=0.01)
+
+
+def test_pruned_weights_stay_zero_through_fine_tuning_with_adam() -> None:
+    callback = MagnitudePruning(sparsity=0.7, scope="layer", skip_layers=[])
+    trained = _train([callback], LeNet300(1, 8, 10))
+    _assert_masks_honoured(trained)
+    for layer in (trained.classifier[1], trained.classifier[3], trained.classifier[5]):
+        assert float((getattr(layer, MASK) == 0).float().mean()) == pytest.approx(0.7, abs=0.01)
+
+
+def test_agp_follows_the_cubic_ramp_step_by_step() -> None:
+    callback, probe = AGP(0.8, initial_sparsity=0.5, end=2, frequency=2, skip_layers=[]), SparsityProbe()
+    _train([callback, probe], LeNet300(1, 8, 10), epochs=3)
+    expected = PolynomialSchedule(0.5, 0.8, begin=0, end=2 * BATCHES_PER_EPOCH, frequency=2)
+    assert len(probe.seen) == 3 * BATCHES_PER_EPOCH
+    for step, sparsity in probe.seen:
+        assert sparsity == pytest.approx(expected(step), abs=0.005), step
+    assert probe.seen[0][1] == pytest.approx(0.5, abs=0.005) and probe.seen[-1][1] == pytest.approx(0.8, abs=0.005)
+
+
+def test_agp_takes_a_function_of_the_step_as_its_schedule() -> None:
+    callback, probe = AGP(lambda step: 0.1 * (step // 3), skip_layers=[]), SparsityProbe()
+    _train([callback, probe], LeNet300(1, 8, 10), epochs=2)
+    assert [s for _, s in probe.seen] == pytest.approx([0.1 * (step // 3) for step, _ in probe.seen], abs=0.005)
+
+
+def test_agp_whose_ramp_outlasts_training_stops_with_the_step_count() -> None:
+    with pytest.raises(ValueError, match=r"agp: end=4 epoch\(s\) is step 20, but training has only 10 steps"):
+        _train([AGP(0.8, end=4)], LeNet300(1, 8, 10), epochs=2)
+
+
+def test_iterative_needs_enough_epochs_for_its_cycles() -> None:
+    with pytest.raises(ValueError, match=r"takes 5 cycles of 1 epoch\(s\): fine_tune.epochs=2 is not valid; allowed: >= 5"):
+        _train([IterativePruning(0.95, fraction_per_cycle=0.5)], LeNet300(1, 8, 10), epochs=2)
+
+
+def test_iterative_cuts_once_per_cycle_at_the_listed_levels() -> None:
+    callback, probe = IterativePruning(0.8, fraction_per_cycle=0.5, epochs_per_cycle=2, scope="layer", skip_layers=[]), SparsityProbe()
+    _train([callback, probe], LeNet300(1, 8, 10), epochs=6)
+    by_epoch = {step // BATCHES_PER_EPOCH: s for step, s in probe.seen}
+    assert [by_epoch[e] for e in range(6)] == pytest.approx([0.5, 0.5, 0.75, 0.75, 0.8, 0.8], abs=0.005)
+
+
+class WeightProbe(pl.Callback):
+    def __init__(self) -> None:
+        self.at_epoch_start: dict[int, torch.Tensor] = {}
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.at_epoch_start[trainer.current_epoch] = pl_module.model.classifier[3].weight.detach().clone()
+
+
+def test_lottery_rewinds_the_survivors_to_the_weights_of_the_rewind_step() -> None:
+    model = LeNet300(1, 8, 10)
+    start = model.classifier[3].weight.detach().clone()
+    callback, probe = LotteryTicket(0.75, fraction_per_cycle=0.5, scope="layer", skip_layers=[]), WeightProbe()
+    trained = _train([callback, probe], model, epochs=2)
+    mask = getattr(trained.classifier[3], MASK)
+    assert callback.cuts == 2
+    assert torch.equal(probe.at_epoch_start[1], start * mask)  # cycle 2 starts from the baseline's weights, pruned
+    assert not torch.equal(trained.classifier[3].weight, start * mask)  # and trains from there
+
+
+def test_taylor_saliency_is_weight_times_gradient() -> None:
+    torch.manual_seed(0)
+    model = LeNet300(1, 8, 10)
+    inputs, targets = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    layers = {"classifier.3": model.classifier[3]}
+    saliency = taylor_saliency(model, layers, [(inputs, targets)])
+    torch.nn.functional.cross_entropy(model(inputs), targets).backward()
+    expected = (model.classifier[3].weight * model.classifier[3].weight.grad).abs()
+    assert torch.allclose(saliency["classifier.3"], expected)
 
 
 def test_global_scope_hits_the_target_over_the_pruned_layers_and_skips_first_and_last() -> None:
@@ -79,19 +233,52 @@ def test_per_layer_overrides() -> None:
     assert float((model.classifier[3].weight == 0).float().mean()) == pytest.approx(0.9, abs=0.01)
 
 
+def test_lightning_reference_reaches_the_target_at_the_end_of_its_ramp() -> None:
+    reference = LightningReference(0.9, ramp_epochs=3, initial_sparsity=0.5)
+    remaining = 1.0
+    for epoch in range(4):
+        remaining *= 1 - reference.amount_at_epoch_end(epoch)
+    assert 1 - remaining == pytest.approx(0.9)
+    assert reference.target(0) == pytest.approx(0.5) and reference.target(1) == pytest.approx(0.9 - 0.4 * 0.5 ** 3)
+
+
+@pytest.mark.slow
+def test_lightning_reference_trains_to_the_target_with_its_first_and_last_layers_dense() -> None:
+    callback = LightningReference(0.8, ramp_epochs=2, initial_sparsity=0.5)
+    trained = callback.finalize(_train([callback], LeNet300(1, 8, 10), epochs=3))
+    assert _layer_sparsity(trained.classifier[3]) == pytest.approx(0.8, abs=0.01)
+    assert _layer_sparsity(trained.classifier[1]) == 0.0 and _layer_sparsity(trained.classifier[5]) == 0.0
+
+
+# ----------------------------------------------------------------------------- validation
+
+
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("factory", "message"),
     [
-        ({"sparsity": 1.0}, r"sparsity=1.0 is not valid; allowed: a fraction in \[0, 1\)"),
-        ({"sparsity": 0.5, "scope": "row"}, r"scope='row' is not valid; allowed: global, layer"),
-        ({"sparsity": 0.5, "criterion": "l3"}, r"criterion='l3' is not valid; allowed: magnitude, random"),
-        ({"sparsity": 0.5, "layer_sparsity": {"fc": 2.0}}, r"layer_sparsity.fc=2.0 is not valid"),
-        ({"sparsity": 0.5, "layer_sparsity": {"fc": 0.2}}, r"layer_sparsity needs scope='layer'"),
+        (lambda: MagnitudePruning(1.0), r"sparsity=1.0 is not valid; allowed: a fraction in \[0, 1\)"),
+        (lambda: MagnitudePruning(0.5, scope="row"), r"scope='row' is not valid; allowed: global, layer"),
+        (lambda: MagnitudePruning(0.5, criterion="l3"), r"criterion='l3' is not valid; allowed: magnitude, random, taylor"),
+        (lambda: MagnitudePruning(0.5, layer_sparsity={"fc": 2.0}), r"layer_sparsity.fc=2.0 is not valid"),
+        (lambda: MagnitudePruning(0.5, layer_sparsity={"fc": 0.2}), r"layer_sparsity needs scope='layer'"),
+        (lambda: MagnitudePruning(0.5, taylor_batches=0), r"taylor_batches=0 is not valid; allowed: an integer >= 1"),
+        (lambda: IterativePruning(0.5, fraction_per_cycle=1.0), r"fraction_per_cycle=1.0 is not valid"),
+        (lambda: IterativePruning(0.5, fraction_per_cycle=0.0), r"fraction_per_cycle=0.0 is not valid; allowed: a fraction in \(0, 1\)"),
+        (lambda: IterativePruning(0.5, epochs_per_cycle=0), r"epochs_per_cycle=0 is not valid; allowed: an integer >= 1"),
+        (lambda: LotteryTicket(0.5, rewind_step=-1), r"rewind_step=-1 is not valid; allowed: an integer >= 0"),
+        (lambda: AGP(0.5, initial_sparsity=0.6), r"initial_sparsity=0.6 is not valid; allowed: <= sparsity=0.5"),
+        (lambda: AGP(0.8, unit="hour"), r"unit='hour' is not valid; allowed: step, epoch"),
+        (lambda: AGP(0.8, begin=-1), r"begin=-1 is not valid; allowed: a number >= 0"),
+        (lambda: AGP(0.8, begin=2, end=2), r"end=2 is not valid; allowed: a number > begin=2"),
+        (lambda: AGP(0.8, frequency=0), r"frequency=0 is not valid; allowed: an integer >= 1"),
+        (lambda: AGP(0.8, power=0), r"power=0 is not valid; allowed: a number > 0"),
+        (lambda: LightningReference(0.8, ramp_epochs=0), r"ramp_epochs=0 is not valid; allowed: an integer >= 1"),
+        (lambda: pruning_callback("obd", sparsity=0.5), r"method='obd' is not valid; allowed: magnitude, iterative, lottery, agp"),
     ],
 )
-def test_constructor_rejects_bad_arguments(kwargs: dict, message: str) -> None:
+def test_constructors_reject_bad_arguments(factory: Callable[[], object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        MagnitudePruning(**kwargs)
+        factory()
 
 
 def test_unknown_skip_layer_lists_the_layers() -> None:
@@ -99,9 +286,19 @@ def test_unknown_skip_layer_lists_the_layers() -> None:
         MagnitudePruning(0.5, skip_layers=["fc9"]).prune(LeNet300(1, 8, 10))
 
 
+def test_unknown_layer_override_lists_the_layers() -> None:
+    with pytest.raises(ValueError, match=r"layer_sparsity has unknown layers \['fc9'\]; allowed: classifier.1"):
+        MagnitudePruning(0.5, scope="layer", layer_sparsity={"fc9": 0.5}).prune(LeNet300(1, 8, 10))
+
+
+def test_taylor_without_a_trainer_says_it_needs_batches() -> None:
+    with pytest.raises(ValueError, match=r"criterion='taylor' needs the trainer's training batches"):
+        MagnitudePruning(0.5, criterion="taylor").prune(LeNet300(1, 8, 10))
+
+
 def test_pruning_state_round_trips_through_a_checkpoint_dict() -> None:
     callback = MagnitudePruning(0.5)
     callback.prune(LeNet300(1, 8, 10))
     restored = MagnitudePruning(0.5)
     restored.load_state_dict(callback.state_dict())
-    assert restored.pruned and restored.skipped == callback.skipped
+    assert restored.pruned and restored.skipped == callback.skipped and restored.current_sparsity == 0.5

@@ -1,42 +1,77 @@
 """Pruning methods, each a Lightning callback (see base.py for the protocol).
 
-Masks live beside the weights as `weight_mask` buffers (so they land in checkpoints) until
-`finalize` folds them in for good. The math is in pure functions on tensors (`importance`,
-`layer_mask`, `global_masks`); module surgery is separate (`attach_masks`, `fold_masks`).
+    MagnitudePruning   one-shot unstructured cut to `sparsity` (criterion magnitude | taylor | random)
+    IterativePruning   prune-and-retrain cycles, a fraction of the remaining weights per cycle
+    LotteryTicket      iterative magnitude pruning with weight rewinding (Frankle & Carbin)
+    AGP                automated gradual pruning, Zhu & Gupta's polynomial ramp
+    ChannelPruning     structured: whole filters / neurons, physically removed at finalize
+    NMPruning          N:M semi-structured sparsity (2:4 by default)
+    LightningReference Lightning's own ModelPruning, as the peer the benchmark compares against
+
+Masks live beside the weights as `weight_mask` (and `bias_mask`) buffers, so they land in
+checkpoints, until `finalize` folds them in for good. Gradients of pruned weights are zeroed before
+the optimizer step and the masks are re-applied after it, so pruned weights stay exactly zero
+whatever the optimizer's momentum or weight decay. The math is in pure functions on tensors
+(`layer_mask`, `global_masks`, `nm_mask`, `polynomial_sparsity`); module surgery is separate
+(`attach_masks`, `fold_masks`, and channel_surgery.py for structured removal).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import ModelPruning
 from torch import nn
 
+from lightning_modules.compression import channel_surgery
 from lightning_modules.compression.base import CompressionCallback, weighted_layers
 from lightning_modules.evaluation.complexity import layer_table
 
 log = logging.getLogger(__name__)
 
 MASK = "weight_mask"
+MASKED_PARAMETERS = ("weight", "bias")
 
-# ----------------------------------------------------------------------------- the math
+# A schedule is a value, or a function of the training step that returns the value at that step.
+Schedule = float | Callable[[int], float]
+
+# ----------------------------------------------------------------------------- the math: importance
 
 
-def magnitude_importance(weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def magnitude_importance(weight: torch.Tensor, generator: torch.Generator | None = None,
+                         saliency: torch.Tensor | None = None) -> torch.Tensor:
     return weight.detach().abs()
 
 
-def random_importance(weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def random_importance(weight: torch.Tensor, generator: torch.Generator | None = None,
+                      saliency: torch.Tensor | None = None) -> torch.Tensor:
     """The control every pruning comparison should show: scores that know nothing of the weights."""
     return torch.rand(weight.shape, generator=generator, dtype=torch.float32).to(weight.device)
 
 
-IMPORTANCE: dict[str, Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]] = {
+def taylor_importance(weight: torch.Tensor, generator: torch.Generator | None = None,
+                      saliency: torch.Tensor | None = None) -> torch.Tensor:
+    """First-order Taylor estimate of the loss change when a weight is removed: |w * dL/dw|.
+
+    `saliency` is that product accumulated over a few training batches (`taylor_saliency`).
+    """
+    if saliency is None:
+        raise ValueError("criterion='taylor' needs |weight x gradient| accumulated over training batches")
+    return saliency
+
+
+IMPORTANCE: dict[str, Callable[..., torch.Tensor]] = {
     "magnitude": magnitude_importance,
     "random": random_importance,
+    "taylor": taylor_importance,
 }
 
 
@@ -61,101 +96,220 @@ def global_masks(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, 
     return masks
 
 
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the `n` highest-scoring of every `m` consecutive weights along each row's inputs.
+
+    Rows are output units; a conv filter's inputs are its in_channels x kh x kw weights, flattened.
+
+    Raises:
+        ValueError: when a row's length is not a multiple of `m`.
+    """
+    rows = scores.reshape(scores.shape[0], -1)
+    if rows.shape[1] % m != 0:
+        raise ValueError(f"a row of {rows.shape[1]} inputs cannot be cut into groups of m={m}")
+    blocks = rows.reshape(-1, m)
+    mask = torch.zeros_like(blocks, dtype=torch.float32)
+    mask.scatter_(1, torch.topk(blocks, n, dim=1).indices, 1.0)
+    return mask.reshape(scores.shape)
+
+
+# ----------------------------------------------------------------------------- the math: schedules
+
+
+def resolve(schedule: Schedule, step: int) -> float:
+    """The value of `schedule` at `step`: the value itself, or the function called with the step."""
+    return float(schedule(step)) if callable(schedule) else float(schedule)
+
+
+def polynomial_sparsity(step: int, initial: float, final: float, begin: int, end: int,
+                        frequency: int = 1, power: float = 3.0) -> float:
+    """Zhu & Gupta (2017): s_t = s_f + (s_i - s_f) (1 - (t - t0) / (n dt))^p.
+
+    `t0 = begin`, `n dt = end - begin`, the mask is updated every `dt = frequency` steps, so `t` is
+    the last update step at or before `step`. Before `begin` nothing is pruned; from `end` on the
+    sparsity is `final`. Zhu & Gupta use p = 3: prune fast while the network is redundant, slowly
+    near the target.
+    """
+    if step < begin:
+        return 0.0
+    if step >= end:
+        return final
+    last_update = begin + ((step - begin) // frequency) * frequency
+    progress = (last_update - begin) / (end - begin)
+    return final + (initial - final) * (1.0 - progress) ** power
+
+
+@dataclass(frozen=True)
+class PolynomialSchedule:
+    """`polynomial_sparsity` as a function of the step, i.e. a Schedule."""
+
+    initial: float
+    final: float
+    begin: int
+    end: int
+    frequency: int = 1
+    power: float = 3.0
+
+    def __call__(self, step: int) -> float:
+        return polynomial_sparsity(step, self.initial, self.final, self.begin, self.end, self.frequency, self.power)
+
+
+def iterative_sparsities(target: float, fraction_per_cycle: float) -> list[float]:
+    """Sparsity after each prune-and-retrain cycle: each cycle removes `fraction_per_cycle` of the
+    weights still left, the last one stops at `target`."""
+    levels: list[float] = []
+    while not levels or levels[-1] < target - 1e-9:
+        levels.append(min(target, 1.0 - (1.0 - fraction_per_cycle) ** (len(levels) + 1)))
+    return levels
+
+
 # ----------------------------------------------------------------------------- module surgery
 
 
-def attach_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    """Register each mask as a buffer beside its layer's weight and zero the pruned weights."""
+def _masks_of(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [(p, getattr(module, f"{p}_mask")) for p in MASKED_PARAMETERS
+            if hasattr(module, f"{p}_mask") and getattr(module, p, None) is not None]
+
+
+def attach_masks(model: nn.Module, masks: dict[str, torch.Tensor], parameter: str = "weight") -> None:
+    """Register each mask as a `<parameter>_mask` buffer beside its layer's parameter and zero the pruned entries."""
     modules = dict(model.named_modules())
     for name, mask in masks.items():
         module = modules[name]
-        mask = mask.to(module.weight.device)
-        if hasattr(module, MASK):
-            getattr(module, MASK).copy_(mask)
+        buffer = f"{parameter}_mask"
+        mask = mask.to(getattr(module, parameter).device, torch.float32)
+        if hasattr(module, buffer):
+            getattr(module, buffer).copy_(mask)
         else:
-            module.register_buffer(MASK, mask)
+            module.register_buffer(buffer, mask)
     apply_masks(model)
 
 
 @torch.no_grad()
 def apply_masks(model: nn.Module) -> None:
     for module in model.modules():
-        mask = getattr(module, MASK, None)
-        if mask is not None:
-            module.weight.mul_(mask)
+        for parameter, mask in _masks_of(module):
+            getattr(module, parameter).mul_(mask)
 
 
 def mask_gradients(model: nn.Module) -> None:
     """Zero the gradients of pruned weights, so optimizer state never moves them off zero."""
     for module in model.modules():
-        mask = getattr(module, MASK, None)
-        if mask is not None and module.weight.grad is not None:
-            module.weight.grad.mul_(mask)
+        for parameter, mask in _masks_of(module):
+            grad = getattr(module, parameter).grad
+            if grad is not None:
+                grad.mul_(mask)
 
 
 def fold_masks(model: nn.Module) -> nn.Module:
     """Make the pruning permanent: weights keep their zeros, the mask buffers go away."""
     apply_masks(model)
     for module in model.modules():
-        if hasattr(module, MASK):
-            del module._buffers[MASK]
+        for parameter in MASKED_PARAMETERS:
+            module._buffers.pop(f"{parameter}_mask", None)
     return model
 
 
-# ----------------------------------------------------------------------------- callbacks
+def taylor_saliency(model: nn.Module, layers: dict[str, nn.Module], batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy) -> dict[str, torch.Tensor]:
+    """|w * dL/dw| per weight of `layers`, summed over `batches`; leaves no gradient behind."""
+    saved = {name: p.grad for name, p in model.named_parameters()}
+    saliency = {name: torch.zeros_like(module.weight) for name, module in layers.items()}
+    device = next(model.parameters()).device
+    for inputs, targets in batches:
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(inputs.to(device)), targets.to(device)).backward()
+        for name, module in layers.items():
+            saliency[name] += (module.weight.detach() * module.weight.grad).abs()
+    for name, p in model.named_parameters():
+        p.grad = saved[name]
+    return saliency
+
+
+def _training_batches(trainer: pl.Trainer, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    loader = trainer.datamodule.train_dataloader() if trainer.datamodule is not None else trainer.train_dataloader
+    if loader is None:
+        raise RuntimeError("criterion='taylor' needs training batches; fit with a datamodule or a train dataloader")
+    batches = []
+    for inputs, targets in loader:
+        batches.append((inputs, targets))
+        if len(batches) == count:
+            break
+    return batches
+
+
+# ----------------------------------------------------------------------------- validation
 
 
 def _check_fraction(key: str, value: float) -> float:
-    if not 0.0 <= float(value) < 1.0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
         raise ValueError(f"{key}={value!r} is not valid; allowed: a fraction in [0, 1)")
     return float(value)
 
 
-class MagnitudePruning(CompressionCallback):
-    """One-shot unstructured pruning to `sparsity` when fine-tuning starts, masks held through it.
+def _check_choice(key: str, value: Any, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not valid; allowed: {', '.join(allowed)}")
+    return value
+
+
+def _check_int(key: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key}={value!r} is not valid; allowed: an integer >= {minimum}")
+    return value
+
+
+def _check_schedule(key: str, value: Schedule) -> Schedule:
+    return value if callable(value) else _check_fraction(key, value)
+
+
+# ----------------------------------------------------------------------------- the shared base
+
+
+class MaskedPruning(CompressionCallback):
+    """What every unstructured pruning callback shares: which layers, how to score, how to cut,
+    masks honoured by the optimizer, finalize, summary and checkpointed state.
+
+    Subclasses decide *when* to cut and to which sparsity (their hooks call `cut`).
 
     Args:
-        sparsity: fraction of the prunable weights to remove, in [0, 1).
-        scope: `global` ranks all layers together; `layer` prunes each layer to `sparsity`.
-        criterion: `magnitude` (|w|) or `random` (the control).
+        sparsity: the final fraction of the prunable weights to remove, in [0, 1).
+        scope: `global` ranks all pruned layers together; `layer` prunes each layer to the sparsity.
+        criterion: `magnitude` (|w|), `taylor` (|w x grad| over `taylor_batches` training batches)
+            or `random` (the control).
         skip_layers: layer names to leave dense; `first` and `last` stand for the model's first
             and last weighted layer. Every skipped layer is logged with its reason.
-        layer_sparsity: per-layer overrides {layer name: sparsity} (`layer` scope only).
+        layer_sparsity: per-layer overrides {layer name: sparsity} (`layer` scope only); gradual
+            methods scale them by the schedule's progress.
+        taylor_batches: training batches whose gradients score the weights for `taylor`.
         seed: seed of the `random` criterion.
     """
 
-    name = "magnitude"
+    name = "prune"
     SCOPES = ("global", "layer")
 
-    def __init__(
-        self,
-        sparsity: float,
-        scope: str = "global",
-        criterion: str = "magnitude",
-        skip_layers: Sequence[str] = ("first", "last"),
-        layer_sparsity: dict[str, float] | None = None,
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, sparsity: float, scope: str = "global", criterion: str = "magnitude",
+                 skip_layers: Sequence[str] = ("first", "last"), layer_sparsity: dict[str, float] | None = None,
+                 taylor_batches: int = 8, seed: int = 0) -> None:
         self.sparsity = _check_fraction("sparsity", sparsity)
-        if scope not in self.SCOPES:
-            raise ValueError(f"scope={scope!r} is not valid; allowed: {', '.join(self.SCOPES)}")
-        if criterion not in IMPORTANCE:
-            raise ValueError(f"criterion={criterion!r} is not valid; allowed: {', '.join(IMPORTANCE)}")
+        self.scope = _check_choice("scope", scope, self.SCOPES)
+        self.criterion = _check_choice("criterion", criterion, list(IMPORTANCE))
         self.layer_sparsity = {k: _check_fraction(f"layer_sparsity.{k}", v) for k, v in (layer_sparsity or {}).items()}
         if self.layer_sparsity and scope == "global":
             raise ValueError("layer_sparsity needs scope='layer'; with scope='global' one threshold ranks all layers")
-        self.scope = scope
-        self.criterion = criterion
         self.skip_layers = list(skip_layers)
+        self.taylor_batches = _check_int("taylor_batches", taylor_batches, 1)
         self.seed = seed
-        self.pruned = False
+        self.current_sparsity = 0.0  # the sparsity of the last cut
+        self.cuts = 0
         self.skipped: dict[str, str] = {}
+        self._generator = torch.Generator().manual_seed(seed)
 
-    # -- hooks: each checks a flag and hands off to one worker
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.pruned:  # a run resumed from a checkpoint already has its masks
-            self.prune(pl_module.model)
+    @property
+    def pruned(self) -> bool:
+        return self.cuts > 0
 
+    # -- hooks shared by every masked method: keep pruned weights at zero
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         mask_gradients(pl_module.model)
 
@@ -163,16 +317,34 @@ class MagnitudePruning(CompressionCallback):
         apply_masks(pl_module.model)
 
     # -- the worker
-    def prune(self, model: nn.Module) -> None:
+    def cut(self, model: nn.Module, sparsity: float, trainer: pl.Trainer | None = None) -> None:
+        """Prune `model` to `sparsity` (of the selected layers); weights pruned before stay pruned."""
+        sparsity = _check_fraction("sparsity (scheduled)", sparsity)
         targets = self.select_layers(model)
-        generator = torch.Generator().manual_seed(self.seed)
-        scores = {name: IMPORTANCE[self.criterion](module.weight, generator) for name, module in targets.items()}
+        saliency = {}
+        if self.criterion == "taylor":
+            if trainer is None:
+                raise ValueError("criterion='taylor' needs the trainer's training batches")
+            saliency = taylor_saliency(model, targets, _training_batches(trainer, self.taylor_batches))
+        scores = {}
+        for name, module in targets.items():
+            score = IMPORTANCE[self.criterion](module.weight, self._generator, saliency.get(name)).float()
+            old = getattr(module, MASK, None)
+            scores[name] = score if old is None else score.masked_fill(old == 0, -math.inf)
         if self.scope == "global":
-            masks = global_masks(scores, self.sparsity)
+            masks = global_masks(scores, sparsity)
         else:
-            masks = {n: layer_mask(s, self.layer_sparsity.get(n, self.sparsity)) for n, s in scores.items()}
+            masks = {n: layer_mask(s, self.layer_target(n, sparsity)) for n, s in scores.items()}
         attach_masks(model, masks)
-        self.pruned = True
+        self.current_sparsity = sparsity
+        self.cuts += 1
+        log.info("%s pruning: cut %d to sparsity %.4f over %d layers", self.name, self.cuts, sparsity, len(targets))
+
+    def layer_target(self, name: str, sparsity: float) -> float:
+        """A layer's share of a (possibly intermediate) cut: its override scaled by the progress to the target."""
+        if name not in self.layer_sparsity or self.sparsity == 0:
+            return sparsity
+        return min(self.layer_sparsity[name] * sparsity / self.sparsity, self.layer_sparsity[name])
 
     def select_layers(self, model: nn.Module) -> dict[str, nn.Module]:
         """The one filter deciding which layers are pruned; records why the others are not."""
@@ -182,9 +354,14 @@ class MagnitudePruning(CompressionCallback):
         unknown = [entry for name, entry in skip.items() if name not in names]
         if unknown:
             raise ValueError(f"skip_layers has unknown layers {unknown}; allowed: first, last, {', '.join(names)}")
-        self.skipped = {name: f"listed in skip_layers as {entry!r}" for name, entry in skip.items()}
-        for name, reason in self.skipped.items():
-            log.info("magnitude pruning skips %s: %s", name, reason)
+        unknown = [name for name in self.layer_sparsity if name not in names]
+        if unknown:
+            raise ValueError(f"layer_sparsity has unknown layers {unknown}; allowed: {', '.join(names)}")
+        skipped = {name: f"listed in skip_layers as {entry!r}" for name, entry in skip.items()}
+        if skipped != self.skipped:
+            for name, reason in skipped.items():
+                log.info("%s pruning skips %s: %s", self.name, name, reason)
+        self.skipped = skipped
         return {name: module for name, module in weighted_layers(model) if name not in self.skipped}
 
     # -- protocol
@@ -195,8 +372,548 @@ class MagnitudePruning(CompressionCallback):
         return [{**row, "skipped": self.skipped.get(row["layer"], "")} for row in layer_table(model)]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"pruned": self.pruned, "skipped": self.skipped}
+        return {"cuts": self.cuts, "current_sparsity": self.current_sparsity, "skipped": self.skipped,
+                "generator": self._generator.get_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.pruned = state_dict["pruned"]
+        self.cuts = state_dict["cuts"]
+        self.current_sparsity = state_dict["current_sparsity"]
         self.skipped = state_dict["skipped"]
+        self._generator.set_state(state_dict["generator"])
+
+
+# ----------------------------------------------------------------------------- one-shot
+
+
+class MagnitudePruning(MaskedPruning):
+    """One-shot unstructured pruning to `sparsity` when fine-tuning starts, masks held through it.
+
+    See MaskedPruning for the arguments. With criterion `taylor` the scores come from the gradients
+    of `taylor_batches` training batches taken before the cut (the weights do not move meanwhile).
+    """
+
+    name = "magnitude"
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.pruned:  # a run resumed from a checkpoint already has its masks
+            self.prune(pl_module.model, trainer)
+
+    def prune(self, model: nn.Module, trainer: pl.Trainer | None = None) -> None:
+        self.cut(model, self.sparsity, trainer)
+
+
+# ----------------------------------------------------------------------------- iterative
+
+
+class IterativePruning(MaskedPruning):
+    """Prune-and-retrain cycles: every `epochs_per_cycle` epochs remove `fraction_per_cycle` of the
+    weights still left, until `sparsity`; the last cycle's epochs retrain at the target.
+
+    fine_tune.epochs must cover `len(iterative_sparsities(sparsity, fraction_per_cycle)) *
+    epochs_per_cycle` epochs; the run stops with a ValueError naming the count otherwise.
+    """
+
+    name = "iterative"
+
+    def __init__(self, sparsity: float, fraction_per_cycle: float = 0.5, epochs_per_cycle: int = 1, **kwargs: Any) -> None:
+        super().__init__(sparsity, **kwargs)
+        self.fraction_per_cycle = _check_fraction("fraction_per_cycle", fraction_per_cycle)
+        if self.fraction_per_cycle == 0.0 and self.sparsity > 0:
+            raise ValueError("fraction_per_cycle=0.0 is not valid; allowed: a fraction in (0, 1) when sparsity > 0")
+        self.epochs_per_cycle = _check_int("epochs_per_cycle", epochs_per_cycle, 1)
+        self.levels = iterative_sparsities(self.sparsity, self.fraction_per_cycle) if self.sparsity > 0 else []
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        needed = len(self.levels) * self.epochs_per_cycle
+        if trainer.max_epochs is not None and trainer.max_epochs < needed:
+            raise ValueError(f"{self.name} pruning to sparsity={self.sparsity} with fraction_per_cycle="
+                             f"{self.fraction_per_cycle} takes {len(self.levels)} cycles of {self.epochs_per_cycle} "
+                             f"epoch(s): fine_tune.epochs={trainer.max_epochs} is not valid; allowed: >= {needed}")
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.next_cycle(trainer, pl_module)
+
+    def next_cycle(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.cuts >= len(self.levels) or trainer.current_epoch != self.cuts * self.epochs_per_cycle:
+            return
+        self.cut(pl_module.model, self.levels[self.cuts], trainer)
+
+
+class LotteryTicket(IterativePruning):
+    """Iterative magnitude pruning with weight rewinding (Frankle & Carbin 2019; Frankle et al. 2020).
+
+    The weights at training step `rewind_step` of the compression phase are kept; after every
+    cut the surviving weights go back to them and the optimizer's state is cleared, then the cycle
+    trains. With `rewind_step: 0` the rewind point is the dense baseline the phase starts from
+    (the baseline's own early checkpoints are not stored).
+    """
+
+    name = "lottery"
+
+    def __init__(self, sparsity: float, rewind_step: int = 0, **kwargs: Any) -> None:
+        kwargs.setdefault("scope", "global")
+        super().__init__(sparsity, **kwargs)
+        self.rewind_step = _check_int("rewind_step", rewind_step, 0)
+        self.rewind_state: dict[str, torch.Tensor] | None = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self.rewind_state is None and trainer.global_step >= self.rewind_step:
+            self.rewind_state = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()
+                                 if not k.endswith("_mask")}
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.rewind_state is None and self.rewind_step == 0:
+            self.on_train_batch_start(trainer, pl_module)
+        cuts = self.cuts
+        self.next_cycle(trainer, pl_module)
+        if self.cuts > cuts and self.rewind_state is not None:
+            self.rewind(trainer, pl_module.model)
+
+    def rewind(self, trainer: pl.Trainer, model: nn.Module) -> None:
+        model.load_state_dict(self.rewind_state, strict=False)
+        apply_masks(model)
+        for optimizer in trainer.optimizers:
+            optimizer.state.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "rewind_state": self.rewind_state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.rewind_state = state_dict["rewind_state"]
+
+
+# ----------------------------------------------------------------------------- gradual (AGP)
+
+UNITS = ("step", "epoch")
+
+
+class _Ramp:
+    """Validates and resolves a gradual schedule: a user function of the step, or Zhu & Gupta's ramp
+    from `initial` to `final` between `begin` and `end` (in steps or epochs), updated every `frequency` steps."""
+
+    def __init__(self, final: Schedule, initial: float, begin: float, end: float, unit: str, frequency: int,
+                 power: float) -> None:
+        self.final = _check_schedule("sparsity", final)
+        self.initial = _check_fraction("initial_sparsity", initial)
+        if not callable(final) and self.initial > final:
+            raise ValueError(f"initial_sparsity={initial!r} is not valid; allowed: <= sparsity={final!r}")
+        self.unit = _check_choice("unit", unit, UNITS)
+        if isinstance(begin, bool) or not isinstance(begin, (int, float)) or begin < 0:
+            raise ValueError(f"begin={begin!r} is not valid; allowed: a number >= 0")
+        if isinstance(end, bool) or not isinstance(end, (int, float)) or end <= begin:
+            raise ValueError(f"end={end!r} is not valid; allowed: a number > begin={begin!r}")
+        self.begin, self.end = begin, end
+        self.frequency = _check_int("frequency", frequency, 1)
+        if isinstance(power, bool) or not isinstance(power, (int, float)) or power <= 0:
+            raise ValueError(f"power={power!r} is not valid; allowed: a number > 0")
+        self.power = float(power)
+        self.schedule: Callable[[int], float] | None = final if callable(final) else None
+
+    def build(self, trainer: pl.Trainer, who: str) -> Callable[[int], float]:
+        """The schedule in steps for this trainer; the ramp must end before training does."""
+        if self.schedule is not None and not isinstance(self.schedule, PolynomialSchedule):
+            return self.schedule
+        per_epoch = trainer.num_training_batches if self.unit == "epoch" else 1  # known once training starts
+        begin, end = int(round(self.begin * per_epoch)), int(round(self.end * per_epoch))
+        total = trainer.estimated_stepping_batches
+        if math.isfinite(total) and end >= total:
+            raise ValueError(f"{who}: end={self.end} {self.unit}(s) is step {end}, but training has only {int(total)} steps "
+                             f"(fine_tune.epochs={trainer.max_epochs}); allowed: end before the last step")
+        self.schedule = PolynomialSchedule(self.initial, self.final, begin, end, self.frequency, self.power)
+        return self.schedule
+
+
+class AGP(MaskedPruning):
+    """Automated gradual pruning (Zhu & Gupta 2017): the mask grows along a polynomial ramp from
+    `initial_sparsity` to `sparsity` between `begin` and `end`, updated every `frequency` steps,
+    while the network trains all the while; after `end` it recovers at the final sparsity.
+
+    Args (besides MaskedPruning's; scope defaults to `layer`, as in the paper):
+        sparsity: the final sparsity, or a Schedule function of the step (then the ramp's knobs are unused).
+        initial_sparsity: the sparsity of the first cut, at `begin`.
+        begin, end: where the ramp starts and reaches `sparsity`, in `unit`s (`step` or `epoch`).
+        frequency: steps between two mask updates (Zhu & Gupta's dt).
+        power: the polynomial's exponent (3 in the paper).
+    """
+
+    name = "agp"
+
+    def __init__(self, sparsity: Schedule, initial_sparsity: float = 0.0, begin: float = 0, end: float = 2,
+                 unit: str = "epoch", frequency: int = 10, power: float = 3.0, **kwargs: Any) -> None:
+        kwargs.setdefault("scope", "layer")
+        self.ramp = _Ramp(sparsity, initial_sparsity, begin, end, unit, frequency, power)
+        super().__init__(sparsity if not callable(sparsity) else 0.5, **kwargs)
+        self.schedule: Callable[[int], float] | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.schedule = self.ramp.build(trainer, self.name)  # steps per epoch are known from here on
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        target = resolve(self.schedule, trainer.global_step)
+        if target > self.current_sparsity + 1e-9:
+            self.cut(pl_module.model, target, trainer)
+
+
+# ----------------------------------------------------------------------------- structured: channels
+
+
+class ChannelPruning(CompressionCallback):
+    """Structured pruning of conv filters and linear neurons, physically removed at finalize.
+
+    Channels that must go together (a residual block's output and its shortcut, a conv and its
+    BatchNorm, the next layer's inputs) form one group (channel_surgery.py). Each prunable group
+    loses the `sparsity` fraction of its channels with the lowest scores; during fine-tuning the
+    removed channels are masked to exactly zero (weights, biases and BatchNorm scale and shift), so
+    the finalized smaller model computes what the masked one did.
+
+    Args:
+        sparsity: fraction of the channels of each prunable group to remove, in [0, 1).
+        criterion: `l1` or `l2` norm of the filters, or `bn_scale` (|gamma| of the group's
+            BatchNorm, Liu et al. 2017: groups without one are skipped, with the reason).
+        mode: `oneshot` (cut when fine-tuning starts) or `gradual` (AGP's ramp over channels).
+        skip_layers: producer layers whose output channels stay (their groups are skipped);
+            the model's input channels and classes are never pruned.
+        layer_sparsity: per-group overrides, keyed by any producer of the group.
+        initial_sparsity, begin, end, unit, frequency, power: the gradual ramp (see AGP).
+    """
+
+    name = "channel"
+    CRITERIA = ("l1", "l2", "bn_scale")
+    MODES = ("oneshot", "gradual")
+
+    def __init__(self, sparsity: float, criterion: str = "l1", mode: str = "oneshot",
+                 skip_layers: Sequence[str] = (), layer_sparsity: dict[str, float] | None = None,
+                 initial_sparsity: float = 0.0, begin: float = 0, end: float = 2, unit: str = "epoch",
+                 frequency: int = 10, power: float = 3.0) -> None:
+        self.sparsity = _check_fraction("sparsity", sparsity)
+        self.criterion = _check_choice("criterion", criterion, self.CRITERIA)
+        self.mode = _check_choice("mode", mode, self.MODES)
+        self.skip_layers = list(skip_layers)
+        self.layer_sparsity = {k: _check_fraction(f"layer_sparsity.{k}", v) for k, v in (layer_sparsity or {}).items()}
+        self.ramp = _Ramp(self.sparsity, initial_sparsity, begin, end, unit, frequency, power) if mode == "gradual" else None
+        self.schedule: Callable[[int], float] | None = None
+        self.groups: list[channel_surgery.ChannelGroup] | None = None
+        self.keep: dict[int, torch.Tensor] = {}  # group index -> bool mask over its channels
+        self.skipped: dict[int, str] = {}
+        self.current_sparsity = 0.0
+        self.before: dict[str, int] = {}
+
+    # -- hooks
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.groups is None:
+            self.analyse(pl_module.model, _example_input(trainer))
+        if self.mode == "oneshot" and self.current_sparsity < self.sparsity:
+            self.cut(pl_module.model, self.sparsity)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.mode == "gradual":
+            self.schedule = self.ramp.build(trainer, self.name)  # steps per epoch are known from here on
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self.schedule is not None:
+            target = resolve(self.schedule, trainer.global_step)
+            if target > self.current_sparsity + 1e-9:
+                self.cut(pl_module.model, target)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        mask_gradients(pl_module.model)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        apply_masks(pl_module.model)
+
+    # -- workers
+    def analyse(self, model: nn.Module, example_input: torch.Tensor) -> None:
+        """Find the channel groups and decide, with reasons, which ones this callback will not touch."""
+        self.groups = channel_surgery.channel_groups(model, example_input)
+        modules = dict(model.named_modules())
+        producers = {p for g in self.groups for p in g.producers}
+        unknown = [n for n in [*self.skip_layers, *self.layer_sparsity] if n not in producers]
+        if unknown:
+            raise ValueError(f"channel pruning knows no producer layers {unknown}; allowed: {', '.join(sorted(producers))}")
+        self.skipped = {}
+        for i, group in enumerate(self.groups):
+            if not group.producers:
+                continue
+            listed = [p for p in group.producers if p in self.skip_layers]
+            if group.frozen:
+                self.skipped[i] = group.frozen
+            elif listed:
+                self.skipped[i] = f"listed in skip_layers as {listed[0]!r}"
+            elif self.criterion == "bn_scale" and not any(
+                    isinstance(modules[c], (nn.BatchNorm1d, nn.BatchNorm2d)) for c in group.carriers):
+                self.skipped[i] = "criterion bn_scale needs a BatchNorm on these channels"
+            for name in group.producers:
+                self.before[name] = group.size
+        for i, reason in self.skipped.items():
+            log.info("channel pruning skips %s: %s", ", ".join(self.groups[i].producers), reason)
+
+    def group_fraction(self, group: channel_surgery.ChannelGroup, sparsity: float) -> float:
+        override = [self.layer_sparsity[p] for p in group.producers if p in self.layer_sparsity]
+        if not override or self.sparsity == 0:
+            return sparsity
+        return override[0] * sparsity / self.sparsity
+
+    def scores(self, model: nn.Module, group: channel_surgery.ChannelGroup) -> torch.Tensor:
+        modules = dict(model.named_modules())
+        if self.criterion == "bn_scale":
+            return sum(modules[c].weight.detach().abs() for c in group.carriers
+                       if isinstance(modules[c], (nn.BatchNorm1d, nn.BatchNorm2d)))
+        return channel_surgery.channel_scores([modules[p].weight for p in group.producers], self.criterion)
+
+    def cut(self, model: nn.Module, sparsity: float) -> None:
+        modules = dict(model.named_modules())
+        for i, group in enumerate(self.groups):
+            if not group.prunable or i in self.skipped:
+                continue
+            removed = ~self.keep[i] if i in self.keep else None
+            keep = channel_surgery.channel_keep_mask(self.scores(model, group), self.group_fraction(group, sparsity), removed)
+            self.keep[i] = keep.cpu()
+            for name in group.producers + group.carriers:
+                module = modules[name]
+                _attach_row_mask(module, "weight", keep)
+                _attach_row_mask(module, "bias", keep)
+        apply_masks(model)
+        self.current_sparsity = sparsity
+
+    # -- protocol
+    def finalize(self, model: nn.Module) -> nn.Module:
+        fold_masks(model)
+        kept = {i: keep.nonzero().flatten() for i, keep in self.keep.items()}
+        return channel_surgery.remove_channels(model, self.groups or [], kept)
+
+    def summary(self, model: nn.Module) -> list[dict[str, Any]]:
+        modules = dict(model.named_modules())
+        rows = []
+        for i, group in enumerate(self.groups or []):
+            for name in group.producers:
+                after = modules[name].weight.shape[0]
+                rows.append({"layer": name, "group": i, "channels_before": group.size, "channels_after": after,
+                             "fraction_removed": 1 - after / group.size, "skipped": self.skipped.get(i, "")})
+        return rows
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"groups": self.groups, "keep": self.keep, "skipped": self.skipped,
+                "current_sparsity": self.current_sparsity}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.groups, self.keep = state_dict["groups"], state_dict["keep"]
+        self.skipped, self.current_sparsity = state_dict["skipped"], state_dict["current_sparsity"]
+
+
+def _attach_row_mask(module: nn.Module, parameter: str, keep: torch.Tensor) -> None:
+    tensor = getattr(module, parameter, None)
+    if tensor is None:
+        return
+    mask = keep.to(tensor.device, torch.float32).view(-1, *([1] * (tensor.dim() - 1))).expand_as(tensor).clone()
+    buffer = f"{parameter}_mask"
+    if hasattr(module, buffer):
+        getattr(module, buffer).mul_(mask)
+    else:
+        module.register_buffer(buffer, mask)
+
+
+def _example_input(trainer: pl.Trainer) -> torch.Tensor:
+    datamodule = trainer.datamodule
+    shape = getattr(datamodule, "shape", None)
+    if shape is not None and hasattr(shape, "in_channels"):
+        return torch.zeros(1, shape.in_channels, shape.image_size, shape.image_size)
+    inputs, _ = next(iter(datamodule.train_dataloader()))
+    return torch.zeros_like(inputs[:1])
+
+
+# ----------------------------------------------------------------------------- semi-structured N:M
+
+
+class SemiStructuredLinear(nn.Linear):
+    """A Linear whose weight follows a 2:4 pattern; on a CUDA GPU that supports PyTorch's
+    semi-structured sparse kernels, inference runs on them. The stored weight stays dense (so the
+    artifact keeps its encodings); the compressed form is built on first use and rebuilt if the
+    weight changes. Where the kernels are missing or refuse the shape, it runs dense and says so
+    in `kernel`."""
+
+    kernel: str = "dense"
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> SemiStructuredLinear:
+        layer = cls.__new__(cls)
+        layer.__dict__.update(linear.__dict__)
+        layer.kernel = "dense"
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_cuda or self.training or torch.is_grad_enabled() and self.weight.requires_grad and x.requires_grad:
+            return F.linear(x, self.weight, self.bias)
+        sparse = self._sparse_weight(x.dtype)
+        if sparse is None:
+            return F.linear(x, self.weight, self.bias)
+        rows = x.reshape(-1, x.shape[-1])
+        out = F.linear(rows, sparse, self.bias.to(x.dtype) if self.bias is not None else None)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def _sparse_weight(self, dtype: torch.dtype):
+        key = (self.weight.data_ptr(), self.weight._version, dtype)
+        cache = self.__dict__.get("_semi_structured")
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        try:
+            from torch.sparse import to_sparse_semi_structured
+
+            sparse = to_sparse_semi_structured(self.weight.detach().to(dtype))
+            self.kernel = "semi_structured"
+        except Exception as error:  # unsupported GPU, dtype or shape: run dense, and say why once
+            if self.kernel != "dense (unsupported)":
+                log.info("semi-structured kernels refuse %s: %s; running dense", tuple(self.weight.shape), error)
+            sparse, self.kernel = None, "dense (unsupported)"
+        self.__dict__["_semi_structured"] = (key, sparse)
+        return sparse
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_semi_structured", None)
+        return state
+
+
+class NMPruning(MaskedPruning):
+    """N:M semi-structured sparsity: in every `m` consecutive input weights of a row, keep `n`.
+
+    `n` follows from `sparsity` (sparsity = 1 - n/m), so `method.sparsity` stays the sweep axis;
+    0.5 with m=4 is NVIDIA's 2:4. One-shot by magnitude (or taylor/random) when fine-tuning
+    starts; the masks hold through fine-tuning. At finalize, 2:4 Linear layers become
+    SemiStructuredLinear: on a CUDA GPU with semi-structured kernels they run sparse; elsewhere
+    they run dense and the gain is only theoretical (`flops_effective_theoretical`).
+    Layers whose rows do not split into groups of `m` are skipped, with the reason.
+    """
+
+    name = "nm"
+
+    def __init__(self, sparsity: float = 0.5, m: int = 4, n: int | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("scope", "layer")
+        super().__init__(sparsity, **kwargs)
+        self.m = _check_int("m", m, 2)
+        derived = self.m - self.sparsity * self.m
+        if n is None:
+            if abs(derived - round(derived)) > 1e-6 or round(derived) < 1:
+                raise ValueError(f"sparsity={sparsity!r} is not valid for m={m}; allowed: 1 - n/m for an integer "
+                                 f"1 <= n < m, e.g. {', '.join(str(1 - k / self.m) for k in range(1, self.m))}")
+            n = int(round(derived))
+        self.n = _check_int("n", n, 1)
+        if self.n >= self.m or abs((1 - self.n / self.m) - self.sparsity) > 1e-6:
+            raise ValueError(f"n={n!r} is not valid for m={m} and sparsity={sparsity!r}; allowed: n = m * (1 - sparsity)")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.pruned:
+            self.prune(pl_module.model, trainer)
+
+    def prune(self, model: nn.Module, trainer: pl.Trainer | None = None) -> None:
+        targets = self.select_layers(model)
+        saliency = {}
+        if self.criterion == "taylor":
+            if trainer is None:
+                raise ValueError("criterion='taylor' needs the trainer's training batches")
+            saliency = taylor_saliency(model, targets, _training_batches(trainer, self.taylor_batches))
+        masks = {}
+        for name, module in targets.items():
+            score = IMPORTANCE[self.criterion](module.weight, self._generator, saliency.get(name)).float()
+            masks[name] = nm_mask(score, self.n, self.m)
+        attach_masks(model, masks)
+        self.current_sparsity, self.cuts = self.sparsity, self.cuts + 1
+
+    def select_layers(self, model: nn.Module) -> dict[str, nn.Module]:
+        targets = super().select_layers(model)
+        for name, module in list(targets.items()):
+            inputs = module.weight[0].numel()
+            if inputs % self.m != 0:
+                self.skipped[name] = f"{inputs} inputs per row do not split into groups of m={self.m}"
+                log.info("nm pruning skips %s: %s", name, self.skipped[name])
+                del targets[name]
+        return targets
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        fold_masks(model)
+        if (self.n, self.m) == (2, 4):
+            for parent in list(model.modules()):
+                for child_name, child in parent.named_children():
+                    if type(child) is nn.Linear and any(child is t for t in self._pruned_linears(model)):
+                        setattr(parent, child_name, SemiStructuredLinear.from_linear(child))
+        return model
+
+    def _pruned_linears(self, model: nn.Module) -> list[nn.Module]:
+        return [m for name, m in weighted_layers(model) if isinstance(m, nn.Linear) and name not in self.skipped]
+
+    def summary(self, model: nn.Module) -> list[dict[str, Any]]:
+        modules = dict(model.named_modules())
+        return [{**row, "pattern": "" if row["layer"] in self.skipped else f"{self.n}:{self.m}",
+                 "kernel": getattr(modules[row["layer"]], "kernel", "dense"), "skipped": self.skipped.get(row["layer"], "")}
+                for row in layer_table(model)]
+
+
+# ----------------------------------------------------------------------------- the reference peer
+
+
+class LightningReference(ModelPruning, CompressionCallback):
+    """Lightning's built-in ModelPruning (global L1 unstructured), driven to `sparsity` over
+    `ramp_epochs` epochs along the same cubic ramp as AGP but cut only at epoch ends, as
+    ModelPruning does; the remaining epochs fine-tune. It is the peer the benchmark compares against.
+    """
+
+    name = "lightning"
+
+    def __init__(self, sparsity: float, ramp_epochs: int = 2, initial_sparsity: float = 0.0,
+                 skip_layers: Sequence[str] = ("first", "last")) -> None:
+        self.sparsity = _check_fraction("sparsity", sparsity)
+        self.ramp_epochs = _check_int("ramp_epochs", ramp_epochs, 1)
+        self.initial_sparsity = _check_fraction("initial_sparsity", initial_sparsity)
+        self.skip_layers = list(skip_layers)
+        self.skipped: dict[str, str] = {}
+        super().__init__(pruning_fn="l1_unstructured", amount=self.amount_at_epoch_end, use_global_unstructured=True,
+                         make_pruning_permanent=True, verbose=0)
+
+    def target(self, epoch: int) -> float:
+        """Cumulative sparsity after epoch `epoch`'s end: the cubic ramp sampled at epoch ends."""
+        if self.ramp_epochs == 1:
+            return self.sparsity
+        return polynomial_sparsity(epoch, self.initial_sparsity, self.sparsity, 0, self.ramp_epochs - 1)
+
+    def amount_at_epoch_end(self, epoch: int) -> float:
+        before = self.target(epoch - 1) if epoch > 0 else 0.0
+        after = self.target(epoch)
+        return 0.0 if after <= before else 1.0 - (1.0 - after) / (1.0 - before)  # of the weights still left
+
+    def filter_parameters_to_prune(self, parameters_to_prune=()):
+        names = {id(module): name for name, module in self._model_layers}
+        layer_names = [name for name, _ in self._model_layers]
+        aliases = {"first": layer_names[0], "last": layer_names[-1]}
+        skip = {aliases.get(entry, entry) for entry in self.skip_layers}
+        self.skipped = {name: "listed in skip_layers" for name in skip}
+        return [(m, p) for m, p in parameters_to_prune if names.get(id(m)) not in skip]
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._model_layers = list(weighted_layers(pl_module.model))
+        super().setup(trainer, pl_module, stage)
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        return model  # ModelPruning made its masks permanent at the end of training
+
+    def summary(self, model: nn.Module) -> list[dict[str, Any]]:
+        return [{**row, "skipped": self.skipped.get(row["layer"], "")} for row in layer_table(model)]
+
+
+# Method names -> their callback classes, for scripts that build callbacks without Hydra.
+REGISTRY: dict[str, type[CompressionCallback]] = {
+    "magnitude": MagnitudePruning,
+    "iterative": IterativePruning,
+    "lottery": LotteryTicket,
+    "agp": AGP,
+    "channel": ChannelPruning,
+    "nm": NMPruning,
+    "lightning": LightningReference,
+}
+
+
+def pruning_callback(method: str, **kwargs: Any) -> CompressionCallback:
+    """Build a registered pruning callback by name."""
+    if method not in REGISTRY:
+        raise ValueError(f"method={method!r} is not valid; allowed: {', '.join(REGISTRY)}")
+    return REGISTRY[method](**kwargs)
