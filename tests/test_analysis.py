@@ -1,0 +1,446 @@
+"""lightning_modules.analysis: loading runs back from a store, Pareto fronts, figures, statistics."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import shutil
+import sqlite3
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # before anything imports pyplot: no display in tests
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from scipy import stats
+from torch import nn
+
+from lightning_modules import analysis
+from lightning_modules.models import LeNet300
+from lightning_modules.tracking import SweepInfo
+from tests.conftest import FAST, compose_config
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- a small synthetic store
+
+
+class FakeStore:
+    """A SQLite store whose runs are written directly with log_batch (no training)."""
+
+    def __init__(self, root: Path, experiment: str = "workbench") -> None:
+        self.uri = f"sqlite:///{root / 'mlflow.db'}"
+        self.client = MlflowClient(self.uri)
+        self.experiment = experiment
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = found.experiment_id if found is not None else \
+            self.client.create_experiment(experiment, artifact_location=(root / "artifacts").as_uri())
+
+    @classmethod
+    def copy_of(cls, template: Path, root: Path) -> FakeStore:
+        """A copy of an empty store (creating MLflow's schema takes a second), artifacts under `root`."""
+        root.mkdir(parents=True)
+        shutil.copy(template / "mlflow.db", root / "mlflow.db")
+        with sqlite3.connect(root / "mlflow.db") as db:
+            db.execute("UPDATE experiments SET artifact_location = ?", ((root / "artifacts").as_uri(),))
+        return cls(root)
+
+    def add_run(self, tags: dict[str, str], metrics: dict[str, float] | None = None,
+                params: dict[str, str] | None = None, status: str = "FINISHED",
+                artifacts: dict[str, str] | None = None) -> str:
+        run_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
+        self.client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in (metrics or {}).items()],
+                              params=[Param(k, v) for k, v in (params or {}).items()],
+                              tags=[RunTag("mlflow.runName", f"run-{run_id[:6]}")])
+        for path, text in (artifacts or {}).items():
+            self.client.log_text(run_id, text, path)
+        self.client.set_terminated(run_id, status)
+        return run_id
+
+    def add_grid_run(self, model: str, method: str, seed: int, sweep: str = "s1", parent: str | None = None,
+                     status: str = "FINISHED", **metrics: float) -> str:
+        tags = {"data": "digits", "model": model, "method": method, "hardware": "cpu", "seed": str(seed),
+                "sweep": sweep}
+        if parent is not None:
+            tags[MLFLOW_PARENT_RUN_ID] = parent
+        values = {"test_acc": 90.0, "acc_drop": 0.0, "acc_drop_ci95_low": 0.0, "acc_drop_ci95_high": 0.0,
+                  "compression_ratio": 1.0, "latency_ms_p50_bs1": 1.0, "speedup_bs1": 1.0, "sparsity": 0.0,
+                  **metrics}
+        return self.add_run(tags, values, {"method.sparsity": "0.8", "trainer.accelerator": "cpu"}, status)
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("empty-store")
+    FakeStore(root)
+    return root
+
+
+@pytest.fixture
+def fake_store(empty_store: Path, tmp_path: Path) -> FakeStore:
+    return FakeStore.copy_of(empty_store, tmp_path / "store")
+
+
+@pytest.fixture
+def grid_store(fake_store: FakeStore) -> FakeStore:
+    """Sweep s1 (a parent run and 4 children, one FAILED) and an older sweep s0 with one run."""
+    fake_store.add_run({"sweep": "s0", "role": "sweep"})
+    fake_store.add_grid_run("lenet300", "baseline", 0, sweep="s0")
+    parent = fake_store.add_run({"sweep": "s1", "role": "sweep"})
+    fake_store.add_grid_run("lenet300", "baseline", 0, parent=parent, test_acc=95.0)
+    fake_store.add_grid_run("lenet300", "magnitude", 0, parent=parent, test_acc=94.0, acc_drop=1.0,
+                            compression_ratio=3.0, latency_ms_p50_bs1=0.8, sparsity=0.8)
+    fake_store.add_grid_run("lenet5", "magnitude", 0, parent=parent, test_acc=97.0, acc_drop=0.5,
+                            compression_ratio=2.0, latency_ms_p50_bs1=2.0, sparsity=0.7)
+    fake_store.add_grid_run("lenet5", "magnitude", 1, parent=parent, status="FAILED")
+    fake_store.parent = parent
+    return fake_store
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def test_default_tracking_uri_prefers_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////somewhere/mlflow.db")
+    assert analysis.default_tracking_uri() == "sqlite:////somewhere/mlflow.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert analysis.default_tracking_uri() == f"sqlite:///{analysis.ROOT / 'mlruns' / 'mlflow.db'}"
+
+
+def test_load_runs_of_one_sweep_is_tidy(grid_store: FakeStore) -> None:
+    runs = analysis.load_runs(grid_store.uri, sweep="s1")
+
+    assert len(runs) == 3  # parent and FAILED run left out
+    assert set(runs["status"]) == {"FINISHED"} and set(runs["role"]) == {"run"}
+    assert list(runs.columns[: len(analysis.RUN_COLUMNS)]) == list(analysis.RUN_COLUMNS)
+    assert runs["seed"].dtype == "Int64"
+    assert runs["params.method.sparsity"].dtype == float and runs["params.trainer.accelerator"].iloc[0] == "cpu"
+    assert set(runs["parent_run_id"]) == {grid_store.parent}
+    lenet5 = runs[runs["model"] == "lenet5"].iloc[0]
+    assert lenet5["test_acc"] == 97.0 and lenet5["compression_ratio"] == 2.0
+    assert pd.api.types.is_datetime64_any_dtype(runs["start_time"])
+
+
+@pytest.mark.parametrize(("sweep", "statuses", "expected"), [
+    (None, ("FINISHED",), 4),   # the whole experiment
+    ("latest", ("FINISHED",), 3),
+    ("s0", ("FINISHED",), 1),
+    ("s1", None, 4),           # FAILED kept too
+    ("nope", ("FINISHED",), 0),
+])
+def test_load_runs_selects_by_sweep_and_status(grid_store: FakeStore, sweep: str | None,
+                                               statuses: tuple[str, ...] | None, expected: int) -> None:
+    assert len(analysis.load_runs(grid_store.uri, sweep=sweep, statuses=statuses)) == expected
+
+
+def test_load_runs_names_the_experiments_the_store_has(grid_store: FakeStore) -> None:
+    with pytest.raises(ValueError, match=r"experiment='other' is not in the store; it has: .*workbench"):
+        analysis.load_runs(grid_store.uri, experiment="other")
+
+
+def test_load_runs_refuses_a_missing_store_instead_of_creating_one(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="No MLflow store at .*missing.db"):
+        analysis.load_runs(f"sqlite:///{tmp_path / 'missing.db'}")
+    assert not (tmp_path / "missing.db").exists()
+
+
+def test_latest_sweep_needs_a_sweep(fake_store: FakeStore) -> None:
+    fake_store.add_grid_run("lenet300", "baseline", 0)
+    with pytest.raises(ValueError, match="no sweep"):
+        analysis.load_runs(fake_store.uri, sweep="latest")
+
+
+def test_describe_lists_the_axes(grid_store: FakeStore) -> None:
+    line = analysis.describe(analysis.load_runs(grid_store.uri, sweep="s1"))
+    assert line.startswith("3 runs;") and "model: lenet300, lenet5" in line and "seed: 0" in line
+
+
+# ----------------------------------------------------------------------------- Pareto
+
+
+@pytest.mark.parametrize(("x", "y", "x_larger_better", "expected"), [
+    ([1, 2, 3], [3, 2, 1], True, [True, True, True]),           # a clean trade-off
+    ([1, 2, 3], [1, 2, 3], True, [False, False, True]),          # one point beats all
+    ([1, 2, 3], [1, 2, 3], False, [True, True, True]),           # smaller x better: a trade-off again
+    ([2, 2, 1], [5, 4, 5], True, [True, False, False]),          # same x: the lower y is dominated
+    ([2, 2], [5, 5], True, [True, True]),                        # duplicates both stay
+    ([1, np.nan, 3], [5, 9, 1], True, [True, False, True]),     # NaN never on the front
+    ([], [], True, []),
+])
+def test_pareto_mask_table(x: list[float], y: list[float], x_larger_better: bool, expected: list[bool]) -> None:
+    assert analysis.pareto_mask(x, y, x_larger_better).tolist() == expected
+
+
+def _dominated(i: int, xs: np.ndarray, ys: np.ndarray) -> bool:
+    return any(xs[j] >= xs[i] and ys[j] >= ys[i] and (xs[j] > xs[i] or ys[j] > ys[i]) for j in range(len(xs)))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pareto_mask_matches_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    xs, ys = rng.integers(0, 8, 60).astype(float), rng.integers(0, 8, 60).astype(float)  # many ties
+    expected = [not _dominated(i, xs, ys) for i in range(len(xs))]
+    assert analysis.pareto_mask(xs, ys, x_larger_better=True).tolist() == expected
+    # minimizing x is maximizing -x
+    assert analysis.pareto_mask(-xs, ys, x_larger_better=False).tolist() == expected
+
+
+def test_pareto_front_per_group() -> None:
+    runs = pd.DataFrame({"hardware": ["a", "a", "a", "b", "b"], "latency": [1.0, 2.0, 3.0, 5.0, 1.0],
+                         "acc": [90.0, 95.0, 94.0, 99.0, 98.0]})
+    front = analysis.pareto_front(runs, "latency", "acc", x_larger_better=False, by=["hardware"])
+    assert front[["hardware", "latency"]].values.tolist() == [["a", 1.0], ["a", 2.0], ["b", 1.0], ["b", 5.0]]
+
+
+# ----------------------------------------------------------------------------- grid overview
+
+
+def _grid_frame() -> pd.DataFrame:
+    rows = []
+    for model, method, seed, hardware in itertools.product(["lenet300", "lenet5"], ["baseline", "magnitude", "agp"],
+                                                           [0, 1], ["cpu", "cpu_1t"]):
+        compressed = method != "baseline"
+        rows.append({"run_id": f"{model}-{method}-{seed}-{hardware}", "run_name": f"{model}-{method}", "data": "digits",
+                     "model": model, "method": method, "hardware": hardware, "seed": seed,
+                     "test_acc": 95.0 - (1.5 if method == "agp" else 0.5 if compressed else 0.0) - seed * 0.1,
+                     "acc_drop": (1.5 if method == "agp" else 0.5 if compressed else 0.0) + seed * 0.1,
+                     "acc_drop_ci95_high": 2.0 if compressed else 0.0,
+                     "compression_ratio": {"baseline": 1.0, "magnitude": 3.0, "agp": 8.0}[method],
+                     "latency_ms_p50_bs1": (2.0 if hardware == "cpu_1t" else 1.0) * (0.9 if compressed else 1.0),
+                     "speedup_bs1": 1.1 if compressed else 1.0, "sparsity": 0.0 if not compressed else 0.8})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize(("budget", "conservative", "expected"), [
+    (2.0, False, "agp"),          # 1.5-1.6 points: within budget, and the most compressed
+    (1.0, False, "magnitude"),    # agp is over budget
+    (1.0, True, "baseline"),      # judged by the upper end of the interval (2.0) nothing compressed fits
+])
+def test_best_under_budget(budget: float, conservative: bool, expected: str) -> None:
+    best = analysis.best_under_budget(_grid_frame(), budget, conservative=conservative)
+    assert len(best) == 4  # one per (data, model, hardware)
+    assert set(best["method"]) == {expected}
+    assert (best["seed"] == 0).all()  # among equal ratios, the smaller drop wins
+
+
+def test_grid_overview_draws_and_renders_every_figure(tmp_path: Path) -> None:
+    overview = analysis.grid_overview(_grid_frame(), budget=1.0)
+
+    assert set(overview.figures) == {"accuracy_vs_compression", "accuracy_vs_latency", "heatmaps"}
+    assert all(isinstance(figure, Figure) for figure in overview.figures.values())
+    for name, figure in overview.figures.items():
+        assert analysis.figure_png(figure, tmp_path / f"{name}.png").read_bytes().startswith(PNG_MAGIC)
+    assert overview.figures["accuracy_vs_compression"].axes[0].get_xscale() == "log"
+    assert len(overview.figures["accuracy_vs_latency"].axes) == 2  # one panel per hardware
+    assert len(overview.figures["heatmaps"].axes) == 6  # 2 hardware x 3 metrics
+    compression_front = overview.fronts["accuracy_vs_compression"]
+    assert set(compression_front["method"]) == {"baseline", "magnitude", "agp"}
+    assert (compression_front["seed"] == 0).all()
+    latency_front = overview.fronts["accuracy_vs_latency"]
+    assert set(latency_front["hardware"]) == {"cpu", "cpu_1t"}
+    assert "latency_ms_p50_bs1" in latency_front
+    assert set(overview.best["method"]) == {"magnitude"}
+
+
+def test_heatmaps_average_over_seeds_and_tell_datasets_apart() -> None:
+    runs = _grid_frame()
+    runs = pd.concat([runs, runs.assign(data="mnist5k", acc_drop=runs["acc_drop"] + 2)])
+    figure = analysis.metric_heatmaps(runs[runs["hardware"] == "cpu"], metrics=("acc_drop",))
+    ax = figure.axes[0]
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels == ["digits/lenet300", "digits/lenet5", "mnist5k/lenet300", "mnist5k/lenet5"]
+    cells = [float(t.get_text()) for t in ax.texts]
+    assert pytest.approx(0.55) in cells and pytest.approx(2.55) in cells  # magnitude: mean of 0.5 and 0.6
+
+
+def test_scatter_survives_runs_without_the_metric() -> None:
+    figure = analysis.accuracy_vs_latency(_grid_frame().drop(columns=["latency_ms_p50_bs1"]))
+    assert "no runs with these metrics" in [t.get_text() for t in figure.axes[0].texts]
+
+
+# ----------------------------------------------------------------------------- the sweep's parent run
+
+
+def test_log_sweep_figures_puts_the_overview_on_the_parent_run(grid_store: FakeStore) -> None:
+    info = SweepInfo("s1", grid_store.uri, "workbench", grid_store.parent)
+    logged = analysis.log_sweep_figures(info, budget=1.0)
+
+    assert "figures/accuracy_vs_compression.png" in logged and "figures/best_within_1pt_drop.csv" in logged
+    stored = {a.path for a in grid_store.client.list_artifacts(grid_store.parent, "figures")}
+    assert stored == set(logged)
+    best = pd.read_csv(grid_store.client.download_artifacts(grid_store.parent, "figures/best_within_1pt_drop.csv"))
+    assert sorted(best["method"]) == ["magnitude", "magnitude"]
+
+
+def test_log_sweep_figures_warns_and_never_raises(grid_store: FakeStore, monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fonts today")
+
+    monkeypatch.setattr(analysis, "grid_overview", broken)
+    info = SweepInfo("s1", grid_store.uri, "workbench", grid_store.parent)
+    with caplog.at_level(logging.WARNING, logger="lightning_modules.analysis"):
+        assert analysis.log_sweep_figures(info) == []
+    assert "could not log the figures of sweep s1 (RuntimeError: no fonts today)" in caplog.text
+    assert grid_store.client.list_artifacts(grid_store.parent, "figures") == []
+
+
+def test_log_sweep_figures_of_an_empty_sweep_logs_nothing(fake_store: FakeStore) -> None:
+    parent = fake_store.add_run({"sweep": "empty", "role": "sweep"})
+    assert analysis.log_sweep_figures(SweepInfo("empty", fake_store.uri, "workbench", parent)) == []
+
+
+# ----------------------------------------------------------------------------- one run in depth
+
+
+LAYERS_CSV = "layer,type,sparsity\nfc1,Linear,0.5\nfc2,Linear,0.0\n"
+QUANT_CSV = "layer,bits,sparsity\nfc2,8,0.9\nfc1,4,0.9\n"
+LOWRANK_CSV = "layer,rank\nfc1,16\nfc3.u,4\n"
+
+
+def test_layer_facts_join_every_summary_in_layer_order(fake_store: FakeStore) -> None:
+    run_id = fake_store.add_run({}, artifacts={"layers.csv": LAYERS_CSV, "quant_summary.csv": QUANT_CSV,
+                                               "svd_summary.csv": LOWRANK_CSV, "encoding.csv": "tensor\nx\n"})
+    facts = analysis.layer_facts(run_id, fake_store.uri)
+
+    assert facts["layer"].tolist() == ["fc1", "fc2", "fc3.u"]
+    assert facts["sparsity"].tolist()[:2] == [0.5, 0.0]  # layers.csv wins over a summary's copy
+    assert facts["bits"].tolist()[:2] == [4, 8] and facts["rank"].tolist()[0] == 16
+    figure = analysis.plot_layer_facts(facts)
+    assert [ax.get_title() for ax in figure.axes] == ["sparsity per layer", "bits per layer", "rank per layer"]
+
+
+def test_layer_facts_without_tables_is_an_error(fake_store: FakeStore) -> None:
+    run_id = fake_store.add_run({})
+    with pytest.raises(ValueError, match=f"run {run_id} has no layers.csv"):
+        analysis.layer_facts(run_id, fake_store.uri)
+
+
+def test_pick_run_prefers_the_most_compressed_non_baseline() -> None:
+    runs = _grid_frame()
+    assert analysis.pick_run(runs).startswith("lenet300-agp-0")
+    assert analysis.pick_run(runs[runs["method"] == "baseline"]).startswith("lenet300-baseline")
+    with pytest.raises(ValueError, match="no runs"):
+        analysis.pick_run(runs.iloc[0:0])
+
+
+def test_weight_histograms_one_panel_per_shared_layer() -> None:
+    baseline = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    model[0].weight.data[:4] = 0.0
+    figure = analysis.weight_histograms(model, baseline)
+    titles = [ax.get_title() for ax in figure.axes if ax.get_visible()]
+    assert titles == ["0: 50% zero", "2: 0% zero"]
+
+
+def test_confusion_matrices_score_the_run_test_split() -> None:
+    cfg = compose_config([*FAST, "model=lenet300"])
+    data_shape = (1, 8, 10)
+    model, baseline = LeNet300(*data_shape), LeNet300(*data_shape)
+    confusion = analysis.confusion_matrices(analysis.RunModels("r", model, baseline, cfg))
+
+    assert confusion.model.shape == (10, 10) and confusion.labels == list(range(10))
+    assert confusion.model.sum() == confusion.baseline.sum() == 539  # digits: 30% of 1,797 images
+    assert confusion.model.sum(axis=1).tolist() == confusion.baseline.sum(axis=1).tolist()  # same true labels
+    figure = analysis.plot_confusion(confusion)
+    assert figure.axes[2].get_title() == "finalized - baseline"
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def test_mean_interval_is_the_student_t_interval() -> None:
+    values = [1.0, 2.0, 4.0]
+    mean, low, high = analysis.mean_interval(values)
+    expected = stats.t.interval(0.95, 2, loc=np.mean(values), scale=stats.sem(values))
+    assert mean == pytest.approx(7 / 3) and (low, high) == pytest.approx(expected)
+    assert math.isnan(analysis.mean_interval([3.0])[1]) and analysis.mean_interval([3.0])[0] == 3.0
+    assert all(math.isnan(v) for v in analysis.mean_interval([]))
+
+
+def test_paired_difference_matches_scipy() -> None:
+    values = pd.Series([90.0, 91.5, 89.0, 92.0], index=[0, 1, 2, 3])
+    reference = pd.Series([91.0, 92.0, 90.5, 92.2], index=[3, 2, 1, 0]).sort_index()
+    result = analysis.difference_test(values, reference)
+    assert result["test"] == "paired t"
+    assert result["diff"] == pytest.approx((values - reference).mean())
+    assert result["p_value"] == pytest.approx(stats.ttest_rel(values, reference).pvalue)
+
+
+def test_unpaired_difference_is_welch() -> None:
+    values, reference = pd.Series([90.0, 91.0, 93.0], index=[0, 1, 2]), pd.Series([85.0, 88.0], index=[5, 6])
+    result = analysis.difference_test(values, reference)
+    assert result["test"] == "Welch t"
+    assert result["p_value"] == pytest.approx(stats.ttest_ind(values, reference, equal_var=False).pvalue)
+    assert result["ci_low"] < result["diff"] < result["ci_high"]
+
+
+def test_one_seed_is_too_few() -> None:
+    result = analysis.difference_test(pd.Series([90.0], index=[0]), pd.Series([91.0], index=[0]))
+    assert result["test"] == "too few seeds" and result["diff"] == -1.0 and math.isnan(result["p_value"])
+
+
+def _seeded(method: str, accuracies: list[float], model: str = "lenet300") -> list[dict]:
+    return [{"data": "digits", "model": model, "hardware": "cpu", "method": method, "seed": seed, "test_acc": acc}
+            for seed, acc in enumerate(accuracies)]
+
+
+def test_compare_methods_tells_signal_from_noise() -> None:
+    runs = pd.DataFrame(_seeded("baseline", [95.0, 96.0, 94.0, 95.5])
+                        + _seeded("agp", [90.1, 91.0, 89.2, 90.4])        # ~5 points lower, every seed
+                        + _seeded("magnitude", [95.5, 95.0, 94.6, 95.4])  # +-0.5: noise
+                        + _seeded("agp", [90.0, 91.0], model="lenet5"))   # no reference for lenet5
+    table = analysis.compare_methods(runs, "test_acc", reference="baseline").set_index("method")
+
+    assert len(table) == 2 and set(table["model"]) == {"lenet300"}
+    assert table.loc["agp", "verdict"] == "larger than the noise" and table.loc["agp", "ci_high"] < 0
+    assert table.loc["magnitude", "verdict"] == "within the noise"
+    assert table.loc["agp", "test"] == "paired t" and table.loc["agp", "n"] == 4
+
+
+def test_seed_summary_and_spread() -> None:
+    runs = pd.DataFrame(_seeded("agp", [90.0, 92.0])).assign(sparsity=[0.80001, 0.79999])
+    summary = analysis.seed_summary(runs)
+    assert summary.loc[0, ["n", "seeds", "mean"]].tolist() == [2, "0,1", 91.0]
+    spread = analysis.seed_spread(runs)  # both seeds land on sparsity 0.8
+    assert spread[["sparsity", "test_acc", "n"]].values.tolist() == [[0.8, 91.0, 2]]
+    figure = analysis.plot_pruning_curves(runs)
+    assert figure.axes[0].get_title() == "digits / lenet300"
+    assert analysis.plot_seed_intervals(summary).axes[0].get_title() == "digits / lenet300 / cpu"
+
+
+# ----------------------------------------------------------------------------- sensitivity
+
+
+def test_no_sensitivity_runs_gives_an_empty_frame(grid_store: FakeStore) -> None:
+    sensitivity = analysis.load_sensitivity(grid_store.uri)
+    assert sensitivity.empty and list(sensitivity.columns) == analysis.SENSITIVITY_COLUMNS
+
+
+def test_sensitivity_tables_from_tagged_runs(fake_store: FakeStore, caplog: pytest.LogCaptureFixture) -> None:
+    csv = "layer,sparsity,test_acc\nfc1,0.5,95.0\nfc1,0.9,80.0\nfc2,0.5,96.0\nfc2,0.9,94.0\n"
+    tags = {"role": "sensitivity", "data": "digits", "model": "lenet300", "method": "magnitude"}
+    fake_store.add_run({**tags, "seed": "0"}, artifacts={"sensitivity.csv": csv})
+    fake_store.add_run({**tags, "seed": "1"}, artifacts={"sensitivity.csv": csv.replace("80.0", "82.0")})
+    missing = fake_store.add_run({**tags, "seed": "2"})
+    fake_store.add_grid_run("lenet300", "magnitude", 0)  # not a sensitivity run
+
+    with caplog.at_level(logging.WARNING, logger="lightning_modules.analysis"):
+        sensitivity = analysis.load_sensitivity(fake_store.uri)
+    assert f"sensitivity run {missing} has no sensitivity.csv" in caplog.text
+    assert len(sensitivity) == 8 and set(sensitivity["seed"]) == {"0", "1"}
+    table = analysis.sensitivity_table(sensitivity)
+    assert table.loc[("digits", "lenet300", "fc1"), 0.9] == 81.0
+    assert list(table.columns) == [0.5, 0.9]
+    assert len(analysis.plot_sensitivity(sensitivity).axes) == 1
+    # sensitivity runs are not grid runs
+    assert len(analysis.load_runs(fake_store.uri)) == 1
