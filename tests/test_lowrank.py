@@ -1,0 +1,336 @@
+from __future__ import annotations
+
+import copy
+import csv
+import io
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+from lightning_modules.compression.lowrank import (
+    DECOMPOSITIONS, LowRankDecomposition, cp_compose, cp_factors, energy_rank, rule_rank, scheduled_rank,
+    svd_factors, tucker2_compose, tucker2_factors, vbmf_rank,
+)
+from lightning_modules.data import InMemoryDataModule
+from lightning_modules.evaluation.complexity import count_macs
+from lightning_modules.models import LeNet5, LeNet300
+from lightning_modules.task import ClassificationTask
+from tests.conftest import FAST, all_runs, run_train
+
+
+def _relative_error(approximation: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((approximation - exact).norm() / exact.norm())
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------- the math
+
+
+def test_svd_factors_meet_the_eckart_young_error_and_report_the_energy_kept() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(30, 50)
+    s = torch.linalg.svdvals(weight.double())
+    for rank in (1, 7, 30):
+        first, second, energy = svd_factors(weight, rank)
+        assert first.shape == (rank, 50) and second.shape == (30, rank)
+        error2 = float((second @ first - weight).double().square().sum())
+        assert error2 == pytest.approx(float(s[rank:].square().sum()), rel=1e-4, abs=1e-6)
+        assert energy == pytest.approx(float(s[:rank].square().sum() / s.square().sum()), rel=1e-9)
+        assert float(first.norm(dim=1).square().sum()) == pytest.approx(float(s[:rank].sum()), rel=1e-4)  # sqrt(s) each side
+
+
+def test_tucker2_error_is_the_energy_left_out_and_hooi_never_loses_to_hosvd() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(24, 16, 3, 3)
+    u_out, core, u_in, energy = tucker2_factors(weight, 24, 16)
+    assert _relative_error(tucker2_compose(u_out, core, u_in), weight) < 1e-5 and energy == pytest.approx(1.0)
+    hosvd = tucker2_factors(weight, 8, 6, iterations=0)
+    hooi = tucker2_factors(weight, 8, 6, iterations=5)
+    for u_out, core, u_in, energy in (hosvd, hooi):
+        assert core.shape == (8, 6, 3, 3) and u_out.shape == (24, 8) and u_in.shape == (16, 6)
+        assert torch.allclose(u_out.T @ u_out, torch.eye(8), atol=1e-5)
+        assert _relative_error(tucker2_compose(u_out, core, u_in), weight) ** 2 == pytest.approx(1 - energy, rel=1e-4)
+    assert hooi[3] >= hosvd[3] - 1e-9
+
+
+def test_cp_recovers_a_planted_low_rank_kernel() -> None:
+    torch.manual_seed(0)
+    planted = cp_compose([torch.randn(size, 3) for size in (12, 8, 3, 3)])
+    factors, fit = cp_factors(planted, 3, iterations=30)
+    assert [f.shape for f in factors] == [(12, 3), (8, 3), (3, 3), (3, 3)]
+    assert fit > 0.9999 and _relative_error(cp_compose(factors), planted) < 1e-2
+
+
+def test_vbmf_finds_the_planted_rank_under_noise() -> None:
+    torch.manual_seed(0)
+    u = torch.linalg.qr(torch.randn(60, 5)).Q
+    v = torch.linalg.qr(torch.randn(80, 5)).Q
+    matrix = u @ torch.diag(torch.tensor([10.0, 8.0, 6.0, 5.0, 4.0])) @ v.T + 0.05 * torch.randn(60, 80)
+    assert vbmf_rank(torch.linalg.svdvals(matrix), (60, 80)) == 5
+    assert vbmf_rank(torch.linalg.svdvals(matrix.T), (80, 60)) == 5
+
+
+@pytest.mark.parametrize(
+    ("rule", "value", "expected"),
+    [("rank", 3, 3), ("rank", 99, 4), ("fraction", 0.5, 2), ("fraction", 0.01, 1), ("fraction", 1.0, 4),
+     ("energy", 0.64, 1), ("energy", 0.65, 2), ("energy", 0.96, 3), ("energy", 1.0, 4)],
+)
+def test_rank_rules(rule: str, value: float, expected: int) -> None:
+    # squared singular values 64, 16, 16, 4 (total 100): one keeps 64%, two 80%, three 96%
+    s = torch.tensor([8.0, 4.0, 4.0, 2.0])
+    assert rule_rank(rule, value, s, (4, 10)) == expected
+
+
+def test_energy_rank_counts_the_leading_share() -> None:
+    assert energy_rank(torch.tensor([3.0, 0.0, 0.0]), 0.99) == 1
+    assert energy_rank(torch.tensor([1.0, 1.0, 1.0, 1.0]), 0.5) == 2
+
+
+def test_gradual_schedule_runs_from_full_to_target_without_going_up() -> None:
+    ranks = [scheduled_rank(64, 8, step, 4) for step in range(5)]
+    assert ranks[0] == 64 and ranks[-1] == 8
+    assert all(a >= b for a, b in zip(ranks, ranks[1:]))
+
+
+# ----------------------------------------------------------------------------- module surgery
+
+
+@pytest.mark.parametrize(
+    ("kind", "layer", "ranks"),
+    [
+        ("svd", nn.Linear(20, 12), (12,)),
+        ("tucker", nn.Conv2d(8, 16, 3, stride=2, padding=1), (16, 8)),
+        ("tucker", nn.Conv2d(6, 10, (3, 5), padding=(1, 2), dilation=(2, 1), bias=False), (10, 6)),
+    ],
+)
+@pytest.mark.parametrize("compact", [True, False])
+def test_full_rank_chains_compute_the_original_layer(kind: str, layer: nn.Module, ranks: tuple[int, ...],
+                                                     compact: bool) -> None:
+    torch.manual_seed(0)
+    decomposition = DECOMPOSITIONS[kind]
+    factors, energy = decomposition.decompose(layer.weight, ranks, iterations=2, seed=0)
+    factors["bias"] = None if layer.bias is None else layer.bias.detach()
+    chain = decomposition.build(layer, factors, compact=compact)
+    assert isinstance(chain, nn.Sequential) and all(isinstance(m, (nn.Linear, nn.Conv2d)) for m in chain)
+    x = torch.randn(3, 20) if kind == "svd" else torch.randn(3, layer.in_channels, 11, 11)
+    assert torch.allclose(chain(x), layer(x), atol=1e-5)
+    assert energy == pytest.approx(1.0)
+    if kind == "tucker" and compact:
+        assert len(chain) == 1  # both factors square: folded into the core
+
+
+def test_cp_chain_computes_a_rank_r_convolution_with_stride_and_padding() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, 3, stride=2, padding=1)
+    with torch.no_grad():
+        conv.weight.copy_(cp_compose([torch.randn(size, 4) for size in (12, 8, 3, 3)]))
+    factors, fit = DECOMPOSITIONS["cp"].decompose(conv.weight, (4,), iterations=200, seed=0)
+    factors["bias"] = conv.bias.detach()
+    chain = DECOMPOSITIONS["cp"].build(conv, factors, compact=True)
+    x = torch.randn(2, 8, 9, 9)
+    assert fit > 0.9999
+    with torch.no_grad():
+        assert torch.allclose(chain(x), conv(x), atol=1e-3 * float(conv(x).abs().max()))
+    assert [m.groups for m in chain] == [1, 4, 4, 1]
+
+
+def test_svd_on_lenet300_has_exact_parameter_counts_and_skips_what_would_not_shrink() -> None:
+    model = LeNet300(1, 8, 10)  # 64 -> 300 -> 100 -> 10
+    callback = LowRankDecomposition("svd", 16, rank_by="rank")
+    callback.decompose(model)
+    model = callback.finalize(model)
+    rows = {row["layer"]: row for row in callback.summary(model)}
+    assert rows["classifier.1"]["params_after"] == 16 * (64 + 300) + 300
+    assert rows["classifier.3"]["params_after"] == 16 * (300 + 100) + 100
+    # 100 x 10 at rank 10 (its full rank) would keep 10 * 110 + 10 of 1,010 parameters
+    assert rows["classifier.5"]["skipped"] == "rank 10 would keep 1110 of 1010 parameters (min_saving=0.0)"
+    assert rows["classifier.5"]["decomposition"] == "" and rows["classifier.5"]["params_after"] == 1010
+    assert isinstance(model.classifier[5], nn.Linear)
+    assert [type(m) for m in model.classifier[1]] == [nn.Linear, nn.Linear]
+    assert _params(model) == (16 * 364 + 300) + (16 * 400 + 100) + 1010
+    assert 0 < rows["classifier.1"]["energy_kept"] < 1 and rows["classifier.1"]["full_rank"] == 64
+
+
+def test_tucker_on_lenet5_counts_parameters_and_macs_exactly_and_leaves_linear_layers() -> None:
+    torch.manual_seed(0)
+    model = LeNet5(1, 28, 10).eval()
+    baseline = copy.deepcopy(model)
+    callback = LowRankDecomposition("tucker", 3, rank_by="rank", layer_ranks={"features.3": [8, 3]})
+    callback.decompose(model)
+    model = callback.finalize(model)
+    rows = {row["layer"]: row for row in callback.summary(model)}
+    # conv1 (1 -> 6, 5x5): in-mode rank 1 is its full channel count, so only 5x5 (1 -> 3) + 1x1 (3 -> 6) remain
+    assert [m.kernel_size for m in model.features[0]] == [(5, 5), (1, 1)]
+    assert rows["features.0"]["params_after"] == 3 * 25 + 6 * 3 + 6
+    # conv2 (6 -> 16, 5x5) at [out 8, in 3]: 1x1 (6 -> 3) + 5x5 (3 -> 8) + 1x1 (8 -> 16) + bias
+    assert rows["features.3"]["params_after"] == 6 * 3 + 8 * 3 * 25 + 16 * 8 + 16
+    assert (rows["features.3"]["rank_out"], rows["features.3"]["rank_in"]) == (8, 3)
+    assert rows["classifier.1"]["skipped"] == "Linear layer: tucker factors Conv2d layers"
+    macs = count_macs(model, (1, 28, 28))["macs_dense"]
+    conv1 = 28 * 28 * (3 * 25 + 6 * 3)
+    conv2 = 14 * 14 * 6 * 3 + 10 * 10 * (8 * 3 * 25 + 16 * 8)
+    assert macs == conv1 + conv2 + 400 * 120 + 120 * 84 + 84 * 10
+    assert macs < count_macs(baseline, (1, 28, 28))["macs_dense"]
+
+
+def test_skip_layers_aliases_grouped_convolutions_and_min_saving_each_give_their_reason() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.Conv2d(32, 32, 3, groups=4), nn.Conv2d(32, 64, 3), nn.Conv2d(64, 64, 3))
+    callback = LowRankDecomposition("tucker", 0.5, skip_layers=["first"], min_saving=0.62)
+    callback.decompose(model)
+    reasons = {row["layer"]: row["skipped"] for row in callback.summary(model)}
+    assert reasons["0"] == "listed in skip_layers as 'first'"
+    assert reasons["1"].startswith("grouped convolution (groups=4)")
+    assert reasons["2"].startswith("rank 32x16 would keep") and reasons["2"].endswith("would keep 7232 of 18496 parameters (min_saving=0.62)")
+    assert reasons["3"] == "" and isinstance(model[3], nn.Sequential)
+
+
+def test_cp_skips_1x1_convolutions_with_their_reason() -> None:
+    model = nn.Sequential(nn.Conv2d(16, 32, 1), nn.Conv2d(32, 32, 3))
+    callback = LowRankDecomposition("cp", 8, rank_by="rank")
+    callback.decompose(model)
+    rows = callback.summary(model)
+    assert rows[0]["skipped"].startswith("1x1 kernel") and rows[1]["rank"] == 8
+
+
+def test_unknown_layers_are_named_with_the_allowed_ones() -> None:
+    with pytest.raises(ValueError, match=r"svd: unknown layers \['fc9'\] in skip_layers/layer_ranks; allowed: first, last, classifier.1"):
+        LowRankDecomposition("svd", 0.5, skip_layers=["fc9"]).decompose(LeNet300(1, 8, 10))
+    with pytest.raises(ValueError, match=r"unknown layers \['features.0'\]"):
+        LowRankDecomposition("svd", 0.5, layer_ranks={"features.0": 0.2}).decompose(LeNet5(1, 8, 10))
+
+
+def test_rank_multiple_rounds_up_and_stops_at_full_rank() -> None:
+    model = nn.Sequential(nn.Linear(100, 40), nn.Linear(40, 12))
+    callback = LowRankDecomposition("svd", 0.1, rank_multiple=8, min_saving=0.0)
+    callback.decompose(model)
+    assert [row["rank"] for row in callback.summary(model)] == [8, 8]  # round(0.1 * 40) = 4 -> 8; 1 -> 8
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"decomposition": "qr", "rank": 0.5}, r"decomposition='qr' is not valid; allowed: svd, tucker, cp"),
+        ({"rank_by": "size"}, r"rank_by='size' is not valid; allowed: rank, fraction, energy, vbmf"),
+        ({"rank_by": "rank", "rank": 0}, r"rank=0 is not valid for rank_by='rank'; allowed: an integer >= 1"),
+        ({"rank_by": "rank", "rank": 2.5}, r"rank=2.5 is not valid for rank_by='rank'"),
+        ({"rank_by": "fraction", "rank": 1.5}, r"rank=1.5 is not valid for rank_by='fraction'; allowed: a number in \(0, 1\]"),
+        ({"rank_by": "energy", "rank": 0}, r"rank=0 is not valid for rank_by='energy'"),
+        ({"rank_by": "vbmf", "rank": 0.5}, r"rank=0.5 is not valid for rank_by='vbmf'; allowed: null"),
+        ({"rank_by": "vbmf", "rank": None, "layer_ranks": {"fc": 2}}, r"layer_ranks.fc=2 is not valid with rank_by='vbmf'"),
+        ({"layer_ranks": {"fc": 3.0}}, r"layer_ranks.fc=3.0 is not valid for rank_by='fraction'"),
+        ({"layer_ranks": {"fc": [0.5, 0.5]}}, r"layer_ranks.fc=\[0.5, 0.5\] is not valid; allowed: one rank setting$"),
+        ({"decomposition": "tucker", "layer_ranks": {"c": [0.5]}}, r"allowed: one rank setting or a pair \[out, in\]"),
+        ({"decomposition": "tucker", "layer_ranks": {"c": [0.5, 2.0]}}, r"layer_ranks.c.in=2.0 is not valid"),
+        ({"rank_multiple": 0}, r"rank_multiple=0 is not valid; allowed: an integer >= 1"),
+        ({"min_saving": 1.0}, r"min_saving=1.0 is not valid; allowed: a fraction in \[0, 1\)"),
+        ({"gradual_epochs": -1}, r"gradual_epochs=-1 is not valid; allowed: an integer >= 0"),
+        ({"iterations": -2}, r"iterations=-2 is not valid; allowed: an integer >= 0 or null"),
+    ],
+)
+def test_constructor_rejects_bad_arguments(kwargs: dict, message: str) -> None:
+    arguments = {"decomposition": "svd", "rank": 0.5, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        LowRankDecomposition(**arguments)
+
+
+# ----------------------------------------------------------------------------- in a Trainer
+
+
+class _Snapshot(pl.Callback):
+    """Records, when training starts, the parameters the optimizer holds and a copy of the model's."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+        self.before = {name: p.detach().clone() for name, p in pl_module.model.named_parameters()}
+
+
+def _train(callback: LowRankDecomposition, model: nn.Module, epochs: int = 2) -> tuple[nn.Module, _Snapshot]:
+    pl.seed_everything(0, verbose=False)
+    data = InMemoryDataModule("digits", batch_size=64)
+    task = ClassificationTask(model, optimizer=lambda params: torch.optim.Adam(params, lr=1e-3))
+    snapshot = _Snapshot()
+    trainer = pl.Trainer(max_epochs=epochs, callbacks=[callback, snapshot], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_train_batches=4,
+                         limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(task, datamodule=data)
+    return task.model, snapshot
+
+
+@pytest.mark.parametrize("kind", ["svd", "tucker"])
+def test_the_optimizer_trains_the_factors(kind: str) -> None:
+    model = LeNet5(1, 8, 10)
+    trained, snapshot = _train(LowRankDecomposition(kind, 0.5), model, epochs=1)
+    chains = [(name, m) for name, m in trained.named_modules() if isinstance(m, nn.Sequential) and name.count(".") == 1
+              and all(isinstance(c, (nn.Linear, nn.Conv2d)) for c in m)]
+    assert chains, "nothing was factored"
+    for name, chain in chains:
+        for key, parameter in chain.named_parameters():
+            assert id(parameter) in snapshot.optimized, f"{name}.{key} is not in the optimizer"
+            assert not torch.equal(parameter.detach(), snapshot.before[f"{name}.{key}"]), f"{name}.{key} did not move"
+
+
+def test_gradual_decomposition_steps_ranks_down_and_finalizes_to_the_target() -> None:
+    torch.manual_seed(0)
+    model = LeNet300(1, 8, 10)
+    callback = LowRankDecomposition("svd", 8, rank_by="rank", gradual_epochs=2)
+    trained, snapshot = _train(callback, model, epochs=3)
+    assert callback.step == 2
+    chain = trained.classifier[3]
+    assert snapshot.before["classifier.3.0.weight"].shape == (100, 300)  # trained at full rank 100 first
+    mask = chain.rank_mask_0
+    assert int(mask.sum()) == 8
+    assert torch.all(chain[0].weight[mask == 0] == 0) and torch.all(chain[1].weight[:, mask == 0] == 0)
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        before = trained.eval()(x)
+        finalized = callback.finalize(trained)
+        after = finalized(x)
+    assert torch.allclose(before, after, atol=1e-5)  # slicing the masked components changes nothing
+    assert finalized.classifier[3][0].weight.shape == (8, 300) and not hasattr(finalized.classifier[3], "rank_mask_0")
+    assert {row["layer"]: row["params_after"] for row in callback.summary(finalized)}["classifier.3"] == 8 * 400 + 100
+
+
+def test_finalize_without_fine_tuning_cuts_to_the_target() -> None:
+    model = LeNet300(1, 8, 10)
+    callback = LowRankDecomposition("svd", 8, rank_by="rank", gradual_epochs=3)
+    finalized = callback.finalize(model)
+    assert finalized.classifier[1][0].weight.shape == (8, 64)
+
+
+def test_state_round_trips_through_a_checkpoint_dict() -> None:
+    callback = LowRankDecomposition("tucker", 0.5, gradual_epochs=2)
+    callback.decompose(LeNet5(1, 8, 10))
+    restored = LowRankDecomposition("tucker", 0.5, gradual_epochs=2)
+    restored.load_state_dict(callback.state_dict())
+    assert restored.cut and restored.step == 0 and restored.plans == callback.plans
+
+
+def test_channels_last_lays_the_convolutions_out_nhwc() -> None:
+    model = LowRankDecomposition("tucker", 0.5, channels_last=True).finalize(LeNet5(1, 28, 10))
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last)
+               for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+@pytest.mark.slow
+def test_tucker_with_svd_run_end_to_end_is_smaller_and_logs_its_tables(tmp_path: Path, store_uri: str) -> None:
+    result = run_train([*FAST, "model=lenet5", "method=tucker", "+compression@method.callbacks.linear=svd",
+                        "method.fine_tune.epochs=1"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [run] = [r for r in all_runs(store_uri) if r.data.tags.get("method") == "tucker"]
+    assert run.info.status == "FINISHED"
+    metrics = run.data.metrics
+    assert metrics["flops_dense"] < metrics["baseline_flops_dense"]
+    assert metrics["compression_ratio"] > 1.0
+    client = MlflowClient(store_uri)
+    text = Path(client.download_artifacts(run.info.run_id, "tucker_summary.csv", str(tmp_path))).read_text()
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert {"layer", "full_rank_out", "rank_in", "energy_kept", "params_before", "params_after", "skipped"} <= set(rows[0])
+    assert any(row["decomposition"] == "tucker" for row in rows)
+    assert client.download_artifacts(run.info.run_id, "svd_summary.csv", str(tmp_path))
