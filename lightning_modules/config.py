@@ -7,6 +7,7 @@ job of a sweep before the first one starts (sweep.py), and again at the start of
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import hydra.utils
@@ -18,6 +19,8 @@ from lightning_modules.data import DATASETS
 from lightning_modules.evaluation.runtime import RUNTIMES
 
 DEVICES = ("cpu", "cuda")
+STUDENT_INITS = ("baseline", "scratch")
+URI_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/", "file:/")
 
 
 class ConfigError(ValueError):
@@ -49,7 +52,7 @@ def validate(cfg: DictConfig) -> None:
     _check_int("data.batch_size", cfg.data.batch_size, 1)
     _validate_recipe("baseline", cfg.baseline, minimum_epochs=1)
     _validate_target("model.net._target_", cfg.model.net._target_)
-    _validate_method(cfg.method)
+    _validate_method(cfg.method, cfg.paths.root)
 
 
 def _validate_hardware(hardware: DictConfig) -> None:
@@ -77,12 +80,38 @@ def _validate_recipe(key: str, recipe: DictConfig, minimum_epochs: int) -> None:
         _validate_target(f"{key}.scheduler._target_", recipe.scheduler._target_)
 
 
-def _validate_method(method: DictConfig) -> None:
+def _validate_method(method: DictConfig, root: str) -> None:
     if not isinstance(method.get("name"), str):
         _fail("method.name", method.get("name"), "a string naming the method (it tags the run)")
     if method.get("fine_tune") is not None:
         _validate_recipe("method.fine_tune", method.fine_tune, minimum_epochs=0)
-    build_callbacks(method)  # constructors validate their own arguments
+    _check_choice("method.student_init", method.get("student_init", "baseline"), STUDENT_INITS)
+    callbacks = build_callbacks(method)  # constructors validate their own arguments
+    if any(callback.requires_teacher for callback in callbacks):
+        _validate_teacher(method.get("teacher"), root)
+
+
+def model_config(name: str, root: str | Path) -> DictConfig:
+    """conf/model/<name>.yaml, e.g. a teacher's architecture named in method.teacher.model."""
+    path = Path(root) / "conf" / "model" / f"{name}.yaml"
+    if not path.is_file():
+        options = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        _fail("method.teacher.model", name, ", ".join(options))
+    return OmegaConf.load(path)
+
+
+def _validate_teacher(teacher: DictConfig | None, root: str) -> None:
+    if teacher is None or teacher.get("model") is None:
+        raise ConfigError("method.teacher.model is missing: a method that learns from a teacher needs "
+                          "method.teacher.model (a name from conf/model/, e.g. resnet20), and optionally "
+                          "method.teacher.uri (runs:/..., models:/...) or method.teacher.checkpoint (a file)")
+    _validate_target("method.teacher.model: net._target_", model_config(teacher.model, root).net._target_)
+    checkpoint = teacher.get("checkpoint")
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise ConfigError(f"method.teacher.checkpoint={checkpoint!r} is not a file")
+    uri = teacher.get("uri")
+    if uri is not None and not str(uri).startswith(URI_SCHEMES):
+        _fail("method.teacher.uri", uri, f"an MLflow URI starting with {', '.join(URI_SCHEMES)}")
 
 
 def _validate_target(key: str, target: Any) -> None:

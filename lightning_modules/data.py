@@ -156,6 +156,8 @@ class InMemoryDataModule(pl.LightningDataModule):
         self.test_size = test_size
         self.split_seed = split_seed
         self._splits: dict[str, TensorDataset] | None = None
+        # Training batches carry each image's index as a third tensor when set (cached teacher logits).
+        self.return_indices = False
 
     def setup(self, stage: str | None = None) -> None:
         if self._splits is not None:
@@ -199,14 +201,17 @@ class InMemoryDataModule(pl.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int):
         if self.augment is not None and self.trainer is not None and self.trainer.training:
-            images, labels = batch
-            batch = (AUGMENTATIONS[self.augment](images), labels)
+            images, *rest = batch
+            batch = (AUGMENTATIONS[self.augment](images), *rest)
         return batch
 
     def train_dataloader(self) -> DataLoader:
         # Tensors in memory and no worker processes: on 2 cores workers only add start-up time.
         generator = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
-        return DataLoader(self.split("train"), batch_size=self.batch_size, shuffle=True, generator=generator)
+        train = self.split("train")
+        if self.return_indices:
+            train = TensorDataset(*train.tensors, torch.arange(len(train)))
+        return DataLoader(train, batch_size=self.batch_size, shuffle=True, generator=generator)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.split("val"), batch_size=self.eval_batch_size)

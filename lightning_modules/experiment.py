@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lightning_modules.compression.base import CompressionCallback
-from lightning_modules.config import build_callbacks, validate
+from lightning_modules.config import build_callbacks, model_config, validate
 from lightning_modules.data import InMemoryDataModule
 from lightning_modules.evaluation.artifact import load_deployable
 from lightning_modules.evaluation.report import Report, measure
@@ -35,7 +35,7 @@ from lightning_modules.models import build_model
 from lightning_modules.task import ClassificationTask
 from lightning_modules.tracking import (
     FINGERPRINT_TAG, EpochMetricsLogger, Store, SweepInfo, TrackedRun, config_params, csv_text, download_model_file,
-    find_baseline_run, read_sweep_info, run_name, run_tags, scratch_dir, tracked_run,
+    download_uri, find_baseline_run, read_sweep_info, run_name, run_tags, scratch_dir, tracked_run,
 )
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,8 @@ def run_experiment(cfg: DictConfig) -> dict[str, float]:
     with tracked_run(store, run_name(cfg), run_tags(cfg, sweep and sweep.name), sweep and sweep.parent_run_id) as run:
         run.set_tags({"baseline_run_id": baseline.run_id})
         callbacks = build_callbacks(cfg.method)
-        # method=baseline re-measures the stored baseline itself; other methods work on a copy
-        start = baseline.model if cfg.method.name == "baseline" else copy.deepcopy(baseline.model)
+        attach_teacher(cfg, callbacks, store, data, device, sweep, data_seconds, run)
+        start = starting_model(cfg, baseline, data)
         model, train_seconds = fit(cfg, cfg.method.fine_tune, start, data, callbacks, run)     # 2
         model = finalize(model, callbacks)                                                    # 3
         return evaluate_and_track(cfg, run, model, baseline.model, data, device, callbacks,  # 4, 5
@@ -118,6 +118,63 @@ def baseline_fingerprint(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def starting_model(cfg: DictConfig, baseline: Baseline, data: InMemoryDataModule) -> nn.Module:
+    """What step 2 trains: a copy of the baseline, or a fresh model (`method.student_init=scratch`).
+
+    method=baseline re-measures the stored baseline itself.
+    """
+    if cfg.method.name == "baseline":
+        return baseline.model
+    if cfg.method.get("student_init", "baseline") == "scratch":
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        return build_model(cfg.model.net, data.shape)
+    return copy.deepcopy(baseline.model)
+
+
+def attach_teacher(cfg: DictConfig, callbacks: list[CompressionCallback], store: Store, data: InMemoryDataModule,
+                   device: torch.device, sweep: SweepInfo | None, data_seconds: float, run: TrackedRun) -> None:
+    """Find the teacher for the callbacks that learn from one (method.teacher) and hand it over."""
+    learners = [callback for callback in callbacks if callback.requires_teacher]
+    if not learners:
+        return
+    teacher, source = obtain_teacher(cfg, store, data, device, sweep, data_seconds)
+    run.set_tags({"teacher": source})
+    for callback in learners:
+        callback.attach_teacher(teacher)
+
+
+def obtain_teacher(cfg: DictConfig, store: Store, data: InMemoryDataModule, device: torch.device,
+                   sweep: SweepInfo | None, data_seconds: float) -> tuple[nn.Module, str]:
+    """The teacher named by method.teacher: a file, an MLflow URI, or a model config's baseline.
+
+    Returns the model and a short description of where it came from (a tag on the run).
+    """
+    spec = cfg.method.teacher
+    teacher_model = model_config(spec.model, cfg.paths.root)
+    if spec.get("checkpoint") is not None:
+        return load_teacher_file(Path(spec.checkpoint), teacher_model.net, data), f"file:{spec.checkpoint}"
+    if spec.get("uri") is not None:
+        with scratch_dir() as folder:
+            return load_teacher_file(download_uri(store, spec.uri, Path(folder)), teacher_model.net, data), spec.uri
+    teacher_cfg = copy.deepcopy(cfg)
+    teacher_cfg.model = teacher_model
+    teacher = obtain_baseline(teacher_cfg, store, data, device, sweep, data_seconds)
+    return teacher.model, f"runs:/{teacher.run_id}/model/model.pt"
+
+
+def load_teacher_file(path: Path, net_cfg: DictConfig, data: InMemoryDataModule) -> nn.Module:
+    """A workbench artifact (model.pt), or else a Lightning checkpoint / state dict of `net_cfg`'s model."""
+    try:
+        return load_deployable(path)
+    except ValueError:  # not a workbench artifact: weights for the architecture in method.teacher.model
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        state = payload.get("state_dict", payload)
+        state = {key.removeprefix("model."): value for key, value in state.items()}
+        model = build_model(net_cfg, data.shape)
+        model.load_state_dict(state)
+        return model.eval()
+
+
 # ----------------------------------------------------------------------------- steps 2 and 3
 
 
@@ -160,7 +217,10 @@ def evaluate_and_track(cfg: DictConfig, run: TrackedRun, model: nn.Module, basel
     with scratch_dir() as scratch:
         artifacts = Path(scratch) / "artifacts"  # everything in it goes to the run in one call
         (artifacts / "model").mkdir(parents=True)
-        report: Report = measure(model, baseline, data, cfg.hardware, device, artifacts / "model", Path(scratch))
+        # models a callback keeps for comparison (QAT's fake-quant model), scored as test_acc_<name>
+        references = {name: ref for cb in callbacks for name, ref in getattr(cb, "reference_models", dict)().items()}
+        report: Report = measure(model, baseline, data, cfg.hardware, device, artifacts / "model", Path(scratch),
+                                 references)
         timings["time_evaluate_s"] = time.perf_counter() - started
         started = time.perf_counter()
         tables = {**report.tables, **{f"{cb.name}_summary.csv": cb.summary(model) for cb in callbacks}}

@@ -11,9 +11,10 @@ from torch import nn
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
-# A loss term gets (inputs, logits, targets) and returns a scalar added to the cross-entropy;
-# distillation plugs its teacher loss in here without subclassing the task.
-LossTerm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# A loss term gets the training batch (inputs, targets, and sample indices where the data module
+# adds them) and the logits, and returns a scalar added to the loss; distillation plugs its
+# teacher loss in here without subclassing the task.
+LossTerm = Callable[[tuple[torch.Tensor, ...], torch.Tensor], torch.Tensor]
 
 
 class ClassificationTask(pl.LightningModule):
@@ -28,16 +29,17 @@ class ClassificationTask(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.loss_terms: list[LossTerm] = []
+        self.hard_loss_weight = 1.0  # weight of the cross-entropy on labels (distillation lowers it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        inputs, targets = batch
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch[0], batch[1]
         logits = self(inputs)
-        loss = F.cross_entropy(logits, targets)
+        loss = self.hard_loss_weight * F.cross_entropy(logits, targets)
         for term in self.loss_terms:
-            loss = loss + term(inputs, logits, targets)
+            loss = loss + term(batch, logits)
         self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True)
         self.log("train_acc", 100.0 * (logits.argmax(1) == targets).float().mean(), on_step=False, on_epoch=True)
         return loss
@@ -49,7 +51,8 @@ class ClassificationTask(pl.LightningModule):
         self.log("val_acc", 100.0 * (logits.argmax(1) == targets).float().mean(), prog_bar=True)
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.model.parameters())
+        # all of the task's parameters: the model's and those a method trains beside it (adapters)
+        optimizer = self.optimizer_factory(self.parameters())
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}

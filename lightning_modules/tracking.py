@@ -219,6 +219,22 @@ def download_model_file(store: Store, run_id: str, destination: Path) -> Path:
     return Path(store.client.download_artifacts(run_id, MODEL_ARTIFACT, str(destination)))
 
 
+def download_uri(store: Store, uri: str, destination: Path) -> Path:
+    """A model file from an MLflow URI (`runs:/<id>/model/model.pt`, `runs:/<id>`, `models:/<name>/<version>`).
+
+    A URI naming a folder resolves to the workbench artifact inside it (`model/model.pt` or `model.pt`).
+    """
+    import mlflow.artifacts
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(destination), tracking_uri=store.uri))
+    if local.is_dir():
+        candidates = [local / MODEL_ARTIFACT, local / "model.pt"]
+        local = next((path for path in candidates if path.is_file()), None)
+        if local is None:
+            raise FileNotFoundError(f"{uri} holds no workbench model file ({MODEL_ARTIFACT} or model.pt)")
+    return local
+
+
 # ----------------------------------------------------------------------------- sweeps
 
 

@@ -23,6 +23,12 @@ class CompressionCallback(pl.Callback):
 
     #: short name used in logs and metric prefixes
     name: str = "compression"
+    #: set by methods that learn from a teacher; the pipeline then finds or trains the teacher
+    #: and hands it over with `attach_teacher` before training starts
+    requires_teacher: bool = False
+
+    def attach_teacher(self, teacher: nn.Module) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not use a teacher")
 
     def finalize(self, model: nn.Module) -> nn.Module:
         """Return the deployable model; the default keeps the model as trained."""

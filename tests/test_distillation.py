@@ -1,0 +1,167 @@
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from lightning_modules.compression.distillation import (
+    FeatureDistillation, KnowledgeDistillation, make_adapter, soft_target_loss,
+)
+from lightning_modules.config import ConfigError, validate
+from lightning_modules.data import InMemoryDataModule
+from lightning_modules.models import LeNet5, LeNet300
+from lightning_modules.task import ClassificationTask
+from tests.conftest import FAST, all_runs, compose_config, run_train
+
+
+def test_soft_target_loss_is_the_temperature_scaled_kl() -> None:
+    student, teacher = torch.randn(8, 10), torch.randn(8, 10)
+    T = 3.0
+    p_teacher = F.softmax(teacher / T, dim=1)
+    expected = (p_teacher * (p_teacher.log() - F.log_softmax(student / T, dim=1))).sum(1).mean() * T**2
+    assert soft_target_loss(student, teacher, T) == pytest.approx(float(expected), rel=1e-5)
+    assert float(soft_target_loss(teacher, teacher, T)) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": 0}, r"temperature=0 is not valid; allowed: a number > 0"),
+        ({"alpha": 1.5}, r"alpha=1.5 is not valid; allowed: a weight in \[0, 1\]"),
+        ({"teacher_logits": "disk"}, r"teacher_logits='disk' is not valid; allowed: auto, cache, online"),
+    ],
+)
+def test_constructor_rejects_bad_arguments(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        KnowledgeDistillation(**kwargs)
+
+
+def test_caching_needs_unaugmented_data() -> None:
+    callback = KnowledgeDistillation(teacher_logits="cache")
+    with pytest.raises(ValueError, match="teacher_logits='cache' needs unaugmented training data"):
+        callback.use_cache(InMemoryDataModule("digits", augment="affine"))
+    assert KnowledgeDistillation().use_cache(InMemoryDataModule("digits"))
+    assert not KnowledgeDistillation().use_cache(InMemoryDataModule("digits", augment="affine"))
+
+
+class CountingTeacher(LeNet300):
+    calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        type(self).calls += 1
+        return super().forward(x)
+
+
+def _fit(callback: KnowledgeDistillation, data: InMemoryDataModule, student: torch.nn.Module) -> ClassificationTask:
+    pl.seed_everything(0, verbose=False)
+    task = ClassificationTask(student, optimizer=partial(torch.optim.Adam, lr=1e-2))
+    trainer = pl.Trainer(max_epochs=2, callbacks=[callback], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_train_batches=5,
+                         limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(task, datamodule=data)
+    return task
+
+
+@pytest.mark.parametrize(("mode", "augment", "cached"), [("auto", None, True), ("cache", None, True),
+                                                          ("online", None, False), ("auto", "affine", False)])
+def test_teacher_runs_once_per_image_when_cached_and_per_batch_otherwise(mode, augment, cached) -> None:
+    data = InMemoryDataModule("digits", batch_size=64, augment=augment)
+    teacher = CountingTeacher(1, 8, 10)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    callback = KnowledgeDistillation(teacher_logits=mode)
+    callback.attach_teacher(teacher)
+    CountingTeacher.calls = 0
+    task = _fit(callback, data, LeNet5(1, 8, 10))
+    # cached: one pass over the train split (chunks of 1000 images); online: 5 batches x 2 epochs
+    expected = -(-len(data.split("train")) // 1000) if cached else 10
+    assert CountingTeacher.calls == expected
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # no gradient reached it
+    assert task.loss_terms == [] and data.return_indices is False and task.hard_loss_weight == pytest.approx(0.1)
+
+
+def test_distillation_moves_the_student_towards_the_teacher() -> None:
+    data = InMemoryDataModule("digits", batch_size=64)
+    teacher = LeNet300(1, 8, 10)
+    student = LeNet5(1, 8, 10)
+    images = data.split("train").tensors[0][:256]
+    with torch.no_grad():
+        before = float(soft_target_loss(student(images), teacher(images), 4.0))
+    callback = KnowledgeDistillation(alpha=1.0)
+    callback.attach_teacher(teacher)
+    trained = _fit(callback, data, student).model.eval()
+    with torch.no_grad():
+        after = float(soft_target_loss(trained(images), teacher.eval()(images), 4.0))
+    assert after < 0.5 * before
+
+
+def test_feature_distillation_trains_an_adapter_that_is_not_deployed() -> None:
+    data = InMemoryDataModule("digits", batch_size=64)
+    teacher = LeNet300(1, 8, 10)
+    callback = FeatureDistillation(student_layer="features.3", teacher_layer="classifier.3", beta=1.0)
+    callback.attach_teacher(teacher)
+    task = _fit(callback, data, LeNet5(1, 8, 10))
+    assert isinstance(task.hint_adapter[1], torch.nn.Linear)  # conv features -> flat teacher features
+    assert not any(key.startswith("hint_adapter") for key in task.model.state_dict())
+    assert callback.handles == []
+    assert callback.summary(task.model)[0]["teacher_layer"] == "classifier.3"
+
+
+def test_adapter_shapes() -> None:
+    conv = make_adapter(torch.zeros(2, 16, 4, 4), torch.zeros(2, 64, 2, 2))
+    assert conv(torch.zeros(2, 16, 4, 4)).shape == (2, 64, 2, 2)
+    flat = make_adapter(torch.zeros(2, 16, 4, 4), torch.zeros(2, 100))
+    assert flat(torch.zeros(2, 16, 4, 4)).shape == (2, 100)
+
+
+def test_unknown_hint_layer_lists_the_layers() -> None:
+    data = InMemoryDataModule("digits", batch_size=64)
+    callback = FeatureDistillation(student_layer="features.9", teacher_layer="classifier.3")
+    callback.attach_teacher(LeNet300(1, 8, 10))
+    with pytest.raises(ValueError, match=r"student_layer='features.9' is not a layer of LeNet5; allowed: features"):
+        _fit(callback, data, LeNet5(1, 8, 10))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["method.teacher.model=lenet7"], r"method.teacher.model='lenet7' is not valid; allowed: lenet300, lenet5"),
+        (["method.teacher.uri=http://x/model.pt"], r"method.teacher.uri='http://x/model.pt' is not valid; allowed: an MLflow URI"),
+        (["method.teacher.checkpoint=/nowhere/model.pt"], r"method.teacher.checkpoint='/nowhere/model.pt' is not a file"),
+        (["method.student_init=random"], r"method.student_init='random' is not valid; allowed: baseline, scratch"),
+        (["method.callbacks.distill.alpha=2"], r"method.callbacks.distill: alpha=2"),
+    ],
+)
+def test_bad_teacher_settings_fail_before_any_work(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_config(["method=kd", *overrides]))
+
+
+def test_every_distillation_method_composes() -> None:
+    for method in ("kd", "kd_feature"):
+        cfg = compose_config([f"method={method}"])
+        validate(cfg)
+        assert cfg.method.fine_tune.epochs == cfg.baseline.epochs  # like-for-like with the baseline
+
+
+@pytest.mark.slow
+def test_kd_run_trains_its_teacher_once_and_accepts_a_teacher_uri(tmp_path: Path, store_uri: str) -> None:
+    fast = [*FAST, "model=lenet5", "++method.teacher.model=lenet300"]
+    first = run_train(["-m", *fast, "method=kd"], tmp_path / "a")
+    assert first.returncode == 0, first.stderr[-3000:]
+    runs = all_runs(store_uri)
+    teacher = next(r for r in runs if r.data.tags.get("model") == "lenet300")
+    kd = next(r for r in runs if r.data.tags.get("method") == "kd")
+    assert kd.info.status == "FINISHED"
+    assert kd.data.tags["teacher"] == f"runs:/{teacher.info.run_id}/model/model.pt"
+    assert "kd_summary.csv" in {a.path for a in __import__("mlflow").MlflowClient(store_uri).list_artifacts(kd.info.run_id)}
+
+    uri = kd.data.tags["teacher"]
+    second = run_train(["-m", *fast, "method=kd", f"++method.teacher.uri={uri}"], tmp_path / "b")
+    assert second.returncode == 0, second.stderr[-3000:]
+    kd_runs = [r for r in all_runs(store_uri) if r.data.tags.get("method") == "kd"]
+    assert len(kd_runs) == 2 and all(r.data.tags["teacher"] == uri for r in kd_runs)
+    assert len([r for r in all_runs(store_uri) if r.data.tags.get("model") == "lenet300"]) == 1  # no second teacher
