@@ -1,0 +1,104 @@
+"""Low-rank benchmark: parameter and MAC reduction against the accuracy drop after fine-tuning, and
+the latency speedup measured at batch 32 on one CPU thread against the MAC reduction.
+
+Runs `train.py -m` on mnist5k with hardware=cpu_1t into a scratch MLflow store (short recipes, so it
+takes minutes), reads the runs back and prints one row per run:
+
+    python scripts/benchmark_lowrank.py [--out /tmp/lowrank_bench] [--baseline-epochs 4] [--fine-tune-epochs 2]
+                                        [--models lenet300 lenet5] [--read-only]
+
+`speedup_bs32` is the pipeline's own figure: the baseline and the finalized model timed interleaved
+in the same process. realized/theoretical = speedup_bs32 / (baseline MACs / MACs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (model, method, overrides swept by Hydra); every group adds data, hardware and the short recipes
+GRID: list[tuple[str, str, list[str]]] = [
+    ("lenet300", "svd", ["method.rank=0.05,0.1,0.25"]),
+    # LeNet-5: Tucker-2 on the convolutions (most MACs) and SVD on the Linear layers (most parameters)
+    ("lenet5", "tucker", ["+compression@method.callbacks.linear=svd", "method.rank=0.25,0.5",
+                          "method.callbacks.factor.channels_last=false,true"]),
+    ("resnet20", "tucker", ["method.rank=0.25,0.5", "method.rank_multiple=1,16"]),
+]
+COLUMNS = ["model", "method", "rank", "rank_multiple", "channels_last", "baseline_test_acc", "test_acc", "acc_drop",
+           "acc_drop_ci95_low", "acc_drop_ci95_high", "params_reduction", "mac_reduction", "speedup_bs32",
+           "realized_over_theoretical", "speedup_bs1"]
+
+
+def run_grid(out: Path, baseline_epochs: int, fine_tune_epochs: int, models: list[str] | None = None) -> None:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}",
+           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    for number, (model, method, sweep) in enumerate(GRID):
+        if models is not None and model not in models:
+            continue
+        command = [sys.executable, str(ROOT / "train.py"), "-m", "data=mnist5k", "hardware=cpu_1t", f"model={model}",
+                   f"method={method}", f"baseline.epochs={baseline_epochs}", f"method.fine_tune.epochs={fine_tune_epochs}",
+                   "trainer.enable_progress_bar=false", *sweep, f"hydra.sweep.dir={out / 'sweeps' / str(number)}"]
+        started = time.perf_counter()
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+        print(f"{model} {method}: exit {result.returncode} in {time.perf_counter() - started:.0f} s", flush=True)
+        if result.returncode != 0:
+            print(result.stderr[-3000:], file=sys.stderr)
+
+
+def read_rows(out: Path) -> list[dict[str, object]]:
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("workbench")
+    rows = []
+    for run in client.search_runs([experiment.experiment_id], max_results=1000, order_by=["attributes.start_time ASC"]):
+        tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
+        if tags.get("method") in (None, "baseline") or "flops_dense" not in metrics:
+            continue
+        theoretical = metrics["baseline_flops_dense"] / metrics["flops_dense"]
+        baseline_params = client.get_run(tags["baseline_run_id"]).data.metrics["params_total"]
+        rows.append({
+            "model": tags["model"], "method": tags["method"] + ("+svd" if "method.callbacks.linear.decomposition" in params else ""),
+            "rank": params.get("method.rank"), "rank_multiple": params.get("method.rank_multiple"),
+            "channels_last": params.get("method.callbacks.factor.channels_last"),
+            **{key: metrics[key] for key in ("baseline_test_acc", "test_acc", "acc_drop", "acc_drop_ci95_low",
+                                             "acc_drop_ci95_high", "speedup_bs32", "speedup_bs1")},
+            "params_reduction": baseline_params / metrics["params_total"],
+            "mac_reduction": theoretical,
+            "realized_over_theoretical": metrics["speedup_bs32"] / theoretical,
+        })
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("/tmp/lowrank_bench"))
+    parser.add_argument("--baseline-epochs", type=int, default=4)
+    parser.add_argument("--fine-tune-epochs", type=int, default=2)
+    parser.add_argument("--models", nargs="*", default=None, help="run only these models of the grid")
+    parser.add_argument("--read-only", action="store_true", help="only read an existing store")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.read_only:
+        run_grid(args.out, args.baseline_epochs, args.fine_tune_epochs, args.models)
+    rows = read_rows(args.out)
+    with open(args.out / "lowrank_benchmark.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    print("| " + " | ".join(COLUMNS) + " |")
+    print("|" + "---|" * len(COLUMNS))
+    for row in rows:
+        print("| " + " | ".join(f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in COLUMNS) + " |")
+    print(f"(table also in {args.out / 'lowrank_benchmark.csv'})")
+
+
+if __name__ == "__main__":
+    main()
