@@ -26,22 +26,23 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import seaborn as sns
-import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from scipy import stats
-from torch import nn
 
-from lightning_modules.compression.base import weighted_layers
-from lightning_modules.tracking import MODEL_ARTIFACT, SweepInfo
+if TYPE_CHECKING:  # torch and Lightning load only for the per-run views, not to read the store
+    import torch
+    from torch import nn
+
+    from lightning_modules.tracking import SweepInfo
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,18 @@ def load_runs(
     if statuses is not None:
         keep &= runs["status"].isin(list(statuses))
     return runs[keep].reset_index(drop=True)
+
+
+def grid_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """The GRID_COLUMNS the frame has, sorted by data, model, method, hardware, seed."""
+    keys = [c for c in ("data", "model", "method", "hardware", "seed") if c in runs]
+    return runs.sort_values(keys)[[c for c in GRID_COLUMNS if c in runs]].reset_index(drop=True)
+
+
+def run_summary(run_id: str, tracking_uri: str | None = None) -> pd.Series:
+    """One run's tags and metrics (any run of the store, whatever its status or sweep)."""
+    row = tidy_runs([open_client(tracking_uri).get_run(run_id)], params=False).iloc[0]
+    return row.dropna()[lambda r: r.astype(str) != ""]
 
 
 def describe(runs: pd.DataFrame) -> str:
@@ -499,6 +512,7 @@ def load_run_models(run_id: str, tracking_uri: str | None = None) -> RunModels:
     from omegaconf import OmegaConf
 
     from lightning_modules.evaluation.artifact import load_deployable
+    from lightning_modules.tracking import MODEL_ARTIFACT
 
     client = open_client(tracking_uri)
     baseline_id = client.get_run(run_id).data.tags.get("baseline_run_id") or run_id
@@ -512,6 +526,8 @@ def load_run_models(run_id: str, tracking_uri: str | None = None) -> RunModels:
 
 def weight_histograms(model: nn.Module, baseline: nn.Module, max_layers: int = 8, bins: int = 60) -> Figure:
     """Per Linear/Conv layer (by name, first `max_layers`): baseline weights vs the finalized model's nonzero ones."""
+    from lightning_modules.compression.base import weighted_layers
+
     after = dict(weighted_layers(model))
     layers = [(name, module) for name, module in weighted_layers(baseline) if name in after][:max_layers]
     cols = min(4, max(len(layers), 1))
@@ -532,13 +548,15 @@ def weight_histograms(model: nn.Module, baseline: nn.Module, max_layers: int = 8
     return figure
 
 
-@torch.no_grad()
 def predicted_labels(model: nn.Module, images: torch.Tensor, runtime: str = "torch", batch_size: int = 512) -> np.ndarray:
     """Class predictions of a model deployed on the CPU with the run's runtime."""
+    import torch
+
     from lightning_modules.evaluation.runtime import deploy
 
     deployed = deploy(model, runtime, torch.device("cpu"))
-    return torch.cat([deployed(batch).argmax(1) for batch in images.split(batch_size)]).numpy()
+    with torch.no_grad():
+        return torch.cat([deployed(batch).argmax(1) for batch in images.split(batch_size)]).numpy()
 
 
 @dataclass
