@@ -2,5 +2,6 @@
 
 from lightning_modules.compression.base import CompressionCallback
 from lightning_modules.compression.pruning import MagnitudePruning
+from lightning_modules.compression.lowrank import LowRankDecomposition as LowRankDecomposition
 
 __all__ = ["CompressionCallback", "MagnitudePruning"]
