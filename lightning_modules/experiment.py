@@ -63,12 +63,15 @@ def run_experiment(cfg: DictConfig) -> dict[str, float]:
     baseline = obtain_baseline(cfg, store, data, device, sweep, data_seconds)                  # 1
     if cfg.method.name == "baseline" and baseline.metrics is not None:
         return baseline.metrics  # this run trained the baseline: it is the method=baseline run
+    callbacks = build_callbacks(cfg.method)
+    teacher = obtain_teacher(cfg, store, data, device, sweep, data_seconds) if needs_teacher(callbacks) else None
     baseline_seconds = time.perf_counter() - started
 
     with tracked_run(store, run_name(cfg), run_tags(cfg, sweep and sweep.name), sweep and sweep.parent_run_id) as run:
-        run.set_tags({"baseline_run_id": baseline.run_id})
-        callbacks = build_callbacks(cfg.method)
-        attach_teacher(cfg, callbacks, store, data, device, sweep, data_seconds, run)
+        run.set_tags({"baseline_run_id": baseline.run_id, **({"teacher": teacher.source} if teacher else {})})
+        for callback in callbacks:
+            if callback.requires_teacher:
+                callback.attach_teacher(teacher.model)
         start = starting_model(cfg, baseline, data)
         model, train_seconds = fit(cfg, cfg.method.fine_tune, start, data, callbacks, run)     # 2
         model = finalize(model, callbacks)                                                    # 3
@@ -131,35 +134,31 @@ def starting_model(cfg: DictConfig, baseline: Baseline, data: InMemoryDataModule
     return copy.deepcopy(baseline.model)
 
 
-def attach_teacher(cfg: DictConfig, callbacks: list[CompressionCallback], store: Store, data: InMemoryDataModule,
-                   device: torch.device, sweep: SweepInfo | None, data_seconds: float, run: TrackedRun) -> None:
-    """Find the teacher for the callbacks that learn from one (method.teacher) and hand it over."""
-    learners = [callback for callback in callbacks if callback.requires_teacher]
-    if not learners:
-        return
-    teacher, source = obtain_teacher(cfg, store, data, device, sweep, data_seconds)
-    run.set_tags({"teacher": source})
-    for callback in learners:
-        callback.attach_teacher(teacher)
+@dataclass
+class Teacher:
+    model: nn.Module
+    source: str  # where it came from: runs:/..., models:/..., file:... (a tag on the run)
+
+
+def needs_teacher(callbacks: list[CompressionCallback]) -> bool:
+    return any(callback.requires_teacher for callback in callbacks)
 
 
 def obtain_teacher(cfg: DictConfig, store: Store, data: InMemoryDataModule, device: torch.device,
-                   sweep: SweepInfo | None, data_seconds: float) -> tuple[nn.Module, str]:
-    """The teacher named by method.teacher: a file, an MLflow URI, or a model config's baseline.
-
-    Returns the model and a short description of where it came from (a tag on the run).
-    """
+                   sweep: SweepInfo | None, data_seconds: float) -> Teacher:
+    """The teacher named by method.teacher: a file, an MLflow URI, or else the baseline of the
+    model config `method.teacher.model` on the same data and seed (found in the store or trained once)."""
     spec = cfg.method.teacher
     teacher_model = model_config(spec.model, cfg.paths.root)
     if spec.get("checkpoint") is not None:
-        return load_teacher_file(Path(spec.checkpoint), teacher_model.net, data), f"file:{spec.checkpoint}"
+        return Teacher(load_teacher_file(Path(spec.checkpoint), teacher_model.net, data), f"file:{spec.checkpoint}")
     if spec.get("uri") is not None:
         with scratch_dir() as folder:
-            return load_teacher_file(download_uri(store, spec.uri, Path(folder)), teacher_model.net, data), spec.uri
+            return Teacher(load_teacher_file(download_uri(store, spec.uri, Path(folder)), teacher_model.net, data), spec.uri)
     teacher_cfg = copy.deepcopy(cfg)
     teacher_cfg.model = teacher_model
     teacher = obtain_baseline(teacher_cfg, store, data, device, sweep, data_seconds)
-    return teacher.model, f"runs:/{teacher.run_id}/model/model.pt"
+    return Teacher(teacher.model, f"runs:/{teacher.run_id}/model/model.pt")
 
 
 def load_teacher_file(path: Path, net_cfg: DictConfig, data: InMemoryDataModule) -> nn.Module:

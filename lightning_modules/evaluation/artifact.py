@@ -4,8 +4,12 @@ One file holds the architecture (the module pickled on the `meta` device, so it 
 weights) and the weights, each tensor in the smallest of the registered encodings:
     dense     the tensor as it is
     bitmask   one bit per entry saying nonzero, then the nonzero values (for sparse tensors)
-`load_deployable` rebuilds the identical model. Methods that store weights differently (packed
-low-bit integers, codebooks) add an encoding here and touch nothing else.
+    packed    integer codes that fit in b < 8 bits (low-bit quantization): the offset to the
+              smallest code, then b bits per entry, packed (ceil(n b / 8) bytes)
+    codebook  a float tensor with at most 256 distinct values (weight clustering): the distinct
+              values, then each entry's index packed at ceil(log2(values)) bits
+`load_deployable` rebuilds the identical model. Methods that store weights differently add an
+encoding here and touch nothing else.
 """
 
 from __future__ import annotations
@@ -48,7 +52,56 @@ def _decode_bitmask(encoded: Encoded) -> torch.Tensor:
     return flat.view(shape)
 
 
-DECODERS: dict[str, Callable[[Encoded], torch.Tensor]] = {"dense": _decode_dense, "bitmask": _decode_bitmask}
+def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned integers < 2**bits, `bits` each, packed little-endian into ceil(n bits / 8) bytes."""
+    planes = np.unpackbits(values.astype(np.uint8).reshape(-1, 1), axis=1, count=8, bitorder="little")[:, :bits]
+    return np.packbits(planes.reshape(-1), bitorder="little")
+
+
+def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    planes = np.unpackbits(packed, count=count * bits, bitorder="little").reshape(count, bits)
+    return np.packbits(planes, axis=1, bitorder="little").reshape(-1)
+
+
+def _bits_for(levels: int) -> int:
+    return max(1, int(np.ceil(np.log2(max(levels, 2)))))
+
+
+def _encode_packed(tensor: torch.Tensor) -> Encoded:
+    flat = tensor.flatten().to(torch.int64)
+    offset = int(flat.min())
+    bits = _bits_for(int(flat.max()) - offset + 1)
+    packed = pack_bits((flat - offset).numpy(), bits)
+    return {"encoding": "packed", "shape": tuple(tensor.shape), "dtype": tensor.dtype, "offset": offset,
+            "bits": bits, "packed": torch.from_numpy(packed)}
+
+
+def _decode_packed(encoded: Encoded) -> torch.Tensor:
+    shape = encoded["shape"]
+    numel = int(np.prod(shape)) if shape else 1
+    values = unpack_bits(encoded["packed"].numpy(), encoded["bits"], numel).astype(np.int64) + encoded["offset"]
+    return torch.from_numpy(values).to(encoded["dtype"]).view(shape)
+
+
+def _encode_codebook(tensor: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor) -> Encoded:
+    bits = _bits_for(codebook.numel())
+    return {"encoding": "codebook", "shape": tuple(tensor.shape), "bits": bits, "codebook": codebook,
+            "indices": torch.from_numpy(pack_bits(indices.numpy(), bits))}
+
+
+def _decode_codebook(encoded: Encoded) -> torch.Tensor:
+    shape = encoded["shape"]
+    numel = int(np.prod(shape)) if shape else 1
+    indices = torch.from_numpy(unpack_bits(encoded["indices"].numpy(), encoded["bits"], numel).astype(np.int64))
+    return encoded["codebook"][indices].view(shape)
+
+
+DECODERS: dict[str, Callable[[Encoded], torch.Tensor]] = {
+    "dense": _decode_dense, "bitmask": _decode_bitmask, "packed": _decode_packed, "codebook": _decode_codebook,
+}
+# encodings of float weights narrower than any runtime's kernels read them
+NARROW_ENCODINGS = ("codebook",)
+MAX_CODEBOOK = 256
 
 
 def _payload_bytes(encoded: Encoded) -> int:
@@ -56,13 +109,23 @@ def _payload_bytes(encoded: Encoded) -> int:
 
 
 def encode_tensor(tensor: torch.Tensor) -> Encoded:
-    """The smallest encoding of `tensor`: bitmask+values pays off once about 1/32 of an fp32 tensor is zero."""
+    """The smallest encoding of `tensor`: bitmask+values pays off once about 1/32 of an fp32 tensor
+    is zero; int8/uint8 codes that fit in fewer bits are packed; a float tensor with at most 256
+    distinct values is stored as a codebook plus packed indices."""
     tensor = tensor.detach().cpu().contiguous()
     dense = _encode_dense(tensor)
-    if not tensor.is_floating_point() or tensor.numel() < 64:
+    if tensor.numel() < 64:
         return dense
-    sparse = _encode_bitmask(tensor)
-    return sparse if _payload_bytes(sparse) < _payload_bytes(dense) else dense
+    if tensor.dtype in (torch.int8, torch.uint8):
+        packed = _encode_packed(tensor)
+        return packed if _payload_bytes(packed) < _payload_bytes(dense) else dense
+    if not tensor.is_floating_point():
+        return dense
+    candidates = [dense, _encode_bitmask(tensor)]
+    codebook, indices = torch.unique(tensor.flatten(), return_inverse=True)
+    if codebook.numel() <= MAX_CODEBOOK:
+        candidates.append(_encode_codebook(tensor, codebook, indices))
+    return min(candidates, key=_payload_bytes)
 
 
 def decode_tensor(encoded: Encoded) -> torch.Tensor:

@@ -1,27 +1,170 @@
 """Runtimes: what executes a finalized model when it is measured (accuracy and latency alike).
 
-A runtime turns an nn.Module into the callable that is scored and timed. Later runtimes (ONNX
-Runtime, compiled int8 graphs) register here and the measurement code stays the same.
+A runtime turns an nn.Module into the callable that is scored and timed. Two are registered:
+    torch   PyTorch eager. A quantized model (quantization.py) runs as an exact integer
+            simulation in float kernels: its accuracy is the int8 model's, its latency is not an
+            int8 kernel's (the report names that latency `simulated`).
+    ort     ONNX Runtime on the CPU: the model is exported to ONNX (the dynamo exporter); a
+            quantized model exports as QuantizeLinear/DequantizeLinear around each layer, which
+            ONNX Runtime fuses into int8 kernels (QLinearConv, QGemm, QLinearAdd ...), and the
+            .onnx file is the deployable artifact whose size is reported.
+A runtime with its own file format sets `suffix`, `save` and `load`; the report then measures
+that file. Without them the workbench's own artifact (artifact.py) is the deployable.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 Deployed = Callable[[torch.Tensor], torch.Tensor]
 
+# ONNX Runtime's int8 kernels, as they appear in its optimized graph
+INT8_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "QLinearAdd", "QLinearGlobalAveragePool",
+            "QLinearAveragePool", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulInteger", "ConvInteger")
 
-def torch_eager(model: nn.Module, device: torch.device) -> Deployed:
+
+def torch_eager(model: nn.Module, device: torch.device, threads: int | None = None,
+                input_shape: tuple[int, ...] | None = None) -> Deployed:
     return model.eval().to(device)
 
 
-RUNTIMES: dict[str, Callable[[nn.Module, torch.device], Deployed]] = {"torch": torch_eager}
+# ----------------------------------------------------------------------------- ONNX Runtime
 
 
-def deploy(model: nn.Module, runtime: str, device: torch.device) -> Deployed:
+def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...]) -> int:
+    """Export `model` to ONNX with a dynamic batch axis; return the file's size in bytes.
+
+    Quantized models carry the workbench's custom ops; their ONNX translations come from
+    quantization.py.
+    """
+    from lightning_modules.compression.quantization import ONNX_TRANSLATIONS
+
+    path = Path(path)
+    model = model.eval().cpu()
+    example = torch.zeros((2, *input_shape))
+    quiet = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript", "torch.onnx")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.WARNING)  # the exporter reports every pass at INFO
+    with contextlib.redirect_stdout(io.StringIO()):  # and prints its progress
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, input_names=["input"], output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+            custom_translation_table=ONNX_TRANSLATIONS(), verbose=False,
+        )
+        program.save(str(path))
+    for logger, level in zip(quiet, levels):
+        logger.setLevel(level)
+    _strip_metadata(path)
+    return path.stat().st_size
+
+
+def _strip_metadata(path: Path) -> None:
+    """Drop the exporter's per-node provenance (source lines, torch node names): it is no part of
+    the model and would weigh as much as the int8 weights of a small network."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for graph in [model.graph, *(function for function in model.functions)]:
+        for node in graph.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+        if hasattr(graph, "doc_string"):
+            graph.doc_string = ""
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        del value.metadata_props[:]
+    del model.graph.metadata_props[:]
+    onnx.save(model, str(path))
+
+
+def _session_options(threads: int | None, optimized_path: str | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's default, one per physical core
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if optimized_path is not None:
+        options.optimized_model_filepath = optimized_path
+    return options
+
+
+class OrtModel:
+    """An ONNX Runtime session that takes and returns torch tensors, like a module."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(self.path), _session_options(threads), providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        array = np.ascontiguousarray(inputs.detach().cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
+
+
+def optimized_ops(path: str | Path) -> list[str]:
+    """The op types of the graph ONNX Runtime really executes (after its fusions), in order."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as folder:
+        optimized = str(Path(folder) / "optimized.onnx")
+        ort.InferenceSession(str(path), _session_options(1, optimized), providers=["CPUExecutionProvider"])
+        return [node.op_type for node in onnx.load(optimized).graph.node]
+
+
+def ort_load(path: str | Path, device: torch.device, threads: int | None = None) -> Deployed:
+    if device.type != "cpu":
+        raise ValueError(f"hardware.runtime='ort' runs on the CPU; hardware.device={device.type!r} is not valid; allowed: cpu")
+    return OrtModel(path, threads)
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How a runtime runs a model, and, when it has one, how it writes and reads its own file."""
+
+    deploy: Callable[..., Deployed]                             # (model, device, threads, input_shape)
+    suffix: str | None = None                                   # e.g. ".onnx"
+    save: Callable[[nn.Module, Path, tuple[int, ...]], int] | None = None   # -> bytes written
+    load: Callable[..., Deployed] | None = None                 # (path, device, threads) -> Deployed
+    int8_kernels: bool = False                                  # a quantized model runs on int8 kernels
+
+
+
+def _ort_from_module(model: nn.Module, device: torch.device, threads: int | None = None,
+                     input_shape: tuple[int, ...] | None = None) -> Deployed:
+    if input_shape is None:
+        raise ValueError("hardware.runtime='ort' exports the model: pass input_shape to deploy()")
+    folder = Path(tempfile.mkdtemp(prefix="workbench-ort-"))
+    export_onnx(model, folder / "model.onnx", input_shape)
+    return ort_load(folder / "model.onnx", device, threads)
+
+
+RUNTIMES: dict[str, Runtime] = {
+    "torch": Runtime(deploy=torch_eager),
+    "ort": Runtime(deploy=_ort_from_module, suffix=".onnx", save=export_onnx, load=ort_load, int8_kernels=True),
+}
+
+
+def deploy(model: nn.Module, runtime: str, device: torch.device, threads: int | None = None,
+           input_shape: tuple[int, ...] | None = None) -> Deployed:
     if runtime not in RUNTIMES:
         raise ValueError(f"hardware.runtime={runtime!r} is not valid; allowed: {', '.join(RUNTIMES)}")
-    return RUNTIMES[runtime](model, device)
+    return RUNTIMES[runtime].deploy(model, device, threads, input_shape)

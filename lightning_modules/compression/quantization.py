@@ -1,0 +1,947 @@
+"""Quantization methods, each a Lightning callback (see base.py for the protocol).
+
+    PTQStatic   int8 weights and activations, activation ranges calibrated on training batches
+    PTQDynamic  int8 weights, activations quantized at run time from each batch's own range
+    QAT         fake quantization with a straight-through estimator, fine-tuned from the baseline
+    LowBit      QAT at `bits` of 8..2, ternary or binary, with learned step sizes (LSQ)
+    MixedPrecision  per-layer weight bits chosen from per-layer sensitivity under an average-bit budget
+
+Three layers, as in pruning.py:
+- the math: pure functions on tensors (`quant_range`, `quant_params`, `fake_quantize`,
+  `lsq_quantize`) and observers that track a tensor's range (`minmax`, `moving_average`,
+  `histogram` with a percentile);
+- module surgery on a torch.fx graph: `fold_batchnorm`, `prepare` (quantizers inserted after the
+  model input and every Conv/Linear/add/pool output, Conv/Linear wrapped to fake-quantize their
+  weights), `convert` (the deployable form: int8 weights and biases in int32 as buffers, fixed
+  activation scales, ReLU folded into the clamp of the next quantizer);
+- the deployable form is an ordinary nn.Module calling two custom ops,
+  `workbench::quantize_dequantize` and `workbench::dequantize`, that PyTorch runs as exact
+  integer simulation and the ONNX exporter translates to QuantizeLinear/DequantizeLinear
+  (`ONNX_TRANSLATIONS`). ONNX Runtime fuses that QDQ form into QLinearConv/QGemm/QLinearAdd int8
+  kernels: the scales the callbacks computed are the scales the int8 kernels use.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import operator
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_modules.compression.base import CompressionCallback
+
+log = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------- the math
+
+
+def quant_range(bits: int, signed: bool, restricted: bool = False) -> tuple[int, int]:
+    """Integer range of a `bits`-bit code; `restricted` drops the most negative value so the
+    range is symmetric (-127..127 for int8 weights, -1..1 for ternary)."""
+    if signed:
+        low = -(2 ** (bits - 1)) + (1 if restricted else 0)
+        return low, 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def quant_params(min_val: torch.Tensor, max_val: torch.Tensor, qmin: int, qmax: int,
+                 symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero_point) mapping [min_val, max_val] (per tensor or per channel) onto [qmin, qmax].
+
+    The range always contains 0 so that zero padding and ReLU's zeros are exact. Symmetric
+    quantization puts the zero point in the middle of the range (0 for a signed code).
+    """
+    min_val = torch.clamp(min_val.float(), max=0.0)
+    max_val = torch.clamp(max_val.float(), min=0.0)
+    tiny = torch.finfo(torch.float32).eps
+    if symmetric:
+        bound = torch.maximum(-min_val, max_val)
+        scale = torch.clamp(bound / ((qmax - qmin) / 2), min=tiny)
+        zero_point = torch.full_like(scale, (qmin + qmax + 1) // 2, dtype=torch.int64)
+    else:
+        scale = torch.clamp((max_val - min_val) / (qmax - qmin), min=tiny)
+        zero_point = torch.clamp(qmin - torch.round(min_val / scale), qmin, qmax).to(torch.int64)
+    return scale, zero_point
+
+
+def _broadcast(values: torch.Tensor, like: torch.Tensor, axis: int) -> torch.Tensor:
+    if values.numel() == 1:
+        return values.reshape(())
+    shape = [1] * like.dim()
+    shape[axis] = -1
+    return values.reshape(shape)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+             axis: int = 0) -> torch.Tensor:
+    """The integer codes of `x` (as int64), rounded half to even like ONNX QuantizeLinear."""
+    scale, zero_point = _broadcast(scale, x, axis), _broadcast(zero_point, x, axis)
+    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax).to(torch.int64)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                  axis: int = 0) -> torch.Tensor:
+    """Quantize then dequantize, with a straight-through estimator: the gradient passes unchanged
+    inside the range and is zero where the value was clipped (Bengio et al. 2013; Jacob et al. 2018)."""
+    s, z = _broadcast(scale, x, axis), _broadcast(zero_point, x, axis).to(x.dtype)
+    low, high = (qmin - z) * s, (qmax - z) * s
+    clipped = torch.minimum(torch.maximum(x, low), high)
+    exact = (torch.clamp(torch.round(x / s) + z, qmin, qmax) - z) * s
+    return clipped + (exact - clipped).detach()
+
+
+def lsq_quantize(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, axis: int = 0) -> torch.Tensor:
+    """Learned step size quantization (Esser et al. 2020): symmetric codes x/s rounded with a
+    straight-through estimator, and the step `s` learned by backprop with its gradient scaled by
+    1/sqrt(numel * qmax) so it moves at the pace of the weights."""
+    grad_scale = 1.0 / math.sqrt(max(x.numel() // max(step.numel(), 1), 1) * max(qmax, 1))
+    s = _broadcast(step, x, axis)
+    s = (s - s * grad_scale).detach() + s * grad_scale
+    codes = torch.clamp(x / s, qmin, qmax)
+    codes = codes + (torch.round(codes) - codes).detach()
+    return codes * s
+
+
+def lsq_initial_step(x: torch.Tensor, qmax: int, per_channel: bool) -> torch.Tensor:
+    """LSQ's initial step 2 E|x| / sqrt(qmax), per output channel or for the whole tensor."""
+    flat = x.detach().reshape(x.shape[0], -1) if per_channel else x.detach().reshape(1, -1)
+    return torch.clamp(2 * flat.abs().mean(1) / math.sqrt(max(qmax, 1)), min=1e-8)
+
+
+# ----------------------------------------------------------------------------- observers
+
+
+class Observer(nn.Module):
+    """Tracks the range of the tensors it sees; `range()` gives (min, max) for `quant_params`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("min_val", torch.tensor(float("inf")))
+        self.register_buffer("max_val", torch.tensor(float("-inf")))
+
+    @property
+    def initialized(self) -> bool:
+        return bool(torch.isfinite(self.min_val))
+
+    def observe(self, x: torch.Tensor) -> None:
+        self.min_val.fill_(torch.minimum(self.min_val, x.detach().min()).item())
+        self.max_val.fill_(torch.maximum(self.max_val, x.detach().max()).item())
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.initialized:
+            raise RuntimeError(f"{type(self).__name__} has seen no data: calibrate before converting")
+        return self.min_val, self.max_val
+
+
+class MinMaxObserver(Observer):
+    """The smallest and largest value seen over all batches."""
+
+
+class MovingAverageObserver(Observer):
+    """Exponential moving average of each batch's min and max (TF's and PyTorch's QAT default)."""
+
+    def __init__(self, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.momentum = momentum
+
+    def observe(self, x: torch.Tensor) -> None:
+        low, high = x.detach().min(), x.detach().max()
+        if not self.initialized:
+            self.min_val.fill_(low.item())
+            self.max_val.fill_(high.item())
+            return
+        self.min_val.lerp_(low.to(self.min_val), self.momentum)
+        self.max_val.lerp_(high.to(self.max_val), self.momentum)
+
+
+class HistogramObserver(Observer):
+    """A histogram of all values seen; the range is cut at the `percentile` of it on each side, so
+    a few outliers do not stretch the scale (the percentile calibration of TensorRT and ORT).
+
+    The bins span the first batch's range; later values outside it widen the range by re-binning
+    the counts into the wider span."""
+
+    def __init__(self, percentile: float = 99.99, bins: int = 2048) -> None:
+        super().__init__()
+        self.percentile = percentile
+        self.bins = bins
+        self.register_buffer("histogram", torch.zeros(bins, dtype=torch.float64))
+
+    def observe(self, x: torch.Tensor) -> None:
+        x = x.detach().float().flatten().cpu()
+        low, high = float(x.min()), float(x.max())
+        if not self.initialized:
+            self.min_val.fill_(min(low, 0.0))
+            self.max_val.fill_(max(high, 1e-8))
+        elif low < self.min_val or high > self.max_val:
+            self._widen(min(low, float(self.min_val)), max(high, float(self.max_val)))
+        self.histogram += torch.histc(x, self.bins, float(self.min_val), float(self.max_val)).to(torch.float64).to(
+            self.histogram.device)
+
+    def _widen(self, low: float, high: float) -> None:
+        old_edges = torch.linspace(float(self.min_val), float(self.max_val), self.bins + 1, dtype=torch.float64)
+        centres = ((old_edges[:-1] + old_edges[1:]) / 2).float()
+        counts = self.histogram.cpu()
+        widened = torch.zeros(self.bins, dtype=torch.float64)
+        index = ((centres - low) / (high - low) * self.bins).long().clamp(0, self.bins - 1)
+        widened.index_add_(0, index, counts)
+        self.histogram.copy_(widened)
+        self.min_val.fill_(low)
+        self.max_val.fill_(high)
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        super().range()
+        cumulative = torch.cumsum(self.histogram, 0) / self.histogram.sum()
+        tail = (100.0 - self.percentile) / 100.0
+        width = (self.max_val - self.min_val) / self.bins
+        low_bin = int(torch.searchsorted(cumulative, torch.tensor(tail, dtype=torch.float64)))
+        high_bin = int(torch.searchsorted(cumulative, torch.tensor(1.0 - tail, dtype=torch.float64)))
+        low = self.min_val + width * low_bin if self.min_val < 0 else self.min_val
+        return low, self.min_val + width * min(high_bin + 1, self.bins)
+
+
+OBSERVERS: dict[str, Callable[..., Observer]] = {
+    "minmax": lambda cfg: MinMaxObserver(),
+    "moving_average": lambda cfg: MovingAverageObserver(cfg.momentum),
+    "histogram": lambda cfg: HistogramObserver(cfg.percentile),
+}
+
+
+# ----------------------------------------------------------------------------- the scheme
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How weights and activations are quantized; validated when built.
+
+    Args:
+        weight_bits: bits of the weight codes, 2..8; `ternary` is 2 bits restricted to -1, 0, 1
+            and `binary` is sign(w) times a per-channel step (1 bit).
+        activation_bits: bits of the activation codes, 2..8 (8 for every int8 runtime).
+        per_channel: one weight scale per output channel (else one per tensor).
+        symmetric_weights: weights symmetric around 0 (int8 codes -127..127, zero point 0); else
+            asymmetric uint8 codes with a zero point.
+        symmetric_activations: activations as int8 around 0; else uint8 with a zero point.
+        observer: `minmax`, `moving_average` or `histogram` (cut at `percentile`).
+        learn_scales: LSQ steps for weights and PACT-like learned activation clipping (QAT only).
+    """
+
+    weight_bits: int | str = 8
+    activation_bits: int = 8
+    per_channel: bool = True
+    symmetric_weights: bool = True
+    symmetric_activations: bool = False
+    observer: str = "minmax"
+    percentile: float = 99.99
+    momentum: float = 0.1
+    learn_scales: bool = False
+
+    WEIGHT_BITS = (8, 7, 6, 5, 4, 3, 2, "ternary", "binary")
+
+    def __post_init__(self) -> None:
+        if self.weight_bits not in self.WEIGHT_BITS or isinstance(self.weight_bits, bool):
+            raise ValueError(f"bits={self.weight_bits!r} is not valid; allowed: {', '.join(map(str, self.WEIGHT_BITS))}")
+        if isinstance(self.activation_bits, bool) or self.activation_bits not in range(2, 9):
+            raise ValueError(f"activation_bits={self.activation_bits!r} is not valid; allowed: an integer in 2..8")
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"observer={self.observer!r} is not valid; allowed: {', '.join(OBSERVERS)}")
+        if not 50.0 < float(self.percentile) <= 100.0:
+            raise ValueError(f"percentile={self.percentile!r} is not valid; allowed: a number in (50, 100]")
+        if not 0.0 < float(self.momentum) <= 1.0:
+            raise ValueError(f"momentum={self.momentum!r} is not valid; allowed: a number in (0, 1]")
+        if not self.symmetric_weights and self.weight_bits != 8:
+            raise ValueError(f"symmetric_weights=False is not valid with bits={self.weight_bits!r}; "
+                             f"allowed: asymmetric weights at 8 bits only")
+
+    @property
+    def bits(self) -> int:
+        """Storage bits per weight code."""
+        return {"ternary": 2, "binary": 1}.get(self.weight_bits, self.weight_bits)  # type: ignore[arg-type]
+
+    def weight_range(self) -> tuple[int, int]:
+        if self.weight_bits == "binary":
+            return -1, 1
+        if self.weight_bits == "ternary":
+            return -1, 1
+        if not self.symmetric_weights:
+            return quant_range(8, signed=False)
+        return quant_range(self.bits, signed=True, restricted=True)
+
+    def activation_range(self) -> tuple[int, int]:
+        return quant_range(self.activation_bits, signed=self.symmetric_activations)
+
+    def with_bits(self, bits: int | str) -> QuantScheme:
+        return QuantScheme(**{**self.__dict__, "weight_bits": bits})
+
+
+def weight_codes(weight: torch.Tensor, scheme: QuantScheme,
+                 step: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes, scale, zero_point) of a weight under `scheme`: codes are integers, scale per channel
+    or per tensor. A learned `step` (LSQ) replaces the range-derived scale."""
+    qmin, qmax = scheme.weight_range()
+    flat = weight.detach().reshape(weight.shape[0], -1) if scheme.per_channel else weight.detach().reshape(1, -1)
+    if scheme.weight_bits == "binary":
+        scale = flat.abs().mean(1).clamp(min=1e-8)  # XNOR-Net's per-channel mean magnitude
+        codes = torch.where(weight >= 0, 1, -1).to(torch.int64)
+        return codes, scale, torch.zeros_like(scale, dtype=torch.int64)
+    if step is not None:
+        scale = step.detach().clamp(min=1e-8)
+    elif scheme.weight_bits == "ternary":
+        scale = _ternary_scale(flat)
+    else:
+        scale, _ = quant_params(flat.min(1).values, flat.max(1).values, qmin, qmax, scheme.symmetric_weights)
+    if scheme.symmetric_weights:
+        zero_point = torch.zeros_like(scale, dtype=torch.int64)
+    else:
+        _, zero_point = quant_params(flat.min(1).values, flat.max(1).values, qmin, qmax, False)
+    codes = quantize(weight.detach(), scale, zero_point, qmin, qmax, axis=0)
+    return codes, scale, zero_point
+
+
+def _ternary_scale(flat: torch.Tensor) -> torch.Tensor:
+    """Ternary weight networks' scale (Li & Liu 2016): the mean magnitude of the weights above the
+    threshold 0.7 E|w|; codes are round(w / scale) clamped to -1, 0, 1."""
+    threshold = 0.7 * flat.abs().mean(1, keepdim=True)
+    above = flat.abs() > threshold
+    magnitude = (flat.abs() * above).sum(1) / above.sum(1).clamp(min=1)
+    return torch.clamp(magnitude, min=1e-8)
+
+
+# ----------------------------------------------------------------------------- training-time modules
+
+
+class ActivationQuantizer(nn.Module):
+    """Observes activations (calibration) and/or fake-quantizes them (QAT, evaluation of the
+    simulated model). With `learn_scales`, the step is a Parameter trained by LSQ from the
+    calibrated range (PACT-like learned clipping)."""
+
+    def __init__(self, scheme: QuantScheme) -> None:
+        super().__init__()
+        self.scheme = scheme
+        self.observer = OBSERVERS[scheme.observer](scheme)
+        self.observing = True
+        self.fake_quant = False
+        self.step: nn.Parameter | None = None
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        qmin, qmax = self.scheme.activation_range()
+        if self.step is not None:
+            scale = self.step.detach().clamp(min=1e-8).reshape(())
+            zero_point = torch.tensor(0 if self.scheme.symmetric_activations else self._lsq_zero_point(scale, qmin))
+            return scale, zero_point
+        low, high = self.observer.range()
+        return quant_params(low, high, qmin, qmax, self.scheme.symmetric_activations)
+
+    def _lsq_zero_point(self, scale: torch.Tensor, qmin: int) -> int:
+        low, _ = self.observer.range()
+        return int(torch.clamp(qmin - torch.round(low / scale), qmin, self.scheme.activation_range()[1]))
+
+    def learn(self) -> None:
+        """Turn the calibrated scale into a learned step (LSQ)."""
+        scale, _ = self.qparams()
+        self.step = nn.Parameter(scale.reshape(1).clone())
+
+    def forward(self, x: torch.Tensor, observe: bool = True) -> torch.Tensor:
+        if self.observing and observe and (self.training or not self.observer.initialized or not self.fake_quant):
+            self.observer.observe(x)
+        if not self.fake_quant:
+            return x
+        qmin, qmax = self.scheme.activation_range()
+        if self.step is not None:
+            _, zero_point = self.qparams()
+            shift = zero_point.to(x) * self.step
+            return lsq_quantize(x + shift, self.step, qmin - int(zero_point), qmax - int(zero_point)) - shift
+        scale, zero_point = self.qparams()
+        return fake_quantize(x, scale.to(x), zero_point.to(x), qmin, qmax)
+
+
+class QuantizedWeightLayer(nn.Module):
+    """A Conv2d or Linear whose weight is fake-quantized on every forward (STE, or LSQ steps)."""
+
+    def __init__(self, layer: nn.Conv2d | nn.Linear, scheme: QuantScheme) -> None:
+        super().__init__()
+        self.layer = layer
+        self.scheme = scheme
+        self.fake_quant = True
+        self.step: nn.Parameter | None = None
+        if scheme.learn_scales and scheme.weight_bits != "binary":
+            _, scale, _ = weight_codes(layer.weight, scheme)
+            self.step = nn.Parameter(scale.clone())
+
+    def quantized_weight(self) -> torch.Tensor:
+        weight = self.layer.weight
+        if not self.fake_quant:
+            return weight
+        qmin, qmax = self.scheme.weight_range()
+        if self.step is not None:
+            return lsq_quantize(weight, self.step, qmin, qmax, axis=0)
+        codes, scale, zero_point = weight_codes(weight, self.scheme)
+        if self.scheme.weight_bits == "binary":
+            s = _broadcast(scale, weight, 0)
+            return weight + ((codes.to(weight) * s) - weight).detach()  # STE through sign()
+        return fake_quantize(weight, scale.to(weight), zero_point.to(weight), qmin, qmax, axis=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.quantized_weight()
+        if isinstance(self.layer, nn.Conv2d):
+            return self.layer._conv_forward(x, weight, self.layer.bias)
+        return F.linear(x, weight, self.layer.bias)
+
+
+# ----------------------------------------------------------------------------- the deployable form: custom ops
+
+
+@torch.library.custom_op("workbench::quantize_dequantize", mutates_args=())
+def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """Per-tensor QuantizeLinear then DequantizeLinear; the code type is zero_point's dtype."""
+    info = torch.iinfo(zero_point.dtype)
+    codes = torch.clamp(torch.round(x / scale) + zero_point.to(torch.float32), info.min, info.max)
+    return (codes - zero_point.to(torch.float32)) * scale
+
+
+@quantize_dequantize.register_fake
+def _(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("workbench::dequantize", mutates_args=())
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int) -> torch.Tensor:
+    """DequantizeLinear of integer codes stored in the model (per channel along `axis`)."""
+    scale_b = _broadcast(scale, codes, axis)
+    return (codes.to(torch.float32) - _broadcast(zero_point, codes, axis).to(torch.float32)) * scale_b
+
+
+@dequantize.register_fake
+def _(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int) -> torch.Tensor:
+    return torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
+
+
+@torch.library.custom_op("workbench::dynamic_linear", mutates_args=())
+def dynamic_linear(x: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Tensor,
+                   bias: torch.Tensor) -> torch.Tensor:
+    """y = x W^T + b with x quantized to uint8 from its own range at run time (DynamicQuantizeLinear)
+    and W stored as int8 codes (`weight_t` is W^T, per-column scales): ONNX's MatMulInteger."""
+    low, high = torch.clamp(x.min(), max=0.0), torch.clamp(x.max(), min=0.0)
+    scale = torch.clamp((high - low) / 255.0, min=torch.finfo(torch.float32).eps)
+    zero_point = torch.clamp(torch.round(-low / scale), 0, 255)
+    codes = torch.clamp(torch.round(x / scale) + zero_point, 0, 255) - zero_point
+    return (codes @ weight_t.to(torch.float32)) * (scale * weight_scale) + bias
+
+
+@dynamic_linear.register_fake
+def _(x: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
+
+
+def _onnx_translations() -> dict[Callable, Callable]:
+    """onnxscript functions the ONNX exporter uses for the custom ops above."""
+    from onnxscript import opset18 as op  # imported only when exporting
+
+    def qdq(x, scale, zero_point):
+        return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero_point), scale, zero_point)
+
+    def dq(codes, scale, zero_point, axis: int):
+        return op.DequantizeLinear(codes, scale, zero_point, axis=axis)
+
+    def dyn_linear(x, weight_t, weight_scale, bias):
+        codes, scale, zero_point = op.DynamicQuantizeLinear(x)
+        accumulated = op.MatMulInteger(codes, weight_t, zero_point)
+        return op.Add(op.Mul(op.Cast(accumulated, to=1), op.Mul(scale, weight_scale)), bias)
+
+    return {torch.ops.workbench.quantize_dequantize.default: qdq, torch.ops.workbench.dequantize.default: dq,
+            torch.ops.workbench.dynamic_linear.default: dyn_linear}
+
+
+ONNX_TRANSLATIONS: Callable[[], dict[Callable, Callable]] = _onnx_translations
+
+def _code_dtype(qmin: int) -> torch.dtype:
+    """int8 holds every signed code of 8 bits or fewer, uint8 every unsigned one."""
+    return torch.int8 if qmin < 0 else torch.uint8
+
+
+class FixedQuantizeDequantize(nn.Module):
+    """A frozen activation quantizer of the deployable model (scale and zero point as buffers)."""
+
+    def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.detach().float().reshape(()).clone())
+        self.register_buffer("zero_point", zero_point.detach().reshape(()).to(_code_dtype(qmin)).clone())
+
+    def forward(self, x: torch.Tensor, observe: bool = True) -> torch.Tensor:
+        return torch.ops.workbench.quantize_dequantize(x, self.scale, self.zero_point)
+
+
+class Int8Layer(nn.Module):
+    """The deployable Conv2d/Linear: integer weight codes, their scales, the bias in int32 at the
+    scale input_scale x weight_scale (what an int8 kernel accumulates into), dequantized in the
+    graph so that ONNX Runtime fuses DQ -> Conv -> Q into QLinearConv (QGemm for Linear)."""
+
+    def __init__(self, wrapper: QuantizedWeightLayer, input_scale: torch.Tensor) -> None:
+        super().__init__()
+        layer, scheme = wrapper.layer, wrapper.scheme
+        qmin, _ = scheme.weight_range()
+        codes, scale, zero_point = weight_codes(layer.weight, scheme, wrapper.step)
+        self.kind = "conv" if isinstance(layer, nn.Conv2d) else "linear"
+        self.conv_args = ((layer.stride, layer.padding, layer.dilation, layer.groups)
+                          if isinstance(layer, nn.Conv2d) else None)
+        self.weight_bits = scheme.bits
+        self.register_buffer("weight_codes", codes.to(_code_dtype(qmin)))
+        self.register_buffer("weight_scale", scale.float().clone())
+        self.register_buffer("weight_zero_point", zero_point.to(_code_dtype(qmin)))
+        bias = layer.bias.detach() if layer.bias is not None else torch.zeros(codes.shape[0])
+        bias_scale = (input_scale.float() * scale.float()).expand(codes.shape[0]).clone()
+        self.register_buffer("bias_codes", torch.round(bias.float() / bias_scale).to(torch.int32))
+        self.register_buffer("bias_scale", bias_scale)
+        self.register_buffer("bias_zero_point", torch.zeros(codes.shape[0], dtype=torch.int32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = torch.ops.workbench.dequantize(self.weight_codes, self.weight_scale, self.weight_zero_point, 0)
+        bias = torch.ops.workbench.dequantize(self.bias_codes, self.bias_scale, self.bias_zero_point, 0)
+        if self.kind == "conv":
+            stride, padding, dilation, groups = self.conv_args
+            return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        return F.linear(x, weight, bias)
+
+
+class DynamicInt8Linear(nn.Module):
+    """Linear with int8 weights whose input is quantized from its own range at run time."""
+
+    def __init__(self, layer: nn.Linear) -> None:
+        super().__init__()
+        scheme = QuantScheme()
+        codes, scale, _ = weight_codes(layer.weight, scheme)
+        self.weight_bits = 8
+        self.register_buffer("weight_t_codes", codes.t().contiguous().to(torch.int8))
+        self.register_buffer("weight_scale", scale.float().clone())
+        self.register_buffer("bias", layer.bias.detach().clone() if layer.bias is not None
+                             else torch.zeros(codes.shape[0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.workbench.dynamic_linear(x, self.weight_t_codes, self.weight_scale, self.bias)
+
+
+# ----------------------------------------------------------------------------- module surgery (torch.fx)
+
+RELUS = (nn.ReLU, F.relu, torch.relu, "relu")
+ADDS = (operator.add, torch.add, operator.iadd)
+# ops whose output lies on the grid of their input: they reuse their input's quantizer
+SHARED_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
+SHARED_FUNCTIONS = (torch.flatten, F.max_pool2d)
+SHARED_METHODS = ("view", "reshape", "flatten")
+OWN_SCALE_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(_module(gm, node), nn.ReLU)
+    if node.op == "call_function":
+        return node.target in (F.relu, torch.relu)
+    return node.op == "call_method" and node.target == "relu"
+
+
+def _is_shared(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(_module(gm, node), SHARED_MODULES)
+    if node.op == "call_function":
+        return node.target in SHARED_FUNCTIONS
+    return node.op == "call_method" and node.target in SHARED_METHODS
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """The model as a torch.fx graph (every model of the workbench traces symbolically)."""
+    if isinstance(model, fx.GraphModule):
+        return model
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as error:
+        raise ValueError(f"quantization needs a model torch.fx can trace; {type(model).__name__} fails: {error}") from error
+
+
+@torch.no_grad()
+def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
+    """Fold every BatchNorm2d that directly follows a Conv2d into the convolution (with the
+    running statistics), the way inference engines and QAT with frozen statistics do:
+    w' = w gamma / sqrt(var + eps), b' = (b - mean) gamma / sqrt(var + eps) + beta."""
+    for node in list(gm.graph.nodes):
+        bn = _module(gm, node)
+        if not isinstance(bn, nn.BatchNorm2d) or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        source = node.args[0]
+        conv = _module(gm, source)
+        if not isinstance(conv, nn.Conv2d) or len(source.users) != 1:
+            continue
+        factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        conv.weight.mul_(factor.reshape(-1, 1, 1, 1))
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        conv.bias = nn.Parameter((bias - bn.running_mean) * factor + bn.bias)
+        node.replace_all_uses_with(source)
+        gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+@dataclass
+class Prepared:
+    """What `prepare` inserted: activation quantizers and wrapped layers, by module name."""
+
+    quantizers: dict[str, ActivationQuantizer]
+    layers: dict[str, QuantizedWeightLayer]
+    skipped: dict[str, str]
+
+
+def _insert_quantizer(gm: fx.GraphModule, after: fx.Node, name: str, shared: bool = False) -> fx.Node:
+    with gm.graph.inserting_after(after):
+        quantized = gm.graph.call_module(name, (after,), {} if not shared else {"observe": False})
+    after.replace_all_uses_with(quantized, delete_user_cb=lambda user: user is not quantized)
+    return quantized
+
+
+def prepare(model: nn.Module, scheme: QuantScheme, layer_schemes: dict[str, QuantScheme] | None = None,
+            skip: Iterable[str] = ()) -> tuple[fx.GraphModule, Prepared]:
+    """Trace, fold BatchNorm, wrap every Conv2d/Linear to fake-quantize its weights and insert an
+    activation quantizer on the model input and on each tensor an int8 kernel reads or writes.
+
+    ReLU after a layer (or an add) is quantized after the ReLU, so it can fold into the clamp.
+    `layer_schemes` overrides the scheme per layer (mixed precision); `skip` leaves layers in float.
+    """
+    gm = fold_batchnorm(trace(copy.deepcopy(model) if not isinstance(model, fx.GraphModule) else model))
+    layer_schemes = layer_schemes or {}
+    prepared = Prepared({}, {}, {})
+    quantizer_of: dict[fx.Node, str] = {}  # node -> quantizer quantizing its output
+
+    def new_quantizer(after: fx.Node) -> fx.Node:
+        name = f"act_quant_{len(prepared.quantizers)}"
+        prepared.quantizers[name] = ActivationQuantizer(scheme)
+        gm.add_submodule(name, prepared.quantizers[name])
+        quantized = _insert_quantizer(gm, after, name)
+        quantizer_of[quantized] = name
+        return quantized
+
+    def output_of(node: fx.Node) -> fx.Node:
+        users = list(node.users)
+        return users[0] if len(users) == 1 and _is_relu(gm, users[0]) else node
+
+    for node in list(gm.graph.nodes):
+        module = _module(gm, node)
+        if node.op == "placeholder":
+            new_quantizer(node)
+        elif isinstance(module, (nn.Conv2d, nn.Linear)):
+            if node.target in skip:
+                prepared.skipped[node.target] = "listed in skip_layers"
+                continue
+            source = node.args[0]
+            if source not in quantizer_of:
+                new_quantizer(source)
+            layer_scheme = layer_schemes.get(node.target, scheme)
+            wrapper = QuantizedWeightLayer(module, layer_scheme)
+            gm.set_submodule(node.target, wrapper)  # same parameters: an optimizer built before still trains them
+            prepared.layers[node.target] = wrapper
+            new_quantizer(output_of(node))
+        elif (node.op == "call_function" and node.target in ADDS) or isinstance(module, OWN_SCALE_MODULES):
+            new_quantizer(output_of(node))
+        elif _is_shared(gm, node) and node.args and node.args[0] in quantizer_of:
+            name = quantizer_of[node.args[0]]
+            quantizer_of[_insert_quantizer(gm, node, name, shared=True)] = name
+    gm.recompile()
+    for name, reason in prepared.skipped.items():
+        log.info("quantization skips %s: %s", name, reason)
+    return gm, prepared
+
+
+def set_mode(prepared: Prepared, observing: bool, fake_quant: bool) -> None:
+    for quantizer in prepared.quantizers.values():
+        quantizer.observing, quantizer.fake_quant = observing, fake_quant
+
+
+@torch.no_grad()
+def calibrate(gm: nn.Module, prepared: Prepared, batches: Iterable[torch.Tensor]) -> int:
+    """Run `batches` through the model in eval mode with the observers on; returns the images seen."""
+    set_mode(prepared, observing=True, fake_quant=False)
+    was_training = gm.training
+    gm.eval()
+    device = next(gm.parameters()).device
+    seen = 0
+    for inputs in batches:
+        gm(inputs.to(device))
+        seen += len(inputs)
+    gm.train(was_training)
+    return seen
+
+
+def convert(gm: fx.GraphModule, prepared: Prepared) -> fx.GraphModule:
+    """The deployable int8 form: fixed quantizers, integer weights, ReLU folded where the next
+    quantizer's clamp already does its work (zero point at the bottom of the code range)."""
+    gm = gm.cpu()
+    fixed: dict[str, FixedQuantizeDequantize] = {}
+    for name, quantizer in prepared.quantizers.items():
+        scale, zero_point = quantizer.qparams()
+        qmin, _ = quantizer.scheme.activation_range()
+        fixed[name] = FixedQuantizeDequantize(scale, zero_point, qmin)
+        gm.set_submodule(name, fixed[name])
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target in prepared.layers:
+            source = node.args[0]
+            input_scale = fixed[source.target].scale if source.op == "call_module" and source.target in fixed else None
+            if input_scale is None:
+                raise RuntimeError(f"layer {node.target} reads an unquantized tensor; prepare() should have quantized it")
+            gm.set_submodule(node.target, Int8Layer(prepared.layers[node.target], input_scale))
+    for node in list(gm.graph.nodes):
+        users = list(node.users)
+        if _is_relu(gm, node) and len(users) == 1 and users[0].op == "call_module" and users[0].target in fixed:
+            q = fixed[users[0].target]
+            if int(q.zero_point) == torch.iinfo(q.zero_point.dtype).min:
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm.eval()
+
+
+def convert_dynamic(model: nn.Module, skip: Iterable[str] = ()) -> tuple[nn.Module, dict[str, str]]:
+    """Dynamic quantization: every Linear gets int8 weights and quantizes its input at run time.
+
+    Convolutions stay in float (skipped with the reason): ONNX Runtime's dynamic path covers
+    MatMul; its ConvInteger kernel is far slower than its float convolution."""
+    skipped: dict[str, str] = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name not in skip:
+            model.set_submodule(name, DynamicInt8Linear(module))
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
+            skipped[name] = "listed in skip_layers" if name in skip else "no dynamic int8 convolution kernel"
+    for name, reason in skipped.items():
+        log.info("dynamic quantization skips %s: %s", name, reason)
+    return model.eval(), skipped
+
+
+def int8_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (Int8Layer, DynamicInt8Linear))]
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(True for _ in int8_layers(model))
+
+
+@torch.no_grad()
+def _float_layer(module: Int8Layer | DynamicInt8Linear) -> nn.Module:
+    if isinstance(module, DynamicInt8Linear):
+        weight = module.weight_t_codes.t().float() * module.weight_scale.reshape(-1, 1)
+        layer = nn.Linear(weight.shape[1], weight.shape[0])
+        layer.bias.copy_(module.bias)
+    else:
+        weight = dequantize(module.weight_codes, module.weight_scale, module.weight_zero_point, 0)
+        bias = dequantize(module.bias_codes, module.bias_scale, module.bias_zero_point, 0)
+        if module.kind == "conv":
+            stride, padding, dilation, groups = module.conv_args
+            layer = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride, padding,
+                              dilation, groups)
+        else:
+            layer = nn.Linear(weight.shape[1], weight.shape[0])
+        layer.bias.copy_(bias)
+    layer.weight.copy_(weight)
+    return layer
+
+
+def dequantized(model: nn.Module) -> nn.Module:
+    """A float copy of a quantized model: each int8 layer becomes the Conv2d/Linear holding its
+    dequantized weights (for counting parameters and MACs, and for runtimes without int8 kernels)."""
+    model = copy.deepcopy(model)
+    for name, module in int8_layers(model):
+        model.set_submodule(name, _float_layer(module))
+    return model
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_int(key: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key}={value!r} is not valid; allowed: an integer >= {minimum}")
+    return value
+
+
+def _check_bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key}={value!r} is not valid; allowed: true or false")
+    return value
+
+
+def _scheme(**kwargs: Any) -> QuantScheme:
+    for key in ("per_channel", "symmetric_weights", "symmetric_activations", "learn_scales"):
+        if key in kwargs:
+            _check_bool(key, kwargs[key])
+    return QuantScheme(**kwargs)
+
+
+def _training_inputs(trainer: pl.Trainer, count: int) -> list[torch.Tensor]:
+    loader = trainer.datamodule.train_dataloader() if trainer.datamodule is not None else trainer.train_dataloader
+    if loader is None:
+        raise RuntimeError("calibration needs training batches; fit with a datamodule or a train dataloader")
+    inputs = []
+    for batch, _ in loader:
+        inputs.append(batch)
+        if len(inputs) == count:
+            break
+    return inputs
+
+
+# ----------------------------------------------------------------------------- the callbacks
+
+
+class StaticQuantization(CompressionCallback):
+    """What static PTQ, QAT, low-bit and mixed precision share: prepare the model when fitting is
+    set up (before the optimizer exists, so new learned steps are trained), calibrate on
+    `calibration_batches` training batches when fitting starts, convert at finalize, report the
+    bits per layer.
+
+    Args:
+        bits: weight bits (8, 6, 4, 3, 2, ternary, binary); activation_bits: activation bits.
+        observer, percentile, momentum, per_channel, symmetric_weights, symmetric_activations,
+        learn_scales: see QuantScheme.
+        calibration_batches: training batches the observers see before the scales are fixed.
+        skip_layers: Conv/Linear layer names left in float (logged).
+    """
+
+    name = "quantization"
+    train_with_fake_quant = False
+
+    def __init__(self, bits: int | str = 8, activation_bits: int = 8, observer: str = "minmax",
+                 percentile: float = 99.99, momentum: float = 0.1, per_channel: bool = True,
+                 symmetric_weights: bool = True, symmetric_activations: bool = False, learn_scales: bool = False,
+                 calibration_batches: int = 16, skip_layers: Iterable[str] = ()) -> None:
+        self.scheme = _scheme(weight_bits=bits, activation_bits=activation_bits, observer=observer,
+                              percentile=percentile, momentum=momentum, per_channel=per_channel,
+                              symmetric_weights=symmetric_weights, symmetric_activations=symmetric_activations,
+                              learn_scales=learn_scales)
+        self.calibration_batches = _check_int("calibration_batches", calibration_batches, 1)
+        self.skip_layers = list(skip_layers)
+        self.layer_schemes: dict[str, QuantScheme] = {}
+        self.prepared: Prepared | None = None
+        self.calibrated_images = 0
+        self.fakequant_model: nn.Module | None = None  # the training-time form, kept for test_acc_fakequant
+
+    # -- hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.prepared is None:
+            self.prepare(pl_module, trainer)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.calibrated_images == 0:
+            self.calibrate(pl_module.model, trainer)
+
+    # -- the workers
+    def prepare(self, pl_module: pl.LightningModule, trainer: pl.Trainer | None = None) -> None:
+        pl_module.model, self.prepared = prepare(pl_module.model, self.scheme, self.layer_schemes, self.skip_layers)
+        for wrapper in self.prepared.layers.values():
+            wrapper.fake_quant = self.train_with_fake_quant
+
+    def calibrate(self, model: nn.Module, trainer: pl.Trainer) -> None:
+        self.calibrated_images = calibrate(model, self.prepared, _training_inputs(trainer, self.calibration_batches))
+        log.info("%s: calibrated %d activation quantizers on %d images (observer %s)", self.name,
+                 len(self.prepared.quantizers), self.calibrated_images, self.scheme.observer)
+        set_mode(self.prepared, observing=self.train_with_fake_quant, fake_quant=self.train_with_fake_quant)
+        if self.train_with_fake_quant and self.scheme.learn_scales:
+            for quantizer in self.prepared.quantizers.values():
+                quantizer.learn()
+                for optimizer in trainer.optimizers:
+                    optimizer.add_param_group({"params": [quantizer.step]})
+
+    # -- protocol
+    def finalize(self, model: nn.Module) -> nn.Module:
+        if self.prepared is None:
+            raise RuntimeError(f"{self.name}: finalize before the model was prepared (no fit ran)")
+        set_mode(self.prepared, observing=False, fake_quant=True)
+        for wrapper in self.prepared.layers.values():
+            wrapper.fake_quant = True
+        self.fakequant_model = copy.deepcopy(model).eval()
+        return convert(model, self.prepared)
+
+    def reference_models(self) -> dict[str, nn.Module]:
+        """The fake-quant training model, scored beside the deployed one as test_acc_fakequant."""
+        return {"fakequant": self.fakequant_model} if self.fakequant_model is not None else {}
+
+    def summary(self, model: nn.Module) -> list[dict[str, Any]]:
+        rows = []
+        for name, module in model.named_modules():
+            if isinstance(module, Int8Layer):
+                rows.append({"layer": name, "type": module.kind, "weight_bits": module.weight_bits,
+                             "activation_bits": self.scheme.activation_bits, "weights": module.weight_codes.numel(),
+                             "weight_scale_mean": float(module.weight_scale.mean()), "skipped": ""})
+        rows += [{"layer": name, "type": "float", "weight_bits": 32, "activation_bits": 32, "weights": None,
+                  "weight_scale_mean": None, "skipped": reason} for name, reason in (self.prepared.skipped if self.prepared else {}).items()]
+        return rows
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"calibrated_images": self.calibrated_images, "layer_schemes": dict(self.layer_schemes)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.calibrated_images = state_dict["calibrated_images"]
+        self.layer_schemes = state_dict["layer_schemes"]
+
+
+class PTQStatic(StaticQuantization):
+    """Post-training static quantization: calibrate, then convert; nothing is trained
+    (method.fine_tune.epochs is 0)."""
+
+    name = "ptq_static"
+
+
+class QAT(StaticQuantization):
+    """Quantization-aware training (Jacob et al. 2018; Krishnamoorthi 2018) from the baseline:
+    BatchNorm folded into the convolutions with its running statistics (frozen, as in the last
+    phase of the paper's recipe), weights fake-quantized per channel with a straight-through
+    estimator, activation ranges calibrated first and then tracked by a moving average during
+    training. Converts to the same int8 form as PTQStatic."""
+
+    name = "qat"
+    train_with_fake_quant = True
+
+    def __init__(self, observer: str = "moving_average", **kwargs: Any) -> None:
+        super().__init__(observer=observer, **kwargs)
+
+
+class LowBit(QAT):
+    """Low-bit QAT: weights at `bits` (8..2, ternary, binary) with learned steps (LSQ) by default,
+    activations at `activation_bits`. The deployable model keeps the integer codes; the artifact
+    stores them packed at their bit width."""
+
+    name = "lowbit"
+
+    def __init__(self, bits: int | str = 4, learn_scales: bool = True, **kwargs: Any) -> None:
+        super().__init__(bits=bits, learn_scales=learn_scales, **kwargs)
+
+
+class PTQDynamic(CompressionCallback):
+    """Post-training dynamic quantization: int8 weights, each Linear's input quantized from its
+    own range at run time; no calibration, nothing trained."""
+
+    name = "ptq_dynamic"
+
+    def __init__(self, skip_layers: Iterable[str] = ()) -> None:
+        self.skip_layers = list(skip_layers)
+        self.skipped: dict[str, str] = {}
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        model, self.skipped = convert_dynamic(model, self.skip_layers)
+        return model
+
+    def summary(self, model: nn.Module) -> list[dict[str, Any]]:
+        rows = [{"layer": name, "type": "dynamic_linear", "weight_bits": 8, "skipped": ""}
+                for name, _ in int8_layers(model)]
+        return rows + [{"layer": name, "type": "float", "weight_bits": 32, "skipped": reason}
+                       for name, reason in self.skipped.items()]

@@ -1,0 +1,191 @@
+"""Quantization: the math, observers, fx surgery, int8 on ONNX Runtime, and the pipeline end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lightning_modules.compression.quantization import (
+    PTQStatic, QAT, LowBit, PTQDynamic, HistogramObserver, MinMaxObserver, MovingAverageObserver, QuantScheme,
+    calibrate, convert, convert_dynamic, dequantized, fake_quantize, prepare, quant_params, quant_range, set_mode,
+    weight_codes,
+)
+from lightning_modules.evaluation.artifact import (
+    decode_tensor, encode_tensor, load_deployable, pack_bits, save_deployable, unpack_bits,
+)
+from lightning_modules.evaluation.runtime import INT8_OPS, export_onnx, optimized_ops, ort_load
+from lightning_modules.models import LeNet5, resnet20
+from tests.conftest import FAST, all_runs, run_train
+
+# ----------------------------------------------------------------------------- the math
+
+
+@pytest.mark.parametrize(("bits", "signed", "restricted", "expected"), [
+    (8, False, False, (0, 255)), (8, True, False, (-128, 127)), (8, True, True, (-127, 127)),
+    (4, True, True, (-7, 7)), (2, True, True, (-1, 1)),
+])
+def test_quant_range(bits, signed, restricted, expected) -> None:
+    assert quant_range(bits, signed, restricted) == expected
+
+
+def test_asymmetric_params_map_the_range_onto_the_codes_and_keep_zero_exact() -> None:
+    scale, zero_point = quant_params(torch.tensor(-1.0), torch.tensor(3.0), 0, 255, symmetric=False)
+    assert float(scale) == pytest.approx(4.0 / 255)
+    assert int(zero_point) == round(1.0 / (4.0 / 255))
+    zero = fake_quantize(torch.zeros(1), scale, zero_point.float(), 0, 255)
+    assert float(zero) == 0.0
+
+
+def test_symmetric_per_channel_weight_codes_reach_127_in_every_channel() -> None:
+    weight = torch.randn(6, 3, 5, 5) * torch.arange(1, 7).reshape(6, 1, 1, 1)
+    codes, scale, zero_point = weight_codes(weight, QuantScheme())
+    assert codes.abs().reshape(6, -1).max(1).values.tolist() == [127] * 6
+    assert torch.all(zero_point == 0)
+    assert torch.allclose(codes * scale.reshape(6, 1, 1, 1), weight, atol=float(scale.max()) / 2 + 1e-6)
+
+
+def test_fake_quantize_passes_gradients_inside_the_range_only() -> None:
+    x = torch.tensor([-2.0, 0.3, 0.5, 5.0], requires_grad=True)
+    fake_quantize(x, torch.tensor(0.1), torch.tensor(0.0), -10, 10).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 0.0]
+
+
+def test_observers_track_what_they_should() -> None:
+    minmax, average, histogram = MinMaxObserver(), MovingAverageObserver(0.5), HistogramObserver(99.0)
+    for batch in (torch.tensor([0.0, 1.0]), torch.tensor([-1.0, 3.0])):
+        for observer in (minmax, average, histogram):
+            observer.observe(batch)
+    assert [float(v) for v in minmax.range()] == [-1.0, 3.0]
+    assert [float(v) for v in average.range()] == [-0.5, 2.0]
+    values = torch.cat([torch.rand(10000), torch.tensor([100.0])])  # one outlier
+    histogram = HistogramObserver(99.9)
+    histogram.observe(values)
+    assert float(histogram.range()[1]) < 2.0  # the outlier is cut off
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"weight_bits": 5.5}, r"bits=5.5 is not valid; allowed: 8, 7, 6, 5, 4, 3, 2, ternary, binary"),
+    ({"activation_bits": 9}, r"activation_bits=9 is not valid; allowed: an integer in 2..8"),
+    ({"observer": "kl"}, r"observer='kl' is not valid; allowed: minmax, moving_average, histogram"),
+    ({"percentile": 30}, r"percentile=30 is not valid"),
+    ({"momentum": 0}, r"momentum=0 is not valid"),
+    ({"weight_bits": 4, "symmetric_weights": False}, r"symmetric_weights=False is not valid with bits=4"),
+])
+def test_scheme_validation_names_the_key(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        QuantScheme(**kwargs)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"calibration_batches": 0}, r"calibration_batches=0 is not valid; allowed: an integer >= 1"),
+    ({"per_channel": "yes"}, r"per_channel='yes' is not valid; allowed: true or false"),
+])
+def test_callback_validation_names_the_key(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        PTQStatic(**kwargs)
+
+
+# ----------------------------------------------------------------------------- surgery + ONNX Runtime
+
+
+def _calibrated(model: nn.Module, scheme: QuantScheme, shape=(1, 28, 28)):
+    gm, prepared = prepare(model, scheme)
+    torch.manual_seed(0)
+    calibrate(gm, prepared, [torch.rand(32, *shape) for _ in range(4)])
+    set_mode(prepared, observing=False, fake_quant=True)
+    return gm, prepared
+
+
+def _trained_bn(model: nn.Module) -> nn.Module:
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(16, 1, 28, 28))
+    return model.eval()
+
+
+@pytest.mark.parametrize("make", [lambda: LeNet5(1, 28, 10).eval(), lambda: _trained_bn(resnet20(1, 10))],
+                         ids=["lenet5", "resnet20"])
+def test_int8_model_runs_on_int8_kernels_in_onnx_runtime_and_matches_the_simulation(tmp_path, make) -> None:
+    model = make()
+    gm, prepared = _calibrated(model, QuantScheme())
+    x = torch.rand(8, 1, 28, 28)
+    quantized = convert(gm, prepared)
+    with torch.no_grad():
+        simulated, reference = quantized(x), model(x)
+    assert torch.allclose(simulated, reference, atol=0.05 * float(reference.abs().max()))  # int8 stays close to fp32
+    int8_size = export_onnx(quantized, tmp_path / "int8.onnx", (1, 28, 28))
+    fp32_size = export_onnx(model, tmp_path / "fp32.onnx", (1, 28, 28))
+    ops = optimized_ops(tmp_path / "int8.onnx")
+    assert "QLinearConv" in ops and "QGemm" in ops
+    assert "Conv" not in ops and "Gemm" not in ops  # every layer runs in int8
+    assert 3.3 < fp32_size / int8_size < 4.1
+    session = ort_load(tmp_path / "int8.onnx", torch.device("cpu"), threads=1)
+    # the same integer arithmetic; one code step of the output where rounding ties differ
+    step = float(quantized.get_submodule(list(prepared.quantizers)[-1]).scale)
+    assert torch.allclose(session(x), simulated, atol=step * 1.01)
+
+
+def test_dynamic_quantization_uses_integer_matmuls(tmp_path) -> None:
+    model = LeNet5(1, 28, 10).eval()
+    x = torch.rand(4, 1, 28, 28)
+    reference = model(x)
+    quantized, skipped = convert_dynamic(model, skip=[])
+    assert set(skipped) == {"features.0", "features.3"}
+    export_onnx(quantized, tmp_path / "dynamic.onnx", (1, 28, 28))
+    ops = optimized_ops(tmp_path / "dynamic.onnx")
+    assert sum(op in INT8_OPS for op in ops) == 3  # the three Linear layers
+    session = ort_load(tmp_path / "dynamic.onnx", torch.device("cpu"))
+    assert torch.allclose(session(x), reference, atol=0.02 * float(reference.abs().max()))
+    assert torch.allclose(quantized(x), session(x), atol=1e-3)
+
+
+def test_quantized_model_survives_the_workbench_artifact(tmp_path) -> None:
+    gm, prepared = _calibrated(LeNet5(1, 28, 10).eval(), QuantScheme())
+    quantized = convert(gm, prepared)
+    save_deployable(quantized, tmp_path / "model.pt")
+    loaded = load_deployable(tmp_path / "model.pt")
+    x = torch.rand(3, 1, 28, 28)
+    assert torch.equal(loaded(x), quantized(x))
+    assert sum(p.numel() for p in dequantized(loaded).parameters()) == sum(p.numel() for p in LeNet5(1, 28, 10).parameters())
+
+
+# ----------------------------------------------------------------------------- packed encodings
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 6, 7])
+def test_pack_bits_round_trips_exactly_at_the_packed_size(bits) -> None:
+    values = np.random.default_rng(bits).integers(0, 2**bits, size=1001).astype(np.uint8)
+    packed = pack_bits(values, bits)
+    assert packed.nbytes == (1001 * bits + 7) // 8
+    assert np.array_equal(unpack_bits(packed, bits, 1001), values)
+
+
+@pytest.mark.parametrize(("low", "high", "bits"), [(-7, 7, 4), (-1, 1, 2), (-4, 3, 3), (-127, 127, 8)])
+def test_int8_codes_are_packed_at_their_width(low, high, bits) -> None:
+    codes = torch.randint(low, high + 1, (40, 50), dtype=torch.int8)
+    encoded = encode_tensor(codes)
+    assert encoded["encoding"] == ("dense" if bits == 8 else "packed")
+    if bits < 8:
+        assert encoded["packed"].numel() == (codes.numel() * bits + 7) // 8
+    assert torch.equal(decode_tensor(encoded), codes)
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ptq_static", "ptq_dynamic"])
+def test_ptq_through_the_pipeline_on_onnx_runtime(tmp_path, store_uri, method) -> None:
+    result = run_train([*FAST, "baseline.epochs=3", "trainer.limit_train_batches=null", f"method={method}",
+                        "hardware=cpu_ort"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = next(r for r in all_runs(store_uri) if r.data.tags["method"] == method)
+    metrics = run.data.metrics
+    assert metrics["int8_kernel_ops"] >= (5 if method == "ptq_static" else 3)
+    assert metrics["acc_drop"] <= 2.0
+    assert metrics["size_bytes"] == metrics["size_bytes_onnx"]
+    if method == "ptq_static":
+        assert metrics["compression_ratio"] > 1.3  # tiny 8x8 LeNet: the scales weigh; ~3.9x on 28x28
