@@ -1,7 +1,8 @@
 """run_experiment(cfg): one run of the workbench, in the five steps of ARCHITECTURE.md.
 
     1. baseline  - the trained dense model of (data, model, seed, baseline recipe), found in the
-                   store or trained now and logged as its own run
+                   store or trained now and logged as its own run (and the teacher, for methods
+                   that distil: another model's baseline, an MLflow URI or a file)
     2. compress  - Trainer.fit from the baseline weights with the method's callbacks
     3. finalize  - each callback turns its training-time form into the deployable form
     4. evaluate  - the contract's figures on the finalized artifact and the baseline, same process
