@@ -189,3 +189,75 @@ def test_ptq_through_the_pipeline_on_onnx_runtime(tmp_path, store_uri, method) -
     assert metrics["size_bytes"] == metrics["size_bytes_onnx"]
     if method == "ptq_static":
         assert metrics["compression_ratio"] > 1.3  # tiny 8x8 LeNet: the scales weigh; ~3.9x on 28x28
+
+
+# ----------------------------------------------------------------------------- QAT and low-bit through a Trainer
+
+
+def _fit(callback, epochs: int = 1, batches: int = 6):
+    import pytorch_lightning as pl
+
+    from lightning_modules.data import InMemoryDataModule
+    from lightning_modules.task import ClassificationTask
+
+    data = InMemoryDataModule(name="digits", batch_size=64)
+    data.setup()
+    torch.manual_seed(0)
+    baseline = LeNet5(1, 8, 10)
+    task = ClassificationTask(baseline, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
+    trainer = pl.Trainer(max_epochs=epochs, limit_train_batches=batches, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[callback])
+    trainer.fit(task, datamodule=data)
+    return task.model, data
+
+
+@pytest.mark.parametrize(("callback", "bits", "code_bound"), [
+    (lambda: QAT(), 8, 127), (lambda: LowBit(bits=4), 4, 7), (lambda: LowBit(bits="ternary"), 2, 1),
+])
+def test_qat_trains_fake_quant_and_converts_to_integer_codes(tmp_path, callback, bits, code_bound) -> None:
+    callback = callback()
+    trained, data = _fit(callback)
+    assert any(p.requires_grad for n, p in trained.named_parameters() if n.endswith("step")) == callback.scheme.learn_scales
+    deployed = callback.finalize(trained)
+    reference = callback.reference_models()["fakequant"]
+    rows = callback.summary(deployed)
+    assert [row["weight_bits"] for row in rows] == [bits] * 5
+    layers = [m for _, m in __import__("lightning_modules.compression.quantization", fromlist=["int8_layers"]).int8_layers(deployed)]
+    assert all(int(m.weight_codes.abs().max()) <= code_bound for m in layers)
+    test = data.split("test")
+    x = test.tensors[0][:200]
+    with torch.no_grad():
+        agree = (deployed(x).argmax(1) == reference(x).argmax(1)).float().mean()
+    assert agree > 0.97  # the deployed integer model predicts what the fake-quant model trained
+    size = save_deployable(deployed, tmp_path / "model.pt")
+    if bits < 8:
+        encoded = encode_tensor(layers[2].weight_codes)
+        assert encoded["encoding"] == "packed" and encoded["bits"] <= bits
+    assert torch.equal(load_deployable(tmp_path / "model.pt")(x), deployed(x))
+    assert size > 0
+
+
+def test_mixed_precision_allocates_bits_under_the_budget() -> None:
+    from lightning_modules.compression.quantization import MixedPrecision, allocate_bits
+
+    sensitivity = {"big": {8: 0.0, 4: 0.01, 2: 0.5}, "small": {8: 0.0, 4: 0.3, 2: 0.9}}
+    choice = allocate_bits(sensitivity, {"big": 900, "small": 100}, budget=4.4)
+    assert choice == {"big": 4, "small": 8}  # (900*4 + 100*8) / 1000 = 4.4
+    with pytest.raises(ValueError, match=r"budget_bits=1.0 is not valid; allowed: a number in \[2, 8\]"):
+        MixedPrecision(budget_bits=1.0)
+    with pytest.raises(ValueError, match=r"candidate_bits has 12; allowed: integers in 2..8"):
+        MixedPrecision(candidate_bits=[8, 12])
+
+
+def test_mixed_precision_trains_with_the_chosen_bits() -> None:
+    from lightning_modules.compression.quantization import MixedPrecision
+
+    callback = MixedPrecision(budget_bits=4.0)
+    trained, _ = _fit(callback)
+    deployed = callback.finalize(trained)
+    rows = callback.summary(deployed)
+    sizes = {row["layer"]: row["weights"] for row in rows}
+    average = sum(row["weight_bits"] * sizes[row["layer"]] for row in rows) / sum(sizes.values())
+    assert average <= 4.0
+    assert all(row["sensitivity"] is not None for row in rows)

@@ -945,3 +945,102 @@ class PTQDynamic(CompressionCallback):
                 for name, _ in int8_layers(model)]
         return rows + [{"layer": name, "type": "float", "weight_bits": 32, "skipped": reason}
                        for name, reason in self.skipped.items()]
+
+
+# ----------------------------------------------------------------------------- mixed precision
+
+
+@torch.no_grad()
+def layer_sensitivity(model: nn.Module, layers: dict[str, nn.Module], bits: Iterable[int],
+                      batches: list[tuple[torch.Tensor, torch.Tensor]], scheme: QuantScheme) -> dict[str, dict[int, float]]:
+    """Loss increase when only one layer's weights are quantized to b bits, for every (layer, b)."""
+    model = model.eval()
+
+    def loss() -> float:
+        return sum(float(F.cross_entropy(model(x), y)) for x, y in batches) / len(batches)
+
+    base = loss()
+    table: dict[str, dict[int, float]] = {}
+    for name, layer in layers.items():
+        original = layer.weight.detach().clone()
+        table[name] = {}
+        for b in bits:
+            codes, scale, _ = weight_codes(original, scheme.with_bits(b))
+            layer.weight.copy_(codes.to(original) * _broadcast(scale, original, 0))
+            table[name][b] = max(loss() - base, 0.0)
+        layer.weight.copy_(original)
+    return table
+
+
+def allocate_bits(sensitivity: dict[str, dict[int, float]], sizes: dict[str, int], budget: float) -> dict[str, int]:
+    """Per-layer bits with a weight-averaged width <= `budget`: start every layer at its widest
+    option and repeatedly narrow the layer whose next step costs the least loss per bit saved."""
+    choice = {name: max(options) for name, options in sensitivity.items()}
+    total = sum(sizes.values())
+
+    def average() -> float:
+        return sum(choice[n] * sizes[n] for n in choice) / total
+
+    while average() > budget + 1e-9:
+        candidates = []
+        for name, options in sensitivity.items():
+            narrower = sorted(b for b in options if b < choice[name])
+            if narrower:
+                b = narrower[-1]
+                cost = (options[b] - options[choice[name]]) / ((choice[name] - b) * sizes[name])
+                candidates.append((cost, name, b))
+        if not candidates:
+            raise ValueError(f"budget_bits={budget} is not valid; allowed: >= {average():.2f} (every layer at its narrowest)")
+        _, name, b = min(candidates)
+        choice[name] = b
+    return choice
+
+
+class MixedPrecision(LowBit):
+    """Per-layer weight bits from per-layer sensitivity under an average-bit budget (HAWQ's idea
+    with a measured loss increase in place of the Hessian), then low-bit QAT with learned steps.
+
+    Args (besides LowBit's):
+        budget_bits: the weight-averaged bits per weight the model may use (e.g. 4.0).
+        candidate_bits: widths a layer may get.
+        sensitivity_batches: training batches scoring each (layer, bits).
+    """
+
+    name = "mixed"
+
+    def __init__(self, budget_bits: float = 4.0, candidate_bits: Iterable[int] = (8, 6, 4, 3, 2),
+                 sensitivity_batches: int = 4, **kwargs: Any) -> None:
+        kwargs.setdefault("bits", 8)
+        super().__init__(**kwargs)
+        self.candidate_bits = [int(b) for b in candidate_bits]
+        for b in self.candidate_bits:
+            if b not in range(2, 9):
+                raise ValueError(f"candidate_bits has {b!r}; allowed: integers in 2..8")
+        if isinstance(budget_bits, bool) or not isinstance(budget_bits, (int, float)) or not \
+                min(self.candidate_bits) <= budget_bits <= max(self.candidate_bits):
+            raise ValueError(f"budget_bits={budget_bits!r} is not valid; allowed: a number in "
+                             f"[{min(self.candidate_bits)}, {max(self.candidate_bits)}]")
+        self.budget_bits = float(budget_bits)
+        self.sensitivity_batches = _check_int("sensitivity_batches", sensitivity_batches, 1)
+        self.sensitivity: dict[str, dict[int, float]] = {}
+
+    def prepare(self, pl_module: pl.LightningModule, trainer: pl.Trainer | None = None) -> None:
+        if not self.layer_schemes and trainer is not None:
+            self.choose_bits(pl_module.model, trainer)
+        super().prepare(pl_module, trainer)
+
+    def choose_bits(self, model: nn.Module, trainer: pl.Trainer) -> None:
+        loader = trainer.datamodule.train_dataloader()
+        batches = [batch for batch, _ in zip(loader, range(self.sensitivity_batches))]
+        folded = fold_batchnorm(trace(copy.deepcopy(model)))
+        layers = {name: m for name, m in folded.named_modules()
+                  if isinstance(m, (nn.Conv2d, nn.Linear)) and name not in self.skip_layers}
+        self.sensitivity = layer_sensitivity(folded, layers, self.candidate_bits, batches, self.scheme)
+        bits = allocate_bits(self.sensitivity, {n: m.weight.numel() for n, m in layers.items()}, self.budget_bits)
+        self.layer_schemes = {name: self.scheme.with_bits(b) for name, b in bits.items()}
+        for name, b in bits.items():
+            log.info("mixed precision: %s at %d bits (loss increase %.4f)", name, b, self.sensitivity[name][b])
+
+    def summary(self, model: nn.Module) -> list[dict[str, Any]]:
+        return [{**row, "sensitivity": self.sensitivity.get(row["layer"], {}).get(row["weight_bits"])}
+                for row in super().summary(model)]
