@@ -718,24 +718,31 @@ def plot_seed_intervals(summary: pd.DataFrame, metric: str = "test_acc") -> Figu
 # ----------------------------------------------------------------------------- pruning curves, sensitivity
 
 
-def plot_pruning_curves(runs: pd.DataFrame, x: str = "sparsity", y: str = "test_acc", level: float = 0.95) -> Figure:
-    """y vs x per method (mean over seeds, shaded interval), one panel per (data, model)."""
-    curve = seed_spread(runs, x, y, ("data", "model", "method"), level=level) if not runs.empty else pd.DataFrame()
+def plot_pruning_curves(runs: pd.DataFrame, x: str = "sparsity", y: str = "test_acc", x_decimals: int = 3) -> Figure:
+    """y vs x per method, one panel per (data, model): each run a dot, the mean over seeds a line,
+    shaded (and barred) +- one standard deviation over seeds."""
+    curve = seed_spread(runs, x, y, ("data", "model", "method"), x_decimals) if not runs.empty else pd.DataFrame()
     panels = list(curve.groupby(["data", "model"], sort=True)) if not curve.empty else []
     figure, axes = _facet_grid(1, max(len(panels), 1), width=4.5, height=3.5)
     methods = sorted(curve["method"].unique()) if not curve.empty else []
     palette = dict(zip(methods, sns.color_palette(n_colors=max(len(methods), 1))))
     for ax, ((data, model), panel) in zip(axes[0], panels):
+        dots = runs[(runs["data"] == data) & (runs["model"] == model)]
         for method, points in panel.groupby("method", sort=True):
-            points = points.sort_values(x)
-            ax.plot(points[x], points[y], "o-", color=palette[method], label=method)
-            ax.fill_between(points[x], points["ci_low"], points["ci_high"], color=palette[method], alpha=0.2)
+            _draw_spread(ax, points.sort_values(x), dots[dots["method"] == method], x, y, palette[method], method)
         ax.set_title(f"{data} / {model}", fontsize=10)
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         ax.legend(fontsize=8)
-    figure.suptitle(f"{y} vs {x}: mean over seeds, shaded {level:.0%} interval")
+    figure.suptitle(f"{y} vs {x}: runs (dots), mean over seeds (line), +- 1 sd (band)")
     return figure
+
+
+def _draw_spread(ax: Axes, points: pd.DataFrame, runs: pd.DataFrame, x: str, y: str, color: Any, label: str) -> None:
+    spread = points["std"].fillna(0.0)
+    ax.scatter(runs[x], runs[y], color=color, s=12, alpha=0.5)
+    ax.errorbar(points[x], points[y], yerr=spread, fmt="o-", color=color, capsize=3, label=label)
+    ax.fill_between(points[x], points[y] - spread, points[y] + spread, color=color, alpha=0.15)
 
 
 def load_sensitivity(tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -124,6 +125,14 @@ def test_notebook_is_kept_without_outputs_and_has_parameters(name: str) -> None:
     assert "parameters" in code[0].metadata.get("tags", [])
     assert "tracking_uri = None" in code[0].source and "sweep = None" in code[0].source
     assert set(notebook.metadata) <= {"kernelspec", "language_info"}  # no widget state, no run metadata
+
+
+@pytest.mark.parametrize("name", NOTEBOOK_NAMES)
+def test_notebook_is_already_what_nbstripout_makes_of_it(name: str) -> None:
+    path = NOTEBOOKS / name
+    stripped = subprocess.run([sys.executable, "-m", "nbstripout", "--textconv", str(path)],
+                              capture_output=True, text=True, check=True, timeout=60).stdout
+    assert stripped == path.read_text()
 
 
 def test_every_notebook_is_listed() -> None:
