@@ -231,8 +231,8 @@ def _training_batches(trainer: pl.Trainer, count: int) -> list[tuple[torch.Tenso
     if loader is None:
         raise RuntimeError("criterion='taylor' needs training batches; fit with a datamodule or a train dataloader")
     batches = []
-    for inputs, targets in loader:
-        batches.append((inputs, targets))
+    for batch in loader:  # (images, labels) or (images, labels, indices)
+        batches.append((batch[0], batch[1]))
         if len(batches) == count:
             break
     return batches
@@ -718,7 +718,7 @@ def _example_input(trainer: pl.Trainer) -> torch.Tensor:
     shape = getattr(datamodule, "shape", None)
     if shape is not None and hasattr(shape, "in_channels"):
         return torch.zeros(1, shape.in_channels, shape.image_size, shape.image_size)
-    inputs, _ = next(iter(datamodule.train_dataloader()))
+    inputs = next(iter(datamodule.train_dataloader()))[0]
     return torch.zeros_like(inputs[:1])
 
 

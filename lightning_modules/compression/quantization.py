@@ -793,8 +793,8 @@ def _training_inputs(trainer: pl.Trainer, count: int) -> list[torch.Tensor]:
     if loader is None:
         raise RuntimeError("calibration needs training batches; fit with a datamodule or a train dataloader")
     inputs = []
-    for batch, _ in loader:
-        inputs.append(batch)
+    for batch in loader:  # (images, labels) or (images, labels, indices)
+        inputs.append(batch[0])
         if len(inputs) == count:
             break
     return inputs
@@ -1031,7 +1031,7 @@ class MixedPrecision(LowBit):
 
     def choose_bits(self, model: nn.Module, trainer: pl.Trainer) -> None:
         loader = trainer.datamodule.train_dataloader()
-        batches = [batch for batch, _ in zip(loader, range(self.sensitivity_batches))]
+        batches = [(batch[0], batch[1]) for batch, _ in zip(loader, range(self.sensitivity_batches))]
         folded = fold_batchnorm(trace(copy.deepcopy(model)))
         layers = {name: m for name, m in folded.named_modules()
                   if isinstance(m, (nn.Conv2d, nn.Linear)) and name not in self.skip_layers}
