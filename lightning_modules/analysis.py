@@ -231,9 +231,9 @@ def pareto_mask(x: Sequence[float], y: Sequence[float], x_larger_better: bool, y
 
 def pareto_front(runs: pd.DataFrame, x: str, y: str, x_larger_better: bool, y_larger_better: bool = True,
                  by: Sequence[str] = ()) -> pd.DataFrame:
-    """The runs on the front of (x, y), computed within each group of `by`, sorted by x."""
-    if runs.empty:
-        return runs.copy()
+    """The runs on the front of (x, y), computed within each group of `by`, sorted by x (none without x or y)."""
+    if runs.empty or not {x, y, *by} <= set(runs.columns):
+        return runs.iloc[0:0].copy()
     groups = runs.groupby(list(by), dropna=False, sort=True) if by else [((), runs)]
     fronts = [group[pareto_mask(group[x], group[y], x_larger_better, y_larger_better)] for _, group in groups]
     return pd.concat(fronts).sort_values([*by, x]).reset_index(drop=True)

@@ -262,6 +262,13 @@ def test_heatmaps_average_over_seeds_and_tell_datasets_apart() -> None:
     assert pytest.approx(0.55) in cells and pytest.approx(2.55) in cells  # magnitude: mean of 0.5 and 0.6
 
 
+def test_grid_overview_of_no_runs_still_draws(tmp_path: Path) -> None:
+    overview = analysis.grid_overview(analysis.tidy_runs([]), budget=1.0)
+    assert set(overview.figures) == {"accuracy_vs_compression", "accuracy_vs_latency", "heatmaps"}
+    assert all(front.empty for front in overview.fronts.values()) and overview.best.empty
+    assert analysis.figure_png(overview.figures["heatmaps"], tmp_path / "h.png").read_bytes().startswith(PNG_MAGIC)
+
+
 def test_scatter_survives_runs_without_the_metric() -> None:
     figure = analysis.accuracy_vs_latency(_grid_frame().drop(columns=["latency_ms_p50_bs1"]))
     assert "no runs with these metrics" in [t.get_text() for t in figure.axes[0].texts]
