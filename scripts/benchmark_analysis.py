@@ -9,6 +9,7 @@ The runs are written cheaply, straight into a scratch SQLite store with MlflowCl
 
     .venv/bin/python scripts/benchmark_analysis.py                  # 1,000 runs
     .venv/bin/python scripts/benchmark_analysis.py --runs 5000 --store /tmp/big   # keep the store, reuse it
+    .venv/bin/python scripts/benchmark_analysis.py --notebook      # and the notebook itself, headless
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, installed or not
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from anywhere, installed or not
 
 from lightning_modules import analysis  # noqa: E402
 
@@ -74,13 +76,13 @@ def fake_metrics(model: str, method: str, hardware: str, rng: np.random.Generato
     return metrics
 
 
-def write_store(root: Path, count: int) -> str:
-    """A store holding one sweep of `count` fake runs; returns its URI (reused when it already has them)."""
+def write_store(root: Path, count: int) -> tuple[str, bool]:
+    """A store holding one sweep of `count` fake runs: (its URI, whether it was written now or reused)."""
     uri = f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(analysis.DEFAULT_EXPERIMENT)
     if found is not None and len(client.search_runs([found.experiment_id], max_results=count + 1)) > count:
-        return uri
+        return uri, False
     exp_id = found.experiment_id if found is not None else client.create_experiment(
         analysis.DEFAULT_EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
     parent = client.create_run(exp_id, run_name=f"sweep-{SWEEP}", tags={"sweep": SWEEP, "role": "sweep"}).info.run_id
@@ -97,7 +99,7 @@ def write_store(root: Path, count: int) -> str:
                          params=[Param(k, v) for k, v in params.items()])
         client.set_terminated(run_id, "FINISHED")
     client.set_terminated(parent, "FINISHED")
-    return uri
+    return uri, True
 
 
 def measure_once(uri: str, png_dir: Path) -> dict[str, float]:
@@ -117,20 +119,37 @@ def measure_once(uri: str, png_dir: Path) -> dict[str, float]:
     return seconds
 
 
+def run_notebook(uri: str) -> float:
+    """Seconds to execute the grid-overview notebook on the store, parameters injected as papermill does."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(ROOT / "notebooks" / "01_grid_overview.ipynb", as_version=4)
+    index = next(i for i, cell in enumerate(notebook.cells) if "parameters" in cell.metadata.get("tags", []))
+    notebook.cells.insert(index + 1, nbformat.v4.new_code_cell(f"tracking_uri = {uri!r}\nsweep = {SWEEP!r}"))
+    started = time.perf_counter()
+    NotebookClient(notebook, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(ROOT)}}).execute()
+    return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=1000, help="runs in the store (default 1000)")
     parser.add_argument("--repeats", type=int, default=3, help="measurements; the median is reported")
     parser.add_argument("--store", type=Path, default=None, help="folder to keep (and reuse) the store in")
+    parser.add_argument("--notebook", action="store_true",
+                        help="also execute notebooks/01_grid_overview.ipynb headless (needs the dev extra)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="benchmark-analysis-") as scratch:
         root = args.store or Path(scratch)
         root.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        uri = write_store(root, args.runs)
-        print(f"store with {args.runs} runs ready in {time.perf_counter() - started:.1f}s: {uri}")
+        uri, written = write_store(root, args.runs)
+        print(f"store with {args.runs} runs {'written' if written else 'reused'} in "
+              f"{time.perf_counter() - started:.1f}s: {uri}")
         results = [measure_once(uri, Path(scratch)) for _ in range(args.repeats)]
+        notebook_seconds = run_notebook(uri) if args.notebook else None
 
     assert all(r["runs"] == args.runs for r in results), f"loaded {[r['runs'] for r in results]} runs"
     print(f"grid overview of {args.runs} runs, median of {args.repeats} (seconds):")
@@ -139,6 +158,8 @@ def main() -> None:
         print(f"  {phase:8s} {statistics.median(values):7.2f}   (min {min(values):.2f}, max {max(values):.2f})")
     totals = [r["load"] + r["figures"] + r["render"] for r in results]
     print(f"  {'total':8s} {statistics.median(totals):7.2f}   (min {min(totals):.2f}, max {max(totals):.2f})")
+    if notebook_seconds is not None:
+        print(f"notebooks/01_grid_overview.ipynb top to bottom (nbclient, kernel start included): {notebook_seconds:.2f}")
 
 
 if __name__ == "__main__":
