@@ -218,12 +218,15 @@ def evaluate_and_track(cfg: DictConfig, run: TrackedRun, model: nn.Module, basel
         artifacts = Path(scratch) / "artifacts"  # everything in it goes to the run in one call
         (artifacts / "model").mkdir(parents=True)
         # models a callback keeps for comparison (QAT's fake-quant model), scored as test_acc_<name>
-        references = {name: ref for cb in callbacks for name, ref in getattr(cb, "reference_models", dict)().items()}
+        references = {name: ref for cb in callbacks for name, ref in cb.reference_models().items()}
         report: Report = measure(model, baseline, data, cfg.hardware, device, artifacts / "model", Path(scratch),
                                  references)
         timings["time_evaluate_s"] = time.perf_counter() - started
         started = time.perf_counter()
-        tables = {**report.tables, **{f"{cb.name}_summary.csv": cb.summary(model) for cb in callbacks}}
+        summaries = {callback.name: callback.summary(model) for callback in callbacks}
+        tables = {**report.tables, **{f"{name}_summary.csv": rows for name, rows in summaries.items()}}
+        # every layer a method left alone is in its summary with the reason, and counted here
+        skipped = {f"layers_skipped_{name}": sum(1 for row in rows if row.get("skipped")) for name, rows in summaries.items()}
         for artifact_file, rows in tables.items():
             if rows:
                 (artifacts / artifact_file).write_text(csv_text(rows))
@@ -232,7 +235,7 @@ def evaluate_and_track(cfg: DictConfig, run: TrackedRun, model: nn.Module, basel
         run.log_folder(artifacts)
         timings["time_track_s"] = time.perf_counter() - started
     timings["run_time_s"] = time.perf_counter() - run.started
-    metrics = {**report.metrics, **timings}
+    metrics = {**report.metrics, **skipped, **timings}
     run.log_metrics(metrics)
     log.info("%s: test_acc %.2f%% (drop %.2f, 95%% CI %.2f..%.2f), %.1fx smaller, speedup bs1 %.2fx",
              run_name(cfg), metrics["test_acc"], metrics["acc_drop"], metrics["acc_drop_ci95_low"],

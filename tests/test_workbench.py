@@ -68,6 +68,7 @@ def test_baseline_is_trained_once_for_two_compression_runs(tmp_path: Path, store
     for run in pruned:
         assert run.info.status == "FINISHED"
         assert run.data.tags["baseline_run_id"] == baseline_id
+        assert run.data.metrics["layers_skipped_magnitude"] == 2  # first and last, by default
         assert run.data.metrics["baseline_test_acc"] == trained_baselines[0].data.metrics["test_acc"]
         assert run.data.metrics["time_baseline_s"] < trained_baselines[0].data.metrics["train_time_s"] + 5
     sparsities = sorted(r.data.metrics["sparsity"] for r in pruned)

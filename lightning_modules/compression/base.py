@@ -35,8 +35,14 @@ class CompressionCallback(pl.Callback):
         return model
 
     def summary(self, model: nn.Module) -> list[dict[str, Any]]:
-        """Per-layer facts of the finalized model; one row per layer."""
+        """Per-layer facts of the finalized model; one row per layer. A layer the method left
+        alone has its reason in a `skipped` column (counted as the run's layers_skipped_<name>)."""
         return []
+
+    def reference_models(self) -> dict[str, nn.Module]:
+        """Training-time forms to score beside the deployed model, logged as test_acc_<name>
+        (QAT's fake-quant model); none by default."""
+        return {}
 
 
 def weighted_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
