@@ -46,9 +46,13 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--width", type=float, default=0.25)
+    parser.add_argument("--alpha", type=float, default=None, help="method.callbacks.distill.alpha (default: the config's)")
+    parser.add_argument("--temperature", type=float, default=None, help="method.callbacks.distill.temperature")
     args = parser.parse_args()
     seeds = ",".join(str(s) for s in range(args.seeds))
     student = ["model=lenet5", f"model.net.width_multiplier={args.width}"]
+    kd = [f"method.callbacks.distill.{key}={value}" for key, value in
+          (("alpha", args.alpha), ("temperature", args.temperature)) if value is not None]
     online_epochs = max(2, args.epochs // 5)
 
     with tempfile.TemporaryDirectory(prefix="workbench-kd-") as scratch:
@@ -56,14 +60,16 @@ def main() -> None:
         train(uri, Path(scratch) / "teacher", "model=resnet20", "method=baseline", f"baseline.epochs={args.teacher_epochs}")
         teacher = runs(uri, model="resnet20")[0]
         teacher_uri = f"runs:/{teacher.info.run_id}/model/model.pt"
-        train(uri, Path(scratch) / "students", *student, f"baseline.epochs={args.epochs}", "method=baseline,kd",
-              f"seed={seeds}", f"++method.teacher.uri={teacher_uri}")
+        train(uri, Path(scratch) / "students", *student, f"baseline.epochs={args.epochs}", "method=baseline",
+              f"seed={seeds}")
+        train(uri, Path(scratch) / "kd", *student, f"baseline.epochs={args.epochs}", "method=kd",
+              f"seed={seeds}", f"method.teacher.uri={teacher_uri}", *kd)
         student_runs = sorted(runs(uri, model="lenet5"), key=lambda r: r.info.start_time)
         baselines = {r.data.tags["seed"]: r for r in student_runs if r.data.tags["method"] == "baseline"}
         cached = {r.data.tags["seed"]: r for r in student_runs if r.data.tags["method"] == "kd"}
         # a short online run: the teacher runs on every batch (what augmented data requires)
         train(uri, Path(scratch) / "online", *student, f"baseline.epochs={online_epochs}", "method=kd", "seed=0",
-              f"++method.teacher.uri={teacher_uri}", "++method.callbacks.distill.teacher_logits=online")
+              f"method.teacher.uri={teacher_uri}", "method.callbacks.distill.teacher_logits=online", *kd)
         online = max(runs(uri, model="lenet5", method="kd"), key=lambda r: r.info.start_time)
         online_student = max(runs(uri, model="lenet5", method="baseline"), key=lambda r: r.info.start_time)
 
