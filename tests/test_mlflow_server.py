@@ -7,11 +7,13 @@ terminated, with every wait bounded.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -32,6 +34,7 @@ pytestmark = pytest.mark.slow
 MLFLOW = ROOT / ".venv" / "bin" / "mlflow"
 START_TIMEOUT_S = 90.0
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @pytest.fixture(scope="session")
@@ -59,6 +62,13 @@ def wait_until_healthy(url: str, server: subprocess.Popen, log_file: Path) -> No
     pytest.fail(f"mlflow server not healthy after {START_TIMEOUT_S:.0f}s:\n{log_file.read_text()[-3000:]}")
 
 
+def die_with_parent() -> None:
+    """In the server's process (Linux): SIGTERM when pytest dies, even killed outright, so no server is
+    left behind; mlflow forwards SIGTERM to its uvicorn child."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def stop(server: subprocess.Popen) -> None:
     """SIGTERM to the server's own process group (it runs uvicorn as a child), SIGKILL if it lingers."""
     if server.poll() is None:
@@ -78,7 +88,8 @@ def server(digits_sweep: DigitsSweep, tmp_path_factory: pytest.TempPathFactory) 
     command = [str(MLFLOW if MLFLOW.exists() else "mlflow"), "server", "--backend-store-uri", digits_sweep.uri,
                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     with log_file.open("w") as log:
-        process = subprocess.Popen(command, cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(command, cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=die_with_parent)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until_healthy(url, process, log_file)
