@@ -81,10 +81,33 @@ def _strip_metadata(path: Path) -> None:
             node.doc_string = ""
         if hasattr(graph, "doc_string"):
             graph.doc_string = ""
-    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+    for value in [*model.graph.input, *model.graph.output]:
         del value.metadata_props[:]
+    # intermediate shape annotations: ONNX Runtime infers them again when it loads the file
+    del model.graph.value_info[:]
+    for node in model.graph.node:
+        node.name = ""  # optional in ONNX; the exporter's names are long
+    _shorten_tensor_names(model.graph)
     del model.graph.metadata_props[:]
     onnx.save(model, str(path))
+
+
+def _shorten_tensor_names(graph) -> None:
+    """Rename the graph's inner tensors (not its inputs and outputs) to short ids: the exporter's
+    module paths are repeated in every node that reads them."""
+    keep = {value.name for value in [*graph.input, *graph.output]}
+    names: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if not name or name in keep:
+            return name
+        return names.setdefault(name, f"t{len(names)}")
+
+    for initializer in graph.initializer:
+        initializer.name = short(initializer.name)
+    for node in graph.node:
+        node.input[:] = [short(name) for name in node.input]
+        node.output[:] = [short(name) for name in node.output]
 
 
 def _session_options(threads: int | None, optimized_path: str | None = None):
