@@ -51,3 +51,18 @@ def weighted_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         if isinstance(module, WEIGHTED_LAYERS):
             yield name, module
 
+
+def skipped_layers(model: nn.Module, skip_layers: list[str]) -> dict[str, str]:
+    """{layer name: reason} for the Linear/Conv layers named in `skip_layers`, where `first` and
+    `last` stand for the model's first and last weighted layer.
+
+    Raises:
+        ValueError: an entry names no weighted layer of the model (the message lists them).
+    """
+    names = [name for name, _ in weighted_layers(model)]
+    aliases = {"first": names[0] if names else None, "last": names[-1] if names else None}
+    skip = {aliases.get(entry, entry): entry for entry in skip_layers}
+    unknown = [entry for name, entry in skip.items() if name not in names]
+    if unknown:
+        raise ValueError(f"skip_layers has unknown layers {unknown}; allowed: first, last, {', '.join(names)}")
+    return {name: f"listed in skip_layers as {entry!r}" for name, entry in skip.items()}

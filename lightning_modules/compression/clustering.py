@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from lightning_modules.compression.base import CompressionCallback, weighted_layers
+from lightning_modules.compression.base import CompressionCallback, skipped_layers, weighted_layers
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +107,7 @@ class WeightClustering(CompressionCallback):
 
     # -- the workers
     def select_layers(self, model: nn.Module) -> dict[str, nn.Module]:
-        names = [name for name, _ in weighted_layers(model)]
-        aliases = {"first": names[0] if names else None, "last": names[-1] if names else None}
-        skip = {aliases.get(entry, entry): entry for entry in self.skip_layers}
-        unknown = [entry for name, entry in skip.items() if name not in names]
-        if unknown:
-            raise ValueError(f"skip_layers has unknown layers {unknown}; allowed: first, last, {', '.join(names)}")
-        self.skipped = {name: f"listed in skip_layers as {entry!r}" for name, entry in skip.items()}
+        self.skipped = skipped_layers(model, self.skip_layers)
         for name, reason in self.skipped.items():
             log.info("clustering skips %s: %s", name, reason)
         return {name: module for name, module in weighted_layers(model) if name not in self.skipped}

@@ -32,7 +32,7 @@ from pytorch_lightning.callbacks import ModelPruning
 from torch import nn
 
 from lightning_modules.compression import channel_surgery
-from lightning_modules.compression.base import CompressionCallback, weighted_layers
+from lightning_modules.compression.base import CompressionCallback, skipped_layers, weighted_layers
 from lightning_modules.evaluation.complexity import layer_table
 
 log = logging.getLogger(__name__)
@@ -321,15 +321,9 @@ class MaskedPruning(CompressionCallback):
         """Prune `model` to `sparsity` (of the selected layers); weights pruned before stay pruned."""
         sparsity = _check_fraction("sparsity (scheduled)", sparsity)
         targets = self.select_layers(model)
-        saliency = {}
-        if self.criterion == "taylor":
-            if trainer is None:
-                raise ValueError("criterion='taylor' needs the trainer's training batches")
-            saliency = taylor_saliency(model, targets, _training_batches(trainer, self.taylor_batches))
         scores = {}
-        for name, module in targets.items():
-            score = IMPORTANCE[self.criterion](module.weight, self._generator, saliency.get(name)).float()
-            old = getattr(module, MASK, None)
+        for name, score in self.scores(model, targets, trainer).items():
+            old = getattr(targets[name], MASK, None)
             scores[name] = score if old is None else score.masked_fill(old == 0, -math.inf)
         if self.scope == "global":
             masks = global_masks(scores, sparsity)
@@ -340,6 +334,16 @@ class MaskedPruning(CompressionCallback):
         self.cuts += 1
         log.info("%s pruning: cut %d to sparsity %.4f over %d layers", self.name, self.cuts, sparsity, len(targets))
 
+    def scores(self, model: nn.Module, targets: dict[str, nn.Module], trainer: pl.Trainer | None) -> dict[str, torch.Tensor]:
+        """The criterion's importance of every weight of the target layers (higher: kept)."""
+        saliency = {}
+        if self.criterion == "taylor":
+            if trainer is None:
+                raise ValueError("criterion='taylor' needs the trainer's training batches")
+            saliency = taylor_saliency(model, targets, _training_batches(trainer, self.taylor_batches))
+        return {name: IMPORTANCE[self.criterion](module.weight, self._generator, saliency.get(name)).float()
+                for name, module in targets.items()}
+
     def layer_target(self, name: str, sparsity: float) -> float:
         """A layer's share of a (possibly intermediate) cut: its override scaled by the progress to the target."""
         if name not in self.layer_sparsity or self.sparsity == 0:
@@ -348,16 +352,11 @@ class MaskedPruning(CompressionCallback):
 
     def select_layers(self, model: nn.Module) -> dict[str, nn.Module]:
         """The one filter deciding which layers are pruned; records why the others are not."""
+        skipped = skipped_layers(model, self.skip_layers)
         names = [name for name, _ in weighted_layers(model)]
-        aliases = {"first": names[0] if names else None, "last": names[-1] if names else None}
-        skip = {aliases.get(entry, entry): entry for entry in self.skip_layers}
-        unknown = [entry for name, entry in skip.items() if name not in names]
-        if unknown:
-            raise ValueError(f"skip_layers has unknown layers {unknown}; allowed: first, last, {', '.join(names)}")
         unknown = [name for name in self.layer_sparsity if name not in names]
         if unknown:
             raise ValueError(f"layer_sparsity has unknown layers {unknown}; allowed: {', '.join(names)}")
-        skipped = {name: f"listed in skip_layers as {entry!r}" for name, entry in skip.items()}
         if skipped != self.skipped:
             for name, reason in skipped.items():
                 log.info("%s pruning skips %s: %s", self.name, name, reason)
@@ -808,15 +807,7 @@ class NMPruning(MaskedPruning):
 
     def prune(self, model: nn.Module, trainer: pl.Trainer | None = None) -> None:
         targets = self.select_layers(model)
-        saliency = {}
-        if self.criterion == "taylor":
-            if trainer is None:
-                raise ValueError("criterion='taylor' needs the trainer's training batches")
-            saliency = taylor_saliency(model, targets, _training_batches(trainer, self.taylor_batches))
-        masks = {}
-        for name, module in targets.items():
-            score = IMPORTANCE[self.criterion](module.weight, self._generator, saliency.get(name)).float()
-            masks[name] = nm_mask(score, self.n, self.m)
+        masks = {name: nm_mask(score, self.n, self.m) for name, score in self.scores(model, targets, trainer).items()}
         attach_masks(model, masks)
         self.current_sparsity, self.cuts = self.sparsity, self.cuts + 1
 
