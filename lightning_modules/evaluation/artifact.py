@@ -122,9 +122,12 @@ def encode_tensor(tensor: torch.Tensor) -> Encoded:
     if not tensor.is_floating_point():
         return dense
     candidates = [dense, _encode_bitmask(tensor)]
-    codebook, indices = torch.unique(tensor.flatten(), return_inverse=True)
-    if codebook.numel() <= MAX_CODEBOOK:
-        candidates.append(_encode_codebook(tensor, codebook, indices))
+    flat = tensor.flatten()
+    # more distinct values in a slice means more in the whole: most tensors are ruled out cheaply
+    if torch.unique(flat[: 4 * MAX_CODEBOOK]).numel() <= MAX_CODEBOOK:
+        codebook, indices = torch.unique(flat, return_inverse=True)
+        if codebook.numel() <= MAX_CODEBOOK:
+            candidates.append(_encode_codebook(tensor, codebook, indices))
     return min(candidates, key=_payload_bytes)
 
 
