@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from lightning_modules.compression import distillation
 from lightning_modules.compression.distillation import (
     FeatureDistillation, KnowledgeDistillation, make_adapter, soft_target_loss,
 )
@@ -16,6 +17,13 @@ from lightning_modules.data import InMemoryDataModule
 from lightning_modules.models import LeNet5, LeNet300
 from lightning_modules.task import ClassificationTask
 from tests.conftest import FAST, all_runs, compose_config, run_train
+
+
+@pytest.fixture(autouse=True)
+def empty_logit_cache():
+    distillation.LOGIT_CACHE.clear()
+    yield
+    distillation.LOGIT_CACHE.clear()
 
 
 def test_soft_target_loss_is_the_temperature_scaled_kl() -> None:
@@ -81,6 +89,24 @@ def test_teacher_runs_once_per_image_when_cached_and_per_batch_otherwise(mode, a
     assert CountingTeacher.calls == expected
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # no gradient reached it
     assert task.loss_terms == [] and data.return_indices is False and task.hard_loss_weight == pytest.approx(0.1)
+
+
+def test_runs_that_share_teacher_and_data_compute_the_logits_once() -> None:
+    data = InMemoryDataModule("digits", batch_size=64)
+    teacher = CountingTeacher(1, 8, 10)
+    CountingTeacher.calls = 0
+    for seed_student in (LeNet5(1, 8, 10), LeNet5(1, 8, 10)):
+        callback = KnowledgeDistillation()
+        callback.attach_teacher(teacher)
+        _fit(callback, data, seed_student)
+    assert CountingTeacher.calls == -(-len(data.split("train")) // 1000)  # the first run's pass only
+    other = CountingTeacher(1, 8, 10)
+    with torch.no_grad():
+        other.classifier[1].weight.add_(1.0)  # another teacher: computed anew
+    callback = KnowledgeDistillation()
+    callback.attach_teacher(other)
+    _fit(callback, data, LeNet5(1, 8, 10))
+    assert CountingTeacher.calls == 2 * -(-len(data.split("train")) // 1000)
 
 
 def test_distillation_moves_the_student_towards_the_teacher() -> None:

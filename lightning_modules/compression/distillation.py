@@ -14,6 +14,7 @@ teacher and student must see the same augmented view.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
@@ -28,6 +29,12 @@ from lightning_modules.data import InMemoryDataModule
 log = logging.getLogger(__name__)
 
 TEACHER_LOGITS = ("auto", "cache", "online")
+
+# The teacher's logits over a training split, kept for the process and keyed by the content of the
+# teacher's weights and of the images: the runs of a sweep that share both (seeds, methods) pay the
+# teacher's pass once. A few entries at most: each is (train images x classes) floats.
+LOGIT_CACHE: dict[str, torch.Tensor] = {}
+LOGIT_CACHE_ENTRIES = 4
 
 # ----------------------------------------------------------------------------- the math
 
@@ -87,7 +94,7 @@ class KnowledgeDistillation(CompressionCallback):
         pl_module.loss_terms.append(self.loss)
         if self.use_cache(data):
             data.return_indices = True
-            self.cached_logits = teacher_outputs(self.teacher, data.split("train").tensors[0], pl_module.device)
+            self.cached_logits = cached_teacher_outputs(self.teacher, data.split("train").tensors[0], pl_module.device)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the strategy has moved the student to its device by now: the teacher follows
@@ -222,3 +229,22 @@ def teacher_outputs(teacher: nn.Module, images: torch.Tensor, device: torch.devi
     """The teacher's logits for every image, in order (the cache)."""
     teacher.eval()
     return torch.cat([teacher(images[i : i + batch_size].to(device)) for i in range(0, len(images), batch_size)])
+
+
+def content_key(teacher: nn.Module, images: torch.Tensor) -> str:
+    digest = hashlib.sha256()
+    for tensor in [*teacher.state_dict().values(), images]:
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cached_teacher_outputs(teacher: nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`teacher_outputs`, computed once per (teacher weights, images) in this process."""
+    key = content_key(teacher, images)
+    if key not in LOGIT_CACHE:
+        while len(LOGIT_CACHE) >= LOGIT_CACHE_ENTRIES:
+            LOGIT_CACHE.pop(next(iter(LOGIT_CACHE)))  # the oldest entry
+        LOGIT_CACHE[key] = teacher_outputs(teacher, images, device).cpu()
+    else:
+        log.info("teacher logits found in this process's cache")
+    return LOGIT_CACHE[key]
