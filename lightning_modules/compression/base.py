@@ -8,7 +8,7 @@ Hybrids are several callbacks listed in order in the method config; finalize run
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -66,3 +66,46 @@ def skipped_layers(model: nn.Module, skip_layers: list[str]) -> dict[str, str]:
     if unknown:
         raise ValueError(f"skip_layers has unknown layers {unknown}; allowed: first, last, {', '.join(names)}")
     return {name: f"listed in skip_layers as {entry!r}" for name, entry in skip.items()}
+
+
+def training_batches(trainer: pl.Trainer, count: int, purpose: str) -> list[tuple]:
+    """The first `count` (images, labels) batches of the trainer's training data, for methods that
+    look at data before they act (Taylor scores, calibration, sensitivity)."""
+    loader = trainer.datamodule.train_dataloader() if trainer.datamodule is not None else trainer.train_dataloader
+    if loader is None:
+        raise RuntimeError(f"{purpose} needs training batches; fit with a datamodule or a train dataloader")
+    batches = []
+    for batch in loader:  # (images, labels) or (images, labels, indices)
+        batches.append((batch[0], batch[1]))
+        if len(batches) == count:
+            break
+    return batches
+
+
+# ----------------------------------------------------------------------------- argument checks
+# Shared by the callbacks' constructors: a ValueError naming the argument, the value and what is
+# allowed (the pipeline prefixes it with the config key, method.callbacks.<slot>).
+
+
+def check_fraction(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{key}={value!r} is not valid; allowed: a fraction in [0, 1)")
+    return float(value)
+
+
+def check_choice(key: str, value: Any, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not valid; allowed: {', '.join(allowed)}")
+    return value
+
+
+def check_int(key: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key}={value!r} is not valid; allowed: an integer >= {minimum}")
+    return value
+
+
+def check_bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key}={value!r} is not valid; allowed: true or false")
+    return value

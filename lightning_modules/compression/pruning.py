@@ -32,7 +32,9 @@ from pytorch_lightning.callbacks import ModelPruning
 from torch import nn
 
 from lightning_modules.compression import channel_surgery
-from lightning_modules.compression.base import CompressionCallback, skipped_layers, weighted_layers
+from lightning_modules.compression.base import (
+    CompressionCallback, check_choice, check_fraction, check_int, skipped_layers, training_batches, weighted_layers,
+)
 from lightning_modules.evaluation.complexity import layer_table
 
 log = logging.getLogger(__name__)
@@ -226,41 +228,11 @@ def taylor_saliency(model: nn.Module, layers: dict[str, nn.Module], batches: Seq
     return saliency
 
 
-def _training_batches(trainer: pl.Trainer, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    loader = trainer.datamodule.train_dataloader() if trainer.datamodule is not None else trainer.train_dataloader
-    if loader is None:
-        raise RuntimeError("criterion='taylor' needs training batches; fit with a datamodule or a train dataloader")
-    batches = []
-    for batch in loader:  # (images, labels) or (images, labels, indices)
-        batches.append((batch[0], batch[1]))
-        if len(batches) == count:
-            break
-    return batches
-
-
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_fraction(key: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{key}={value!r} is not valid; allowed: a fraction in [0, 1)")
-    return float(value)
-
-
-def _check_choice(key: str, value: Any, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{key}={value!r} is not valid; allowed: {', '.join(allowed)}")
-    return value
-
-
-def _check_int(key: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{key}={value!r} is not valid; allowed: an integer >= {minimum}")
-    return value
-
-
 def _check_schedule(key: str, value: Schedule) -> Schedule:
-    return value if callable(value) else _check_fraction(key, value)
+    return value if callable(value) else check_fraction(key, value)
 
 
 # ----------------------------------------------------------------------------- the shared base
@@ -291,14 +263,14 @@ class MaskedPruning(CompressionCallback):
     def __init__(self, sparsity: float, scope: str = "global", criterion: str = "magnitude",
                  skip_layers: Sequence[str] = ("first", "last"), layer_sparsity: dict[str, float] | None = None,
                  taylor_batches: int = 8, seed: int = 0) -> None:
-        self.sparsity = _check_fraction("sparsity", sparsity)
-        self.scope = _check_choice("scope", scope, self.SCOPES)
-        self.criterion = _check_choice("criterion", criterion, list(IMPORTANCE))
-        self.layer_sparsity = {k: _check_fraction(f"layer_sparsity.{k}", v) for k, v in (layer_sparsity or {}).items()}
+        self.sparsity = check_fraction("sparsity", sparsity)
+        self.scope = check_choice("scope", scope, self.SCOPES)
+        self.criterion = check_choice("criterion", criterion, list(IMPORTANCE))
+        self.layer_sparsity = {k: check_fraction(f"layer_sparsity.{k}", v) for k, v in (layer_sparsity or {}).items()}
         if self.layer_sparsity and scope == "global":
             raise ValueError("layer_sparsity needs scope='layer'; with scope='global' one threshold ranks all layers")
         self.skip_layers = list(skip_layers)
-        self.taylor_batches = _check_int("taylor_batches", taylor_batches, 1)
+        self.taylor_batches = check_int("taylor_batches", taylor_batches, 1)
         self.seed = seed
         self.current_sparsity = 0.0  # the sparsity of the last cut
         self.cuts = 0
@@ -319,7 +291,7 @@ class MaskedPruning(CompressionCallback):
     # -- the worker
     def cut(self, model: nn.Module, sparsity: float, trainer: pl.Trainer | None = None) -> None:
         """Prune `model` to `sparsity` (of the selected layers); weights pruned before stay pruned."""
-        sparsity = _check_fraction("sparsity (scheduled)", sparsity)
+        sparsity = check_fraction("sparsity (scheduled)", sparsity)
         targets = self.select_layers(model)
         scores = {}
         for name, score in self.scores(model, targets, trainer).items():
@@ -340,7 +312,7 @@ class MaskedPruning(CompressionCallback):
         if self.criterion == "taylor":
             if trainer is None:
                 raise ValueError("criterion='taylor' needs the trainer's training batches")
-            saliency = taylor_saliency(model, targets, _training_batches(trainer, self.taylor_batches))
+            saliency = taylor_saliency(model, targets, training_batches(trainer, self.taylor_batches, "criterion='taylor'"))
         return {name: IMPORTANCE[self.criterion](module.weight, self._generator, saliency.get(name)).float()
                 for name, module in targets.items()}
 
@@ -416,10 +388,10 @@ class IterativePruning(MaskedPruning):
 
     def __init__(self, sparsity: float, fraction_per_cycle: float = 0.5, epochs_per_cycle: int = 1, **kwargs: Any) -> None:
         super().__init__(sparsity, **kwargs)
-        self.fraction_per_cycle = _check_fraction("fraction_per_cycle", fraction_per_cycle)
+        self.fraction_per_cycle = check_fraction("fraction_per_cycle", fraction_per_cycle)
         if self.fraction_per_cycle == 0.0 and self.sparsity > 0:
             raise ValueError("fraction_per_cycle=0.0 is not valid; allowed: a fraction in (0, 1) when sparsity > 0")
-        self.epochs_per_cycle = _check_int("epochs_per_cycle", epochs_per_cycle, 1)
+        self.epochs_per_cycle = check_int("epochs_per_cycle", epochs_per_cycle, 1)
         self.levels = iterative_sparsities(self.sparsity, self.fraction_per_cycle) if self.sparsity > 0 else []
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -452,7 +424,7 @@ class LotteryTicket(IterativePruning):
     def __init__(self, sparsity: float, rewind_step: int = 0, **kwargs: Any) -> None:
         kwargs.setdefault("scope", "global")
         super().__init__(sparsity, **kwargs)
-        self.rewind_step = _check_int("rewind_step", rewind_step, 0)
+        self.rewind_step = check_int("rewind_step", rewind_step, 0)
         self.rewind_state: dict[str, torch.Tensor] | None = None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -494,16 +466,16 @@ class _Ramp:
     def __init__(self, final: Schedule, initial: float, begin: float, end: float, unit: str, frequency: int,
                  power: float) -> None:
         self.final = _check_schedule("sparsity", final)
-        self.initial = _check_fraction("initial_sparsity", initial)
+        self.initial = check_fraction("initial_sparsity", initial)
         if not callable(final) and self.initial > final:
             raise ValueError(f"initial_sparsity={initial!r} is not valid; allowed: <= sparsity={final!r}")
-        self.unit = _check_choice("unit", unit, UNITS)
+        self.unit = check_choice("unit", unit, UNITS)
         if isinstance(begin, bool) or not isinstance(begin, (int, float)) or begin < 0:
             raise ValueError(f"begin={begin!r} is not valid; allowed: a number >= 0")
         if isinstance(end, bool) or not isinstance(end, (int, float)) or end <= begin:
             raise ValueError(f"end={end!r} is not valid; allowed: a number > begin={begin!r}")
         self.begin, self.end = begin, end
-        self.frequency = _check_int("frequency", frequency, 1)
+        self.frequency = check_int("frequency", frequency, 1)
         if isinstance(power, bool) or not isinstance(power, (int, float)) or power <= 0:
             raise ValueError(f"power={power!r} is not valid; allowed: a number > 0")
         self.power = float(power)
@@ -585,11 +557,11 @@ class ChannelPruning(CompressionCallback):
                  skip_layers: Sequence[str] = (), layer_sparsity: dict[str, float] | None = None,
                  initial_sparsity: float = 0.0, begin: float = 0, end: float = 2, unit: str = "epoch",
                  frequency: int = 10, power: float = 3.0) -> None:
-        self.sparsity = _check_fraction("sparsity", sparsity)
-        self.criterion = _check_choice("criterion", criterion, self.CRITERIA)
-        self.mode = _check_choice("mode", mode, self.MODES)
+        self.sparsity = check_fraction("sparsity", sparsity)
+        self.criterion = check_choice("criterion", criterion, self.CRITERIA)
+        self.mode = check_choice("mode", mode, self.MODES)
         self.skip_layers = list(skip_layers)
-        self.layer_sparsity = {k: _check_fraction(f"layer_sparsity.{k}", v) for k, v in (layer_sparsity or {}).items()}
+        self.layer_sparsity = {k: check_fraction(f"layer_sparsity.{k}", v) for k, v in (layer_sparsity or {}).items()}
         self.ramp = _Ramp(self.sparsity, initial_sparsity, begin, end, unit, frequency, power) if mode == "gradual" else None
         self.schedule: Callable[[int], float] | None = None
         self.groups: list[channel_surgery.ChannelGroup] | None = None
@@ -790,14 +762,14 @@ class NMPruning(MaskedPruning):
     def __init__(self, sparsity: float = 0.5, m: int = 4, n: int | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("scope", "layer")
         super().__init__(sparsity, **kwargs)
-        self.m = _check_int("m", m, 2)
+        self.m = check_int("m", m, 2)
         derived = self.m - self.sparsity * self.m
         if n is None:
             if abs(derived - round(derived)) > 1e-6 or round(derived) < 1:
                 raise ValueError(f"sparsity={sparsity!r} is not valid for m={m}; allowed: 1 - n/m for an integer "
                                  f"1 <= n < m, e.g. {', '.join(str(1 - k / self.m) for k in range(1, self.m))}")
             n = int(round(derived))
-        self.n = _check_int("n", n, 1)
+        self.n = check_int("n", n, 1)
         if self.n >= self.m or abs((1 - self.n / self.m) - self.sparsity) > 1e-6:
             raise ValueError(f"n={n!r} is not valid for m={m} and sparsity={sparsity!r}; allowed: n = m * (1 - sparsity)")
 
@@ -853,9 +825,9 @@ class LightningReference(ModelPruning, CompressionCallback):
 
     def __init__(self, sparsity: float, ramp_epochs: int = 2, initial_sparsity: float = 0.0,
                  skip_layers: Sequence[str] = ("first", "last")) -> None:
-        self.sparsity = _check_fraction("sparsity", sparsity)
-        self.ramp_epochs = _check_int("ramp_epochs", ramp_epochs, 1)
-        self.initial_sparsity = _check_fraction("initial_sparsity", initial_sparsity)
+        self.sparsity = check_fraction("sparsity", sparsity)
+        self.ramp_epochs = check_int("ramp_epochs", ramp_epochs, 1)
+        self.initial_sparsity = check_fraction("initial_sparsity", initial_sparsity)
         self.skip_layers = list(skip_layers)
         self.skipped: dict[str, str] = {}
         super().__init__(pruning_fn="l1_unstructured", amount=self.amount_at_epoch_end, use_global_unstructured=True,
@@ -925,8 +897,8 @@ def layer_sensitivity(model: nn.Module, evaluate: Callable[[nn.Module], float], 
     Raises:
         ValueError: for a criterion that needs gradients or is unknown, a bad sparsity, an unknown layer.
     """
-    _check_choice("criterion", criterion, ["magnitude", "random"])
-    sparsities = [_check_fraction("sparsities", s) for s in sparsities]
+    check_choice("criterion", criterion, ["magnitude", "random"])
+    sparsities = [check_fraction("sparsities", s) for s in sparsities]
     names = [name for name, _ in weighted_layers(model)]
     unknown = [name for name in (layers or []) if name not in names]
     if unknown:

@@ -37,7 +37,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.compression.base import CompressionCallback
+from lightning_modules.compression.base import CompressionCallback, check_bool, check_int, training_batches
 
 log = logging.getLogger(__name__)
 
@@ -769,35 +769,11 @@ def dequantized(model: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_int(key: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{key}={value!r} is not valid; allowed: an integer >= {minimum}")
-    return value
-
-
-def _check_bool(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{key}={value!r} is not valid; allowed: true or false")
-    return value
-
-
 def _scheme(**kwargs: Any) -> QuantScheme:
     for key in ("per_channel", "symmetric_weights", "symmetric_activations", "learn_scales"):
         if key in kwargs:
-            _check_bool(key, kwargs[key])
+            check_bool(key, kwargs[key])
     return QuantScheme(**kwargs)
-
-
-def _training_inputs(trainer: pl.Trainer, count: int) -> list[torch.Tensor]:
-    loader = trainer.datamodule.train_dataloader() if trainer.datamodule is not None else trainer.train_dataloader
-    if loader is None:
-        raise RuntimeError("calibration needs training batches; fit with a datamodule or a train dataloader")
-    inputs = []
-    for batch in loader:  # (images, labels) or (images, labels, indices)
-        inputs.append(batch[0])
-        if len(inputs) == count:
-            break
-    return inputs
 
 
 # ----------------------------------------------------------------------------- the callbacks
@@ -828,7 +804,7 @@ class StaticQuantization(CompressionCallback):
                               percentile=percentile, momentum=momentum, per_channel=per_channel,
                               symmetric_weights=symmetric_weights, symmetric_activations=symmetric_activations,
                               learn_scales=learn_scales)
-        self.calibration_batches = _check_int("calibration_batches", calibration_batches, 1)
+        self.calibration_batches = check_int("calibration_batches", calibration_batches, 1)
         self.skip_layers = list(skip_layers)
         self.layer_schemes: dict[str, QuantScheme] = {}
         self.prepared: Prepared | None = None
@@ -851,7 +827,7 @@ class StaticQuantization(CompressionCallback):
             wrapper.fake_quant = self.train_with_fake_quant
 
     def calibrate(self, model: nn.Module, trainer: pl.Trainer) -> None:
-        self.calibrated_images = calibrate(model, self.prepared, _training_inputs(trainer, self.calibration_batches))
+        self.calibrated_images = calibrate(model, self.prepared, [images for images, _ in training_batches(trainer, self.calibration_batches, 'calibration')])
         log.info("%s: calibrated %d activation quantizers on %d images (observer %s)", self.name,
                  len(self.prepared.quantizers), self.calibrated_images, self.scheme.observer)
         set_mode(self.prepared, observing=self.train_with_fake_quant, fake_quant=self.train_with_fake_quant)
@@ -1021,7 +997,7 @@ class MixedPrecision(LowBit):
             raise ValueError(f"budget_bits={budget_bits!r} is not valid; allowed: a number in "
                              f"[{min(self.candidate_bits)}, {max(self.candidate_bits)}]")
         self.budget_bits = float(budget_bits)
-        self.sensitivity_batches = _check_int("sensitivity_batches", sensitivity_batches, 1)
+        self.sensitivity_batches = check_int("sensitivity_batches", sensitivity_batches, 1)
         self.sensitivity: dict[str, dict[int, float]] = {}
 
     def prepare(self, pl_module: pl.LightningModule, trainer: pl.Trainer | None = None) -> None:
@@ -1030,8 +1006,7 @@ class MixedPrecision(LowBit):
         super().prepare(pl_module, trainer)
 
     def choose_bits(self, model: nn.Module, trainer: pl.Trainer) -> None:
-        loader = trainer.datamodule.train_dataloader()
-        batches = [(batch[0], batch[1]) for batch, _ in zip(loader, range(self.sensitivity_batches))]
+        batches = training_batches(trainer, self.sensitivity_batches, "mixed precision's sensitivity")
         folded = fold_batchnorm(trace(copy.deepcopy(model)))
         layers = {name: m for name, m in folded.named_modules()
                   if isinstance(m, (nn.Conv2d, nn.Linear)) and name not in self.skip_layers}
