@@ -62,8 +62,9 @@ def measure(
     input_shape = tuple(test.tensors[0].shape[1:])
     runtime = RUNTIMES[hardware.runtime]
     threads = hardware.get("threads")
+    encodings = encoding_table(shipped)
     packed = (any(getattr(module, "weight_bits", 8) < 8 for module in shipped.modules())
-              or any(row["encoding"] in NARROW_ENCODINGS for row in encoding_table(shipped)))
+              or any(row["encoding"] in NARROW_ENCODINGS for row in encodings))
     extra: dict[str, float] = {"size_bytes_pt": size_bytes}
     if runtime.save is not None:
         runtime_file = artifact_dir / f"model{runtime.suffix}"
@@ -126,6 +127,6 @@ def measure(
         if label is not None:
             metrics[f"{label}_{key}"] = model_latency[key]
             metrics[f"{label}_speedup_bs{batch_size}"] = metrics[f"speedup_bs{batch_size}"]
-    tables = {"layers.csv": layer_table(counted), "encoding.csv": encoding_table(shipped)}
+    tables = {"layers.csv": layer_table(counted), "encoding.csv": encodings}
     return Report(metrics, tables, artifact)
 
