@@ -20,7 +20,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from hydra.utils import get_class
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lightning_modules.analysis import log_sweep_figures
 from lightning_modules.config import validate

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lightning_modules.compression.channel_surgery import (
-    ChannelGroup, channel_groups, channel_keep_mask, channel_scores, remove_channels,
+    channel_groups, channel_keep_mask, channel_scores, remove_channels,
 )
 from lightning_modules.compression.pruning import MASK, ChannelPruning, NMPruning, SemiStructuredLinear, nm_mask
 from lightning_modules.data import InMemoryDataModule

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lightning_modules.compression.quantization import (
-    PTQStatic, QAT, LowBit, PTQDynamic, HistogramObserver, MinMaxObserver, MovingAverageObserver, QuantScheme,
+    PTQStatic, QAT, LowBit, HistogramObserver, MinMaxObserver, MovingAverageObserver, QuantScheme,
     calibrate, convert, convert_dynamic, dequantized, fake_quantize, prepare, quant_params, quant_range, set_mode,
     weight_codes,
 )

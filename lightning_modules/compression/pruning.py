@@ -18,7 +18,6 @@ whatever the optimizer's momentum or weight decay. The math is in pure functions
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Callable, Sequence
