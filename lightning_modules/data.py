@@ -97,9 +97,21 @@ def random_affine(images: torch.Tensor, max_shift: float = 0.1, max_degrees: flo
 
     Done on whole batches of tensors (one grid_sample call), so it costs next to nothing on 2 cores.
     """
-    n = images.shape[0]
-    angle = (torch.rand(n, device=images.device) * 2 - 1) * max_degrees * torch.pi / 180
-    shift = (torch.rand(n, 2, device=images.device) * 2 - 1) * max_shift * 2  # grid units span [-1, 1]
+    return apply_affine(images, affine_params(images.shape[0], images.device, max_shift=max_shift,
+                                              max_degrees=max_degrees))
+
+
+def affine_params(n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None,
+                  max_shift: float = 0.1, max_degrees: float = 10.0) -> torch.Tensor:
+    """(n, 3) random affine parameters: angle in radians, then x and y shift in grid units."""
+    angle = (torch.rand(n, device=device, generator=generator) * 2 - 1) * max_degrees * torch.pi / 180
+    shift = (torch.rand(n, 2, device=device, generator=generator) * 2 - 1) * max_shift * 2  # grid spans [-1, 1]
+    return torch.cat([angle[:, None], shift], dim=1)
+
+
+def apply_affine(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Rotate and shift each image by its row of `affine_params`."""
+    angle, shift = params[:, 0], params[:, 1:]
     theta = torch.stack([
         torch.stack([angle.cos(), -angle.sin(), shift[:, 0]], dim=1),
         torch.stack([angle.sin(), angle.cos(), shift[:, 1]], dim=1),
@@ -110,7 +122,32 @@ def random_affine(images: torch.Tensor, max_shift: float = 0.1, max_degrees: flo
     return F.grid_sample(images - blank, grid, align_corners=False, padding_mode="zeros") + blank
 
 
+class FixedViews:
+    """`count` augmented views of each training image, fixed once: view v of image i is always the
+    same picture (its parameters come from a generator seeded with `seed` and v, drawn in index
+    order). A teacher's logits can then be computed once per (image, view) and reused every epoch
+    while the student still sees augmented data (Shen & Xing 2021, "FKD"). The views do not depend
+    on the run's seed, so the runs of a sweep share them (and the teacher's logits)."""
+
+    def __init__(self, augment: str, count: int, size: int) -> None:
+        if augment not in FIXED_VIEW_PARAMS:
+            raise ValueError(f"augment={augment!r} has no fixed views; allowed: {', '.join(FIXED_VIEW_PARAMS)}")
+        self.augment = augment
+        self.count = count
+        sample = FIXED_VIEW_PARAMS[augment]
+        self.params = torch.stack([sample(size, "cpu", torch.Generator().manual_seed(view))
+                                   for view in range(count)])  # (views, images, parameters)
+
+    def apply(self, images: torch.Tensor, indices: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+        """View `views[k]` of image `indices[k]`, for the images of a batch."""
+        params = self.params[views.cpu(), indices.cpu()].to(images.device)
+        return FIXED_VIEW_APPLY[self.augment](images, params)
+
+
 AUGMENTATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"affine": random_affine}
+# The augmentations that FixedViews can reproduce: a parameter sampler and its application.
+FIXED_VIEW_PARAMS: dict[str, Callable[..., torch.Tensor]] = {"affine": affine_params}
+FIXED_VIEW_APPLY: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"affine": apply_affine}
 
 
 @lru_cache(maxsize=4)
@@ -158,6 +195,9 @@ class InMemoryDataModule(pl.LightningDataModule):
         self._splits: dict[str, TensorDataset] | None = None
         # Training batches carry each image's index as a third tensor when set (cached teacher logits).
         self.return_indices = False
+        # When set (by distillation), training batches show one of these fixed views of each image
+        # instead of a fresh random augmentation, and carry the view's number as a fourth tensor.
+        self.fixed_views: FixedViews | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self._splits is not None:
@@ -200,7 +240,14 @@ class InMemoryDataModule(pl.LightningDataModule):
         return self._splits[name]
 
     def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int):
-        if self.augment is not None and self.trainer is not None and self.trainer.training:
+        if self.trainer is None or not self.trainer.training:
+            return batch
+        if self.fixed_views is not None:
+            images, labels, indices = batch
+            # a view drawn anew for each image each epoch (the run's seeded RNG)
+            views = torch.randint(self.fixed_views.count, (len(indices),), device=indices.device)
+            return self.fixed_views.apply(images, indices, views), labels, indices, views
+        if self.augment is not None:
             images, *rest = batch
             batch = (AUGMENTATIONS[self.augment](images), *rest)
         return batch
@@ -209,7 +256,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         # Tensors in memory and no worker processes: on 2 cores workers only add start-up time.
         generator = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
         train = self.split("train")
-        if self.return_indices:
+        if self.return_indices or self.fixed_views is not None:
             train = TensorDataset(*train.tensors, torch.arange(len(train)))
         return DataLoader(train, batch_size=self.batch_size, shuffle=True, generator=generator)
 

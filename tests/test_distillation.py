@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 from lightning_modules.compression import distillation
 from lightning_modules.compression.distillation import (
-    FeatureDistillation, KnowledgeDistillation, make_adapter, soft_target_loss,
+    FeatureDistillation, KnowledgeDistillation, attention_loss, attention_map, make_adapter, soft_target_loss,
 )
 from lightning_modules.config import ConfigError, validate
-from lightning_modules.data import InMemoryDataModule
+from lightning_modules.data import FixedViews, InMemoryDataModule
 from lightning_modules.models import LeNet5, LeNet300
 from lightning_modules.task import ClassificationTask
 from tests.conftest import FAST, all_runs, compose_config, run_train
@@ -41,6 +41,7 @@ def test_soft_target_loss_is_the_temperature_scaled_kl() -> None:
         ({"temperature": 0}, r"temperature=0 is not valid; allowed: a number > 0"),
         ({"alpha": 1.5}, r"alpha=1.5 is not valid; allowed: a weight in \[0, 1\]"),
         ({"teacher_logits": "disk"}, r"teacher_logits='disk' is not valid; allowed: auto, cache, online"),
+        ({"views": 0}, r"views=0 is not valid; allowed: an integer >= 1"),
     ],
 )
 def test_constructor_rejects_bad_arguments(kwargs: dict, message: str) -> None:
@@ -48,12 +49,18 @@ def test_constructor_rejects_bad_arguments(kwargs: dict, message: str) -> None:
         KnowledgeDistillation(**kwargs)
 
 
-def test_caching_needs_unaugmented_data() -> None:
-    callback = KnowledgeDistillation(teacher_logits="cache")
-    with pytest.raises(ValueError, match="teacher_logits='cache' needs unaugmented training data"):
-        callback.use_cache(InMemoryDataModule("digits", augment="affine"))
-    assert KnowledgeDistillation().use_cache(InMemoryDataModule("digits"))
-    assert not KnowledgeDistillation().use_cache(InMemoryDataModule("digits", augment="affine"))
+def test_feature_constructor_rejects_an_unknown_hint() -> None:
+    with pytest.raises(ValueError, match=r"hint='gram' is not valid; allowed: fitnets, attention"):
+        FeatureDistillation("features.3", "stages.5", hint="gram")
+
+
+def test_cache_needs_a_data_module_it_can_index() -> None:
+    with pytest.raises(ValueError, match="teacher_logits='cache' needs an InMemoryDataModule"):
+        KnowledgeDistillation(teacher_logits="cache").use_cache(object())
+    assert not KnowledgeDistillation().use_cache(object())  # auto: online
+    for augment in (None, "affine"):
+        assert KnowledgeDistillation().use_cache(InMemoryDataModule("digits", augment=augment))
+        assert not KnowledgeDistillation(teacher_logits="online").use_cache(InMemoryDataModule("digits", augment=augment))
 
 
 class CountingTeacher(LeNet300):
@@ -74,21 +81,65 @@ def _fit(callback: KnowledgeDistillation, data: InMemoryDataModule, student: tor
     return task
 
 
-@pytest.mark.parametrize(("mode", "augment", "cached"), [("auto", None, True), ("cache", None, True),
-                                                          ("online", None, False), ("auto", "affine", False)])
-def test_teacher_runs_once_per_image_when_cached_and_per_batch_otherwise(mode, augment, cached) -> None:
+@pytest.mark.parametrize(("mode", "augment", "passes"), [("auto", None, 1), ("cache", None, 1), ("online", None, 0),
+                                                          ("auto", "affine", 3), ("online", "affine", 0)])
+def test_teacher_runs_once_per_image_and_view_when_cached_and_per_batch_otherwise(mode, augment, passes) -> None:
     data = InMemoryDataModule("digits", batch_size=64, augment=augment)
     teacher = CountingTeacher(1, 8, 10)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    callback = KnowledgeDistillation(teacher_logits=mode)
+    callback = KnowledgeDistillation(teacher_logits=mode, views=3)
     callback.attach_teacher(teacher)
     CountingTeacher.calls = 0
     task = _fit(callback, data, LeNet5(1, 8, 10))
-    # cached: one pass over the train split (chunks of 1000 images); online: 5 batches x 2 epochs
-    expected = -(-len(data.split("train")) // 1000) if cached else 10
+    # cached: one pass over the train split per view (chunks of 1000 images); online: 5 batches x 2 epochs
+    expected = passes * -(-len(data.split("train")) // 1000) if passes else 10
     assert CountingTeacher.calls == expected
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # no gradient reached it
-    assert task.loss_terms == [] and data.return_indices is False and task.hard_loss_weight == pytest.approx(0.1)
+    assert task.loss_terms == [] and task.hard_loss_weight == pytest.approx(0.1)
+    assert data.return_indices is False and data.fixed_views is None
+
+
+class AlignmentProbe(pl.Callback):
+    """Compares, on every training batch, the logits the loss uses with the teacher run on that very batch."""
+
+    def __init__(self, callback: KnowledgeDistillation) -> None:
+        self.callback = callback
+        self.gaps: list[float] = []
+        self.batch_lengths: set[int] = set()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        with torch.no_grad():
+            direct = self.callback.teacher(batch[0])
+        self.gaps.append(float((self.callback.teacher_logits_for(batch) - direct).abs().max()))
+        self.batch_lengths.add(len(batch))
+
+
+@pytest.mark.parametrize(("augment", "batch_length"), [(None, 3), ("affine", 4)])
+def test_cached_logits_are_the_teachers_on_the_image_the_student_sees(augment, batch_length) -> None:
+    data = InMemoryDataModule("digits", batch_size=64, augment=augment)
+    callback = KnowledgeDistillation(views=4)
+    callback.attach_teacher(LeNet300(1, 8, 10))
+    probe = AlignmentProbe(callback)
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(max_epochs=2, callbacks=[callback, probe], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_train_batches=4,
+                         limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(ClassificationTask(LeNet5(1, 8, 10), optimizer=partial(torch.optim.Adam, lr=1e-2)), datamodule=data)
+    assert len(probe.gaps) == 8 and max(probe.gaps) < 1e-4  # shuffled batches, views drawn anew: still aligned
+    assert probe.batch_lengths == {batch_length}  # images, labels, indices (and view numbers)
+
+
+def test_fixed_views_are_the_same_picture_whatever_the_batch() -> None:
+    images = InMemoryDataModule("digits").split("train").tensors[0][:16]
+    views = FixedViews("affine", count=3, size=len(images))
+    everything = views.apply(images, torch.arange(16), torch.full((16,), 2))
+    some = views.apply(images[[5, 9]], torch.tensor([5, 9]), torch.tensor([2, 2]))
+    assert torch.allclose(some, everything[[5, 9]], atol=1e-6)
+    assert torch.equal(FixedViews("affine", count=3, size=16).params, views.params)  # fixed across instances
+    other_view = views.apply(images, torch.arange(16), torch.zeros(16, dtype=torch.long))
+    assert not torch.allclose(other_view, everything) and not torch.allclose(everything, images)
+    with pytest.raises(ValueError, match=r"augment='cutout' has no fixed views; allowed: affine"):
+        FixedViews("cutout", count=2, size=16)
 
 
 def test_runs_that_share_teacher_and_data_compute_the_logits_once() -> None:
@@ -107,6 +158,30 @@ def test_runs_that_share_teacher_and_data_compute_the_logits_once() -> None:
     callback.attach_teacher(other)
     _fit(callback, data, LeNet5(1, 8, 10))
     assert CountingTeacher.calls == 2 * -(-len(data.split("train")) // 1000)
+
+
+def test_logits_cached_as_files_are_shared_by_processes(tmp_path: Path) -> None:
+    data = InMemoryDataModule("digits", batch_size=64, augment="affine")
+    teacher = CountingTeacher(1, 8, 10)
+    CountingTeacher.calls = 0
+    first = KnowledgeDistillation(views=2, cache_dir=str(tmp_path))
+    first.attach_teacher(teacher)
+    _fit(first, data, LeNet5(1, 8, 10))
+    assert len(list(tmp_path.glob("*.pt"))) == 1 and first.teacher_pass_s > 0
+    distillation.LOGIT_CACHE.clear()  # as a new process starts
+    CountingTeacher.calls = 0
+    second = KnowledgeDistillation(views=2, cache_dir=str(tmp_path))
+    second.attach_teacher(teacher)
+    _fit(second, data, LeNet5(1, 8, 10))
+    assert CountingTeacher.calls == 0 and second.teacher_pass_s == 0.0
+    # a damaged file is not trusted: the teacher runs again
+    next(tmp_path.glob("*.pt")).write_bytes(b"not a tensor")
+    distillation.LOGIT_CACHE.clear()
+    images = data.split("train").tensors[0]
+    views = FixedViews("affine", 2, len(images))
+    logits, computed = distillation.cached_teacher_outputs(teacher, images, views, torch.device("cpu"), tmp_path)
+    assert computed and logits.shape == (2, len(images), 10)
+    assert CountingTeacher.calls == 2 * -(-len(images) // 1000)
 
 
 def test_distillation_moves_the_student_towards_the_teacher() -> None:
@@ -134,6 +209,27 @@ def test_feature_distillation_trains_an_adapter_that_is_not_deployed() -> None:
     assert not any(key.startswith("hint_adapter") for key in task.model.state_dict())
     assert callback.handles == []
     assert callback.summary(task.model)[0]["teacher_layer"] == "classifier.3"
+
+
+def test_attention_hint_matches_where_the_layers_look() -> None:
+    features = torch.rand(4, 8, 6, 6)
+    assert attention_map(features, (3, 3)).norm(dim=1) == pytest.approx(torch.ones(4))
+    # channel count and overall scale do not matter, the spatial pattern does
+    assert float(attention_loss(features, torch.cat([features, features], dim=1) * 3)) == pytest.approx(0.0, abs=1e-6)
+    assert float(attention_loss(features, features.flip(3))) > 1e-3
+    assert attention_loss(torch.rand(2, 4, 8, 8), torch.rand(2, 16, 4, 4)).shape == ()  # pooled to the coarser size
+
+
+def test_attention_transfer_trains_without_an_adapter() -> None:
+    data = InMemoryDataModule("digits", batch_size=64)
+    callback = FeatureDistillation(student_layer="features.0", teacher_layer="features.3", hint="attention", beta=10.0)
+    callback.attach_teacher(LeNet5(1, 8, 10))
+    task = _fit(callback, data, LeNet5(1, 8, 10))
+    assert not hasattr(task, "hint_adapter") and callback.summary(task.model)[0]["hint"] == "attention"
+    flat = FeatureDistillation(student_layer="features.0", teacher_layer="classifier.1", hint="attention")
+    flat.attach_teacher(LeNet300(1, 8, 10))
+    with pytest.raises(ValueError, match=r"teacher_layer='classifier.1' gives \(300,\) features; allowed with hint=attention"):
+        _fit(flat, data, LeNet5(1, 8, 10))
 
 
 def test_adapter_shapes() -> None:
@@ -175,7 +271,7 @@ def test_every_distillation_method_composes() -> None:
 
 @pytest.mark.slow
 def test_kd_run_trains_its_teacher_once_and_accepts_a_teacher_uri(tmp_path: Path, store_uri: str) -> None:
-    fast = [*FAST, "model=lenet5", "++method.teacher.model=lenet300"]
+    fast = [*FAST, "model=lenet5", "++method.teacher.model=lenet300", f"method.callbacks.distill.cache_dir={tmp_path / 'logits'}"]
     first = run_train(["-m", *fast, "method=kd"], tmp_path / "a")
     assert first.returncode == 0, first.stderr[-3000:]
     runs = all_runs(store_uri)

@@ -6,16 +6,25 @@
                            adapter, regresses a teacher layer's features (plus the logit loss)
 
 The teacher is found by the pipeline (a baseline of another model from the store, an MLflow URI
-or a file) and handed over with `attach_teacher`; it runs in eval mode without gradients. Its
-logits are computed once for the whole training split when the training images are not
-augmented (then an epoch costs little more than the student alone), else on every batch, since
-teacher and student must see the same augmented view.
+or a file) and handed over with `attach_teacher`; it runs in eval mode without gradients.
+Teacher and student must see the same picture ("consistent teaching", Beyer et al. 2022), so the
+teacher's logits are computed once before training: per training image when the data is not
+augmented, or per (image, view) for a few fixed augmented views of each image when it is
+(Shen & Xing 2021); each epoch then shows every image in one of its stored views, and an epoch
+costs about what the student alone costs. The logits are kept in the process and, with
+`cache_dir`, in a file named by the content hash of teacher, images and views, so later
+processes of a sweep skip the teacher's pass. `teacher_logits=online` runs the teacher on every
+batch's fresh augmentation instead.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import tempfile
+import time
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -23,16 +32,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.compression.base import CompressionCallback
-from lightning_modules.data import InMemoryDataModule
+from lightning_modules.compression.base import CompressionCallback, check_choice, check_int
+from lightning_modules.data import FixedViews, InMemoryDataModule
 
 log = logging.getLogger(__name__)
 
 TEACHER_LOGITS = ("auto", "cache", "online")
+HINTS = ("fitnets", "attention")
 
 # The teacher's logits over a training split, kept for the process and keyed by the content of the
-# teacher's weights and of the images: the runs of a sweep that share both (seeds, methods) pay the
-# teacher's pass once. A few entries at most: each is (train images x classes) floats.
+# teacher's weights, the images and the views: the runs of a sweep that share them (seeds, methods)
+# pay the teacher's pass once. A few entries at most: each is (views x train images x classes) floats.
 LOGIT_CACHE: dict[str, torch.Tensor] = {}
 LOGIT_CACHE_ENTRIES = 4
 
@@ -52,6 +62,21 @@ def hint_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) ->
     return F.mse_loss(student_features, teacher_features)
 
 
+def attention_map(features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Zagoruyko & Komodakis (2017): where a layer looks. The channel mean of the squared
+    activations, pooled to `size`, flattened and scaled to unit length per image."""
+    energy = F.adaptive_avg_pool2d(features.pow(2).mean(dim=1, keepdim=True), size)
+    return F.normalize(energy.flatten(1), dim=1)
+
+
+def attention_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance of the two unit-length attention maps, at the coarser of the two sizes;
+    needs no adapter, since channel counts do not enter."""
+    size = tuple(min(s, t) for s, t in zip(student_features.shape[2:], teacher_features.shape[2:]))
+    difference = attention_map(student_features, size) - attention_map(teacher_features, size)
+    return difference.pow(2).sum(dim=1).mean()
+
+
 # ----------------------------------------------------------------------------- callbacks
 
 
@@ -61,25 +86,32 @@ class KnowledgeDistillation(CompressionCallback):
     Args:
         temperature: softening temperature T > 0 (Hinton used 2-20; 4 is common on MNIST/CIFAR).
         alpha: weight of the soft-target loss in [0, 1]; 0 trains on labels alone.
-        teacher_logits: `cache` (once per training image; needs unaugmented data), `online`
-            (every batch), or `auto` (cache unless the data module augments).
+        teacher_logits: `cache` (computed once: per training image, or per image and view when the
+            data is augmented), `online` (the teacher runs on every batch), or `auto` (cache where
+            the data module supports it, else online).
+        views: fixed augmented views per training image whose logits are cached when the data is
+            augmented (>= 1); more views show the student more variety and cost more teacher passes.
+        cache_dir: folder where cached logits are also stored as files, so separate processes share
+            them; None keeps them in this process only.
     """
 
     name = "kd"
     requires_teacher = True
 
-    def __init__(self, temperature: float = 4.0, alpha: float = 0.9, teacher_logits: str = "auto") -> None:
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.9, teacher_logits: str = "auto",
+                 views: int = 8, cache_dir: str | None = None) -> None:
         if not temperature > 0:
             raise ValueError(f"temperature={temperature!r} is not valid; allowed: a number > 0")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha={alpha!r} is not valid; allowed: a weight in [0, 1]")
-        if teacher_logits not in TEACHER_LOGITS:
-            raise ValueError(f"teacher_logits={teacher_logits!r} is not valid; allowed: {', '.join(TEACHER_LOGITS)}")
         self.temperature = float(temperature)
         self.alpha = float(alpha)
-        self.teacher_logits = teacher_logits
+        self.teacher_logits = check_choice("teacher_logits", teacher_logits, TEACHER_LOGITS)
+        self.views = check_int("views", views, minimum=1)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.teacher: nn.Module | None = None
-        self.cached_logits: torch.Tensor | None = None
+        self.cached_logits: torch.Tensor | None = None  # (views, train images, classes)
+        self.teacher_pass_s = 0.0  # the one-off cost of the cache (0 when found in a cache)
 
     def attach_teacher(self, teacher: nn.Module) -> None:
         self.teacher = teacher.eval().requires_grad_(False)
@@ -88,13 +120,11 @@ class KnowledgeDistillation(CompressionCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.teacher is None:
             raise RuntimeError(f"{type(self).__name__} has no teacher: the pipeline attaches one before fit")
-        data = trainer.datamodule
         self.teacher.to(pl_module.device)
         pl_module.hard_loss_weight = 1.0 - self.alpha
         pl_module.loss_terms.append(self.loss)
-        if self.use_cache(data):
-            data.return_indices = True
-            self.cached_logits = cached_teacher_outputs(self.teacher, data.split("train").tensors[0], pl_module.device)
+        if self.use_cache(trainer.datamodule):
+            self.prepare_cache(trainer.datamodule, pl_module.device)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the strategy has moved the student to its device by now: the teacher follows
@@ -107,20 +137,32 @@ class KnowledgeDistillation(CompressionCallback):
             pl_module.loss_terms.remove(self.loss)
         if isinstance(trainer.datamodule, InMemoryDataModule):
             trainer.datamodule.return_indices = False
+            trainer.datamodule.fixed_views = None
         self.cached_logits = None
 
     # -- the worker
     def use_cache(self, data: Any) -> bool:
-        augmented = getattr(data, "augment", None) is not None
-        if self.teacher_logits == "cache" and augmented:
-            raise ValueError("teacher_logits='cache' needs unaugmented training data (data.augment=null): "
-                             "the teacher must see the same augmented view as the student")
         can_index = isinstance(data, InMemoryDataModule)
-        return can_index and (self.teacher_logits == "cache" or (self.teacher_logits == "auto" and not augmented))
+        if self.teacher_logits == "cache" and not can_index:
+            raise ValueError(f"teacher_logits='cache' needs an InMemoryDataModule (got {type(data).__name__}): "
+                             "the cache is indexed by training image")
+        return can_index and self.teacher_logits != "online"
+
+    def prepare_cache(self, data: InMemoryDataModule, device: torch.device) -> None:
+        """Logits for every training image (and view); the batches then carry image and view numbers."""
+        images = data.split("train").tensors[0]
+        views = FixedViews(data.augment, self.views, len(images)) if data.augment is not None else None
+        started = time.perf_counter()
+        self.cached_logits, computed = cached_teacher_outputs(self.teacher, images, views, device, self.cache_dir)
+        self.teacher_pass_s = time.perf_counter() - started if computed else 0.0
+        data.return_indices = True
+        data.fixed_views = views
 
     def teacher_logits_for(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         if self.cached_logits is not None and len(batch) > 2:
-            return self.cached_logits[batch[2].to(self.cached_logits.device)]
+            indices = batch[2].to(self.cached_logits.device)
+            views = batch[3].to(indices.device) if len(batch) > 3 else torch.zeros_like(indices)
+            return self.cached_logits[views, indices]
         with torch.no_grad():
             return self.teacher(batch[0])
 
@@ -132,33 +174,37 @@ class KnowledgeDistillation(CompressionCallback):
         return [{"teacher": type(self.teacher).__name__, "teacher_params": teacher_params,
                  "student_params": sum(p.numel() for p in model.parameters()),
                  "temperature": self.temperature, "alpha": self.alpha,
-                 "teacher_logits": "cached" if self.teacher_logits != "online" else "online"}]
+                 "teacher_logits": self.teacher_logits, "views": self.views,
+                 "teacher_pass_s": round(self.teacher_pass_s, 3)}]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "alpha": self.alpha}
+        return {"temperature": self.temperature, "alpha": self.alpha, "views": self.views}
 
 
 class FeatureDistillation(KnowledgeDistillation):
-    """FitNets-style hints plus logit distillation.
+    """Feature hints plus logit distillation.
 
-    A forward hook captures `student_layer`'s output and `teacher_layer`'s output; a 1x1
-    convolution (or a linear map for flat features) adapts the student's channels to the
-    teacher's, pooled to the teacher's spatial size. The adapter trains with the student and is
-    not part of the deployed model.
+    A forward hook captures `student_layer`'s output and `teacher_layer`'s output. With
+    `hint=fitnets` a 1x1 convolution (or a linear map for flat features) adapts the student's
+    channels to the teacher's, pooled to the teacher's spatial size; the adapter trains with the
+    student and is not part of the deployed model. With `hint=attention` the two layers' spatial
+    attention maps are matched (Zagoruyko & Komodakis 2017): no adapter, no extra parameters.
 
     Args:
         student_layer, teacher_layer: qualified module names (e.g. `features.3`, `stages.5`).
         beta: weight of the hint loss (>= 0).
+        hint: `fitnets` or `attention` (both layers must give (N, C, H, W) feature maps).
         (and KnowledgeDistillation's arguments; features need the teacher online)
     """
 
     name = "kd_feature"
 
     def __init__(self, student_layer: str, teacher_layer: str, beta: float = 1.0, temperature: float = 4.0,
-                 alpha: float = 0.9) -> None:
+                 alpha: float = 0.9, hint: str = "fitnets") -> None:
         super().__init__(temperature=temperature, alpha=alpha, teacher_logits="online")
         if not beta >= 0:
             raise ValueError(f"beta={beta!r} is not valid; allowed: a number >= 0")
+        self.hint = check_choice("hint", hint, HINTS)
         self.student_layer = student_layer
         self.teacher_layer = teacher_layer
         self.beta = float(beta)
@@ -179,6 +225,9 @@ class FeatureDistillation(KnowledgeDistillation):
             pl_module.model(sample)
             self.teacher(sample)
             pl_module.model.train(was_training)
+        if self.hint == "attention":
+            check_feature_maps(self.captured, self.student_layer, self.teacher_layer)
+            return
         # registered on the task, not the model: the optimizer trains it, the artifact leaves it out
         pl_module.hint_adapter = make_adapter(self.captured["student"], self.captured["teacher"])
         self.adapter = pl_module.hint_adapter
@@ -198,12 +247,15 @@ class FeatureDistillation(KnowledgeDistillation):
         # the student's forward already ran (its features are captured); the teacher runs now
         student_features = self.captured["student"]
         logit_loss = super().loss(batch, logits)
-        teacher_features = self.captured["teacher"]
-        return logit_loss + self.beta * hint_loss(self.adapter(student_features), teacher_features.detach())
+        teacher_features = self.captured["teacher"].detach()
+        if self.hint == "attention":
+            return logit_loss + self.beta * attention_loss(student_features, teacher_features)
+        return logit_loss + self.beta * hint_loss(self.adapter(student_features), teacher_features)
 
     def summary(self, model: nn.Module) -> list[dict[str, Any]]:
         rows = super().summary(model)
-        rows[0].update({"student_layer": self.student_layer, "teacher_layer": self.teacher_layer, "beta": self.beta})
+        rows[0].update({"student_layer": self.student_layer, "teacher_layer": self.teacher_layer, "beta": self.beta,
+                        "hint": self.hint})
         return rows
 
 
@@ -216,6 +268,14 @@ def make_adapter(student: torch.Tensor, teacher: torch.Tensor) -> nn.Module:
                          nn.Unflatten(1, tuple(teacher.shape[1:])))
 
 
+def check_feature_maps(captured: dict[str, torch.Tensor], student_layer: str, teacher_layer: str) -> None:
+    """Attention maps need (N, C, H, W) outputs on both sides."""
+    for role, layer in (("student", student_layer), ("teacher", teacher_layer)):
+        if captured[role].dim() != 4:
+            raise ValueError(f"{role}_layer={layer!r} gives {tuple(captured[role].shape[1:])} features; "
+                             "allowed with hint=attention: a layer with (channels, height, width) feature maps")
+
+
 def _named(model: nn.Module, name: str, key: str) -> nn.Module:
     modules = dict(model.named_modules())
     if name not in modules:
@@ -226,25 +286,67 @@ def _named(model: nn.Module, name: str, key: str) -> nn.Module:
 
 @torch.no_grad()
 def teacher_outputs(teacher: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 1000) -> torch.Tensor:
-    """The teacher's logits for every image, in order (the cache)."""
+    """The teacher's logits for every image, in order."""
     teacher.eval()
     return torch.cat([teacher(images[i : i + batch_size].to(device)) for i in range(0, len(images), batch_size)])
 
 
-def content_key(teacher: nn.Module, images: torch.Tensor) -> str:
+def view_outputs(teacher: nn.Module, images: torch.Tensor, views: FixedViews | None, device: torch.device) -> torch.Tensor:
+    """(views, images, classes): the teacher's logits for each fixed view of every image (one
+    "view" of the images themselves when there are none)."""
+    if views is None:
+        return teacher_outputs(teacher, images, device)[None]
+    indices = torch.arange(len(images))
+    return torch.stack([teacher_outputs(teacher, views.apply(images, indices, torch.full_like(indices, view)), device)
+                        for view in range(views.count)])
+
+
+def content_key(teacher: nn.Module, images: torch.Tensor, views: FixedViews | None) -> str:
     digest = hashlib.sha256()
-    for tensor in [*teacher.state_dict().values(), images]:
+    view_params = [views.params] if views is not None else []
+    for tensor in [*teacher.state_dict().values(), images, *view_params]:
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    if views is not None:
+        digest.update(views.augment.encode())
     return digest.hexdigest()
 
 
-def cached_teacher_outputs(teacher: nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`teacher_outputs`, computed once per (teacher weights, images) in this process."""
-    key = content_key(teacher, images)
+def cached_teacher_outputs(teacher: nn.Module, images: torch.Tensor, views: FixedViews | None, device: torch.device,
+                           cache_dir: Path | None = None) -> tuple[torch.Tensor, bool]:
+    """`view_outputs`, computed once per (teacher weights, images, views): kept in this process and,
+    with `cache_dir`, in a file named by that content. Returns the logits and whether the teacher ran."""
+    key = content_key(teacher, images, views)
+    computed = False
     if key not in LOGIT_CACHE:
+        logits = load_logits(cache_dir, key)
+        if logits is None:
+            logits, computed = view_outputs(teacher, images, views, device).cpu(), True
+            save_logits(cache_dir, key, logits)
         while len(LOGIT_CACHE) >= LOGIT_CACHE_ENTRIES:
             LOGIT_CACHE.pop(next(iter(LOGIT_CACHE)))  # the oldest entry
-        LOGIT_CACHE[key] = teacher_outputs(teacher, images, device).cpu()
-    else:
-        log.info("teacher logits found in this process's cache")
-    return LOGIT_CACHE[key]
+        LOGIT_CACHE[key] = logits
+    return LOGIT_CACHE[key], computed
+
+
+def load_logits(cache_dir: Path | None, key: str) -> torch.Tensor | None:
+    path = cache_dir / f"{key}.pt" if cache_dir is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        logits = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a damaged file is recomputed, never trusted
+        log.warning("teacher logits in %s unreadable (%s): computing them again", path, error)
+        return None
+    log.info("teacher logits read from %s", path)
+    return logits
+
+
+def save_logits(cache_dir: Path | None, key: str, logits: torch.Tensor) -> None:
+    if cache_dir is None:
+        return
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # written beside, then renamed: a concurrent job reads either no file or a whole one
+    handle, scratch = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+    os.close(handle)
+    torch.save(logits, scratch)
+    os.replace(scratch, cache_dir / f"{key}.pt")
