@@ -118,7 +118,7 @@ METHODS: dict[str, tuple[Callable[[], pl.Callback], int, float]] = {
     "random": (lambda: MagnitudePruning(0.7, scope="layer", criterion="random", skip_layers=[]), 2, 0.7),
     "agp": (lambda: AGP(0.8, initial_sparsity=0.5, end=2, frequency=2, skip_layers=[]), 3, 0.8),
     "iterative": (lambda: IterativePruning(0.8, fraction_per_cycle=0.5, scope="layer", skip_layers=[]), 3, 0.8),
-    "lottery": (lambda: LotteryTicket(0.75, fraction_per_cycle=0.5, scope="layer", skip_layers=[]), 2, 0.75),
+    "lottery": (lambda: LotteryTicket(0.75, fraction_per_cycle=0.5, scope="layer", skip_layers=[]), 3, 0.75),
 }
 
 
@@ -176,22 +176,64 @@ def test_iterative_cuts_once_per_cycle_at_the_listed_levels() -> None:
 
 
 class WeightProbe(pl.Callback):
+    """Records classifier.3's weight at every batch start, after the pruning callback acted."""
+
     def __init__(self) -> None:
-        self.at_epoch_start: dict[int, torch.Tensor] = {}
+        self.at_step: dict[int, torch.Tensor] = {}
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.at_epoch_start[trainer.current_epoch] = pl_module.model.classifier[3].weight.detach().clone()
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
+        self.at_step[trainer.global_step] = pl_module.model.classifier[3].weight.detach().clone()
 
 
-def test_lottery_rewinds_the_survivors_to_the_weights_of_the_rewind_step() -> None:
-    model = LeNet300(1, 8, 10)
-    start = model.classifier[3].weight.detach().clone()
-    callback, probe = LotteryTicket(0.75, fraction_per_cycle=0.5, scope="layer", skip_layers=[]), WeightProbe()
-    trained = _train([callback, probe], model, epochs=2)
-    mask = getattr(trained.classifier[3], MASK)
+@pytest.mark.parametrize(("rewind_to", "unit", "rewind_step"), [(0, "epoch", 0), (3, "step", 3), (0.4, "epoch", 2)])
+def test_lottery_rewinds_the_survivors_to_the_early_checkpoint_after_every_cut(rewind_to: float, unit: str,
+                                                                               rewind_step: int) -> None:
+    callback = LotteryTicket(0.75, fraction_per_cycle=0.5, rewind_to=rewind_to, unit=unit, scope="layer", skip_layers=[])
+    probe = WeightProbe()
+    trained = _train([callback, probe], LeNet300(1, 8, 10), epochs=3)  # a dense round, then a round per cut
+    checkpoint = probe.at_step[rewind_step]
+    assert torch.equal(callback.rewind_state["classifier.3.weight"], checkpoint)
     assert callback.cuts == 2
-    assert torch.equal(probe.at_epoch_start[1], start * mask)  # cycle 2 starts from the baseline's weights, pruned
-    assert not torch.equal(trained.classifier[3].weight, start * mask)  # and trains from there
+    for cut, sparsity in ((1, 0.5), (2, 0.75)):
+        rewound = probe.at_step[cut * BATCHES_PER_EPOCH]  # first step of the round after cut number `cut`
+        kept = rewound != 0
+        assert float((~kept).float().mean()) == pytest.approx(sparsity, abs=0.01)
+        assert torch.equal(rewound[kept], checkpoint[kept])  # survivors are the checkpoint's values
+    mask = getattr(trained.classifier[3], MASK)
+    assert torch.all(trained.classifier[3].weight[mask == 0] == 0)
+    assert not torch.equal(trained.classifier[3].weight, checkpoint * mask)  # and the last round trained from there
+
+
+def test_lottery_prunes_the_trained_weights_not_the_checkpoint() -> None:
+    callback, probe = LotteryTicket(0.5, fraction_per_cycle=0.5, scope="layer", skip_layers=[]), WeightProbe()
+    _train([callback, probe], LeNet300(1, 8, 10), epochs=2)
+    trained_dense = probe.at_step[BATCHES_PER_EPOCH - 1]  # before the last step of round 0: close to what was cut
+    mask = probe.at_step[BATCHES_PER_EPOCH] != 0
+    assert trained_dense[mask].abs().mean() > 2 * trained_dense[~mask].abs().mean()
+
+
+def test_lottery_reinit_control_keeps_the_masks_and_draws_fresh_weights() -> None:
+    runs = {}
+    for reinit in (False, True):
+        callback, probe = LotteryTicket(0.75, fraction_per_cycle=0.5, reinit=reinit, scope="layer", skip_layers=[]), WeightProbe()
+        torch.manual_seed(0)  # the same initialization for both
+        _train([callback, probe], LeNet300(1, 8, 10), epochs=3)
+        runs[reinit] = (callback, probe.at_step[2 * BATCHES_PER_EPOCH])  # the last round's starting weights
+    (ticket, ticket_start), (_, control_start) = runs[False], runs[True]
+    assert torch.equal(ticket_start != 0, control_start != 0)  # the same masks
+    kept = ticket_start != 0
+    assert torch.equal(ticket_start[kept], ticket.rewind_state["classifier.3.weight"][kept])
+    assert not torch.allclose(control_start[kept], ticket_start[kept])
+
+
+def test_lottery_rewind_point_must_lie_in_the_dense_round() -> None:
+    with pytest.raises(ValueError, match=r"lottery: rewind_to=2 epoch\(s\) is step 10, but the dense round has 5 steps"):
+        _train([LotteryTicket(0.5, rewind_to=2)], LeNet300(1, 8, 10), epochs=2)
+
+
+def test_lottery_needs_a_dense_round_and_a_round_per_cut() -> None:
+    with pytest.raises(ValueError, match=r"takes 3 cycles of 1 epoch\(s\): fine_tune.epochs=2 is not valid; allowed: >= 3"):
+        _train([LotteryTicket(0.75, fraction_per_cycle=0.5)], LeNet300(1, 8, 10), epochs=2)
 
 
 def test_taylor_saliency_is_weight_times_gradient() -> None:
@@ -265,7 +307,9 @@ def test_lightning_reference_trains_to_the_target_with_its_first_and_last_layers
         (lambda: IterativePruning(0.5, fraction_per_cycle=1.0), r"fraction_per_cycle=1.0 is not valid"),
         (lambda: IterativePruning(0.5, fraction_per_cycle=0.0), r"fraction_per_cycle=0.0 is not valid; allowed: a fraction in \(0, 1\)"),
         (lambda: IterativePruning(0.5, epochs_per_cycle=0), r"epochs_per_cycle=0 is not valid; allowed: an integer >= 1"),
-        (lambda: LotteryTicket(0.5, rewind_step=-1), r"rewind_step=-1 is not valid; allowed: an integer >= 0"),
+        (lambda: LotteryTicket(0.5, rewind_to=-1), r"rewind_to=-1 is not valid; allowed: a number >= 0"),
+        (lambda: LotteryTicket(0.5, unit="round"), r"unit='round' is not valid; allowed: step, epoch"),
+        (lambda: LotteryTicket(0.5, reinit="yes"), r"reinit='yes' is not valid; allowed: true or false"),
         (lambda: AGP(0.5, initial_sparsity=0.6), r"initial_sparsity=0.6 is not valid; allowed: <= sparsity=0.5"),
         (lambda: AGP(0.8, unit="hour"), r"unit='hour' is not valid; allowed: step, epoch"),
         (lambda: AGP(0.8, begin=-1), r"begin=-1 is not valid; allowed: a number >= 0"),

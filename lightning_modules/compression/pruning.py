@@ -18,6 +18,7 @@ whatever the optimizer's momentum or weight decay. The math is in pure functions
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -32,7 +33,8 @@ from torch import nn
 
 from lightning_modules.compression import channel_surgery
 from lightning_modules.compression.base import (
-    CompressionCallback, check_choice, check_fraction, check_int, skipped_layers, training_batches, weighted_layers,
+    CompressionCallback, check_bool, check_choice, check_fraction, check_int, skipped_layers, training_batches,
+    weighted_layers,
 )
 from lightning_modules.evaluation.complexity import layer_table
 
@@ -43,6 +45,8 @@ MASKED_PARAMETERS = ("weight", "bias")
 
 # A schedule is a value, or a function of the training step that returns the value at that step.
 Schedule = float | Callable[[int], float]
+# The units a schedule's points (begin, end, a rewind point) are given in.
+UNITS = ("step", "epoch")
 
 # ----------------------------------------------------------------------------- the math: importance
 
@@ -393,70 +397,121 @@ class IterativePruning(MaskedPruning):
         self.epochs_per_cycle = check_int("epochs_per_cycle", epochs_per_cycle, 1)
         self.levels = iterative_sparsities(self.sparsity, self.fraction_per_cycle) if self.sparsity > 0 else []
 
+    def cut_epoch(self, cut: int) -> int:
+        """The epoch at whose start cut number `cut` (from 0) happens."""
+        return cut * self.epochs_per_cycle
+
+    def epochs_needed(self) -> int:
+        """Epochs until the last cut's cycle has trained."""
+        return self.cut_epoch(len(self.levels)) if self.levels else self.cut_epoch(0)
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        needed = len(self.levels) * self.epochs_per_cycle
+        needed = self.epochs_needed()
         if trainer.max_epochs is not None and trainer.max_epochs < needed:
             raise ValueError(f"{self.name} pruning to sparsity={self.sparsity} with fraction_per_cycle="
-                             f"{self.fraction_per_cycle} takes {len(self.levels)} cycles of {self.epochs_per_cycle} "
-                             f"epoch(s): fine_tune.epochs={trainer.max_epochs} is not valid; allowed: >= {needed}")
+                             f"{self.fraction_per_cycle} takes {needed // self.epochs_per_cycle} cycles of "
+                             f"{self.epochs_per_cycle} epoch(s): fine_tune.epochs={trainer.max_epochs} is not valid; "
+                             f"allowed: >= {needed}")
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.next_cycle(trainer, pl_module)
 
-    def next_cycle(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.cuts >= len(self.levels) or trainer.current_epoch != self.cuts * self.epochs_per_cycle:
-            return
+    def next_cycle(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Cut to the next level if this epoch starts a cycle; True when it did."""
+        if self.cuts >= len(self.levels) or trainer.current_epoch != self.cut_epoch(self.cuts):
+            return False
         self.cut(pl_module.model, self.levels[self.cuts], trainer)
+        return True
 
 
 class LotteryTicket(IterativePruning):
-    """Iterative magnitude pruning with weight rewinding (Frankle & Carbin 2019; Frankle et al. 2020).
+    """Iterative magnitude pruning with rewinding to an early checkpoint (Frankle & Carbin 2019;
+    Frankle et al. 2019, "Stabilizing the lottery ticket hypothesis", rewinding to iteration k).
 
-    The weights at training step `rewind_step` of the compression phase are kept; after every
-    cut the surviving weights go back to them and the optimizer's state is cleared, then the cycle
-    trains. With `rewind_step: 0` the rewind point is the dense baseline the phase starts from
-    (the baseline's own early checkpoints are not stored).
+    Round 0 trains the dense network for `epochs_per_cycle` epochs from its initialization
+    (method=lottery starts from a fresh init: `student_init: scratch`), keeping the weights it has
+    after `rewind_to` `unit`s of that training (0: the initialization itself, as in the 2019 paper).
+    Every later round removes `fraction_per_cycle` of the surviving weights by magnitude, sends the
+    survivors back to the kept weights, clears the optimizer's state and trains `epochs_per_cycle`
+    epochs; the last round reaches `sparsity`. So a run needs (cycles + 1) x epochs_per_cycle epochs.
+
+    `reinit: true` is the paper's control: the same rounds (so the same masks), but the last
+    rewind goes to a fresh random initialization (PyTorch's default init of each layer, drawn with
+    `seed + 1`) instead of the kept weights; the ticket's advantage over it is what rewinding buys.
     """
 
     name = "lottery"
 
-    def __init__(self, sparsity: float, rewind_step: int = 0, **kwargs: Any) -> None:
+    def __init__(self, sparsity: float, rewind_to: float = 0, unit: str = "epoch", reinit: bool = False,
+                 **kwargs: Any) -> None:
         kwargs.setdefault("scope", "global")
         super().__init__(sparsity, **kwargs)
-        self.rewind_step = check_int("rewind_step", rewind_step, 0)
+        if isinstance(rewind_to, bool) or not isinstance(rewind_to, (int, float)) or rewind_to < 0:
+            raise ValueError(f"rewind_to={rewind_to!r} is not valid; allowed: a number >= 0")
+        self.rewind_to = rewind_to
+        self.unit = check_choice("unit", unit, UNITS)
+        self.reinit = check_bool("reinit", reinit)
+        self.rewind_step: int | None = None  # rewind_to in steps, known once training starts
         self.rewind_state: dict[str, torch.Tensor] | None = None
 
+    def cut_epoch(self, cut: int) -> int:
+        return (cut + 1) * self.epochs_per_cycle  # round 0 trains dense
+
+    # -- hooks
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        per_epoch = trainer.num_training_batches if self.unit == "epoch" else 1
+        self.rewind_step = round(self.rewind_to * per_epoch)
+        dense_steps = self.epochs_per_cycle * trainer.num_training_batches
+        if self.rewind_step >= dense_steps:
+            raise ValueError(f"lottery: rewind_to={self.rewind_to} {self.unit}(s) is step {self.rewind_step}, but the "
+                             f"dense round has {dense_steps} steps (epochs_per_cycle={self.epochs_per_cycle}); "
+                             f"allowed: a rewind point inside the dense round")
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if self.rewind_state is None and trainer.global_step >= self.rewind_step:
-            self.rewind_state = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()
-                                 if not k.endswith("_mask")}
+        if self.rewind_state is None and trainer.global_step == self.rewind_step:
+            self.rewind_state = weights_of(pl_module.model)  # after rewind_step optimizer steps
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.rewind_state is None and self.rewind_step == 0:
-            self.on_train_batch_start(trainer, pl_module)
-        cuts = self.cuts
-        self.next_cycle(trainer, pl_module)
-        if self.cuts > cuts and self.rewind_state is not None:
-            self.rewind(trainer, pl_module.model)
+        if self.next_cycle(trainer, pl_module):
+            last = self.cuts == len(self.levels)
+            target = fresh_init(pl_module.model, self.seed + 1) if self.reinit and last else self.rewind_state
+            self.rewind(trainer, pl_module.model, target)
 
-    def rewind(self, trainer: pl.Trainer, model: nn.Module) -> None:
-        model.load_state_dict(self.rewind_state, strict=False)
+    # -- the worker
+    @staticmethod
+    def rewind(trainer: pl.Trainer, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Survivors (and biases, BatchNorm) take the values of `state`; pruned weights stay zero."""
+        model.load_state_dict(state, strict=False)
         apply_masks(model)
         for optimizer in trainer.optimizers:
-            optimizer.state.clear()
+            optimizer.state.clear()  # Adam's moments belong to the weights before the rewind
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "rewind_state": self.rewind_state}
+        return {**super().state_dict(), "rewind_state": self.rewind_state, "rewind_step": self.rewind_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.rewind_state = state_dict["rewind_state"]
+        self.rewind_state, self.rewind_step = state_dict["rewind_state"], state_dict["rewind_step"]
+
+
+def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the model's state without the pruning masks (what rewinding restores)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_mask")}
+
+
+def fresh_init(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """The state of `model` re-initialized by each layer's `reset_parameters`, drawn from `seed`
+    without touching the global random stream (training's data order stays as it was)."""
+    copy_ = copy.deepcopy(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in copy_.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    return weights_of(copy_)
 
 
 # ----------------------------------------------------------------------------- gradual (AGP)
-
-UNITS = ("step", "epoch")
-
 
 class _Ramp:
     """Validates and resolves a gradual schedule: a user function of the step, or Zhu & Gupta's ramp
