@@ -53,6 +53,15 @@ def validate(cfg: DictConfig) -> None:
     _validate_recipe("baseline", cfg.baseline, minimum_epochs=1)
     _validate_target("model.net._target_", cfg.model.net._target_)
     _validate_method(cfg.method, cfg.paths.root)
+    _validate_tracking(cfg.tracking)
+
+
+def _validate_tracking(tracking: DictConfig) -> None:
+    wait = tracking.get("baseline_wait_s", 0)
+    if isinstance(wait, bool) or not isinstance(wait, int | float) or wait < 0:
+        _fail("tracking.baseline_wait_s", wait, "a number of seconds >= 0")
+    if not isinstance(tracking.get("experiment"), str) or not tracking.experiment:
+        _fail("tracking.experiment", tracking.get("experiment"), "a non-empty MLflow experiment name")
 
 
 def _validate_hardware(hardware: DictConfig) -> None:
@@ -64,6 +73,9 @@ def _validate_hardware(hardware: DictConfig) -> None:
         )
     _check_int("hardware.threads", hardware.threads, 1, optional=True)
     _check_choice("hardware.runtime", hardware.runtime, RUNTIMES)
+    compile_mode = hardware.get("compile", False)
+    if not (isinstance(compile_mode, bool) or compile_mode == "auto"):
+        _fail("hardware.compile", compile_mode, "false, true, auto")
     sizes = hardware.latency.batch_sizes
     if not OmegaConf.is_list(sizes) or len(sizes) == 0:
         _fail("hardware.latency.batch_sizes", sizes, "a non-empty list of integers >= 1, e.g. [1, 32]")

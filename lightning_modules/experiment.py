@@ -35,8 +35,9 @@ from lightning_modules.evaluation.report import Report, measure
 from lightning_modules.models import build_model
 from lightning_modules.task import ClassificationTask
 from lightning_modules.tracking import (
-    FINGERPRINT_TAG, EpochMetricsLogger, Store, SweepInfo, TrackedRun, config_params, csv_text, download_model_file,
-    download_uri, find_baseline_run, read_sweep_info, run_name, run_tags, scratch_dir, tracked_run,
+    FINGERPRINT_TAG, JOB_TAG, EpochMetricsLogger, Store, SweepInfo, TrackedRun, claim_tags, closing_run, config_params,
+    csv_text, download_model_file, download_uri, finished_job_run, job_key, open_run, read_sweep_info, run_name,
+    run_tags, scratch_dir, tracked_run, wait_for_baseline, won_claim,
 )
 
 log = logging.getLogger(__name__)
@@ -55,20 +56,27 @@ def run_experiment(cfg: DictConfig) -> dict[str, float]:
     device = configure_hardware(cfg.hardware)
     sweep = current_sweep()
     store = Store(sweep.tracking_uri, sweep.experiment) if sweep else Store.from_config(cfg.tracking)
+    job = current_job() if sweep else None
+    if job is not None and (done := finished_job_run(store, sweep.parent_run_id, job)) is not None:
+        log.info("%s: already FINISHED in this sweep (run %s), skipped", run_name(cfg), done.info.run_id)
+        return dict(done.data.metrics)
+    job_tags = {JOB_TAG: job} if job else {}
     started = time.perf_counter()
     data: InMemoryDataModule = hydra.utils.instantiate(cfg.data)
     data.setup()  # read once per process (cached), before any run opens
     data_seconds = time.perf_counter() - started
     started = time.perf_counter()
 
-    baseline = obtain_baseline(cfg, store, data, device, sweep, data_seconds)                  # 1
+    baseline = obtain_baseline(cfg, store, data, device, sweep, data_seconds,                 # 1
+                               job_tags if cfg.method.name == "baseline" else {})
     if cfg.method.name == "baseline" and baseline.metrics is not None:
         return baseline.metrics  # this run trained the baseline: it is the method=baseline run
     callbacks = build_callbacks(cfg.method)
     teacher = obtain_teacher(cfg, store, data, device, sweep, data_seconds) if needs_teacher(callbacks) else None
     baseline_seconds = time.perf_counter() - started
 
-    with tracked_run(store, run_name(cfg), run_tags(cfg, sweep and sweep.name), sweep and sweep.parent_run_id) as run:
+    tags = {**run_tags(cfg, sweep and sweep.name), **job_tags}
+    with tracked_run(store, run_name(cfg), tags, sweep and sweep.parent_run_id) as run:
         run.set_tags({"baseline_run_id": baseline.run_id, **({"teacher": teacher.source} if teacher else {})})
         for callback in callbacks:
             if callback.requires_teacher:
@@ -85,19 +93,39 @@ def run_experiment(cfg: DictConfig) -> dict[str, float]:
 
 
 def obtain_baseline(cfg: DictConfig, store: Store, data: InMemoryDataModule, device: torch.device,
-                    sweep: SweepInfo | None, data_seconds: float) -> Baseline:
+                    sweep: SweepInfo | None, data_seconds: float, tags: dict[str, str] | None = None) -> Baseline:
+    """The baseline from the store, waiting while a parallel job trains it; else trained here.
+
+    `tags` go on the run if this call trains the baseline (the sweep job's tag for method=baseline).
+    """
     fingerprint = baseline_fingerprint(cfg)
-    run_id = find_baseline_run(store, fingerprint)
-    if run_id is not None:
-        log.info("baseline %s found in the store: run %s", fingerprint, run_id)
-        with scratch_dir() as folder:
-            return Baseline(load_deployable(download_model_file(store, run_id, Path(folder))), run_id)
-    log.info("baseline %s not in the store: training it", fingerprint)
+    while True:
+        run_id = wait_for_baseline(store, fingerprint, cfg.tracking.get("baseline_wait_s", 7200))
+        if run_id is not None:
+            log.info("baseline %s found in the store: run %s", fingerprint, run_id)
+            with scratch_dir() as folder:
+                return Baseline(load_deployable(download_model_file(store, run_id, Path(folder))), run_id)
+        trained = train_baseline(cfg, store, data, device, sweep, data_seconds, fingerprint, tags or {})
+        if trained is not None:
+            return trained
+        # another job claimed it first: wait for that one
+
+
+def train_baseline(cfg: DictConfig, store: Store, data: InMemoryDataModule, device: torch.device,
+                   sweep: SweepInfo | None, data_seconds: float, fingerprint: str,
+                   tags: dict[str, str]) -> Baseline | None:
+    """Train and log the baseline, or None when a parallel job claimed the same baseline first."""
     baseline_cfg = copy.deepcopy(cfg)
     OmegaConf.update(baseline_cfg, "method", {"name": "baseline", "callbacks": {}, "fine_tune": None}, merge=False)
-    with tracked_run(store, run_name(baseline_cfg), run_tags(baseline_cfg, sweep and sweep.name),
-                     sweep and sweep.parent_run_id) as run:
-        run.set_tags({FINGERPRINT_TAG: fingerprint, "baseline_run_id": run.run_id})
+    claim = open_run(store, run_name(baseline_cfg),
+                     {**run_tags(baseline_cfg, sweep and sweep.name), **tags, **claim_tags(), FINGERPRINT_TAG: fingerprint},
+                     sweep and sweep.parent_run_id)
+    if not won_claim(store, fingerprint, claim.run_id):
+        store.client.delete_run(claim.run_id)
+        return None
+    log.info("baseline %s not in the store: training it (run %s)", fingerprint, claim.run_id)
+    with closing_run(claim) as run:
+        run.set_tags({"baseline_run_id": run.run_id})
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         model = build_model(cfg.model.net, data.shape)
         model, train_seconds = fit(baseline_cfg, cfg.baseline, model, data, [], run)
@@ -250,6 +278,13 @@ def configure_hardware(hardware: DictConfig) -> torch.device:
     if hardware.threads is not None:
         torch.set_num_threads(hardware.threads)
     return torch.device(hardware.device)
+
+
+def current_job() -> str | None:
+    """The key of this sweep job (its overrides), or None outside a multirun."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return job_key(list(HydraConfig.get().overrides.task))
 
 
 def current_sweep() -> SweepInfo | None:

@@ -24,7 +24,9 @@ from omegaconf import DictConfig
 
 from lightning_modules.analysis import log_sweep_figures
 from lightning_modules.config import validate
-from lightning_modules.tracking import Store, SweepInfo, TrackedRun, child_runs, read_sweep_info, write_sweep_info
+from lightning_modules.tracking import (
+    JOB_TAG, Store, SweepInfo, TrackedRun, child_runs, read_sweep_info, write_sweep_info,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,9 @@ class SweepCallback(Callback):
     def open_parent_run(self, config: DictConfig, jobs: list[list[str]]) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         existing = read_sweep_info(sweep_dir)
-        if existing is not None:  # the same sweep folder again: keep logging under its parent run
+        if existing is not None:  # the same sweep folder again: resume under its parent run
+            Store(existing.tracking_uri, existing.experiment).client.update_run(existing.parent_run_id, "RUNNING")
+            log.info("sweep %s resumed: jobs with a FINISHED run are skipped", existing.name)
             return
         store = Store.from_config(config.tracking)
         name = sweep_dir.name
@@ -91,8 +95,12 @@ def expand_sweep(config: DictConfig) -> list[list[str]]:
 
 
 def grid_table(store: Store, parent_run_id: str) -> pd.DataFrame:
+    """One row per run of the sweep; a job run more than once (a resumed sweep) shows its last attempt."""
+    latest_by_job = {}
+    for run in child_runs(store, parent_run_id):  # oldest first: a later attempt replaces an earlier one
+        latest_by_job[run.data.tags.get(JOB_TAG) or run.info.run_id] = run
     rows = []
-    for run in child_runs(store, parent_run_id):
+    for run in latest_by_job.values():
         tags, metrics = run.data.tags, run.data.metrics
         rows.append({
             "run": tags.get(MLFLOW_RUN_NAME, run.info.run_id),

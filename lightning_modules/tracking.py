@@ -8,10 +8,12 @@ one process (a multirun, a baseline trained on demand) never step on each other.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
 import os
+import socket
 import subprocess
 import tempfile
 import time
@@ -119,23 +121,33 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-@contextmanager
-def tracked_run(store: Store, name: str, tags: Mapping[str, Any], parent_run_id: str | None) -> Iterator[TrackedRun]:
-    """Open a run; close it FINISHED, or FAILED with its error (KILLED on Ctrl-C), never left RUNNING."""
+def open_run(store: Store, name: str, tags: Mapping[str, Any], parent_run_id: str | None) -> TrackedRun:
     all_tags = {key: str(value) for key, value in tags.items()}
     if parent_run_id is not None:
         all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
     run = store.client.create_run(store.experiment_id, run_name=name, tags=all_tags)
-    tracked = TrackedRun(store, run.info.run_id)
+    return TrackedRun(store, run.info.run_id)
+
+
+@contextmanager
+def closing_run(tracked: TrackedRun) -> Iterator[TrackedRun]:
+    """Close the run FINISHED, or FAILED with its error (KILLED on Ctrl-C), never left RUNNING."""
     try:
         yield tracked
     except KeyboardInterrupt:
-        store.client.set_terminated(tracked.run_id, "KILLED")
+        tracked.store.client.set_terminated(tracked.run_id, "KILLED")
         raise
     except BaseException as error:
         record_failure(tracked, error)
         raise
-    store.client.set_terminated(tracked.run_id, "FINISHED")
+    tracked.store.client.set_terminated(tracked.run_id, "FINISHED")
+
+
+@contextmanager
+def tracked_run(store: Store, name: str, tags: Mapping[str, Any], parent_run_id: str | None) -> Iterator[TrackedRun]:
+    """Open a run and close it as closing_run does."""
+    with closing_run(open_run(store, name, tags, parent_run_id)) as tracked:
+        yield tracked
 
 
 def record_failure(run: TrackedRun, error: BaseException) -> None:
@@ -206,13 +218,85 @@ class EpochMetricsLogger(pl.Callback):
 
 def find_baseline_run(store: Store, fingerprint: str) -> str | None:
     """Id of the newest FINISHED run that trained the baseline with this fingerprint."""
+    runs = baseline_runs(store, fingerprint, "FINISHED")
+    return runs[-1].info.run_id if runs else None
+
+
+def baseline_runs(store: Store, fingerprint: str, status: str) -> list:
+    """Runs with this baseline fingerprint and status, oldest first (ties broken by run id)."""
     runs = store.client.search_runs(
         [store.experiment_id],
-        filter_string=f"tags.{FINGERPRINT_TAG} = '{fingerprint}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
+        filter_string=f"tags.{FINGERPRINT_TAG} = '{fingerprint}' and attributes.status = '{status}'",
+        max_results=1000,
     )
-    return runs[0].info.run_id if runs else None
+    return sorted(runs, key=lambda run: (run.info.start_time, run.info.run_id))
+
+
+# Parallel jobs (joblib, submitit) may need the same missing baseline at once. The store is the
+# arbiter, so it works across machines: a job that trains a baseline opens its run (tagged with the
+# fingerprint) first, as a claim; the oldest RUNNING claim wins, the others delete theirs and wait
+# for it to finish. A claim whose process is gone (same host, dead pid) is marked FAILED and retaken.
+CLAIM_HOST_TAG, CLAIM_PID_TAG = "claim_host", "claim_pid"
+CLAIM_POLL_SECONDS = 2.0
+
+
+def claim_tags() -> dict[str, str]:
+    return {CLAIM_HOST_TAG: socket.gethostname(), CLAIM_PID_TAG: str(os.getpid())}
+
+
+def won_claim(store: Store, fingerprint: str, run_id: str) -> bool:
+    """Whether `run_id` is the oldest live claim on the baseline (call it right after opening the run)."""
+    claims = [run for run in baseline_runs(store, fingerprint, "RUNNING") if not abandon_if_dead(store, run)]
+    return not claims or claims[0].info.run_id == run_id
+
+
+def wait_for_baseline(store: Store, fingerprint: str, timeout_s: float) -> str | None:
+    """The FINISHED baseline run with this fingerprint, waiting while another job trains it.
+
+    None when nobody is training it (anymore): the caller trains it.
+    """
+    deadline = time.monotonic() + timeout_s
+    announced = False
+    while True:
+        finished = find_baseline_run(store, fingerprint)
+        if finished is not None:
+            return finished
+        live = [run for run in baseline_runs(store, fingerprint, "RUNNING") if not abandon_if_dead(store, run)]
+        if not live:
+            return None
+        if time.monotonic() > deadline:
+            owner = live[0]
+            raise TimeoutError(
+                f"baseline {fingerprint} is still being trained by run {owner.info.run_id} (host "
+                f"{owner.data.tags.get(CLAIM_HOST_TAG)}, pid {owner.data.tags.get(CLAIM_PID_TAG)}) after "
+                f"waiting {timeout_s:.0f} s (tracking.baseline_wait_s); if that job is gone, mark its run FAILED")
+        if not announced:
+            log.info("baseline %s is being trained by run %s: waiting for it", fingerprint, live[0].info.run_id)
+            announced = True
+        time.sleep(CLAIM_POLL_SECONDS)
+
+
+def abandon_if_dead(store: Store, run) -> bool:
+    """Mark a RUNNING claim FAILED when its process, on this host, no longer exists."""
+    tags = run.data.tags
+    if tags.get(CLAIM_HOST_TAG) != socket.gethostname() or not tags.get(CLAIM_PID_TAG, "").isdigit():
+        return False  # another machine's job: only it can tell
+    pid = int(tags[CLAIM_PID_TAG])
+    if pid == os.getpid() or _process_alive(pid):
+        return False
+    store.client.set_tag(run.info.run_id, "error", f"abandoned: process {pid} on this host is gone")
+    store.client.set_terminated(run.info.run_id, "FAILED")
+    return True
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def download_model_file(store: Store, run_id: str, destination: Path) -> Path:
@@ -257,6 +341,26 @@ def write_sweep_info(sweep_dir: str | Path, info: SweepInfo) -> None:
 def read_sweep_info(sweep_dir: str | Path) -> SweepInfo | None:
     path = Path(sweep_dir) / SWEEP_FILE
     return SweepInfo(**json.loads(path.read_text())) if path.exists() else None
+
+
+# A job of a sweep is known by its overrides: relaunching the sweep into the same folder
+# (hydra.sweep.dir=...) skips the jobs that already have a FINISHED run and reruns the others.
+JOB_TAG = "sweep_job"
+
+
+def job_key(overrides: list[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(overrides)).encode()).hexdigest()[:16]
+
+
+def finished_job_run(store: Store, parent_run_id: str, job: str):
+    """The FINISHED run of this job under the sweep's parent run, if any."""
+    runs = store.client.search_runs(
+        [store.experiment_id],
+        filter_string=(f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}' and tags.{JOB_TAG} = '{job}' "
+                       "and attributes.status = 'FINISHED'"),
+        max_results=1,
+    )
+    return runs[0] if runs else None
 
 
 def child_runs(store: Store, parent_run_id: str) -> list:

@@ -25,3 +25,23 @@ class ShapeRecorder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(x)
+
+
+class PreemptedNet(nn.Module):
+    """A LeNet-300-100 whose job dies while WORKBENCH_TEST_PREEMPT is set: a preempted or crashed job.
+
+    Resuming the sweep once the variable is gone must rerun only the jobs like this one.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__()
+        from lightning_modules.models import LeNet300
+
+        self.net = LeNet300(**kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import os
+
+        if os.environ.get("WORKBENCH_TEST_PREEMPT"):
+            raise RuntimeError("PreemptedNet: the job was preempted")
+        return self.net(x)

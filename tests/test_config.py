@@ -63,6 +63,8 @@ def test_hardware_files_are_deltas_on_cpu() -> None:
          r"method.callbacks.prune: criterion='taylorr' is not valid; allowed: magnitude, random"),
         (["method=magnitude", "method.fine_tune.epochs=-1"], r"method.fine_tune.epochs=-1 is not valid; allowed: an integer >= 0"),
         (["method=magnitude", "method.callbacks.prune._target_=torch.nn.Linear"], r"method.callbacks.prune"),
+        (["tracking.baseline_wait_s=-5"], r"tracking.baseline_wait_s=-5 is not valid; allowed: a number of seconds >= 0"),
+        (["tracking.experiment="], r"tracking.experiment=.* allowed: a non-empty MLflow experiment name"),
     ],
 )
 def test_bad_values_name_the_key_and_the_allowed_values(overrides: list[str], message: str) -> None:
