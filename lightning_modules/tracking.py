@@ -64,7 +64,24 @@ class Store:
     def client(self) -> MlflowClient:
         if self.uri.startswith("sqlite:///"):
             Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        if self.uri.startswith(("http://", "https://")):
+            self.check_server()
         return MlflowClient(tracking_uri=self.uri)
+
+    def check_server(self, timeout_s: float = 10.0) -> None:
+        """Fail at once, before any work, when no MLflow server answers (the client would retry for minutes)."""
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{self.uri.rstrip('/')}/health", timeout=timeout_s) as response:
+                if response.status == 200:
+                    return
+                problem = f"HTTP {response.status}"
+        except OSError as error:  # refused, unknown host, timeout
+            problem = str(error)
+        raise ConnectionError(f"tracking.uri (or MLFLOW_TRACKING_URI) = {self.uri}: no MLflow server answers at "
+                              f"{self.uri.rstrip('/')}/health ({problem}); start one with scripts/mlflow_server.sh "
+                              "or use tracking=local")
 
     @cached_property
     def experiment_id(self) -> str:
