@@ -766,6 +766,73 @@ def dequantized(model: nn.Module) -> nn.Module:
     return model
 
 
+
+# ----------------------------------------------------------------------------- PT2E form (PyTorch int8 kernels)
+
+
+def pt2e_reference_graph(model: nn.Module) -> fx.GraphModule:
+    """The workbench's int8 model rewritten in the form torchao's PT2E `convert_pt2e` produces:
+    `quantized_decomposed` quantize/dequantize ops around float Conv2d/Linear whose weights are
+    int8 codes dequantized per channel. Inductor's x86 passes (registered by torchao's
+    X86InductorQuantizer module) fuse that form into oneDNN qconv/qlinear int8 kernels.
+
+    The scales, zero points and codes are the ones this workbench calibrated or trained, copied
+    as they are: the model PyTorch runs is the model ptq_static/qat built, not a recalibration.
+    Dynamic int8 Linear layers (ptq_dynamic) keep their custom op and run simulated.
+    """
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401  (ops and Inductor passes)
+
+    gm = copy.deepcopy(trace(model)).cpu().eval()
+    for node in list(gm.graph.nodes):
+        module = _module(gm, node)
+        if isinstance(module, FixedQuantizeDequantize):
+            _replace(gm, node, _pt2e_quantize_dequantize(gm, node, module))
+        elif isinstance(module, Int8Layer):
+            _replace(gm, node, _pt2e_layer(gm, node, module))
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def _replace(gm: fx.GraphModule, node: fx.Node, replacement: fx.Node) -> None:
+    node.replace_all_uses_with(replacement)
+    gm.graph.erase_node(node)
+
+
+def _pt2e_quantize_dequantize(gm: fx.GraphModule, node: fx.Node, module: FixedQuantizeDequantize) -> fx.Node:
+    ops = torch.ops.quantized_decomposed
+    info = torch.iinfo(module.zero_point.dtype)
+    qparams = (float(module.scale), int(module.zero_point), info.min, info.max, module.zero_point.dtype)
+    with gm.graph.inserting_before(node):
+        codes = gm.graph.call_function(ops.quantize_per_tensor.default, (node.args[0], *qparams))
+        return gm.graph.call_function(ops.dequantize_per_tensor.default, (codes, *qparams))
+
+
+def _pt2e_layer(gm: fx.GraphModule, node: fx.Node, module: Int8Layer) -> fx.Node:
+    """dequantize_per_channel(int8 codes) -> conv2d/linear with the float bias (the int32 bias
+    times its scale: the value the int8 kernel adds)."""
+    channels = module.weight_codes.shape[0]
+    prefix = node.target.replace(".", "_")
+    constants = {  # a per-tensor scale is the same scale in every channel
+        "weight": module.weight_codes,
+        "scale": module.weight_scale.float().expand(channels).contiguous(),
+        "zero_point": module.weight_zero_point.to(torch.int64).expand(channels).contiguous(),
+        "bias": module.bias_codes.float() * module.bias_scale,
+    }
+    for name, value in constants.items():
+        gm.register_buffer(f"{prefix}_{name}", value)
+    info = torch.iinfo(module.weight_codes.dtype)
+    with gm.graph.inserting_before(node):
+        weight, scale, zero_point, bias = (gm.graph.get_attr(f"{prefix}_{name}") for name in constants)
+        weight = gm.graph.call_function(torch.ops.quantized_decomposed.dequantize_per_channel.default,
+                                        (weight, scale, zero_point, 0, info.min, info.max, module.weight_codes.dtype))
+        if module.kind == "conv":
+            stride, padding, dilation, groups = module.conv_args
+            return gm.graph.call_function(F.conv2d, (node.args[0], weight, bias, stride, padding, dilation, groups))
+        return gm.graph.call_function(F.linear, (node.args[0], weight, bias))
+
+
 # ----------------------------------------------------------------------------- validation
 
 

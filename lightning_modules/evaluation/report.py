@@ -20,7 +20,7 @@ from lightning_modules.compression.quantization import dequantized, is_quantized
 from lightning_modules.evaluation.artifact import NARROW_ENCODINGS, encoding_table, load_deployable, save_deployable
 from lightning_modules.evaluation.complexity import count_macs, layer_table, parameter_counts
 from lightning_modules.evaluation.latency import measure_latency
-from lightning_modules.evaluation.runtime import INT8_OPS, RUNTIMES, Deployed, optimized_ops
+from lightning_modules.evaluation.runtime import INT8_OPS, RUNTIMES, Deployed, optimized_ops, runtime_name
 
 
 @dataclass
@@ -60,7 +60,7 @@ def measure(
 
     test = data.split("test")
     input_shape = tuple(test.tensors[0].shape[1:])
-    runtime = RUNTIMES[hardware.runtime]
+    runtime = RUNTIMES[runtime_name(hardware, is_quantized(shipped))]  # hardware.compile may pick inductor
     threads = hardware.get("threads")
     encodings = encoding_table(shipped)
     packed = (any(getattr(module, "weight_bits", 8) < 8 for module in shipped.modules())
@@ -80,7 +80,7 @@ def measure(
     else:
         deployed = runtime.deploy(shipped, device, threads, input_shape)
         deployed_baseline = deployed if is_baseline else runtime.deploy(baseline, device, threads, input_shape)
-        extra["int8_kernel_ops"] = 0.0
+        extra["int8_kernel_ops"] = float(getattr(deployed, "int8_kernel_ops", 0))  # inductor counts its own
     for name, reference in (references or {}).items():
         extra[f"test_acc_{name}"] = 100.0 * predict(reference.eval().to(device), test, device).accuracy
 
@@ -119,7 +119,8 @@ def measure(
     }
     metrics.update(extra)
     # what the latency is of, when it is not the deployed weights on kernels of their own width
-    label = "dequantized" if packed else ("simulated" if is_quantized(shipped) and not runtime.int8_kernels else None)
+    on_int8_kernels = runtime.int8_kernels and extra["int8_kernel_ops"] > 0
+    label = "dequantized" if packed else ("simulated" if is_quantized(shipped) and not on_int8_kernels else None)
     for batch_size in hardware.latency.batch_sizes:
         key = f"latency_ms_p50_bs{batch_size}"
         metrics[f"baseline_{key}"] = baseline_latency[key]

@@ -1,9 +1,15 @@
 """Runtimes: what executes a finalized model when it is measured (accuracy and latency alike).
 
-A runtime turns an nn.Module into the callable that is scored and timed. Two are registered:
+A runtime turns an nn.Module into the callable that is scored and timed. Three are registered:
     torch   PyTorch eager. A quantized model (quantization.py) runs as an exact integer
             simulation in float kernels: its accuracy is the int8 model's, its latency is not an
             int8 kernel's (the report names that latency `simulated`).
+    inductor  PyTorch compiled: torch.export, then torch.compile (Inductor, weights frozen). A
+            quantized model is first rewritten in torchao's PT2E form (quantization.py:
+            pt2e_reference_graph), which Inductor's x86 passes lower to oneDNN int8 kernels
+            (qconv/qlinear); an fp32 model is compiled the same way, so the two compare fairly.
+            `hardware.compile` picks it for runtime torch: true (always), auto (when the measured
+            model is int8: it and its baseline) or false.
     ort     ONNX Runtime on the CPU: the model is exported to ONNX (the dynamo exporter); a
             quantized model exports as QuantizeLinear/DequantizeLinear around each layer, which
             ONNX Runtime fuses into int8 kernels (QLinearConv, QGemm, QLinearAdd ...), and the
@@ -17,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +43,55 @@ INT8_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "QLinearAdd", "QLinearGloba
 def torch_eager(model: nn.Module, device: torch.device, threads: int | None = None,
                 input_shape: tuple[int, ...] | None = None) -> Deployed:
     return model.eval().to(device)
+
+
+# ----------------------------------------------------------------------------- PyTorch compiled (Inductor)
+
+# oneDNN int8 kernels as Inductor's generated code calls them
+INDUCTOR_INT8_KERNELS = re.compile(r"torch\.ops\.onednn\.q(?:conv|linear)_pointwise")
+
+
+class CompiledModel:
+    """A model exported with a dynamic batch axis and compiled by Inductor with frozen weights.
+
+    Inductor compiles one graph per batch size (`dynamic=False`: oneDNN's int8 convolutions fail
+    a stride check under dynamic shapes in torch 2.14): here for a batch of 2, later on the first
+    call with each new size, which is the untimed warm-up of a latency measurement or the
+    accuracy pass. `int8_kernel_ops` counts the oneDNN int8 kernel calls in
+    the generated code: what really runs, not what was asked for.
+    """
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
+        from torch._inductor import config as inductor_config
+        from torch._inductor.utils import run_and_get_code
+
+        from lightning_modules.compression.quantization import is_quantized, pt2e_reference_graph
+
+        # weights as constants: Inductor's int8 weight prepacking needs them. Set for the process
+        # (not patched per call) because every later batch size compiles on its first call.
+        inductor_config.freezing = True
+        graph = pt2e_reference_graph(model) if is_quantized(model) else model.eval().cpu()
+        example = torch.zeros((2, *input_shape))  # export specializes a batch of 1
+        with torch.no_grad():
+            exported = torch.export.export(graph, (example,),
+                                           dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+            self.compiled = torch.compile(exported.module(), dynamic=False)
+            _, code = run_and_get_code(self.compiled, example)
+        self.int8_kernel_ops = sum(len(INDUCTOR_INT8_KERNELS.findall(source)) for source in code)
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.compiled(inputs.cpu())
+
+
+def torch_compiled(model: nn.Module, device: torch.device, threads: int | None = None,
+                   input_shape: tuple[int, ...] | None = None) -> Deployed:
+    if device.type != "cpu":
+        raise ValueError(f"hardware.runtime='inductor' runs on the CPU; hardware.device={device.type!r} is not valid; "
+                         f"allowed: cpu")
+    if input_shape is None:
+        raise ValueError("hardware.runtime='inductor' exports the model: pass input_shape to deploy()")
+    return CompiledModel(model, input_shape)
 
 
 # ----------------------------------------------------------------------------- ONNX Runtime
@@ -182,6 +238,7 @@ def _ort_from_module(model: nn.Module, device: torch.device, threads: int | None
 
 RUNTIMES: dict[str, Runtime] = {
     "torch": Runtime(deploy=torch_eager),
+    "inductor": Runtime(deploy=torch_compiled, int8_kernels=True),
     "ort": Runtime(deploy=_ort_from_module, suffix=".onnx", save=export_onnx, load=ort_load, int8_kernels=True),
 }
 
@@ -191,3 +248,13 @@ def deploy(model: nn.Module, runtime: str, device: torch.device, threads: int | 
     if runtime not in RUNTIMES:
         raise ValueError(f"hardware.runtime={runtime!r} is not valid; allowed: {', '.join(RUNTIMES)}")
     return RUNTIMES[runtime].deploy(model, device, threads, input_shape)
+
+
+def runtime_name(hardware, quantized: bool) -> str:
+    """The runtime that measures a model on `hardware`: runtime torch becomes inductor when
+    `hardware.compile` is true, or `auto` and the measured model is int8 (its baseline follows,
+    so both are deployed the same way)."""
+    mode = hardware.get("compile", False)  # validated with the config (config.py)
+    if hardware.runtime == "torch" and (mode is True or (mode == "auto" and quantized)):
+        return "inductor"
+    return hardware.runtime
