@@ -53,9 +53,14 @@ def test_waiting_returns_the_finished_baseline_and_times_out_on_a_live_claim(sto
 
 
 @pytest.mark.slow
-def test_parallel_jobs_train_a_missing_baseline_once(tmp_path: Path, store_uri: str) -> None:
+@pytest.mark.parametrize("launcher", [["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+                                      ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"]],
+                         ids=["joblib", "submitit_local"])
+def test_parallel_jobs_train_a_missing_baseline_once(tmp_path: Path, store_uri: str, launcher: list[str]) -> None:
+    if "submitit" in launcher[0]:
+        pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e '.[cluster]'")
     result = run_train(["-m", *FAST, "model=lenet300", "method=magnitude", "method.sparsity=0.5,0.8",
-                        "method.fine_tune.epochs=1", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], tmp_path)
+                        "method.fine_tune.epochs=1", *launcher], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = all_runs(store_uri)
     baselines = [run for run in runs if FINGERPRINT_TAG in run.data.tags]
