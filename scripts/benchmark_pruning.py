@@ -31,7 +31,9 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+import torch.fx.experimental.optimization
 from mlflow.tracking import MlflowClient
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -39,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from lightning_modules.compression.pruning import ChannelPruning, iterative_sparsities  # noqa: E402
 from lightning_modules.evaluation.complexity import count_macs  # noqa: E402
 from lightning_modules.evaluation.latency import measure_latency  # noqa: E402
+from lightning_modules.evaluation.runtime import deploy  # noqa: E402
 from lightning_modules.models import LeNet5, resnet20  # noqa: E402
 
 EPOCHS = 4  # fine-tuning epochs of every unstructured method (agp ramps over the first 2)
@@ -83,42 +86,83 @@ def accuracy_vs_sparsity(store: Path, sparsities: str) -> pd.DataFrame:
 
 
 def lottery_runs(store: Path, sparsities: list[float], epochs_per_round: int, seeds: str) -> pd.DataFrame:
-    common = ["data=mnist5k", "model=lenet300", f"seed={seeds}", "method.callbacks.prune.skip_layers=[]",
-              "method.callbacks.prune.scope=global", *SHORT_LATENCY]
+    # `++`: the keys exist in the swept methods, not in the default method Hydra composes first
+    common = ["data=mnist5k", "model=lenet300", f"seed={seeds}", "++method.callbacks.prune.skip_layers=[]",
+              "++method.callbacks.prune.scope=global", *SHORT_LATENCY]
     for sparsity in [0.0, *sparsities]:  # one sweep per sparsity: the number of rounds depends on it
         rounds = len(iterative_sparsities(sparsity, 0.5)) + 1 if sparsity > 0 else 1
         methods = "lottery,lottery_reinit" if sparsity > 0 else "lottery"
-        train([f"method={methods}", f"method.sparsity={sparsity}", "method.callbacks.prune.fraction_per_cycle=0.5",
-               f"method.callbacks.prune.epochs_per_cycle={epochs_per_round}",
-               f"method.fine_tune.epochs={rounds * epochs_per_round}", *common], store)
+        train([f"method={methods}", f"++method.sparsity={sparsity}", "++method.callbacks.prune.fraction_per_cycle=0.5",
+               f"++method.callbacks.prune.epochs_per_cycle={epochs_per_round}",
+               f"++method.fine_tune.epochs={rounds * epochs_per_round}", *common], store)
     train(["method=magnitude", f"method.sparsity={','.join(map(str, sparsities))}",
-           f"method.fine_tune.epochs={epochs_per_round}", *common], store)
+           f"++method.fine_tune.epochs={epochs_per_round}", *common], store)
     table = runs_table(store)
     table = table[table.method.isin(["lottery", "lottery_reinit", "magnitude"]) & (table.model == "lenet300")]
     return table[["method", "seed", "target", "sparsity", "test_acc", "baseline_test_acc", "acc_drop",
                   "acc_drop_ci95_low", "acc_drop_ci95_high", "train_time_s"]].sort_values(["target", "method", "seed"])
 
 
-def channel_speedups() -> pd.DataFrame:
+CHANNEL_MODELS = {
+    "lenet5": lambda: LeNet5(1, 28, 10),
+    "resnet20": lambda: resnet20(1, 10),
+    "resnet20_w2": lambda: resnet20(1, 10, width_multiplier=2.0),
+}
+
+
+def channels_last(model: nn.Module) -> nn.Module:
+    """The model with NHWC weights: convolutions then keep activations NHWC, which oneDNN's conv and
+    PyTorch's vectorized pooling prefer to NCHW (no reorder around each conv)."""
+    return model.to(memory_format=torch.channels_last)
+
+
+def bn_folded(model: nn.Module) -> nn.Module:
+    """BatchNorm folded into the conv before it (fx-traced), as a deployed eval model should be."""
+    return torch.fx.experimental.optimization.fuse(model)
+
+
+# How the dense model and its pruned form are deployed for timing: both the same way, side by side.
+DEPLOYMENTS = {
+    "eager": lambda model: model,
+    "eager_bn_folded": bn_folded,
+    "eager_channels_last": channels_last,
+    "eager_bn_folded_channels_last": lambda model: channels_last(bn_folded(model)),
+    "ort": lambda model: deploy(model, "ort", torch.device("cpu"), threads=1, input_shape=(1, 28, 28)),
+}
+
+
+def pruned_copy(model: nn.Module, sparsity: float, round_to: int | None) -> nn.Module:
+    callback = ChannelPruning(sparsity, round_to=round_to)
+    callback.analyse(model, torch.zeros(1, 1, 28, 28))
+    pruned = copy.deepcopy(model)
+    callback.cut(pruned, sparsity)
+    return callback.finalize(pruned).eval()
+
+
+def channel_speedups(models: list[str], deployments: list[str], round_to: list[int | None], repeats: int) -> pd.DataFrame:
+    """Speedup at batch 32 on one thread of the 50%-pruned model over its dense original, for each
+    way of deploying both, timed interleaved; and the MAC reduction the speedup is measured against."""
     torch.set_num_threads(1)
+    torch.manual_seed(0)
+    shape = (1, 28, 28)
     rows = []
-    for name, model in (("lenet5", LeNet5(1, 28, 10)), ("resnet20", resnet20(1, 10))):
-        shape = (1, 28, 28)
-        model.eval()
-        callback = ChannelPruning(0.5)
-        callback.analyse(model, torch.zeros(1, *shape))
-        pruned = copy.deepcopy(model)
-        callback.cut(pruned, 0.5)
-        pruned = callback.finalize(pruned).eval()
-        latency = measure_latency({"dense": model, "pruned": pruned}, shape, [32], torch.device("cpu"), warmup=10, repeats=100)
-        speedup = latency["dense"]["latency_ms_p50_bs32"] / latency["pruned"]["latency_ms_p50_bs32"]
-        mac_reduction = count_macs(model, shape)["macs_dense"] / count_macs(pruned, shape)["macs_dense"]
-        rows.append({"model": name, "params_dense": sum(p.numel() for p in model.parameters()),
-                     "params_pruned": sum(p.numel() for p in pruned.parameters()),
-                     "latency_ms_dense_bs32": latency["dense"]["latency_ms_p50_bs32"],
-                     "latency_ms_pruned_bs32": latency["pruned"]["latency_ms_p50_bs32"],
-                     "speedup_bs32": speedup, "mac_reduction": mac_reduction,
-                     "realized_over_mac": speedup / mac_reduction})
+    for name in models:
+        dense = CHANNEL_MODELS[name]().eval()
+        for rounding in round_to:
+            pruned = pruned_copy(dense, 0.5, rounding)
+            mac_reduction = count_macs(dense, shape)["macs_dense"] / count_macs(pruned, shape)["macs_dense"]
+            deployed = {}
+            for way in deployments:
+                deployed[f"{way}/dense"] = DEPLOYMENTS[way](copy.deepcopy(dense))
+                deployed[f"{way}/pruned"] = DEPLOYMENTS[way](copy.deepcopy(pruned))
+            latency = measure_latency(deployed, shape, [32], torch.device("cpu"), warmup=10, repeats=repeats)
+            for way in deployments:
+                dense_ms = latency[f"{way}/dense"]["latency_ms_p50_bs32"]
+                pruned_ms = latency[f"{way}/pruned"]["latency_ms_p50_bs32"]
+                rows.append({"model": name, "round_to": rounding or 1, "deployment": way,
+                             "channels": "/".join(str(m.out_channels) for m in pruned.modules() if isinstance(m, nn.Conv2d))[:40],
+                             "mac_reduction": mac_reduction, "dense_ms_bs32": dense_ms, "pruned_ms_bs32": pruned_ms,
+                             "speedup_bs32": dense_ms / pruned_ms, "realized_over_mac": dense_ms / pruned_ms / mac_reduction})
     return pd.DataFrame(rows)
 
 
@@ -126,10 +170,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", type=Path, default=ROOT / "outputs" / "benchmark_pruning")
     parser.add_argument("--sparsities", default="0.5,0.7,0.8,0.9,0.95")
-    parser.add_argument("--parts", default="accuracy,lottery,channel", help="which sections to run")
+    parser.add_argument("--parts", default="accuracy,lottery,channel,channel_run", help="which sections to run")
     parser.add_argument("--lottery-sparsities", default="0.8,0.9,0.95")
-    parser.add_argument("--lottery-epochs", type=int, default=5, help="training epochs of every lottery round")
+    parser.add_argument("--lottery-epochs", type=int, default=10, help="training epochs of every lottery round")
     parser.add_argument("--seeds", default="0", help="seeds of the lottery runs, e.g. 0,1")
+    parser.add_argument("--channel-models", default=",".join(CHANNEL_MODELS))
+    parser.add_argument("--deployments", default=",".join(DEPLOYMENTS), help="how both models are deployed for timing")
+    parser.add_argument("--round-to", default="1,8", help="kept channel counts rounded to these multiples (1: not rounded)")
+    parser.add_argument("--repeats", type=int, default=100, help="timed calls of each model at batch 32")
     args = parser.parse_args()
     store = args.store.resolve()
     store.mkdir(parents=True, exist_ok=True)
@@ -154,11 +202,14 @@ def main() -> None:
         print("\n== test_acc by method (mean over seeds, count)\n" + pivot.round(2).to_string())
 
     if "channel" in parts:
-        channels = channel_speedups()
+        channels = channel_speedups(args.channel_models.split(","), args.deployments.split(","),
+                                    [int(r) if r != "1" else None for r in args.round_to.split(",")], args.repeats)
         channels.to_csv(store / "channel_speedups.csv", index=False)
-        print("\n== channel pruning, 50% of channels, batch 32, one thread, timed interleaved in one process")
+        print("\n== channel pruning, 50% of channels, batch 32, one thread, dense and pruned deployed the same way, "
+              "timed interleaved in one process")
         print(channels.round(3).to_string(index=False))
 
+    if "channel_run" in parts:
         train(["data=mnist5k", "model=lenet5", "method=channel", "method.sparsity=0.5", "hardware=cpu_1t"], store)
         channel_run = runs_table(store).query("method == 'channel'")
         print("\n== lenet5 channel 50% through the pipeline on cpu_1t")

@@ -56,6 +56,16 @@ def test_channel_keep_mask_drops_the_lowest_keeps_one_and_never_revives() -> Non
     assert channel_keep_mask(scores, 0.25, removed).tolist() == [True, True, False, True]
 
 
+@pytest.mark.parametrize(("channels", "fraction", "round_to", "kept"),
+                         [(64, 0.5, 8, 32), (40, 0.5, 8, 24), (40, 0.5, 16, 32), (6, 0.5, 8, 6), (16, 0.9, 8, 8)])
+def test_channel_keep_mask_rounds_the_kept_count_up_to_a_multiple(channels: int, fraction: float, round_to: int,
+                                                                  kept: int) -> None:
+    scores = torch.randn(channels).abs()
+    keep = channel_keep_mask(scores, fraction, round_to=round_to)
+    assert int(keep.sum()) == kept
+    assert scores[~keep].max() <= scores[keep].min() if kept < channels else True
+
+
 def test_nm_mask_keeps_the_n_largest_of_every_m() -> None:
     scores = torch.tensor([[4.0, 1.0, 3.0, 2.0, 0.0, 9.0, 8.0, 7.0]])
     assert nm_mask(scores, 2, 4).tolist() == [[1, 0, 1, 0, 0, 1, 1, 0]]
@@ -190,6 +200,15 @@ def test_skip_layers_and_overrides_per_group() -> None:
     assert smaller.features[0].out_channels == 6 and smaller.classifier[1].out_features == 90
 
 
+def test_round_to_gives_every_pruned_group_a_multiple_of_channels() -> None:
+    model = resnet20(1, 10, width_multiplier=1.25).eval()  # stages of 20, 40, 80 channels
+    callback = ChannelPruning(0.5, round_to=8)
+    callback.analyse(model, torch.zeros(1, 1, 28, 28))
+    callback.cut(model, 0.5)
+    smaller = callback.finalize(model)
+    assert [smaller.stages[i].conv2.out_channels for i in (0, 3, 6)] == [16, 24, 40]  # 10, 20, 40 rounded up
+
+
 def test_unknown_producer_lists_the_known_ones() -> None:
     with pytest.raises(ValueError, match=r"channel pruning knows no producer layers \['conv9'\]; allowed: classifier.1"):
         ChannelPruning(0.5, skip_layers=["conv9"]).analyse(LeNet5(1, 28, 10), torch.zeros(1, 1, 28, 28))
@@ -229,6 +248,7 @@ def test_channel_pruning_trains_with_removed_channels_at_zero_then_shrinks(mode:
         ({"sparsity": 0.5, "mode": "later"}, r"mode='later' is not valid; allowed: oneshot, gradual"),
         ({"sparsity": 0.5, "layer_sparsity": {"fc": -0.1}}, r"layer_sparsity.fc=-0.1 is not valid"),
         ({"sparsity": 0.5, "mode": "gradual", "initial_sparsity": 0.7}, r"initial_sparsity=0.7 is not valid"),
+        ({"sparsity": 0.5, "round_to": 0}, r"round_to=0 is not valid; allowed: an integer >= 1"),
     ],
 )
 def test_channel_constructor_rejects_bad_arguments(kwargs: dict, message: str) -> None:

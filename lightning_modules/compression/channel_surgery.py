@@ -258,18 +258,23 @@ def channel_scores(weights: list[torch.Tensor], norm: str) -> torch.Tensor:
     return total
 
 
-def channel_keep_mask(scores: torch.Tensor, fraction: float, already_removed: torch.Tensor | None = None) -> torch.Tensor:
+def channel_keep_mask(scores: torch.Tensor, fraction: float, already_removed: torch.Tensor | None = None,
+                      round_to: int = 1) -> torch.Tensor:
     """Bool mask over channels: drops the `round(fraction * C)` lowest-scoring ones, keeps at least one.
 
+    With `round_to` > 1 the number kept is rounded up to a multiple of it (at most C), as
+    Torch-Pruning's `round_to` does: oneDNN's convolutions run blocked over 8 or 16 channels, so
+    a count between two multiples costs about as much as the next one up.
     Channels in `already_removed` rank lowest, so gradual pruning never brings a channel back.
     """
     scores = scores.detach().float().clone()
     if already_removed is not None:
         scores[already_removed] = -math.inf
-    n_removed = min(int(round(fraction * scores.numel())), scores.numel() - 1)
+    kept = max(scores.numel() - round(fraction * scores.numel()), 1)
+    kept = min(math.ceil(kept / round_to) * round_to, scores.numel())
     keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-    if n_removed > 0:
-        keep[torch.topk(scores, n_removed, largest=False).indices] = False
+    if kept < scores.numel():
+        keep[torch.topk(scores, scores.numel() - kept, largest=False).indices] = False
     return keep
 
 

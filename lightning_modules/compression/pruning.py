@@ -600,6 +600,8 @@ class ChannelPruning(CompressionCallback):
         skip_layers: producer layers whose output channels stay (their groups are skipped);
             the model's input channels and classes are never pruned.
         layer_sparsity: per-group overrides, keyed by any producer of the group.
+        round_to: the channels a group keeps are rounded up to a multiple of this (1: exact);
+            8 or 16 suit oneDNN's blocked convolutions.
         initial_sparsity, begin, end, unit, frequency, power: the gradual ramp (see AGP).
     """
 
@@ -609,13 +611,14 @@ class ChannelPruning(CompressionCallback):
 
     def __init__(self, sparsity: float, criterion: str = "l1", mode: str = "oneshot",
                  skip_layers: Sequence[str] = (), layer_sparsity: dict[str, float] | None = None,
-                 initial_sparsity: float = 0.0, begin: float = 0, end: float = 2, unit: str = "epoch",
-                 frequency: int = 10, power: float = 3.0) -> None:
+                 round_to: int | None = None, initial_sparsity: float = 0.0, begin: float = 0, end: float = 2,
+                 unit: str = "epoch", frequency: int = 10, power: float = 3.0) -> None:
         self.sparsity = check_fraction("sparsity", sparsity)
         self.criterion = check_choice("criterion", criterion, self.CRITERIA)
         self.mode = check_choice("mode", mode, self.MODES)
         self.skip_layers = list(skip_layers)
         self.layer_sparsity = {k: check_fraction(f"layer_sparsity.{k}", v) for k, v in (layer_sparsity or {}).items()}
+        self.round_to = check_int("round_to", round_to, 1) if round_to is not None else 1
         self.ramp = _Ramp(self.sparsity, initial_sparsity, begin, end, unit, frequency, power) if mode == "gradual" else None
         self.schedule: Callable[[int], float] | None = None
         self.groups: list[channel_surgery.ChannelGroup] | None = None
@@ -692,7 +695,8 @@ class ChannelPruning(CompressionCallback):
             if not group.prunable or i in self.skipped:
                 continue
             removed = ~self.keep[i] if i in self.keep else None
-            keep = channel_surgery.channel_keep_mask(self.scores(model, group), self.group_fraction(group, sparsity), removed)
+            keep = channel_surgery.channel_keep_mask(self.scores(model, group), self.group_fraction(group, sparsity), removed,
+                                                     self.round_to)
             self.keep[i] = keep.cpu()
             for name in group.producers + group.carriers:
                 module = modules[name]
