@@ -3,6 +3,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import math
 from pathlib import Path
 
 import pytest
@@ -12,12 +13,23 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from lightning_modules.compression.lowrank import (
-    DECOMPOSITIONS, LowRankDecomposition, cp_compose, cp_factors, energy_rank, rule_rank, scheduled_rank,
-    svd_factors, tucker2_compose, tucker2_factors, vbmf_rank,
+    DECOMPOSITIONS,
+    LowRankDecomposition,
+    cp_compose,
+    cp_factors,
+    energy_rank,
+    layer_input_shapes,
+    one_thread,
+    rule_rank,
+    scheduled_rank,
+    svd_factors,
+    tucker2_compose,
+    tucker2_factors,
+    vbmf_rank,
 )
 from lightning_modules.data import InMemoryDataModule
 from lightning_modules.evaluation.complexity import count_macs
-from lightning_modules.models import LeNet5, LeNet300
+from lightning_modules.models import LeNet5, LeNet300, resnet20
 from lightning_modules.task import ClassificationTask
 from tests.conftest import FAST, all_runs, run_train
 
@@ -206,6 +218,51 @@ def test_unknown_layers_are_named_with_the_allowed_ones() -> None:
         LowRankDecomposition("svd", 0.5, layer_ranks={"features.0": 0.2}).decompose(LeNet5(1, 8, 10))
 
 
+def test_cp_math_runs_on_one_thread_and_gives_the_threads_back() -> None:
+    threads = torch.get_num_threads()
+    seen = []
+    with one_thread():
+        seen.append(torch.get_num_threads())
+    cp_factors(torch.randn(4, 3, 3, 3), 2, iterations=1)
+    assert seen == [1] and torch.get_num_threads() == threads
+
+
+def test_layer_input_shapes_reads_each_layer_without_moving_batchnorm_statistics() -> None:
+    model = resnet20(in_channels=1, num_classes=10).train()
+    statistics = {name: b.clone() for name, b in model.named_buffers()}
+    shapes = layer_input_shapes(model, torch.randn(1, 1, 8, 8))
+    assert shapes["stem.0"] == (1, 8, 8) and shapes["stages.8.conv2"] == (64, 2, 2) and shapes["fc"] == (64,)
+    assert model.training and all(torch.equal(b, statistics[name]) for name, b in model.named_buffers())
+    assert shapes.keys() == {name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+
+@pytest.mark.parametrize("kind", ["svd", "tucker", "cp"])
+def test_min_speedup_factors_only_layers_timed_fast_enough_and_gives_the_times(kind: str) -> None:
+    def factored(min_speedup: float) -> tuple[LowRankDecomposition, nn.Module]:
+        model = LeNet5(1, 8, 10)
+        callback = LowRankDecomposition(kind, 0.5, min_speedup=min_speedup, speed_batch=4)
+        callback.decompose(model, torch.zeros(1, 1, 8, 8))
+        return callback, model
+
+    layer_type = "Linear" if kind == "svd" else "Conv2d"
+    # no chain is a million times faster than its layer: every one is left alone, with both times
+    strict, model = factored(1e6)
+    rows = [row for row in strict.summary(model) if row["type"] == layer_type]
+    assert len(rows) == (3 if kind == "svd" else 2)
+    assert all(" ms dense at batch 4 (" in row["skipped"] and row["skipped"].endswith("< min_speedup=1000000.0)")
+               and row["measured_speedup"] > 0 for row in rows)
+    assert [type(m) for m in model.features] == [type(m) for m in LeNet5(1, 8, 10).features]  # nothing replaced
+    # every chain is at least a millionth as fast: all are factored and their measured speedup is logged
+    lenient, model = factored(1e-6)
+    rows = [row for row in lenient.summary(model) if row["type"] == layer_type]
+    assert all(row["decomposition"] == kind and row["measured_speedup"] > 0 and row["skipped"] == "" for row in rows)
+
+
+def test_min_speedup_without_an_example_input_says_what_it_needs() -> None:
+    with pytest.raises(ValueError, match=r"tucker: min_speedup=1.0 times each layer on its input shape and needs an example input"):
+        LowRankDecomposition("tucker", 0.5, min_speedup=1.0).decompose(LeNet5(1, 8, 10))
+
+
 def test_rank_multiple_rounds_up_and_stops_at_full_rank() -> None:
     model = nn.Sequential(nn.Linear(100, 40), nn.Linear(40, 12))
     callback = LowRankDecomposition("svd", 0.1, rank_multiple=8, min_saving=0.0)
@@ -232,6 +289,9 @@ def test_rank_multiple_rounds_up_and_stops_at_full_rank() -> None:
         ({"min_saving": 1.0}, r"min_saving=1.0 is not valid; allowed: a fraction in \[0, 1\)"),
         ({"gradual_epochs": -1}, r"gradual_epochs=-1 is not valid; allowed: an integer >= 0"),
         ({"iterations": -2}, r"iterations=-2 is not valid; allowed: an integer >= 0 or null"),
+        ({"min_speedup": 0}, r"min_speedup=0 is not valid; allowed: null or a number > 0"),
+        ({"min_speedup": "fast"}, r"min_speedup='fast' is not valid; allowed: null or a number > 0"),
+        ({"speed_batch": 0}, r"speed_batch=0 is not valid; allowed: an integer >= 1"),
     ],
 )
 def test_constructor_rejects_bad_arguments(kwargs: dict, message: str) -> None:
@@ -274,6 +334,13 @@ def test_the_optimizer_trains_the_factors(kind: str) -> None:
         for key, parameter in chain.named_parameters():
             assert id(parameter) in snapshot.optimized, f"{name}.{key} is not in the optimizer"
             assert not torch.equal(parameter.detach(), snapshot.before[f"{name}.{key}"]), f"{name}.{key} did not move"
+
+
+def test_min_speedup_in_a_trainer_reads_the_input_shapes_from_the_training_data() -> None:
+    callback = LowRankDecomposition("tucker", 0.5, min_speedup=1e-6, speed_batch=2)
+    trained, _ = _train(callback, LeNet5(1, 8, 10), epochs=1)
+    assert all(plan.measured_speedup is not None for plan in callback.plans.values() if plan.type == "Conv2d")
+    assert isinstance(trained.features[0], nn.Sequential) and isinstance(trained.features[3], nn.Sequential)
 
 
 def test_gradual_decomposition_steps_ranks_down_and_finalizes_to_the_target() -> None:
@@ -334,3 +401,24 @@ def test_tucker_with_svd_run_end_to_end_is_smaller_and_logs_its_tables(tmp_path:
     assert {"layer", "full_rank_out", "rank_in", "energy_kept", "params_before", "params_after", "skipped"} <= set(rows[0])
     assert any(row["decomposition"] == "tucker" for row in rows)
     assert client.download_artifacts(run.info.run_id, "svd_summary.csv", str(tmp_path))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["lenet5", "resnet20"])
+def test_cp_runs_end_to_end_finite_smaller_and_fine_tuned(model: str, tmp_path: Path, store_uri: str) -> None:
+    # a half-width model keeps its BatchNorm, strides and shortcuts, in a fraction of the time
+    result = run_train([*FAST, f"model={model}", "model.net.width_multiplier=0.5", "method=cp", "method.fine_tune.epochs=1",
+                        "method.callbacks.factor.iterations=20", "hardware.latency.batch_sizes=[1]"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [run] = [r for r in all_runs(store_uri) if r.data.tags.get("method") == "cp"]
+    assert run.info.status == "FINISHED"
+    metrics = run.data.metrics
+    assert all(math.isfinite(metrics[key]) for key in ("test_loss", "test_acc", "latency_ms_p50_bs1"))
+    assert metrics["flops_dense"] < metrics["baseline_flops_dense"] and metrics["compression_ratio"] > 1.0
+    assert metrics["train_time_s"] > 0  # the factors were fine-tuned, not only cut
+    client = MlflowClient(store_uri)
+    rows = list(csv.DictReader(io.StringIO(
+        Path(client.download_artifacts(run.info.run_id, "cp_summary.csv", str(tmp_path))).read_text())))
+    factored = [row for row in rows if row["decomposition"] == "cp"]
+    assert factored and all(0.0 < float(row["energy_kept"]) <= 1.0 for row in factored)  # the CP fit of each kernel
+    assert metrics["layers_skipped_cp"] == len(rows) - len(factored)

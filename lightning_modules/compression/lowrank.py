@@ -23,9 +23,10 @@ away for good.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -34,7 +35,13 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from lightning_modules.compression.base import CompressionCallback, weighted_layers
+from lightning_modules.compression.base import (
+    CompressionCallback,
+    check_int,
+    training_batches,
+    weighted_layers,
+)
+from lightning_modules.evaluation.latency import measure_latency
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +68,7 @@ def vbmf_rank(singular_values: torch.Tensor, shape: tuple[int, int]) -> int:
     The noise variance is the minimizer of VBMF's free energy over its analytic bounds; components
     whose singular value exceeds the resulting threshold are signal. Needs the full spectrum.
     """
-    from scipy.optimize import minimize_scalar  # noqa: PLC0415 (only this rule needs scipy)
+    from scipy.optimize import minimize_scalar
 
     rows, cols = sorted(shape)  # L <= M
     s = singular_values.double().cpu().numpy()
@@ -569,6 +576,7 @@ class LayerPlan:
     current: tuple[int, ...] = ()       # ranks the layer has now (gradual mode steps down to `rank`)
     start: tuple[int, ...] = ()         # ranks of the training-time chain (its parameter shapes)
     energy_kept: float | None = None
+    measured_speedup: float | None = None  # dense layer latency / factored chain latency (min_speedup)
     params_before: int = 0
     params_after: int = 0
     skipped: str = ""
@@ -607,6 +615,12 @@ class LowRankDecomposition(CompressionCallback):
             convolutions over few channels several times faster that way than in NCHW.
         gradual_epochs: 0 cuts to the target ranks once, before fine-tuning; N > 0 factors at
             full rank and steps the ranks down after each of the first N epochs (cubic ramp).
+        min_speedup: null, or leave a layer alone unless its factored chain runs at least this much
+            faster than the dense layer, timed side by side at `speed_batch` on the run's hardware
+            and threads before the cut: fewer MACs do not always mean less time (an extra pass over
+            the activations, thin 1x1 or depthwise convolutions), so a layer is factored only where
+            it pays on the machine. Needs the training data for the layers' input shapes.
+        speed_batch: the batch size at which `min_speedup` times the layers.
         iterations: HOOI sweeps (tucker) or ALS sweeps (cp); null for the decomposition's default.
         seed: seed of CP's random starting columns.
     """
@@ -622,6 +636,8 @@ class LowRankDecomposition(CompressionCallback):
         min_saving: float = 0.0,
         channels_last: bool = False,
         gradual_epochs: int = 0,
+        min_speedup: float | None = None,
+        speed_batch: int = 32,
         iterations: int | None = None,
         seed: int = 0,
     ) -> None:
@@ -638,6 +654,10 @@ class LowRankDecomposition(CompressionCallback):
             raise ValueError(f"min_saving={min_saving!r} is not valid; allowed: a fraction in [0, 1)")
         if isinstance(gradual_epochs, bool) or not isinstance(gradual_epochs, int) or gradual_epochs < 0:
             raise ValueError(f"gradual_epochs={gradual_epochs!r} is not valid; allowed: an integer >= 0")
+        if min_speedup is not None and (isinstance(min_speedup, bool) or not isinstance(min_speedup, (int, float))
+                                        or min_speedup <= 0):
+            raise ValueError(f"min_speedup={min_speedup!r} is not valid; allowed: null or a number > 0")
+        self.speed_batch = check_int("speed_batch", speed_batch, 1)
         if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0):
             raise ValueError(f"iterations={iterations!r} is not valid; allowed: an integer >= 0 or null")
         self.name = decomposition
@@ -648,6 +668,7 @@ class LowRankDecomposition(CompressionCallback):
         self.min_saving = float(min_saving)
         self.channels_last = bool(channels_last)
         self.gradual_epochs = gradual_epochs
+        self.min_speedup = None if min_speedup is None else float(min_speedup)
         self.iterations = self.kind.default_iterations if iterations is None else iterations
         self.seed = seed
         self.cut = False
@@ -680,16 +701,25 @@ class LowRankDecomposition(CompressionCallback):
         # Lightning builds the optimizer after `setup` and before `on_fit_start`: cutting here lets
         # it see the factors. A resumed run is cut again to the same shapes, then its state loads.
         if stage == "fit" and not self.cut:
-            self.decompose(pl_module.model)
+            example = None
+            if self.min_speedup is not None:
+                example = training_batches(trainer, 1, f"{self.name} min_speedup")[0][0][:1]
+            self.decompose(pl_module.model, example)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.step < self.gradual_epochs:
             self.reduce(pl_module.model, trainer.optimizers)
 
     # -- the workers
-    def decompose(self, model: nn.Module) -> None:
-        """Plan every layer, then replace the chosen ones by their factor chains."""
-        self.plans = self.plan(model)
+    def decompose(self, model: nn.Module, example: torch.Tensor | None = None) -> None:
+        """Plan every layer, then replace the chosen ones by their factor chains.
+
+        `example`, an input batch of the model, gives the layers' input shapes for `min_speedup`.
+
+        Raises:
+            ValueError: min_speedup is set and no example input is given.
+        """
+        self.plans = self.plan(model, example)
         for name, plan in self.plans.items():
             if plan.skipped:
                 continue
@@ -705,8 +735,12 @@ class LowRankDecomposition(CompressionCallback):
             replace_module(model, name, chain)
         self.cut = True
 
-    def plan(self, model: nn.Module) -> dict[str, LayerPlan]:
+    def plan(self, model: nn.Module, example: torch.Tensor | None = None) -> dict[str, LayerPlan]:
         """The one filter deciding which layers are factored (and at which ranks); the others get a reason."""
+        if self.min_speedup is not None and example is None:
+            raise ValueError(f"{self.name}: min_speedup={self.min_speedup} times each layer on its input shape and "
+                             f"needs an example input; allowed without one: min_speedup=null")
+        input_shapes = layer_input_shapes(model, example) if self.min_speedup is not None else {}
         layers = list(weighted_layers(model))
         ours = [name for name, module in layers if isinstance(module, self.kind.layer_type)]
         aliases = {"first": ours[0] if ours else None, "last": ours[-1] if ours else None}
@@ -721,7 +755,7 @@ class LowRankDecomposition(CompressionCallback):
             params = _param_count(module)
             plan = LayerPlan(name, type(module).__name__, "x".join(map(str, module.weight.shape)),
                              params_before=params, params_after=params)
-            plan.skipped = self._skip_reason(name, module, skip, plan)
+            plan.skipped = self._skip_reason(name, module, skip, plan) or self._slower_reason(module, plan, input_shapes.get(name))
             if plan.skipped:
                 log.info("%s leaves %s alone: %s", self.name, name, plan.skipped)
             plans[name] = plan
@@ -745,6 +779,36 @@ class LowRankDecomposition(CompressionCallback):
             return (f"rank {_ranks_text(plan.rank)} would keep {after} of {plan.params_before} parameters "
                     f"(min_saving={self.min_saving})")
         return ""
+
+    def _slower_reason(self, module: nn.Module, plan: LayerPlan, input_shape: tuple[int, ...] | None) -> str:
+        """Why factoring this layer does not pay in time (min_speedup), or "" when it does or is not asked."""
+        if self.min_speedup is None or not plan.rank:
+            return ""
+        if input_shape is None:
+            return "min_speedup: the example input never reached this layer, so it could not be timed"
+        dense_ms, factored_ms = self.time_layer(module, plan.rank, input_shape)
+        plan.measured_speedup = dense_ms / factored_ms
+        if plan.measured_speedup >= self.min_speedup:
+            return ""
+        return (f"rank {_ranks_text(plan.rank)} measured {factored_ms:.4f} ms against {dense_ms:.4f} ms dense at "
+                f"batch {self.speed_batch} ({plan.measured_speedup:.2f}x < min_speedup={self.min_speedup})")
+
+    def time_layer(self, module: nn.Module, ranks: tuple[int, ...], input_shape: tuple[int, ...]) -> tuple[float, float]:
+        """p50 latency (ms) of the dense layer and of its deployable chain, timed interleaved at speed_batch.
+
+        The chain's shapes are what matter for time, so the factors come from the cheap start (no
+        HOOI/ALS sweeps). Both run in the deployed memory layout.
+        """
+        factors, _ = self.kind.decompose(module.weight, ranks, 0, self.seed)
+        factors["bias"] = _bias(module)
+        chain = self.kind.build(module, factors, compact=True)
+        dense = copy.deepcopy(module)
+        layout = torch.channels_last if self.channels_last and len(input_shape) == 3 else torch.contiguous_format
+        models = {"dense": _in_layout(dense.to(memory_format=layout), layout),
+                  "factored": _in_layout(chain.to(memory_format=layout), layout)}
+        times = measure_latency(models, input_shape, [self.speed_batch], module.weight.device, warmup=5, repeats=30)
+        key = f"latency_ms_p50_bs{self.speed_batch}"
+        return times["dense"][key], times["factored"][key]
 
     @torch.no_grad()
     def reduce(self, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer] = (), step: int | None = None) -> None:
@@ -799,6 +863,7 @@ class LowRankDecomposition(CompressionCallback):
                 row[f"full_rank{suffix}"] = plan.full_rank[i] if plan.full_rank else ""
                 row[f"rank{suffix}"] = plan.rank[i] if plan.rank else ""
             row.update({"energy_kept": "" if plan.energy_kept is None else plan.energy_kept,
+                        "measured_speedup": "" if plan.measured_speedup is None else plan.measured_speedup,
                         "params_before": plan.params_before, "params_after": plan.params_after,
                         "skipped": plan.skipped})
             rows.append(row)
@@ -812,6 +877,44 @@ class LowRankDecomposition(CompressionCallback):
         self.step = state_dict["step"]
         self.plans = {name: LayerPlan(**{k: tuple(v) if isinstance(v, list) else v for k, v in plan.items()})
                       for name, plan in state_dict["plans"].items()}
+
+
+def layer_input_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """{layer name: its input's shape without the batch} of every Linear/Conv2d layer, for one example."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def recorder(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:  # returns None: the input stays
+            shapes.setdefault(name, tuple(args[0].shape[1:]))
+        return record
+
+    hooks = [module.register_forward_pre_hook(recorder(name)) for name, module in weighted_layers(model)]
+    training = model.training
+    try:
+        model.eval()  # train mode would move BatchNorm's running statistics
+        with torch.no_grad():
+            model(example.to(next(model.parameters()).device))
+    finally:
+        model.train(training)
+        for hook in hooks:
+            hook.remove()
+    return shapes
+
+
+def _in_layout(module: nn.Module, layout: torch.memory_format) -> nn.Module:
+    """The module behind a conversion of its input to `layout` (as the previous layer would hand it over)."""
+    if layout == torch.contiguous_format:
+        return module.eval()
+    return nn.Sequential(_ToLayout(layout), module).eval()
+
+
+class _ToLayout(nn.Module):
+    def __init__(self, layout: torch.memory_format) -> None:
+        super().__init__()
+        self.layout = layout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=self.layout)
 
 
 def _ranks_text(ranks: tuple[int, ...]) -> str:
