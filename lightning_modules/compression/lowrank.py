@@ -37,6 +37,7 @@ from torch import nn
 
 from lightning_modules.compression.base import (
     CompressionCallback,
+    check_fraction,
     check_int,
     training_batches,
     weighted_layers,
@@ -648,12 +649,9 @@ class LowRankDecomposition(CompressionCallback):
         self.kind = DECOMPOSITIONS[decomposition]
         _check_rank_value("rank", rank_by, rank)
         self.layer_ranks = {name: self._check_override(name, rank_by, value) for name, value in (layer_ranks or {}).items()}
-        if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
-            raise ValueError(f"rank_multiple={rank_multiple!r} is not valid; allowed: an integer >= 1")
-        if not 0.0 <= float(min_saving) < 1.0:
-            raise ValueError(f"min_saving={min_saving!r} is not valid; allowed: a fraction in [0, 1)")
-        if isinstance(gradual_epochs, bool) or not isinstance(gradual_epochs, int) or gradual_epochs < 0:
-            raise ValueError(f"gradual_epochs={gradual_epochs!r} is not valid; allowed: an integer >= 0")
+        self.rank_multiple = check_int("rank_multiple", rank_multiple, 1)
+        self.min_saving = check_fraction("min_saving", min_saving)
+        self.gradual_epochs = check_int("gradual_epochs", gradual_epochs, 0)
         if min_speedup is not None and (isinstance(min_speedup, bool) or not isinstance(min_speedup, (int, float))
                                         or min_speedup <= 0):
             raise ValueError(f"min_speedup={min_speedup!r} is not valid; allowed: null or a number > 0")
@@ -664,10 +662,7 @@ class LowRankDecomposition(CompressionCallback):
         self.rank = rank
         self.rank_by = rank_by
         self.skip_layers = list(skip_layers)
-        self.rank_multiple = rank_multiple
-        self.min_saving = float(min_saving)
         self.channels_last = bool(channels_last)
-        self.gradual_epochs = gradual_epochs
         self.min_speedup = None if min_speedup is None else float(min_speedup)
         self.iterations = self.kind.default_iterations if iterations is None else iterations
         self.seed = seed
