@@ -32,6 +32,9 @@ GRID: list[tuple[str, str, list[str]]] = [
     # laid out NHWC (its faster layout); min_speedup=1.0 factors only the layers timed faster than dense
     ("lenet5", "tucker", ["+compression@method.callbacks.linear=svd", "method.rank=0.25,0.5",
                           "method.callbacks.factor.channels_last=true", "method.min_speedup=null,1.0"]),
+    # control: rank 1.0 factors nothing (no layer would shrink), so this is the dense model laid out NHWC,
+    # the share of the speedups above that comes from the layout alone
+    ("lenet5", "tucker", ["method.rank=1.0", "method.callbacks.factor.channels_last=true"]),
     ("lenet5", "cp", ["method.rank=1.0"]),
     # ranks rounded up to 16: oneDNN runs channels in vectors of 8/16, an odd rank costs the next multiple
     ("resnet20", "tucker", ["method.rank=0.25,0.5", "method.rank_multiple=16"]),
