@@ -414,11 +414,12 @@ def test_cp_runs_end_to_end_finite_smaller_and_fine_tuned(model: str, tmp_path: 
     assert run.info.status == "FINISHED"
     metrics = run.data.metrics
     assert all(math.isfinite(metrics[key]) for key in ("test_loss", "test_acc", "latency_ms_p50_bs1"))
-    assert metrics["flops_dense"] < metrics["baseline_flops_dense"] and metrics["compression_ratio"] > 1.0
+    assert metrics["flops_dense"] < metrics["baseline_flops_dense"]
     assert metrics["train_time_s"] > 0  # the factors were fine-tuned, not only cut
     client = MlflowClient(store_uri)
     rows = list(csv.DictReader(io.StringIO(
         Path(client.download_artifacts(run.info.run_id, "cp_summary.csv", str(tmp_path))).read_text())))
     factored = [row for row in rows if row["decomposition"] == "cp"]
     assert factored and all(0.0 < float(row["energy_kept"]) <= 1.0 for row in factored)  # the CP fit of each kernel
+    assert all(int(row["params_after"]) < int(row["params_before"]) for row in factored)
     assert metrics["layers_skipped_cp"] == len(rows) - len(factored)
