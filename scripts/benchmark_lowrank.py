@@ -5,10 +5,14 @@ Runs `train.py -m` on mnist5k with hardware=cpu_1t into a scratch MLflow store (
 takes minutes), reads the runs back and prints one row per run:
 
     python scripts/benchmark_lowrank.py [--out /tmp/lowrank_bench] [--baseline-epochs 4] [--fine-tune-epochs 2]
-                                        [--models lenet300 lenet5] [--read-only]
+                                        [--models lenet300 lenet5] [--read-only] [--profile lenet5]
 
 `speedup_bs32` is the pipeline's own figure: the baseline and the finalized model timed interleaved
 in the same process. realized/theoretical = speedup_bs32 / (baseline MACs / MACs).
+
+`--profile MODEL` then shows where the time goes: torch.profiler's self CPU time per operator, in ms
+per forward pass at batch 32 on one thread, for that model's baseline and each of its runs (their
+deployed artifacts). Run it under the same lock as any timing.
 """
 
 from __future__ import annotations
@@ -21,7 +25,11 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from mlflow.tracking import MlflowClient
+from torch.profiler import ProfilerActivity, profile
+
+from lightning_modules.evaluation.artifact import load_deployable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,6 +94,39 @@ def read_rows(out: Path) -> list[dict[str, object]]:
     return rows
 
 
+def operator_times(model: torch.nn.Module, input_shape: tuple[int, ...], batch: int = 32,
+                   forwards: int = 50) -> dict[str, float]:
+    """Self CPU time per operator, ms per forward pass, after a warm-up."""
+    inputs = torch.randn(batch, *input_shape)
+    with torch.inference_mode():
+        for _ in range(10):
+            model(inputs)
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            for _ in range(forwards):
+                model(inputs)
+    return {event.key: event.self_cpu_time_total / 1000.0 / forwards for event in profiler.key_averages()}
+
+
+def print_profile(out: Path, model_name: str, top: int = 6) -> None:
+    """The top operators of the model's baseline and of each of its low-rank runs, one thread, batch 32."""
+    torch.set_num_threads(1)  # cpu_1t, as the grid ran
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("workbench")
+    runs = client.search_runs([experiment.experiment_id], f"tags.model = '{model_name}'", max_results=1000,
+                              order_by=["attributes.start_time ASC"])
+    for run in runs:
+        if "flops_dense" not in run.data.metrics:
+            continue
+        params = run.data.params
+        label = (f"{run.data.tags['method']} rank={params.get('method.rank')} min_speedup={params.get('method.min_speedup')} "
+                 f"channels_last={params.get('method.callbacks.factor.channels_last')}")
+        model = load_deployable(client.download_artifacts(run.info.run_id, "model/model.pt", str(out / "profile")))
+        times = operator_times(model, (1, 28, 28))
+        ranked = sorted(times.items(), key=lambda item: -item[1])[:top]
+        print(f"{label}: {sum(times.values()):.3f} ms/forward; " + ", ".join(f"{op} {ms:.3f}" for op, ms in ranked))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/lowrank_bench"))
@@ -93,6 +134,7 @@ def main() -> None:
     parser.add_argument("--fine-tune-epochs", type=int, default=2)
     parser.add_argument("--models", nargs="*", default=None, help="run only these models of the grid")
     parser.add_argument("--read-only", action="store_true", help="only read an existing store")
+    parser.add_argument("--profile", default=None, help="then profile this model's runs per operator (e.g. lenet5)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.read_only:
@@ -107,6 +149,8 @@ def main() -> None:
     for row in rows:
         print("| " + " | ".join(f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in COLUMNS) + " |")
     print(f"(table also in {args.out / 'lowrank_benchmark.csv'})")
+    if args.profile is not None:
+        print_profile(args.out, args.profile)
 
 
 if __name__ == "__main__":
