@@ -63,7 +63,7 @@ def run_grid(out: Path, baseline_epochs: int, fine_tune_epochs: int, models: lis
                    f"method={method}", f"baseline.epochs={baseline_epochs}", f"method.fine_tune.epochs={fine_tune_epochs}",
                    "trainer.enable_progress_bar=false", *sweep, f"hydra.sweep.dir={out / 'sweeps' / str(number)}"]
         started = time.perf_counter()
-        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
         print(f"{model} {method}: exit {result.returncode} in {time.perf_counter() - started:.0f} s", flush=True)
         if result.returncode != 0:
             print(result.stderr[-3000:], file=sys.stderr)
