@@ -897,7 +897,11 @@ def layer_input_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tup
 
 
 def _in_layout(module: nn.Module, layout: torch.memory_format) -> nn.Module:
-    """The module behind a conversion of its input to `layout` (as the previous layer would hand it over)."""
+    """The module behind a conversion of its input to `layout` (measure_latency feeds NCHW tensors).
+
+    Dense layer and chain pay the same conversion, so their ratio moves toward 1 but stays on its
+    side of 1: the decision at min_speedup=1.0 is unchanged, a higher threshold is stricter.
+    """
     if layout == torch.contiguous_format:
         return module.eval()
     return nn.Sequential(_ToLayout(layout), module).eval()
