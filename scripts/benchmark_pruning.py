@@ -128,6 +128,7 @@ DEPLOYMENTS = {
     "eager_channels_last": channels_last,
     "eager_bn_folded_channels_last": lambda model: channels_last(bn_folded(model)),
     "ort": lambda model: deploy(model, "ort", torch.device("cpu"), threads=1, input_shape=(1, 28, 28)),
+    "inductor": lambda model: deploy(model, "inductor", torch.device("cpu"), threads=1, input_shape=(1, 28, 28)),
 }
 
 
