@@ -1,12 +1,18 @@
 """Benchmark of knowledge distillation on mnist5k: a resnet20 teacher and a narrow lenet5 student.
 
-    .venv/bin/python scripts/benchmark_distillation.py [--seeds 3] [--teacher-epochs 8] [--epochs 15] [--width 0.25]
+    .venv/bin/python scripts/benchmark_distillation.py accuracy [--seeds 3] [--teacher-epochs 30] [--width 0.25]
+    flock /tmp/bench.lock .venv/bin/python scripts/benchmark_distillation.py cost [--rounds 3]
 
-1. trains one resnet20 teacher (one run, its own recipe);
-2. for each seed, trains the narrow student without KD (its baseline) and with KD from that teacher,
-   both from scratch with the same recipe and unaugmented data (so the teacher's logits are cached);
-3. prints per-seed accuracies with the paired 95% interval of the difference, the mean and spread of
-   the KD gain over seeds, and the cost of a KD epoch relative to the student alone, cached and online.
+accuracy (separate train.py runs into a scratch store; no timing):
+  1. trains the resnet20 teacher with the baseline recipe (augmented data), or takes --teacher-checkpoint;
+  2. for each seed, trains the narrow student without KD (its baseline) and with KD from that teacher,
+     both from scratch with the same recipe and the same augmented data: like for like;
+  3. prints per-seed accuracies with the paired 95% interval of the difference, and the mean and
+     spread of the KD gain over seeds.
+cost (one process, interleaved rounds after a warm-up epoch):
+  the seconds of a training epoch of the student alone, with KD from cached logits of fixed
+  augmented views, and with the teacher online; the teacher's one-off pass that fills the cache is
+  reported apart, and amortised over a sweep of --sweep-runs runs that share it.
 """
 
 from __future__ import annotations
@@ -17,16 +23,28 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
+from functools import partial
 from pathlib import Path
 
+import pytorch_lightning as pl
+import torch
 from mlflow.tracking import MlflowClient
+
+from lightning_modules.compression import distillation
+from lightning_modules.compression.distillation import KnowledgeDistillation, view_outputs
+from lightning_modules.data import FixedViews, InMemoryDataModule
+from lightning_modules.models import LeNet5, resnet20
+from lightning_modules.task import ClassificationTask
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# ----------------------------------------------------------------------------- accuracy
+
 
 def train(uri: str, folder: Path, *overrides: str) -> None:
-    command = [sys.executable, str(ROOT / "train.py"), "-m", "data=mnist5k", "data.augment=null",
-               "trainer.enable_progress_bar=false", f"hydra.sweep.dir={folder}", *overrides]
+    command = [sys.executable, str(ROOT / "train.py"), "-m", "data=mnist5k", "trainer.enable_progress_bar=false",
+               f"hydra.sweep.dir={folder}", *overrides]
     result = subprocess.run(command, cwd=ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": uri},
                             capture_output=True, text=True)
     if result.returncode != 0:
@@ -40,61 +58,140 @@ def runs(uri: str, **tags: str) -> list:
     return [r for r in found if all(r.data.tags.get(k) == v for k, v in tags.items())]
 
 
+def accuracy(args: argparse.Namespace) -> None:
+    seeds = ",".join(str(s) for s in range(args.first_seed, args.first_seed + args.seeds))
+    common = [f"data.augment={args.augment}", f"baseline.epochs={args.epochs}", f"hardware={args.hardware}"]
+    student = ["model=lenet5", f"model.net.width_multiplier={args.width}", *common]
+    kd = [f"method.callbacks.distill.{key}={value}" for key, value in
+          (("alpha", args.alpha), ("temperature", args.temperature), ("views", args.views)) if value is not None]
+    with tempfile.TemporaryDirectory(prefix="workbench-kd-") as temporary:
+        scratch = args.store or temporary  # a kept store: its baselines and teacher logits serve later calls
+        uri = f"sqlite:///{scratch}/mlflow.db"
+        if args.baselines_only:
+            train(uri, Path(scratch) / "students", *student, "method=baseline", f"seed={seeds}")
+            return
+        if args.teacher_checkpoint is None:
+            train(uri, Path(scratch) / "teacher", "model=resnet20", "method=baseline", f"data.augment={args.augment}",
+                  f"baseline.epochs={args.teacher_epochs}")
+            found = runs(uri, model="resnet20")[0]
+            teacher = [f"method.teacher.uri=runs:/{found.info.run_id}/model/model.pt"]
+            teacher_line = f"resnet20 trained here: test_acc {found.data.metrics['test_acc']:.2f}% ({args.teacher_epochs} epochs)"
+        else:
+            teacher = [f"method.teacher.checkpoint={args.teacher_checkpoint}"]
+            teacher_line = f"resnet20 from {args.teacher_checkpoint}"
+        train(uri, Path(scratch) / "students", *student, "method=baseline", f"seed={seeds}")
+        train(uri, Path(scratch) / "kd", *student, "method=kd", f"seed={seeds}", *teacher, *kd,
+              f"method.callbacks.distill.cache_dir={scratch}/logits")  # the seeds share the teacher's pass
+        # this call's runs: the newest of each (method, seed) among the student's width
+        student_runs = sorted(runs(uri, model="lenet5"), key=lambda r: r.info.start_time)
+    student_runs = [r for r in student_runs if r.data.params.get("model.net.width_multiplier") == str(args.width)]
+    baselines = {r.data.tags["seed"]: r.data.metrics for r in student_runs if r.data.tags["method"] == "baseline"}
+    distilled = {r.data.tags["seed"]: r.data.metrics for r in student_runs if r.data.tags["method"] == "kd"}
+    print(f"teacher: {teacher_line}")
+    print(f"student lenet5 x{args.width}: {baselines[str(args.first_seed)]['params_total']:.0f} params, {args.epochs} "
+          f"epochs from scratch, data.augment={args.augment}, same recipe with and without KD; KD {' '.join(kd) or 'defaults'}\n")
+    gains = []
+    for seed in sorted(baselines, key=int):
+        base, kd_run = baselines[seed], distilled[seed]
+        gains.append(kd_run["test_acc"] - base["test_acc"])
+        print(f"seed {seed}: without KD {base['test_acc']:.2f}%  with KD {kd_run['test_acc']:.2f}%  gain {gains[-1]:+.2f} "
+              f"points (paired 95% CI {-kd_run['acc_drop_ci95_high']:+.2f}..{-kd_run['acc_drop_ci95_low']:+.2f})")
+    spread = statistics.stdev(gains) if len(gains) > 1 else float("nan")
+    print(f"\nKD gain over {len(gains)} seeds: mean {statistics.mean(gains):+.2f} points, std {spread:.2f}, "
+          f"won {sum(g > 0 for g in gains)} of {len(gains)}")
+
+
+# ----------------------------------------------------------------------------- cost
+
+
+class EpochClock(pl.Callback):
+    """Seconds of each training epoch (validation switched off, so only training is timed)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.seconds.append(time.perf_counter() - self.started)
+
+
+def epoch_seconds(data: InMemoryDataModule, width: float, epochs: int, kd: KnowledgeDistillation | None) -> list[float]:
+    """Per-epoch seconds of one fit of a fresh student, the first epoch dropped as warm-up."""
+    clock = EpochClock()
+    trainer = pl.Trainer(max_epochs=epochs, callbacks=[clock, *([kd] if kd is not None else [])], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, num_sanity_val_steps=0)
+    student = LeNet5(1, 28, 10, width_multiplier=width)
+    trainer.fit(ClassificationTask(student, optimizer=partial(torch.optim.Adam, lr=2e-3)), datamodule=data)
+    return clock.seconds[1:]
+
+
+def with_teacher(teacher: torch.nn.Module, mode: str, views: int) -> KnowledgeDistillation:
+    callback = KnowledgeDistillation(teacher_logits=mode, views=views)
+    callback.attach_teacher(teacher)
+    return callback
+
+
+def cost(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    data = InMemoryDataModule("mnist5k", root=ROOT / "data", augment="affine")
+    images = data.split("train").tensors[0]
+    # the cost does not depend on the teacher's weights: an untrained resnet20 costs what a trained one does
+    teacher = resnet20(in_channels=1, num_classes=10).eval().requires_grad_(False)
+    started = time.perf_counter()
+    views = FixedViews("affine", args.views if args.views is not None else 8, len(images))  # 8: conf/compression/kd.yaml
+    key = distillation.content_key(teacher, images, views)
+    distillation.LOGIT_CACHE[key] = view_outputs(teacher, images, views, torch.device("cpu")).cpu()
+    teacher_pass = time.perf_counter() - started
+
+    timed: dict[str, list[float]] = {"student alone": [], "KD, cached views": [], "KD, teacher online": []}
+    for round_number in range(args.rounds):  # interleaved: a drift in the machine's load hits every setting
+        timed["student alone"] += epoch_seconds(data, args.width, args.fit_epochs, None)
+        timed["KD, cached views"] += epoch_seconds(data, args.width, args.fit_epochs, with_teacher(teacher, "cache", views.count))
+        if round_number == 0:  # the online teacher is slow; one round shows its order of magnitude
+            timed["KD, teacher online"] += epoch_seconds(data, args.width, 2, with_teacher(teacher, "online", views.count))
+    alone = statistics.median(timed["student alone"])
+    print(f"student lenet5 x{args.width} on mnist5k (3,500 training images, affine augmentation), "
+          f"{args.rounds} interleaved rounds of {args.fit_epochs} epochs, first epoch of each fit dropped:")
+    for name, seconds in timed.items():
+        print(f"  {name:<20} {statistics.median(seconds):6.2f} s/epoch (median of {len(seconds)}, "
+              f"range {min(seconds):.2f}..{max(seconds):.2f})  {statistics.median(seconds) / alone:5.2f}x the student alone")
+    per_epoch_share = teacher_pass / (args.sweep_runs * args.sweep_epochs) / alone
+    print(f"one-off teacher pass over {views.count} fixed views: {teacher_pass:.1f} s "
+          f"({teacher_pass / views.count:.1f} s per view) = {teacher_pass / alone:.1f} student epochs; amortised over a "
+          f"sweep of {args.sweep_runs} runs x {args.sweep_epochs} epochs that share it (cache_dir): "
+          f"+{per_epoch_share:.2f}x per epoch")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--teacher-epochs", type=int, default=8)
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--width", type=float, default=0.25)
-    parser.add_argument("--alpha", type=float, default=None, help="method.callbacks.distill.alpha (default: the config's)")
-    parser.add_argument("--temperature", type=float, default=None, help="method.callbacks.distill.temperature")
+    parser.add_argument("part", choices=("accuracy", "cost"))
+    parser.add_argument("--width", type=float, default=0.25, help="the student's width multiplier")
+    parser.add_argument("--views", type=int, default=None, help="method.callbacks.distill.views (default: the config's)")
+    accuracy_args = parser.add_argument_group("accuracy")
+    accuracy_args.add_argument("--seeds", type=int, default=3)
+    accuracy_args.add_argument("--first-seed", type=int, default=0)
+    accuracy_args.add_argument("--epochs", type=int, default=30, help="the student's recipe (baseline.epochs)")
+    accuracy_args.add_argument("--augment", default="affine", help="data.augment for teacher and students")
+    accuracy_args.add_argument("--teacher-epochs", type=int, default=30)
+    accuracy_args.add_argument("--teacher-checkpoint", default=None, help="a resnet20 model.pt instead of training one")
+    accuracy_args.add_argument("--hardware", default="cpu", help="of the students (cpu_1t: one thread each, for a busy machine)")
+    accuracy_args.add_argument("--store", default=None, help="keep the scratch store in this folder (default: temporary)")
+    accuracy_args.add_argument("--baselines-only", action="store_true", help="train the students without KD and stop")
+    accuracy_args.add_argument("--alpha", type=float, default=None, help="method.callbacks.distill.alpha")
+    accuracy_args.add_argument("--temperature", type=float, default=None, help="method.callbacks.distill.temperature")
+    cost_args = parser.add_argument_group("cost")
+    cost_args.add_argument("--rounds", type=int, default=3)
+    cost_args.add_argument("--fit-epochs", type=int, default=4, help="epochs per timed fit; the first is the warm-up")
+    cost_args.add_argument("--sweep-runs", type=int, default=6, help="runs sharing one teacher pass (seeds x methods)")
+    cost_args.add_argument("--sweep-epochs", type=int, default=30)
     args = parser.parse_args()
-    seeds = ",".join(str(s) for s in range(args.seeds))
-    student = ["model=lenet5", f"model.net.width_multiplier={args.width}"]
-    kd = [f"method.callbacks.distill.{key}={value}" for key, value in
-          (("alpha", args.alpha), ("temperature", args.temperature)) if value is not None]
-    online_epochs = max(2, args.epochs // 5)
-
-    with tempfile.TemporaryDirectory(prefix="workbench-kd-") as scratch:
-        uri = f"sqlite:///{scratch}/mlflow.db"
-        train(uri, Path(scratch) / "teacher", "model=resnet20", "method=baseline", f"baseline.epochs={args.teacher_epochs}")
-        teacher = runs(uri, model="resnet20")[0]
-        teacher_uri = f"runs:/{teacher.info.run_id}/model/model.pt"
-        train(uri, Path(scratch) / "students", *student, f"baseline.epochs={args.epochs}", "method=baseline",
-              f"seed={seeds}")
-        train(uri, Path(scratch) / "kd", *student, f"baseline.epochs={args.epochs}", "method=kd",
-              f"seed={seeds}", f"method.teacher.uri={teacher_uri}", *kd)
-        student_runs = sorted(runs(uri, model="lenet5"), key=lambda r: r.info.start_time)
-        baselines = {r.data.tags["seed"]: r for r in student_runs if r.data.tags["method"] == "baseline"}
-        cached = {r.data.tags["seed"]: r for r in student_runs if r.data.tags["method"] == "kd"}
-        # a short online run: the teacher runs on every batch (what augmented data requires)
-        train(uri, Path(scratch) / "online", *student, f"baseline.epochs={online_epochs}", "method=kd", "seed=0",
-              f"method.teacher.uri={teacher_uri}", "method.callbacks.distill.teacher_logits=online", *kd)
-        online = max(runs(uri, model="lenet5", method="kd"), key=lambda r: r.info.start_time)
-        online_student = max(runs(uri, model="lenet5", method="baseline"), key=lambda r: r.info.start_time)
-
-    print(f"teacher resnet20: test_acc {teacher.data.metrics['test_acc']:.2f}% ({args.teacher_epochs} epochs)")
-    print(f"student lenet5 x{args.width}: {baselines['0'].data.metrics['params_total']:.0f} params, "
-          f"{args.epochs} epochs from scratch, same recipe with and without KD\n")
-    gains = []
-    for seed in sorted(baselines):
-        base, kd = baselines[seed].data.metrics, cached[seed].data.metrics
-        gain = kd["test_acc"] - base["test_acc"]
-        gains.append(gain)
-        print(f"seed {seed}: without KD {base['test_acc']:.2f}%  with KD {kd['test_acc']:.2f}%  "
-              f"gain {gain:+.2f} points (paired 95% CI {-kd['acc_drop_ci95_high']:+.2f}..{-kd['acc_drop_ci95_low']:+.2f})")
-    spread = statistics.stdev(gains) if len(gains) > 1 else float("nan")
-    print(f"\nKD gain over {len(gains)} seeds: mean {statistics.mean(gains):+.2f} points, std {spread:.2f}")
-
-    per_epoch_student = statistics.mean(b.data.metrics["train_time_s"] for b in baselines.values()) / args.epochs
-    per_epoch_cached = statistics.mean(k.data.metrics["train_time_s"] for k in cached.values()) / args.epochs
-    online_ratio = online.data.metrics["train_time_s"] / online_student.data.metrics["train_time_s"]
-    per_seed = [cached[seed].data.metrics["train_time_s"] / baselines[seed].data.metrics["train_time_s"]
-                for seed in sorted(cached)]
-    print(f"epoch cost relative to the student alone: cached teacher logits {per_epoch_cached / per_epoch_student:.2f}x "
-          f"on average (target <= 1.3x), per seed {', '.join(f'{r:.2f}x' for r in per_seed)} (the first seed pays "
-          f"the teacher's pass, the others find its logits in the process's cache); online teacher "
-          f"{online_ratio:.2f}x ({online_epochs} epochs each)")
+    if args.part == "accuracy":
+        accuracy(args)
+    else:
+        cost(args)
 
 
 if __name__ == "__main__":
