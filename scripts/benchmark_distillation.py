@@ -32,7 +32,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from lightning_modules.compression import distillation
-from lightning_modules.compression.distillation import KnowledgeDistillation, view_outputs
+from lightning_modules.compression.distillation import (
+    KnowledgeDistillation,
+    view_outputs,
+)
 from lightning_modules.data import FixedViews, InMemoryDataModule
 from lightning_modules.models import LeNet5, resnet20
 from lightning_modules.task import ClassificationTask
@@ -46,7 +49,7 @@ def train(uri: str, folder: Path, *overrides: str) -> None:
     command = [sys.executable, str(ROOT / "train.py"), "-m", "data=mnist5k", "trainer.enable_progress_bar=false",
                f"hydra.sweep.dir={folder}", *overrides]
     result = subprocess.run(command, cwd=ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": uri},
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, check=False)
     if result.returncode != 0:
         sys.exit(f"failed: {' '.join(overrides)}\n{result.stderr[-4000:]}")
 

@@ -10,7 +10,12 @@ import torch.nn.functional as F
 
 from lightning_modules.compression import distillation
 from lightning_modules.compression.distillation import (
-    FeatureDistillation, KnowledgeDistillation, attention_loss, attention_map, make_adapter, soft_target_loss,
+    FeatureDistillation,
+    KnowledgeDistillation,
+    attention_loss,
+    attention_map,
+    make_adapter,
+    soft_target_loss,
 )
 from lightning_modules.config import ConfigError, validate
 from lightning_modules.data import FixedViews, InMemoryDataModule

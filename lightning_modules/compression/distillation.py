@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.compression.base import CompressionCallback, check_choice, check_int
+from lightning_modules.compression.base import (
+    CompressionCallback,
+    check_choice,
+    check_int,
+)
 from lightning_modules.data import FixedViews, InMemoryDataModule
 
 log = logging.getLogger(__name__)
@@ -334,7 +339,7 @@ def load_logits(cache_dir: Path | None, key: str) -> torch.Tensor | None:
         return None
     try:
         logits = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a damaged file is recomputed, never trusted
+    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError) as error:  # damaged: recomputed, never trusted
         log.warning("teacher logits in %s unreadable (%s): computing them again", path, error)
         return None
     log.info("teacher logits read from %s", path)
