@@ -1,6 +1,11 @@
 """Benchmark of quantization: int8 PTQ and QAT (and optionally low-bit, clustering) against the fp32
-baseline, on PyTorch (cpu_1t) and ONNX Runtime (cpu_ort), with ONNX Runtime's own quantize_static
-on the same exported fp32 model as the peer.
+baseline, on PyTorch (cpu_1t: int8 compiled by Inductor onto oneDNN int8 kernels, against the
+fp32 baseline compiled the same way) and ONNX Runtime (cpu_ort), with ONNX Runtime's own
+quantize_static on the same exported fp32 model as the peer.
+
+Then, per model, the runtimes side by side (--runtime-threads): the pipeline's ptq_static int8
+model and its fp32 baseline, deployed as fp32 eager, fp32 Inductor, int8 Inductor (PT2E form),
+fp32 ONNX Runtime and int8 ONNX Runtime, all timed interleaved in one loop per thread count.
 
 Every figure comes from the pipeline (run_experiment) in this one process, so speedup_bs<B> is a
 ratio of latencies timed interleaved with the baseline. Runs land in a scratch store (baselines
@@ -8,6 +13,8 @@ are trained once per model there). Prints one table and writes it to outputs/ben
 
     .venv/bin/python scripts/benchmark_quantization.py
     .venv/bin/python scripts/benchmark_quantization.py --models lenet5 --methods ptq_static,qat,lowbit,cluster
+    flock /tmp/bench.lock .venv/bin/python scripts/benchmark_quantization.py --methods ptq_static --hardware cpu_1t \
+        --runtime-threads 1,all
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from lightning_modules.evaluation.accuracy import predict  # noqa: E402
 from lightning_modules.evaluation.latency import measure_latency  # noqa: E402
-from lightning_modules.evaluation.runtime import INT8_OPS, export_onnx, optimized_ops, ort_load  # noqa: E402
+from lightning_modules.evaluation.runtime import (  # noqa: E402
+    INT8_OPS, CompiledModel, export_onnx, optimized_ops, ort_load, torch_eager,
+)
 from lightning_modules.experiment import baseline_fingerprint, run_experiment  # noqa: E402
 from lightning_modules.evaluation.artifact import load_deployable  # noqa: E402
 from lightning_modules.tracking import Store, download_model_file, find_baseline_run  # noqa: E402
@@ -89,6 +98,52 @@ def ort_peer(cfg, store: Store, folder: Path, calibration_batches: int = 16) -> 
     return row
 
 
+def stored_model(store: Store, model: str, method: str, folder: Path) -> torch.nn.Module:
+    """The deployable model of the newest finished run of (model, method) in the store."""
+    runs = store.client.search_runs(
+        [store.experiment_id], order_by=["attributes.start_time DESC"], max_results=1,
+        filter_string=f"tags.model = '{model}' and tags.method = '{method}' and attributes.status = 'FINISHED'")
+    return load_deployable(download_model_file(store, runs[0].info.run_id, folder / f"{model}-{method}"))
+
+
+def runtime_comparison(cfg, store: Store, folder: Path, threads: int | None, repeats: int) -> list[dict]:
+    """The ptq_static int8 model and its fp32 baseline on every runtime, timed interleaved in one
+    loop on `threads` threads (None: all). Inductor bakes the thread count into its code, so every
+    deployment is built after the threads are set."""
+    import hydra.utils
+
+    data = hydra.utils.instantiate(cfg.data)
+    data.setup()
+    test = data.split("test")
+    shape = tuple(test.tensors[0].shape[1:])
+    torch.set_num_threads(threads or os.cpu_count())
+    fp32 = load_deployable(download_model_file(store, find_baseline_run(store, baseline_fingerprint(cfg)), folder / "fp32"))
+    int8 = stored_model(store, cfg.model.name, "ptq_static", folder)
+    export_onnx(fp32, folder / "fp32.onnx", shape)
+    export_onnx(int8, folder / "int8.onnx", shape)
+    cpu = torch.device("cpu")
+    compiled = {"fp32 inductor": CompiledModel(fp32, shape), "int8 inductor (PT2E)": CompiledModel(int8, shape)}
+    deployments = {"fp32 eager": torch_eager(fp32, cpu), **compiled,
+                   "fp32 ort": ort_load(folder / "fp32.onnx", cpu, threads), "int8 ort": ort_load(folder / "int8.onnx", cpu, threads)}
+    accuracy = {name: predict(model, test, cpu).accuracy for name, model in deployments.items()}  # also compiles each size
+    latency = measure_latency(deployments, shape, [1, 32], cpu, warmup=10, repeats=repeats)
+    kernels = {"int8 inductor (PT2E)": compiled["int8 inductor (PT2E)"].int8_kernel_ops,
+               "int8 ort": sum(op in INT8_OPS for op in optimized_ops(folder / "int8.onnx"))}
+    rows = []
+    for name in deployments:
+        same_runtime_fp32 = {"int8 inductor (PT2E)": "fp32 inductor", "int8 ort": "fp32 ort"}.get(name, name)
+        row = {"model": cfg.model.name, "threads": threads or "all", "deployment": name,
+               "test_acc": 100 * accuracy[name], "acc_drop": 100 * (accuracy["fp32 eager"] - accuracy[name]),
+               "int8_kernel_ops": kernels.get(name, 0)}
+        for b in (1, 32):
+            key = f"latency_ms_p50_bs{b}"
+            row[key] = latency[name][key]
+            row[f"speedup_vs_fp32_eager_bs{b}"] = latency["fp32 eager"][key] / latency[name][key]
+            row[f"speedup_vs_same_runtime_fp32_bs{b}"] = latency[same_runtime_fp32][key] / latency[name][key]
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="lenet5,resnet20")
@@ -98,6 +153,8 @@ def main() -> None:
                         help="baseline recipe epochs per model (ResNet-20 shortened to fit the time budget)")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--store", default=None, help="MLflow store folder (default: a scratch folder)")
+    parser.add_argument("--runtime-threads", default="",
+                        help="thread counts for the side-by-side runtime table, e.g. 1,all (needs ptq_static in --methods)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     epochs = dict(item.split("=") for item in args.baseline_epochs.split(","))
@@ -127,6 +184,23 @@ def main() -> None:
     print(table.round(3).to_string(index=False))
     out = ROOT / "outputs" / "benchmark_quantization.csv"
     out.parent.mkdir(exist_ok=True)
+    table.to_csv(out, index=False)
+    print(f"wrote {out}; wall time {time.perf_counter() - started:.0f}s")
+    if args.runtime_threads:
+        print_runtime_table(args, epochs, folder, started)
+
+
+def print_runtime_table(args, epochs: dict[str, str], folder: Path, started: float) -> None:
+    rows = []
+    for model in args.models.split(","):
+        cfg = config(["data=mnist5k", f"model={model}", f"baseline.epochs={epochs.get(model, 30)}", "method=baseline"])
+        for threads in args.runtime_threads.split(","):
+            rows += runtime_comparison(cfg, Store.from_config(cfg.tracking), folder / f"{model}-{threads}",
+                                       None if threads == "all" else int(threads), args.repeats)
+            print(f"[{time.perf_counter() - started:6.0f}s] runtimes {model} threads={threads}", flush=True)
+    table = pd.DataFrame(rows)
+    print(table.round(3).to_string(index=False))
+    out = ROOT / "outputs" / "benchmark_quantization_runtimes.csv"
     table.to_csv(out, index=False)
     print(f"wrote {out}; wall time {time.perf_counter() - started:.0f}s")
 

@@ -89,3 +89,51 @@ def test_latency_reports_every_batch_size_for_every_model() -> None:
         for batch in (1, 4):
             assert results[name][f"latency_ms_p95_bs{batch}"] >= results[name][f"latency_ms_p50_bs{batch}"] > 0
             assert results[name][f"throughput_bs{batch}"] == pytest.approx(batch * 1000 / results[name][f"latency_ms_p50_bs{batch}"])
+
+
+# ----------------------------------------------------------------------------- runtimes
+
+
+@pytest.mark.parametrize(("runtime", "compile_mode", "quantized", "expected"), [
+    ("torch", "auto", True, "inductor"), ("torch", "auto", False, "torch"), ("torch", True, False, "inductor"),
+    ("torch", False, True, "torch"), ("ort", "auto", True, "ort"), ("ort", True, False, "ort"),
+])
+def test_hardware_compile_picks_inductor_for_runtime_torch_only(runtime, compile_mode, quantized, expected) -> None:
+    from omegaconf import OmegaConf
+
+    from lightning_modules.evaluation.runtime import runtime_name
+
+    hardware = OmegaConf.create({"runtime": runtime, "compile": compile_mode})
+    assert runtime_name(hardware, quantized) == expected
+
+
+@pytest.mark.parametrize("value", ["maybe", 1, None])
+def test_hardware_compile_accepts_false_true_auto_only(value) -> None:
+    from lightning_modules.config import ConfigError, validate
+    from tests.conftest import compose_config
+
+    cfg = compose_config()
+    cfg.hardware.compile = value
+    with pytest.raises(ConfigError, match=r"hardware.compile=.* is not valid; allowed: false, true, auto"):
+        validate(cfg)
+
+
+@pytest.mark.slow
+def test_compiled_int8_model_runs_onednn_int8_kernels_and_computes_the_workbench_int8_model() -> None:
+    from lightning_modules.compression.quantization import QuantScheme, calibrate, convert, prepare, set_mode
+    from lightning_modules.evaluation.runtime import CompiledModel
+
+    torch.manual_seed(0)
+    model = LeNet5(1, 28, 10).eval()
+    gm, prepared = prepare(model, QuantScheme())
+    calibrate(gm, prepared, [torch.rand(16, 1, 28, 28) for _ in range(2)])
+    set_mode(prepared, observing=False, fake_quant=True)
+    int8 = convert(gm, prepared)
+    compiled, compiled_fp32 = CompiledModel(int8, (1, 28, 28)), CompiledModel(model, (1, 28, 28))
+    assert compiled.int8_kernel_ops == 5  # two qconv, three qlinear: every layer on an int8 kernel
+    assert compiled_fp32.int8_kernel_ops == 0
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        # the same integer model: the scales the workbench calibrated are the ones oneDNN uses
+        assert torch.allclose(compiled(x), int8(x), atol=1e-5)
+        assert torch.allclose(compiled_fp32(x), model(x), atol=1e-5)
