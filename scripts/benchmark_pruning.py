@@ -1,7 +1,9 @@
 """Benchmark of the pruning family, in one scratch store, with the figures the issue asks for.
 
     .venv/bin/python scripts/benchmark_pruning.py [--store DIR] [--sparsities 0.5,0.7,0.8,0.9,0.95]
-        [--parts accuracy,lottery,channel] [--lottery-sparsities 0.8,0.9,0.95] [--lottery-epochs 5] [--seeds 0]
+        [--parts accuracy,lottery,channel,profile,channel_run] [--lottery-sparsities 0.8,0.9,0.95] [--lottery-epochs 10]
+        [--seeds 0] [--channel-models lenet5,resnet20,resnet20_w2] [--deployments eager,ort,...] [--round-to 1,16]
+    Wrap it in `flock /tmp/bench.lock` on a shared machine: the channel part times latency.
 
 1. Accuracy vs sparsity on mnist5k for lenet300 and lenet5: magnitude (one-shot), agp, random and
    Lightning's own ModelPruning (`method=lightning`) at the same fine-tuning epochs, all with
@@ -13,9 +15,13 @@
    control) and one-shot `magnitude` from the trained baseline, at 80/90/95%, global scope, no
    skipped layers. Every lottery round trains `--lottery-epochs` epochs; magnitude fine-tunes as
    long as one round; `lottery` at sparsity 0 is the dense network trained one round the same way.
-3. Channel pruning at 50% of channels on lenet5 and resnet20: MACs and latency at batch 32 on one
-   thread, the pruned and dense models timed interleaved in this one process (as the pipeline's
-   speedup_bs32 does), plus the trained lenet5 run through the pipeline on hardware=cpu_1t.
+3. Channel pruning at 50% of channels on lenet5, resnet20 and resnet20 at twice the width: MAC
+   reduction and latency at batch 32 on one thread, the pruned and dense models deployed the same
+   way (eager; eager with BatchNorm folded; eager channels_last; ONNX Runtime, which folds
+   BatchNorm itself; Inductor) and timed interleaved in this one process (as the pipeline's
+   speedup_bs32 does), with kept channel counts exact or rounded (`--round-to`);
+   `realized_over_mac` = speedup / MAC reduction. Part `channel_run`: the trained lenet5 through
+   the pipeline on hardware=cpu_1t.
 Prints the tables and writes them as CSV beside the store.
 """
 
@@ -167,6 +173,25 @@ def channel_speedups(models: list[str], deployments: list[str], round_to: list[i
     return pd.DataFrame(rows)
 
 
+def channel_profile(models: list[str], top: int = 5) -> pd.DataFrame:
+    """Where the time goes (self CPU time per op, eager, one thread, batch 32), dense vs its
+    50%-pruned form: the ops whose time falls less than the MACs do explain the gap."""
+    from scripts.benchmark_lowrank import operator_times  # the low-rank benchmark's profiler helper
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    rows = []
+    for name in models:
+        dense = CHANNEL_MODELS[name]().eval()
+        times = {"dense": operator_times(dense, (1, 28, 28), forwards=30),
+                 "pruned": operator_times(pruned_copy(dense, 0.5, None), (1, 28, 28), forwards=30)}
+        for op in sorted(times["dense"], key=times["dense"].get, reverse=True)[:top]:
+            dense_ms, pruned_ms = times["dense"][op], times["pruned"].get(op, 0.0)
+            rows.append({"model": name, "op": op, "dense_ms": dense_ms, "pruned_ms": pruned_ms,
+                         "dense_over_pruned": dense_ms / pruned_ms if pruned_ms else float("inf")})
+    return pd.DataFrame(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", type=Path, default=ROOT / "outputs" / "benchmark_pruning")
@@ -209,6 +234,10 @@ def main() -> None:
         print("\n== channel pruning, 50% of channels, batch 32, one thread, dense and pruned deployed the same way, "
               "timed interleaved in one process")
         print(channels.round(3).to_string(index=False))
+
+    if "profile" in parts:
+        print("\n== where the time goes, eager, one thread, batch 32 (ms per call, self CPU time)")
+        print(channel_profile(args.channel_models.split(",")).round(3).to_string(index=False))
 
     if "channel_run" in parts:
         train(["data=mnist5k", "model=lenet5", "method=channel", "method.sparsity=0.5", "hardware=cpu_1t"], store)
