@@ -430,7 +430,7 @@ class LotteryTicket(IterativePruning):
 
     Round 0 trains the dense network for `epochs_per_cycle` epochs from its initialization
     (method=lottery starts from a fresh init: `student_init: scratch`), keeping the weights it has
-    after `rewind_to` `unit`s of that training (0: the initialization itself, as in the 2019 paper).
+    after `rewind_to` `unit`s of that training (0: the initialization itself, as Frankle & Carbin do).
     Every later round removes `fraction_per_cycle` of the surviving weights by magnitude, sends the
     survivors back to the kept weights, clears the optimizer's state and trains `epochs_per_cycle`
     epochs; the last round reaches `sparsity`. So a run needs (cycles + 1) x epochs_per_cycle epochs.
