@@ -214,6 +214,16 @@ def test_ptq_through_the_pipeline_on_onnx_runtime(tmp_path, store_uri, method) -
         assert metrics["compression_ratio"] > 1.3  # tiny 8x8 LeNet: the scales weigh; ~3.9x on 28x28
 
 
+
+@pytest.mark.slow
+def test_ptq_on_hardware_cpu_runs_on_pytorch_int8_kernels(tmp_path, store_uri) -> None:
+    result = run_train([*FAST, "method=ptq_static", "hardware=cpu"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = next(r for r in all_runs(store_uri) if r.data.tags["method"] == "ptq_static").data.metrics
+    assert metrics["int8_kernel_ops"] == 5  # compile: auto put every LeNet-5 layer on a oneDNN int8 kernel
+    assert not any(key.startswith("simulated_") for key in metrics)
+    assert metrics["acc_drop"] <= 2.0
+
 # ----------------------------------------------------------------------------- QAT and low-bit through a Trainer
 
 
