@@ -811,22 +811,24 @@ def _pt2e_quantize_dequantize(gm: fx.GraphModule, node: fx.Node, module: FixedQu
 
 def _pt2e_layer(gm: fx.GraphModule, node: fx.Node, module: Int8Layer) -> fx.Node:
     """dequantize_per_channel(int8 codes) -> conv2d/linear with the float bias (the int32 bias
-    times its scale: the value the int8 kernel adds)."""
+    times its scale: the value the int8 kernel adds). oneDNN takes signed int8 weights only:
+    asymmetric uint8 weights are stored dequantized, and that layer runs in float."""
     channels = module.weight_codes.shape[0]
     prefix = node.target.replace(".", "_")
+    signed = module.weight_codes.dtype == torch.int8
     constants = {  # a per-tensor scale is the same scale in every channel
-        "weight": module.weight_codes,
+        "weight": module.weight_codes if signed else _float_layer(module).weight.detach(),
         "scale": module.weight_scale.float().expand(channels).contiguous(),
         "zero_point": module.weight_zero_point.to(torch.int64).expand(channels).contiguous(),
         "bias": module.bias_codes.float() * module.bias_scale,
     }
     for name, value in constants.items():
         gm.register_buffer(f"{prefix}_{name}", value)
-    info = torch.iinfo(module.weight_codes.dtype)
     with gm.graph.inserting_before(node):
         weight, scale, zero_point, bias = (gm.graph.get_attr(f"{prefix}_{name}") for name in constants)
-        weight = gm.graph.call_function(torch.ops.quantized_decomposed.dequantize_per_channel.default,
-                                        (weight, scale, zero_point, 0, info.min, info.max, module.weight_codes.dtype))
+        if signed:
+            weight = gm.graph.call_function(torch.ops.quantized_decomposed.dequantize_per_channel.default,
+                                            (weight, scale, zero_point, 0, -128, 127, torch.int8))
         if module.kind == "conv":
             stride, padding, dilation, groups = module.conv_args
             return gm.graph.call_function(F.conv2d, (node.args[0], weight, bias, stride, padding, dilation, groups))
