@@ -353,5 +353,6 @@ def save_logits(cache_dir: Path | None, key: str, logits: torch.Tensor) -> None:
     # written beside, then renamed: a concurrent job reads either no file or a whole one
     handle, scratch = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
     os.close(handle)
+    os.chmod(scratch, 0o644)  # mkstemp's 0600 would hide it from the other users of a shared store
     torch.save(logits, scratch)
     os.replace(scratch, cache_dir / f"{key}.pt")
