@@ -227,7 +227,7 @@ def test_ptq_on_hardware_cpu_runs_on_pytorch_int8_kernels(tmp_path, store_uri) -
 # ----------------------------------------------------------------------------- QAT and low-bit through a Trainer
 
 
-def _fit(callback, epochs: int = 1, batches: int = 6):
+def _fit(callback, epochs: int = 1, batches: int = 6, baseline: nn.Module | None = None, extra_callbacks=()):
     import pytorch_lightning as pl
 
     from lightning_modules.data import InMemoryDataModule
@@ -236,11 +236,11 @@ def _fit(callback, epochs: int = 1, batches: int = 6):
     data = InMemoryDataModule(name="digits", batch_size=64)
     data.setup()
     torch.manual_seed(0)
-    baseline = LeNet5(1, 8, 10)
+    baseline = baseline if baseline is not None else LeNet5(1, 8, 10)
     task = ClassificationTask(baseline, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
     trainer = pl.Trainer(max_epochs=epochs, limit_train_batches=batches, limit_val_batches=0, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[callback])
+                         callbacks=[callback, *extra_callbacks])
     trainer.fit(task, datamodule=data)
     return task.model, data
 
@@ -269,6 +269,54 @@ def test_qat_trains_fake_quant_and_converts_to_integer_codes(tmp_path, callback,
         assert encoded["encoding"] == "packed" and encoded["bits"] <= bits
     assert torch.equal(load_deployable(tmp_path / "model.pt")(x), deployed(x))
     assert size > 0
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"batchnorm": "folded"}, r"batchnorm='folded' is not valid; allowed: fold, freeze"),
+    ({"freeze_bn_epoch": -1}, r"freeze_bn_epoch=-1 is not valid; allowed: an integer >= 0"),
+])
+def test_qat_batchnorm_validation_names_the_key(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        QAT(**kwargs)
+
+
+def _batchnorm_statistics(model: nn.Module) -> list[torch.Tensor]:
+    return [t.clone() for m in model.modules() if isinstance(m, nn.BatchNorm2d)
+            for t in (m.running_mean, m.running_var)]
+
+
+def test_qat_with_frozen_batchnorm_stops_the_statistics_and_deploys_the_fake_quant_model() -> None:
+    import pytorch_lightning as pl
+
+    from lightning_modules.compression.quantization import QuantizedConvBatchNorm
+
+    class Snapshots(pl.Callback):  # BatchNorm statistics after each training epoch
+        def __init__(self) -> None:
+            self.statistics: list[list[torch.Tensor]] = []
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            self.statistics.append(_batchnorm_statistics(pl_module.model))
+
+    torch.manual_seed(0)
+    baseline = _trained_bn(resnet20(1, 10, width_multiplier=0.25)).train()
+    before = _batchnorm_statistics(baseline)
+    callback, snapshots = QAT(batchnorm="freeze", freeze_bn_epoch=1), Snapshots()
+    trained, data = _fit(callback, epochs=3, batches=4, baseline=baseline, extra_callbacks=[snapshots])
+    assert all(isinstance(m, QuantizedConvBatchNorm) for m in callback.prepared.layers.values()
+               if isinstance(m.layer, nn.Conv2d))
+    epoch0, epoch1, epoch2 = snapshots.statistics
+    assert not all(torch.equal(a, b) for a, b in zip(before, epoch0))  # epoch 0: batch statistics update them
+    assert all(torch.equal(a, b) for a, b in zip(epoch0, epoch1))  # frozen from epoch 1 on
+    assert all(torch.equal(a, b) for a, b in zip(epoch1, epoch2))
+    assert callback.batchnorm_frozen_at == 1
+    deployed = callback.finalize(trained)
+    reference = callback.reference_models()["fakequant"]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())  # folded at convert
+    x = data.split("test").tensors[0][:200]
+    with torch.no_grad():
+        deployed_logits, reference_logits = deployed(x), reference(x)
+    assert (deployed_logits.argmax(1) == reference_logits.argmax(1)).float().mean() > 0.97
+    assert (deployed_logits - reference_logits).abs().mean() < 0.05 * reference_logits.abs().mean()
 
 
 def test_mixed_precision_allocates_bits_under_the_budget() -> None:

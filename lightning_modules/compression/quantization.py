@@ -37,7 +37,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.compression.base import CompressionCallback, check_bool, check_int, training_batches
+from lightning_modules.compression.base import CompressionCallback, check_bool, check_choice, check_int, training_batches
 
 log = logging.getLogger(__name__)
 
@@ -377,8 +377,12 @@ class QuantizedWeightLayer(nn.Module):
             _, scale, _ = weight_codes(layer.weight, scheme)
             self.step = nn.Parameter(scale.clone())
 
+    def float_weight(self) -> torch.Tensor:
+        """The weight the int8 kernel will hold (before quantization)."""
+        return self.layer.weight
+
     def quantized_weight(self) -> torch.Tensor:
-        weight = self.layer.weight
+        weight = self.float_weight()
         if not self.fake_quant:
             return weight
         qmin, qmax = self.scheme.weight_range()
@@ -395,6 +399,55 @@ class QuantizedWeightLayer(nn.Module):
         if isinstance(self.layer, nn.Conv2d):
             return self.layer._conv_forward(x, weight, self.layer.bias)
         return F.linear(x, weight, self.layer.bias)
+
+
+class QuantizedConvBatchNorm(QuantizedWeightLayer):
+    """A Conv2d and the BatchNorm2d after it, trained with BatchNorm folding simulated
+    (Krishnamoorthi 2018, section 3.2; Jacob et al. 2018): the weight is folded with the running
+    statistics, w gamma / sqrt(running_var + eps), and fake-quantized as the int8 kernel will hold
+    it; the convolution's output is unscaled again and normalized by the BatchNorm. Until
+    `frozen`, the BatchNorm normalizes with the batch's statistics and updates its running ones
+    (the folded weight follows them); once frozen it uses the running statistics, so the output is
+    exactly the folded convolution the deployable model computes. `folded()` makes the fold
+    permanent (at convert)."""
+
+    def __init__(self, layer: nn.Conv2d, batchnorm: nn.BatchNorm2d, scheme: QuantScheme) -> None:
+        super().__init__(layer, scheme)
+        self.bn = batchnorm
+        self.batchnorm_frozen = False
+        if self.step is not None:  # LSQ steps start from the folded weight's range, not the raw one
+            self.step = nn.Parameter(weight_codes(self.float_weight(), scheme)[1].clone())
+
+    def fold_factor(self) -> torch.Tensor:
+        return self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
+
+    def float_weight(self) -> torch.Tensor:
+        return self.layer.weight * self.fold_factor().reshape(-1, 1, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        factor = self.fold_factor()
+        # a channel whose gamma is 0 has a zero folded weight; divide by 1 there (BatchNorm gives beta)
+        safe_factor = torch.where(factor == 0, torch.ones_like(factor), factor).reshape(1, -1, 1, 1)
+        y = self.layer._conv_forward(x, self.quantized_weight(), None) / safe_factor
+        if self.layer.bias is not None:
+            y = y + self.layer.bias.reshape(1, -1, 1, 1)
+        if self.batchnorm_frozen:  # running statistics even in train mode: Lightning calls train() each epoch
+            return F.batch_norm(y, self.bn.running_mean, self.bn.running_var, self.bn.weight, self.bn.bias,
+                                training=False, eps=self.bn.eps)
+        return self.bn(y)
+
+    @torch.no_grad()
+    def folded(self) -> QuantizedWeightLayer:
+        """The plain wrapper of the convolution with the BatchNorm folded in for good (running
+        statistics), keeping the learned weight steps: they were learned for the folded weight."""
+        conv = copy.deepcopy(self.layer)
+        factor = self.fold_factor()
+        conv.weight.copy_(self.float_weight())
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(self.bn.running_mean)
+        conv.bias = nn.Parameter((bias - self.bn.running_mean) * factor + self.bn.bias)
+        wrapper = QuantizedWeightLayer(conv, self.scheme)
+        wrapper.fake_quant, wrapper.step = self.fake_quant, self.step
+        return wrapper
 
 
 # ----------------------------------------------------------------------------- the deployable form: custom ops
@@ -611,15 +664,37 @@ def _insert_quantizer(gm: fx.GraphModule, after: fx.Node, name: str, shared: boo
     return quantized
 
 
+def _batchnorm_after(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 and isinstance(_module(gm, users[0]), nn.BatchNorm2d) else None
+
+
+def _wrap_conv_batchnorm(gm: fx.GraphModule, node: fx.Node, conv: nn.Conv2d, bn_node: fx.Node,
+                         scheme: QuantScheme) -> QuantizedConvBatchNorm:
+    """Take the BatchNorm node out of the graph: the wrapper of its convolution now applies it."""
+    wrapper = QuantizedConvBatchNorm(conv, _module(gm, bn_node), scheme)
+    bn_node.replace_all_uses_with(node)
+    gm.graph.erase_node(bn_node)
+    return wrapper
+
+
+BATCHNORM_MODES = ("fold", "freeze")
+
+
 def prepare(model: nn.Module, scheme: QuantScheme, layer_schemes: dict[str, QuantScheme] | None = None,
-            skip: Iterable[str] = ()) -> tuple[fx.GraphModule, Prepared]:
-    """Trace, fold BatchNorm, wrap every Conv2d/Linear to fake-quantize its weights and insert an
+            skip: Iterable[str] = (), batchnorm: str = "fold") -> tuple[fx.GraphModule, Prepared]:
+    """Trace, handle BatchNorm, wrap every Conv2d/Linear to fake-quantize its weights and insert an
     activation quantizer on the model input and on each tensor an int8 kernel reads or writes.
 
+    `batchnorm="fold"` folds each Conv2d's BatchNorm into it now, with the running statistics,
+    which then never change; `"freeze"` keeps the BatchNorm beside its convolution with the fold
+    simulated (QuantizedConvBatchNorm) until `freeze_batchnorm` and folds it at `convert`.
     ReLU after a layer (or an add) is quantized after the ReLU, so it can fold into the clamp.
     `layer_schemes` overrides the scheme per layer (mixed precision); `skip` leaves layers in float.
     """
-    gm = fold_batchnorm(trace(copy.deepcopy(model) if not isinstance(model, fx.GraphModule) else model))
+    gm = trace(copy.deepcopy(model) if not isinstance(model, fx.GraphModule) else model)
+    if batchnorm == "fold":
+        gm = fold_batchnorm(gm)
     layer_schemes = layer_schemes or {}
     prepared = Prepared({}, {}, {})
     quantizer_of: dict[fx.Node, str] = {}  # node -> quantizer quantizing its output
@@ -648,7 +723,9 @@ def prepare(model: nn.Module, scheme: QuantScheme, layer_schemes: dict[str, Quan
             if source not in quantizer_of:
                 new_quantizer(source)
             layer_scheme = layer_schemes.get(node.target, scheme)
-            wrapper = QuantizedWeightLayer(module, layer_scheme)
+            bn_node = _batchnorm_after(gm, node) if isinstance(module, nn.Conv2d) else None
+            wrapper = (_wrap_conv_batchnorm(gm, node, module, bn_node, layer_scheme) if bn_node is not None
+                       else QuantizedWeightLayer(module, layer_scheme))
             gm.set_submodule(node.target, wrapper)  # same parameters: an optimizer built before still trains them
             prepared.layers[node.target] = wrapper
             new_quantizer(output_of(node))
@@ -666,6 +743,14 @@ def prepare(model: nn.Module, scheme: QuantScheme, layer_schemes: dict[str, Quan
 def set_mode(prepared: Prepared, observing: bool, fake_quant: bool) -> None:
     for quantizer in prepared.quantizers.values():
         quantizer.observing, quantizer.fake_quant = observing, fake_quant
+
+
+def freeze_batchnorm(prepared: Prepared) -> int:
+    """Stop updating the BatchNorm statistics of every simulated-fold layer; returns how many."""
+    layers = [layer for layer in prepared.layers.values() if isinstance(layer, QuantizedConvBatchNorm)]
+    for layer in layers:
+        layer.batchnorm_frozen = True
+    return len(layers)
 
 
 @torch.no_grad()
@@ -699,7 +784,10 @@ def convert(gm: fx.GraphModule, prepared: Prepared) -> fx.GraphModule:
             input_scale = fixed[source.target].scale if source.op == "call_module" and source.target in fixed else None
             if input_scale is None:
                 raise RuntimeError(f"layer {node.target} reads an unquantized tensor; prepare() should have quantized it")
-            gm.set_submodule(node.target, Int8Layer(prepared.layers[node.target], input_scale))
+            wrapper = prepared.layers[node.target]
+            if isinstance(wrapper, QuantizedConvBatchNorm):
+                wrapper = wrapper.folded()
+            gm.set_submodule(node.target, Int8Layer(wrapper, input_scale))
     for node in list(gm.graph.nodes):
         users = list(node.users)
         if _is_relu(gm, node) and len(users) == 1 and users[0].op == "call_module" and users[0].target in fixed:
@@ -864,6 +952,7 @@ class StaticQuantization(CompressionCallback):
 
     name = "quantization"
     train_with_fake_quant = False
+    batchnorm = "fold"  # nothing trains after PTQ: its BatchNorm statistics are final
 
     def __init__(self, bits: int | str = 8, activation_bits: int = 8, observer: str = "minmax",
                  percentile: float = 99.99, momentum: float = 0.1, per_channel: bool = True,
@@ -891,7 +980,8 @@ class StaticQuantization(CompressionCallback):
 
     # -- the workers
     def prepare(self, pl_module: pl.LightningModule, trainer: pl.Trainer | None = None) -> None:
-        pl_module.model, self.prepared = prepare(pl_module.model, self.scheme, self.layer_schemes, self.skip_layers)
+        pl_module.model, self.prepared = prepare(pl_module.model, self.scheme, self.layer_schemes, self.skip_layers,
+                                                 batchnorm=self.batchnorm)
         for wrapper in self.prepared.layers.values():
             wrapper.fake_quant = self.train_with_fake_quant
 
@@ -948,16 +1038,45 @@ class PTQStatic(StaticQuantization):
 
 class QAT(StaticQuantization):
     """Quantization-aware training (Jacob et al. 2018; Krishnamoorthi 2018) from the baseline:
-    BatchNorm folded into the convolutions with its running statistics (frozen, as in the last
-    phase of the paper's recipe), weights fake-quantized per channel with a straight-through
-    estimator, activation ranges calibrated first and then tracked by a moving average during
-    training. Converts to the same int8 form as PTQStatic."""
+    weights fake-quantized per channel with a straight-through estimator, activation ranges
+    calibrated first and then tracked by a moving average during training. Converts to the same
+    int8 form as PTQStatic.
+
+    Args:
+        batchnorm: `fold`: each BatchNorm is folded into its convolution before training, with the
+            baseline's running statistics, which stay fixed. `freeze`: the fold is simulated during
+            training (QuantizedConvBatchNorm): batch statistics normalize and update the running
+            ones until epoch `freeze_bn_epoch`, then the running statistics are frozen so the
+            folded weights stop moving with each batch; folded for good at convert.
+        freeze_bn_epoch: the epoch (0-based) from which the statistics are frozen (`freeze` only).
+    """
 
     name = "qat"
     train_with_fake_quant = True
 
-    def __init__(self, observer: str = "moving_average", **kwargs: Any) -> None:
+    def __init__(self, observer: str = "moving_average", batchnorm: str = "fold", freeze_bn_epoch: int = 1,
+                 **kwargs: Any) -> None:
         super().__init__(observer=observer, **kwargs)
+        self.batchnorm = check_choice("batchnorm", batchnorm, BATCHNORM_MODES)
+        self.freeze_bn_epoch = check_int("freeze_bn_epoch", freeze_bn_epoch, 0)
+        self.batchnorm_frozen_at: int | None = None  # the epoch the statistics were frozen
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.batchnorm == "freeze" and trainer.current_epoch >= self.freeze_bn_epoch:
+            self.freeze_batchnorm(trainer.current_epoch)
+
+    def freeze_batchnorm(self, epoch: int) -> None:
+        frozen = freeze_batchnorm(self.prepared)
+        if self.batchnorm_frozen_at is None:
+            self.batchnorm_frozen_at = epoch
+            log.info("%s: BatchNorm statistics of %d layers frozen at epoch %d", self.name, frozen, epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "batchnorm_frozen_at": self.batchnorm_frozen_at}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.batchnorm_frozen_at = state_dict.get("batchnorm_frozen_at")
 
 
 class LowBit(QAT):
