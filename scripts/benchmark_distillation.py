@@ -20,8 +20,9 @@ with hardware=cpu_1t, 30 epochs, views 8; gain = KD minus no-KD test accuracy, s
       alpha 0.5 T 4: -0.47 (3 seeds); alpha 0.9 T 2: -0.62 (5 seeds, std 0.94);
       alpha 0.9 T 1: +0.40 on seeds 0-2 (std 0.70), +0.12 on seeds 0-4 (std 0.80)
   lenet5 x0.5 (96.2-96.8% alone)  alpha 0.9 T 4: +0.20 (5 seeds, std 0.49, 3 of 5 won); T 1: +0.06 (std 0.48)
-  cost: KD epoch from cached views 0.97x the student alone, teacher online 4.52x; the teacher's
-      pass over 8 views 232 s = 5.9 student epochs once (+0.03x per epoch over 6 runs x 30 epochs)
+  cost, quiet machine: student alone 0.20 s/epoch; KD from cached views 1.02x, teacher online 5.78x;
+      the teacher's pass over 8 views 21.7 s once = 111 student epochs (+0.62x per epoch if spread
+      over 6 runs x 30 epochs). On the machine loaded by other jobs: 0.97x and 4.52x.
 """
 
 from __future__ import annotations
