@@ -129,27 +129,27 @@ def test_int8_model_runs_on_int8_kernels_in_onnx_runtime_and_matches_the_simulat
 
 
 
-def test_int8_onnx_file_keeps_each_constant_once_and_omits_zero_zero_points(tmp_path) -> None:
+def test_int8_onnx_file_stores_one_int8_operator_per_layer_and_runs_as_the_simulation(tmp_path) -> None:
     import onnx
 
     torch.manual_seed(0)
     model = _trained_bn(resnet20(1, 10))
     gm, prepared = _calibrated(model, QuantScheme())
     quantized = convert(gm, prepared)
-    export_onnx(quantized, tmp_path / "int8.onnx", (1, 28, 28))
-    graph = onnx.load(str(tmp_path / "int8.onnx")).graph
-    contents = [(i.data_type, tuple(i.dims), i.raw_data) for i in graph.initializer]
+    int8_size = export_onnx(quantized, tmp_path / "int8.onnx", (1, 28, 28))
+    fp32_size = export_onnx(model, tmp_path / "fp32.onnx", (1, 28, 28))
+    stored = onnx.load(str(tmp_path / "int8.onnx")).graph
+    ops = [node.op_type for node in stored.node]
+    assert ops.count("QLinearConv") == 21 and ops.count("QGemm") == 1 and ops.count("QLinearAdd") == 9
+    assert "Conv" not in ops and "Gemm" not in ops  # the file holds the int8 operators themselves
+    contents = [(i.data_type, tuple(i.dims), i.raw_data) for i in stored.initializer]
     assert len(contents) == len(set(contents))  # scales and zero points written once, however many nodes read them
-    producer = {output: node for node in graph.node for output in node.output}
-    conv_dequantizers = [producer[name] for node in graph.node if node.op_type == "Conv" for name in node.input[1:]]
-    assert len(conv_dequantizers) == 2 * 21
-    assert all(len(dq.input) == 2 for dq in conv_dequantizers)  # symmetric weights, int32 bias: zero points implied
-    assert {producer[dq.input[1]].op_type for dq in conv_dequantizers[1::2]} == {"Mul"}  # bias scale = x scale * w scale
-    ops = optimized_ops(tmp_path / "int8.onnx")
-    assert ops.count("QLinearConv") == 21 and ops.count("QGemm") == 1  # ONNX Runtime still fuses every layer
+    assert fp32_size / int8_size >= 3.8  # the size target, on the file that runs
+    assert optimized_ops(tmp_path / "int8.onnx").count("QLinearConv") == 21  # reloaded, ONNX Runtime runs it as stored
     x = torch.rand(4, 1, 28, 28)
     step = float(quantized.get_submodule(list(prepared.quantizers)[-1]).scale)
     assert torch.allclose(ort_load(tmp_path / "int8.onnx", torch.device("cpu"), threads=1)(x), quantized(x), atol=step * 1.01)
+
 
 def test_dynamic_quantization_uses_integer_matmuls(tmp_path) -> None:
     model = LeNet5(1, 28, 10).eval()
