@@ -12,8 +12,9 @@ A runtime turns an nn.Module into the callable that is scored and timed. Three a
             model is int8: it and its baseline) or false.
     ort     ONNX Runtime on the CPU: the model is exported to ONNX (the dynamo exporter); a
             quantized model exports as QuantizeLinear/DequantizeLinear around each layer, which
-            ONNX Runtime fuses into int8 kernels (QLinearConv, QGemm, QLinearAdd ...), and the
-            .onnx file is the deployable artifact whose size is reported.
+            ONNX Runtime fuses into int8 kernels (QLinearConv, QGemm, QLinearAdd ...); the file
+            is stored in that fused form, and the .onnx file is the deployable artifact whose
+            size is reported and which is loaded and measured.
 A runtime with its own file format sets `suffix`, `save` and `load`; the report then measures
 that file. Without them the workbench's own artifact (artifact.py) is the deployable.
 """
