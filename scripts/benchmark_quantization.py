@@ -15,6 +15,13 @@ are trained once per model there). Prints one table and writes it to outputs/ben
     .venv/bin/python scripts/benchmark_quantization.py --models lenet5 --methods ptq_static,qat,lowbit,cluster
     flock /tmp/bench.lock .venv/bin/python scripts/benchmark_quantization.py --methods ptq_static --hardware cpu_1t \
         --runtime-threads 1,all
+    .venv/bin/python scripts/benchmark_quantization.py --models resnet20 --hardware cpu_ort --repeats 3 \
+        --methods "qat,qat:method.callbacks.quantize.batchnorm=freeze"    # BatchNorm folded vs frozen (accuracy)
+
+Measured (resnet20, mnist5k, baseline 10 epochs, cpu_ort; int8 test_acc, acc_drop [paired 95% interval]):
+2 QAT epochs, seed 0: fold 97.2 (1.1 [0.3, 1.9]), freeze from epoch 1 98.0 (0.3 [-0.5, 1.2]);
+seed 1: fold 97.9, freeze 97.9 (0.2 [-0.6, 1.0] both); 4 epochs, seed 0: fold 98.2 (0.1), freeze from
+epoch 2 98.3 (0.0 [-0.6, 0.6]). The int8 ONNX file (fused form): 283,3xx B, 3.85x the fp32 file.
 """
 
 from __future__ import annotations
@@ -47,6 +54,13 @@ from lightning_modules.tracking import Store, download_model_file, find_baseline
 
 COLUMNS = ["model", "hardware", "method", "test_acc", "acc_drop", "test_acc_fakequant", "compression_ratio",
            "size_bytes", "speedup_bs1", "speedup_bs32", "int8_kernel_ops", "latency_ms_p50_bs32"]
+
+
+def method_overrides(spec: str) -> list[str]:
+    """`qat` or `qat:method.callbacks.quantize.batchnorm=freeze;method.fine_tune.epochs=3`: a method
+    and the Hydra overrides that make it a variant (its row is labelled with the whole spec)."""
+    method, _, extra = spec.partition(":")
+    return [f"method={method}", *filter(None, extra.split(";"))]
 
 
 def config(overrides: list[str]):
@@ -147,7 +161,8 @@ def runtime_comparison(cfg, store: Store, folder: Path, threads: int | None, rep
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="lenet5,resnet20")
-    parser.add_argument("--methods", default="ptq_static,qat")
+    parser.add_argument("--methods", default="ptq_static,qat",
+                        help="methods, each optionally with Hydra overrides: qat:method.fine_tune.epochs=3;...")
     parser.add_argument("--hardware", default="cpu_1t,cpu_ort")
     parser.add_argument("--baseline-epochs", default="lenet5=30,resnet20=10",
                         help="baseline recipe epochs per model (ResNet-20 shortened to fit the time budget)")
@@ -168,7 +183,7 @@ def main() -> None:
             common = ["data=mnist5k", f"model={model}", f"hardware={hardware}", f"baseline.epochs={epochs.get(model, 30)}",
                       "trainer.enable_progress_bar=false", f"hardware.latency.repeats={args.repeats}"]
             for method in ["baseline", *args.methods.split(",")]:
-                cfg = config([*common, f"method={method}"])
+                cfg = config([*common, *method_overrides(method)])
                 metrics = run_experiment(cfg)
                 rows.append({"model": model, "hardware": hardware, "method": method, **metrics})
                 print(f"[{time.perf_counter() - started:6.0f}s] {model} {hardware} {method}: "
