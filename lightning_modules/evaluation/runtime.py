@@ -174,8 +174,6 @@ def _strip_metadata(path: Path) -> None:
     for node in model.graph.node:
         node.name = ""  # optional in ONNX; the exporter's names are long
     _deduplicate_initializers(model.graph)
-    _drop_zero_zero_points(model.graph)
-    _bias_scale_as_product(model.graph)
     _shorten_tensor_names(model.graph)
     del model.graph.metadata_props[:]
     onnx.save(model, str(path))
@@ -223,56 +221,6 @@ def _deduplicate_initializers(graph) -> None:
             first[key] = initializer.name
     for node in graph.node:
         node.input[:] = [alias.get(name, name) for name in node.input]
-
-
-def _drop_zero_zero_points(graph) -> None:
-    """DequantizeLinear's zero point is optional and defaults to 0 of the codes' type: omit it
-    where a convolution's stored codes (int8 weights, int32 bias) have an all-zero one (symmetric
-    codes). Convolutions only: ONNX Runtime 1.32 fuses QGemm only with explicit zero points."""
-    from onnx import numpy_helper
-
-    constants = {initializer.name: initializer for initializer in graph.initializer}
-    conv_inputs = {name for node in graph.node if node.op_type == "Conv" for name in node.input}
-    for node in graph.node:
-        if node.op_type == "DequantizeLinear" and len(node.input) == 3 and node.output[0] in conv_inputs \
-                and node.input[0] in constants and node.input[2] in constants \
-                and not numpy_helper.to_array(constants[node.input[2]]).any():
-            del node.input[2]
-    _drop_unused_initializers(graph)
-
-
-def _bias_scale_as_product(graph) -> None:
-    """A quantized layer's int32 bias is dequantized with scale input_scale x weight_scale: write it
-    as that Mul of the two scales already in the file (ONNX Runtime folds it back into a constant
-    before fusing QLinearConv) instead of one more float per output channel. Convolutions only,
-    like the zero points above."""
-    import numpy as np
-    from onnx import helper, numpy_helper
-
-    constants = {initializer.name: initializer for initializer in graph.initializer}
-    producer = {output: node for node in graph.node for output in node.output}
-    for layer in [node for node in graph.node if node.op_type == "Conv" and len(node.input) == 3]:
-        dequantizers = [producer.get(name) for name in layer.input]
-        if not all(dq is not None and dq.op_type == "DequantizeLinear" for dq in dequantizers):
-            continue
-        input_scale, weight_scale, bias_scale = (dq.input[1] for dq in dequantizers)
-        if not all(name in constants for name in (input_scale, weight_scale, bias_scale)):
-            continue
-        product = numpy_helper.to_array(constants[input_scale]) * numpy_helper.to_array(constants[weight_scale])
-        stored = numpy_helper.to_array(constants[bias_scale])
-        if product.shape != stored.shape or not np.array_equal(product, stored):
-            continue  # only where the product is exactly the stored scale
-        bias_dq = dequantizers[2]
-        name = f"{bias_scale}_product_{len(graph.node)}"
-        graph.node.insert(list(graph.node).index(bias_dq), helper.make_node("Mul", [input_scale, weight_scale], [name]))
-        bias_dq.input[1] = name
-    _drop_unused_initializers(graph)
-
-
-def _drop_unused_initializers(graph) -> None:
-    used = {name for node in graph.node for name in node.input}
-    for initializer in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(initializer)
 
 
 def _session_options(threads: int | None, optimized_path: str | None = None):
