@@ -263,7 +263,7 @@ def claim_tags() -> dict[str, str]:
 
 def won_claim(store: Store, fingerprint: str, run_id: str) -> bool:
     """Whether `run_id` is the oldest live claim on the baseline (call it right after opening the run)."""
-    claims = [run for run in baseline_runs(store, fingerprint, "RUNNING") if not abandon_if_dead(store, run)]
+    claims = live_claims(store, fingerprint)
     return not claims or claims[0].info.run_id == run_id
 
 
@@ -278,7 +278,7 @@ def wait_for_baseline(store: Store, fingerprint: str, timeout_s: float) -> str |
         finished = find_baseline_run(store, fingerprint)
         if finished is not None:
             return finished
-        live = [run for run in baseline_runs(store, fingerprint, "RUNNING") if not abandon_if_dead(store, run)]
+        live = live_claims(store, fingerprint)
         if not live:
             return None
         if time.monotonic() > deadline:
@@ -291,6 +291,11 @@ def wait_for_baseline(store: Store, fingerprint: str, timeout_s: float) -> str |
             log.info("baseline %s is being trained by run %s: waiting for it", fingerprint, live[0].info.run_id)
             announced = True
         time.sleep(CLAIM_POLL_SECONDS)
+
+
+def live_claims(store: Store, fingerprint: str) -> list:
+    """RUNNING claims on the baseline, oldest first, after failing those whose process is gone."""
+    return [run for run in baseline_runs(store, fingerprint, "RUNNING") if not abandon_if_dead(store, run)]
 
 
 def abandon_if_dead(store: Store, run) -> bool:
