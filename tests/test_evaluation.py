@@ -137,3 +137,35 @@ def test_compiled_int8_model_runs_onednn_int8_kernels_and_computes_the_workbench
         # the same integer model: the scales the workbench calibrated are the ones oneDNN uses
         assert torch.allclose(compiled(x), int8(x), atol=1e-5)
         assert torch.allclose(compiled_fp32(x), model(x), atol=1e-5)
+
+
+def test_eager_runtime_runs_resnet20_with_batchnorm_folded_and_leaves_the_model_alone() -> None:
+    from lightning_modules.evaluation.runtime import deploy
+
+    model = resnet20(1, 10).eval()
+    for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # statistics that matter
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.weight.data.uniform_(0.5, 2.0)
+    deployed = deploy(model, "torch", torch.device("cpu"))
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(deployed(x), model(x), atol=1e-4)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in deployed.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 21  # a copy was folded
+
+
+def test_eager_runtime_keeps_batchnorm_of_a_model_fx_cannot_trace(caplog) -> None:
+    from lightning_modules.evaluation.runtime import deploy
+
+    class Branching(torch.nn.Module):  # control flow on a tensor's value: not traceable
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.norm = torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.norm(self.conv(x)) if x.sum() > 0 else self.conv(x)
+
+    model = Branching().eval()
+    deployed = deploy(model, "torch", torch.device("cpu"))
+    assert deployed is model and "BatchNorm left unfolded" in caplog.text

@@ -1,7 +1,8 @@
 """Runtimes: what executes a finalized model when it is measured (accuracy and latency alike).
 
 A runtime turns an nn.Module into the callable that is scored and timed. Three are registered:
-    torch   PyTorch eager. A quantized model (quantization.py) runs as an exact integer
+    torch   PyTorch eager, each BatchNorm that follows a convolution folded into it (as ONNX
+            Runtime and Inductor fold it on load). A quantized model (quantization.py) runs as an exact integer
             simulation in float kernels: its accuracy is the int8 model's, its latency is not an
             int8 kernel's (the report names that latency `simulated`).
     inductor  PyTorch compiled: torch.export, then torch.compile (Inductor, weights frozen). A
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 
 Deployed = Callable[[torch.Tensor], torch.Tensor]
+log = logging.getLogger(__name__)
 
 # ONNX Runtime's int8 kernels, as they appear in its optimized graph
 INT8_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "QLinearAdd", "QLinearGlobalAveragePool",
@@ -44,7 +46,24 @@ INT8_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "QLinearAdd", "QLinearGloba
 
 def torch_eager(model: nn.Module, device: torch.device, threads: int | None = None,
                 input_shape: tuple[int, ...] | None = None) -> Deployed:
-    return model.eval().to(device)
+    return fold_batchnorm(model.eval()).to(device)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of the eval model with each BatchNorm that directly follows a convolution (or Linear)
+    folded into its weights: what a deployed eval model computes, without BatchNorm's own pass over
+    the activations, so eager timings are those of the model one would ship (ONNX Runtime and
+    Inductor fold it too). A model torch.fx cannot trace is returned as it is, and said so."""
+    if not any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules()):
+        return model
+    import torch.fx.experimental.optimization
+
+    try:
+        return torch.fx.experimental.optimization.fuse(model)
+    except Exception as error:  # data-dependent control flow, untraceable custom modules
+        log.warning("BatchNorm left unfolded in the eager runtime: %s cannot be traced (%s: %s)",
+                    type(model).__name__, type(error).__name__, error)
+        return model
 
 
 # ----------------------------------------------------------------------------- PyTorch compiled (Inductor)
