@@ -16,10 +16,14 @@ deployed artifacts). Run it under the same lock as any timing.
 
 Measured 2026-11-23 (2 shared cores, two runs of the grid; speedups swing 10-50% between runs on that
 machine, lenet5 cp 0.56x..2.19x): resnet20 tucker with ranks rounded to 16 realizes 0.62-0.67 of its
-MAC reduction (1.7-1.9x). lenet5 does not reach 0.6 with any setting that cuts its convolutions: max
-pooling, which has no MACs, takes most of its time at batch 32, and each Tucker chain was timed 0.82-0.91x
-of its dense convolution, so min_speedup=1.0 keeps both convolutions dense and factors the first Linear
-layer only (1.04-1.08x fewer MACs). The lenet5 NHWC control alone is 1.36-1.44x faster than the baseline.
+MAC reduction (1.7-1.9x). Again on a quiet machine, the eager runtime folding BatchNorm: rank 0.25
+0.63 (MACs /1.90, drop -0.1), rank 0.5 0.68 (/1.66, drop 1.1).
+lenet5 does not reach 0.6 with any setting that cuts its convolutions: max pooling, which has no MACs,
+takes most of its time at batch 32, and each Tucker chain was timed 0.82-0.91x of its dense convolution
+(quiet machine: rank 2x1 0.84x, rank 4x2 0.91x), so min_speedup=1.0 keeps both convolutions dense and
+factors the first Linear layer only (1.04-1.08x fewer MACs). Rank 0.5 laid out NHWC shows 0.60 (1.32x
+for MACs /2.19), all of it from the layout: the dense NHWC control alone is 1.36-1.44x faster than the
+baseline.
 """
 
 from __future__ import annotations
