@@ -20,7 +20,7 @@ Measured 2026-11-23 (2 cores; teacher resnet20, 10 epochs with affine augmentati
 lenet5 x0.5, 15,738 weights, hardware=cpu_1t, 30 epochs; gain = KD minus no-KD test accuracy, same seed):
   no augmentation (the student alone overfits: 94.8-96.4%)
       defaults (alpha 0.9, T 4): +0.47 over seeds 0-9 (std 0.72, won 7 of 10)
-      alpha 0.5:                 +0.70 over seeds 0-9 (std 0.55, won 9 of 10), 95.7% -> 96.4% on average
+      alpha 0.5:                 +0.70 over seeds 0-9 (std 0.57, won 9 of 10), 95.7% -> 96.4% on average
   affine augmentation (the student alone 96.2-96.8%: augmentation already regularizes it)
       defaults: +0.08 over 10 seeds (std about 0.5); alpha 0.5: -0.14 (5 seeds); teacher online
       (fresh views every batch): -0.18 (5 seeds); 100 epochs: -0.24 (5 seeds; the student alone 97.5%)
