@@ -169,3 +169,17 @@ def test_eager_runtime_keeps_batchnorm_of_a_model_fx_cannot_trace(caplog) -> Non
     model = Branching().eval()
     deployed = deploy(model, "torch", torch.device("cpu"))
     assert deployed is model and "BatchNorm left unfolded" in caplog.text
+
+
+def test_eager_runtime_folds_batchnorm_around_workbench_layers_and_keeps_them() -> None:
+    from lightning_modules.compression.pruning import SemiStructuredLinear
+    from lightning_modules.evaluation.runtime import deploy
+
+    model = resnet20(1, 10).eval()
+    model.fc = SemiStructuredLinear.from_linear(model.fc)  # what nm's finalize ships: its forward branches on the device
+    deployed = deploy(model, "torch", torch.device("cpu"))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in deployed.modules())
+    assert any(isinstance(m, SemiStructuredLinear) for m in deployed.modules())
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(deployed(x), model(x), atol=1e-4)

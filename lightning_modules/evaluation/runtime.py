@@ -23,6 +23,7 @@ that file. Without them the workbench's own artifact (artifact.py) is the deploy
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import re
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.fx
 from torch import nn
 
 Deployed = Callable[[torch.Tensor], torch.Tensor]
@@ -58,12 +60,23 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         return model
     import torch.fx.experimental.optimization
 
+    copied = copy.deepcopy(model)
     try:
-        return torch.fx.experimental.optimization.fuse(model)
-    except Exception as error:  # data-dependent control flow, untraceable custom modules
+        graph = LayerTracer().trace(copied)
+    except Exception as error:  # data-dependent control flow between layers
         log.warning("BatchNorm left unfolded in the eager runtime: %s cannot be traced (%s: %s)",
                     type(model).__name__, type(error).__name__, error)
         return model
+    return torch.fx.experimental.optimization.fuse(torch.fx.GraphModule(copied, graph), inplace=True, no_trace=True)
+
+
+class LayerTracer(torch.fx.Tracer):
+    """Traces through containers but keeps every module without children whole: a workbench layer
+    with its own forward (nm's SemiStructuredLinear, quantized and low-bit layers) stays the module
+    it is, with its kernels, instead of being inlined into the graph or failing the trace."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return next(module.children(), None) is None or super().is_leaf_module(module, qualified_name)
 
 
 # ----------------------------------------------------------------------------- PyTorch compiled (Inductor)
