@@ -52,13 +52,14 @@ def torch_eager(model: nn.Module, device: torch.device, threads: int | None = No
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """A copy of the eval model with each BatchNorm that directly follows a convolution (or Linear)
-    folded into its weights: what a deployed eval model computes, without BatchNorm's own pass over
-    the activations, so eager timings are those of the model one would ship (ONNX Runtime and
-    Inductor fold it too). A model torch.fx cannot trace is returned as it is, and said so."""
+    """A copy of the eval model with each BatchNorm that directly follows a convolution folded into
+    it (quantization.fold_batchnorm, the fold QAT uses): what a deployed eval model computes,
+    without BatchNorm's own pass over the activations, so eager timings are those of the model one
+    would ship (ONNX Runtime and Inductor fold it too). A model torch.fx cannot trace is returned as
+    it is, and said so."""
     if not any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules()):
         return model
-    import torch.fx.experimental.optimization
+    from lightning_modules.compression.quantization import fold_batchnorm as fold_into_convolutions
 
     copied = copy.deepcopy(model)
     try:
@@ -67,7 +68,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         log.warning("BatchNorm left unfolded in the eager runtime: %s cannot be traced (%s: %s)",
                     type(model).__name__, type(error).__name__, error)
         return model
-    return torch.fx.experimental.optimization.fuse(torch.fx.GraphModule(copied, graph), inplace=True, no_trace=True)
+    return fold_into_convolutions(torch.fx.GraphModule(copied, graph))
 
 
 class LayerTracer(torch.fx.Tracer):
