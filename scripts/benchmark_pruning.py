@@ -277,20 +277,19 @@ def budget_speedups(models: list[str], repeats: int, rounds: int = 3) -> pd.Data
         dense = CHANNEL_MODELS[name]().eval()
         sparsity, budget = BUDGETS[name]
         cuts = {"uniform 50%": pruned_copy(dense, 0.5, None), "budget": pruned_copy(dense, sparsity, None, **budget)}
+        dense_macs = count_macs(dense, (1, 28, 28))["macs_dense"]
+        facts = {label: {"channels_removed": 1 - hidden_channels(pruned) / hidden_channels(dense),
+                         "widths": "/".join(str(m.weight.shape[0]) for m in pruned.modules()
+                                            if isinstance(m, (nn.Conv2d, nn.Linear)))[:48],
+                         "mac_reduction": dense_macs / count_macs(pruned, (1, 28, 28))["macs_dense"]}
+                 for label, pruned in cuts.items()}
+        deployed = {label: eager(model) for label, model in {"dense": dense, **cuts}.items()}
         for round_number in range(rounds):
-            deployed = {label: eager(model) for label, model in {"dense": dense, **cuts}.items()}
-            latency = measure_latency(deployed, (1, 28, 28), [32], torch.device("cpu"), warmup=10,
-                                      repeats=repeats)
-            dense_ms = latency["dense"]["latency_ms_p50_bs32"]
-            for label, pruned in cuts.items():
-                mac_reduction = count_macs(dense, (1, 28, 28))["macs_dense"] / count_macs(pruned, (1, 28, 28))["macs_dense"]
-                speedup = dense_ms / latency[label]["latency_ms_p50_bs32"]
-                rows.append({"model": name, "cut": label, "round": round_number,
-                             "channels_removed": 1 - hidden_channels(pruned) / hidden_channels(dense),
-                             "widths": "/".join(str(m.weight.shape[0]) for m in pruned.modules()
-                                                if isinstance(m, (nn.Conv2d, nn.Linear)))[:48],
-                             "mac_reduction": mac_reduction, "speedup_bs32": speedup,
-                             "realized_over_mac": speedup / mac_reduction})
+            latency = measure_latency(deployed, (1, 28, 28), [32], torch.device("cpu"), warmup=10, repeats=repeats)
+            for label, fact in facts.items():
+                speedup = latency["dense"]["latency_ms_p50_bs32"] / latency[label]["latency_ms_p50_bs32"]
+                rows.append({"model": name, "cut": label, "round": round_number, **fact, "speedup_bs32": speedup,
+                             "realized_over_mac": speedup / fact["mac_reduction"]})
     return pd.DataFrame(rows)
 
 
