@@ -26,6 +26,7 @@ import contextlib
 import copy
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -42,7 +43,6 @@ from lightning_modules.compression.base import (
     training_batches,
     weighted_layers,
 )
-from lightning_modules.evaluation.latency import measure_latency
 
 log = logging.getLogger(__name__)
 
@@ -781,29 +781,29 @@ class LowRankDecomposition(CompressionCallback):
             return ""
         if input_shape is None:
             return "min_speedup: the example input never reached this layer, so it could not be timed"
-        dense_ms, factored_ms = self.time_layer(module, plan.rank, input_shape)
-        plan.measured_speedup = dense_ms / factored_ms
+        dense_ms, factored_ms, plan.measured_speedup = self.time_layer(module, plan.rank, input_shape)
         if plan.measured_speedup >= self.min_speedup:
             return ""
         return (f"rank {_ranks_text(plan.rank)} measured {factored_ms:.4f} ms against {dense_ms:.4f} ms dense at "
-                f"batch {self.speed_batch} ({plan.measured_speedup:.2f}x < min_speedup={self.min_speedup})")
+                f"batch {self.speed_batch} (median paired ratio {plan.measured_speedup:.2f}x < min_speedup={self.min_speedup})")
 
-    def time_layer(self, module: nn.Module, ranks: tuple[int, ...], input_shape: tuple[int, ...]) -> tuple[float, float]:
-        """p50 latency (ms) of the dense layer and of its deployable chain, timed interleaved at speed_batch.
+    def time_layer(self, module: nn.Module, ranks: tuple[int, ...],
+                   input_shape: tuple[int, ...]) -> tuple[float, float, float]:
+        """p50 latency (ms) of the dense layer and of its deployable chain at speed_batch, and the speedup.
 
         The chain's shapes are what matter for time, so the factors come from the cheap start (no
-        HOOI/ALS sweeps). Both run in the deployed memory layout.
+        HOOI/ALS sweeps). Both run in the deployed memory layout. The speedup is the median of the
+        ratios of back-to-back pairs (see `paired_times`), steadier on a shared machine than a
+        ratio of two medians.
         """
         factors, _ = self.kind.decompose(module.weight, ranks, 0, self.seed)
         factors["bias"] = _bias(module)
         chain = self.kind.build(module, factors, compact=True)
         dense = copy.deepcopy(module)
         layout = torch.channels_last if self.channels_last and len(input_shape) == 3 else torch.contiguous_format
-        models = {"dense": _in_layout(dense.to(memory_format=layout), layout),
-                  "factored": _in_layout(chain.to(memory_format=layout), layout)}
-        times = measure_latency(models, input_shape, [self.speed_batch], module.weight.device, warmup=5, repeats=30)
-        key = f"latency_ms_p50_bs{self.speed_batch}"
-        return times["dense"][key], times["factored"][key]
+        inputs = torch.randn((self.speed_batch, *input_shape), device=module.weight.device)
+        return paired_times(_in_layout(dense.to(memory_format=layout), layout),
+                            _in_layout(chain.to(memory_format=layout), layout), inputs)
 
     @torch.no_grad()
     def reduce(self, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer] = (), step: int | None = None) -> None:
@@ -874,6 +874,31 @@ class LowRankDecomposition(CompressionCallback):
                       for name, plan in state_dict["plans"].items()}
 
 
+@torch.inference_mode()
+def paired_times(dense: nn.Module, factored: nn.Module, inputs: torch.Tensor, warmup: int = 10,
+                 pairs: int = 60) -> tuple[float, float, float]:
+    """(dense p50 ms, factored p50 ms, median of dense/factored over back-to-back pairs).
+
+    Each pair times both modules on the same input one right after the other, alternating which
+    goes first; a neighbour process that slows the core for a while then slows both halves of a
+    pair alike, so the median pair ratio moves less than the ratio of the two medians does.
+    """
+    sync = torch.cuda.synchronize if inputs.is_cuda else (lambda: None)
+    for _ in range(warmup):
+        dense(inputs)
+        factored(inputs)
+    sync()
+    dense_s, factored_s = [], []
+    for pair in range(pairs):
+        for which in ((0, 1) if pair % 2 == 0 else (1, 0)):
+            start = time.perf_counter()
+            (dense, factored)[which](inputs)
+            sync()
+            (dense_s, factored_s)[which].append(time.perf_counter() - start)
+    ratios = np.asarray(dense_s) / np.asarray(factored_s)
+    return float(np.median(dense_s)) * 1000.0, float(np.median(factored_s)) * 1000.0, float(np.median(ratios))
+
+
 def layer_input_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int, ...]]:
     """{layer name: its input's shape without the batch} of every Linear/Conv2d layer, for one example."""
     shapes: dict[str, tuple[int, ...]] = {}
@@ -897,7 +922,7 @@ def layer_input_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tup
 
 
 def _in_layout(module: nn.Module, layout: torch.memory_format) -> nn.Module:
-    """The module behind a conversion of its input to `layout` (measure_latency feeds NCHW tensors).
+    """The module behind a conversion of its input to `layout` (the timed input is an NCHW tensor).
 
     Dense layer and chain pay the same conversion, so their ratio moves toward 1 but stays on its
     side of 1: the decision at min_speedup=1.0 is unchanged, a higher threshold is stricter.
