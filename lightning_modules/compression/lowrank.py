@@ -735,7 +735,6 @@ class LowRankDecomposition(CompressionCallback):
         if self.min_speedup is not None and example is None:
             raise ValueError(f"{self.name}: min_speedup={self.min_speedup} times each layer on its input shape and "
                              f"needs an example input; allowed without one: min_speedup=null")
-        input_shapes = layer_input_shapes(model, example) if self.min_speedup is not None else {}
         layers = list(weighted_layers(model))
         ours = [name for name, module in layers if isinstance(module, self.kind.layer_type)]
         aliases = {"first": ours[0] if ours else None, "last": ours[-1] if ours else None}
@@ -745,6 +744,8 @@ class LowRankDecomposition(CompressionCallback):
         if unknown:
             raise ValueError(f"{self.name}: unknown layers {unknown} in skip_layers/layer_ranks; "
                              f"allowed: first, last, {', '.join(ours)}")
+        # names are checked above, before the one forward pass and the timings below
+        input_shapes = layer_input_shapes(model, example) if self.min_speedup is not None else {}
         plans = {}
         for name, module in layers:
             params = _param_count(module)
