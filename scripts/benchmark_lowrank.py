@@ -1,11 +1,11 @@
 """Low-rank benchmark: parameter and MAC reduction against the accuracy drop after fine-tuning, and
 the latency speedup measured at batch 32 on one CPU thread against the MAC reduction.
 
-Runs `train.py -m` on mnist5k with hardware=cpu_1t into a scratch MLflow store (short recipes, so it
-takes minutes), reads the runs back and prints one row per run:
+Runs `train.py -m` on mnist5k with hardware=cpu_1t into a scratch MLflow store (the shipped recipes unless
+shortened; lenet300/lenet5 take seconds a run, resnet20 minutes), reads the runs back and prints one row per run:
 
-    python scripts/benchmark_lowrank.py [--out /tmp/lowrank_bench] [--baseline-epochs 4] [--fine-tune-epochs 2]
-                                        [--models lenet300 lenet5] [--read-only] [--profile lenet5]
+    python scripts/benchmark_lowrank.py [--out /tmp/lowrank_bench] [--seeds 0,1,2] [--baseline-epochs 4]
+                                        [--fine-tune-epochs 2] [--models lenet300 lenet5] [--read-only] [--profile lenet5]
 
 `speedup_bs32` is the pipeline's own figure: the baseline and the finalized model timed interleaved
 in the same process. realized/theoretical = speedup_bs32 / (baseline MACs / MACs).
@@ -44,35 +44,38 @@ from lightning_modules.evaluation.artifact import load_deployable
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# (model, method, overrides swept by Hydra); every group adds data, hardware and the short recipes
+# (model, method, overrides swept by Hydra); every group adds data, hardware, seeds and the recipes
 GRID: list[tuple[str, str, list[str]]] = [
-    ("lenet300", "svd", ["method.rank=0.1,0.25,0.5"]),
-    # LeNet-5: Tucker-2 on the convolutions (most MACs) and SVD on the Linear layers (most parameters),
-    # laid out NHWC (its faster layout); min_speedup=1.0 factors only the layers timed faster than dense
-    ("lenet5", "tucker", ["+compression@method.callbacks.linear=svd", "method.rank=0.25,0.5",
-                          "method.callbacks.factor.channels_last=true", "method.min_speedup=null,1.0"]),
-    # control: rank 1.0 factors nothing (no layer would shrink), so this is the dense model laid out NHWC,
-    # the share of the speedups above that comes from the layout alone
-    ("lenet5", "tucker", ["method.rank=1.0", "method.callbacks.factor.channels_last=true"]),
-    ("lenet5", "cp", ["method.rank=1.0"]),
-    # ranks rounded up to 16: oneDNN runs channels in vectors of 8/16, an odd rank costs the next multiple
-    ("resnet20", "tucker", ["method.rank=0.25,0.5", "method.rank_multiple=16"]),
-    ("resnet20", "cp", ["method.rank=1.0"]),
+    # what ships: each method's defaults on each model (tucker/cp also factor the Linear layers by SVD,
+    # and min_speedup=1.0 keeps every layer dense whose chain is timed slower)
+    ("lenet300", "svd", []), ("lenet300", "tucker", []), ("lenet300", "cp", []),
+    ("lenet5", "svd", []), ("lenet5", "tucker", []), ("lenet5", "cp", []),
+    ("resnet20", "tucker", []), ("resnet20", "cp", []),
+    # the rank axis
+    ("lenet300", "svd", ["method.rank=0.1,0.5"]),
+    # min_speedup off: every layer factored whatever its time (the defaults before issue 12)
+    ("lenet5", "tucker", ["method.min_speedup=null"]),
+    ("resnet20", "tucker", ["method.min_speedup=null"]),
+    ("resnet20", "cp", ["method.min_speedup=null"]),
 ]
-COLUMNS = ["model", "method", "rank", "rank_multiple", "channels_last", "min_speedup", "layers_skipped", "baseline_test_acc", "test_acc", "acc_drop",
+COLUMNS = ["model", "method", "seed", "rank", "rank_multiple", "channels_last", "min_speedup", "layers_skipped",
+           "baseline_test_acc", "test_acc", "acc_drop", "compression_ratio",
            "acc_drop_ci95_low", "acc_drop_ci95_high", "params_reduction", "mac_reduction", "speedup_bs32",
            "realized_over_theoretical", "speedup_bs1"]
 
 
-def run_grid(out: Path, baseline_epochs: int, fine_tune_epochs: int, models: list[str] | None = None) -> None:
+def run_grid(out: Path, baseline_epochs: int | None, fine_tune_epochs: int | None, seeds: str,
+             models: list[str] | None = None) -> None:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}",
            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
     for number, (model, method, sweep) in enumerate(GRID):
         if models is not None and model not in models:
             continue
+        recipes = ([] if baseline_epochs is None else [f"baseline.epochs={baseline_epochs}"]) + \
+                  ([] if fine_tune_epochs is None else [f"method.fine_tune.epochs={fine_tune_epochs}"])
         command = [sys.executable, str(ROOT / "train.py"), "-m", "data=mnist5k", "hardware=cpu_1t", f"model={model}",
-                   f"method={method}", f"baseline.epochs={baseline_epochs}", f"method.fine_tune.epochs={fine_tune_epochs}",
-                   "trainer.enable_progress_bar=false", *sweep, f"hydra.sweep.dir={out / 'sweeps' / str(number)}"]
+                   f"method={method}", f"seed={seeds}", *recipes, "trainer.enable_progress_bar=false", *sweep,
+                   f"hydra.sweep.dir={out / 'sweeps' / str(number)}"]
         started = time.perf_counter()
         result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
         print(f"{model} {method}: exit {result.returncode} in {time.perf_counter() - started:.0f} s", flush=True)
@@ -92,11 +95,12 @@ def read_rows(out: Path) -> list[dict[str, object]]:
         baseline_params = client.get_run(tags["baseline_run_id"]).data.metrics["params_total"]
         rows.append({
             "model": tags["model"], "method": tags["method"] + ("+svd" if "method.callbacks.linear.decomposition" in params else ""),
+            "seed": tags.get("seed"),
             "rank": params.get("method.rank"), "rank_multiple": params.get("method.rank_multiple"),
             "channels_last": params.get("method.callbacks.factor.channels_last"),
             "min_speedup": params.get("method.min_speedup"),
             "layers_skipped": sum(value for key, value in metrics.items() if key.startswith("layers_skipped_")),
-            **{key: metrics[key] for key in ("baseline_test_acc", "test_acc", "acc_drop", "acc_drop_ci95_low",
+            **{key: metrics[key] for key in ("baseline_test_acc", "test_acc", "acc_drop", "compression_ratio", "acc_drop_ci95_low",
                                              "acc_drop_ci95_high", "speedup_bs32", "speedup_bs1")},
             "params_reduction": baseline_params / metrics["params_total"],
             "mac_reduction": theoretical,
@@ -141,15 +145,16 @@ def print_profile(out: Path, model_name: str, top: int = 6) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/lowrank_bench"))
-    parser.add_argument("--baseline-epochs", type=int, default=4)
-    parser.add_argument("--fine-tune-epochs", type=int, default=2)
+    parser.add_argument("--baseline-epochs", type=int, default=None, help="default: the shipped baseline recipe")
+    parser.add_argument("--fine-tune-epochs", type=int, default=None, help="default: each method's shipped recipe")
+    parser.add_argument("--seeds", default="0", help="Hydra sweep value, e.g. 0,1,2")
     parser.add_argument("--models", nargs="*", default=None, help="run only these models of the grid")
     parser.add_argument("--read-only", action="store_true", help="only read an existing store")
     parser.add_argument("--profile", default=None, help="then profile this model's runs per operator (e.g. lenet5)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.read_only:
-        run_grid(args.out, args.baseline_epochs, args.fine_tune_epochs, args.models)
+        run_grid(args.out, args.baseline_epochs, args.fine_tune_epochs, args.seeds, args.models)
     rows = read_rows(args.out)
     with open(args.out / "lowrank_benchmark.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
