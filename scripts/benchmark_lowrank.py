@@ -10,6 +10,14 @@ shortened; lenet300/lenet5 take seconds a run, resnet20 minutes), reads the runs
 `speedup_bs32` is the pipeline's own figure: the baseline and the finalized model timed interleaved
 in the same process. realized/theoretical = speedup_bs32 / (baseline MACs / MACs).
 
+Measured 2026-11-30 (shared 2-core machine, load ~11), the shipped defaults, mnist5k, cpu_1t, mean of seeds 0-2:
+lenet300 svd 2.83x smaller, drop 0.17, speedup_bs32 1.62; tucker 2.61x, 0.17, 1.57; cp 2.83x, -0.10, 1.59 (tucker
+and cp factor its Linear layers by SVD: it has no convolutions). lenet5 svd 2.01x, 0.13, 0.94 (1.04, 0.71, 1.07);
+tucker 1.95x, -0.03, 1.05; cp 2.01x, -0.03, 2.50 (1.43, 5.84, 0.23): whole-model bs32 figures of one structure
+swing that much under that load, min_speedup's paired per-layer ratios far less (resnet20 tucker 16x16 layers
+1.50-1.71 on two runs). resnet20 seed 0 (structure only, 10-batch baseline): tucker 2.58x, speedup_bs32 1.06;
+cp (NHWC) 2.47x, 1.13, bs1 0.47.
+
 `--profile MODEL` then shows where the time goes: torch.profiler's self CPU time per operator, in ms
 per forward pass at batch 32 on one thread, for that model's baseline and each of its runs (their
 deployed artifacts). Run it under the same lock as any timing.
