@@ -440,8 +440,10 @@ def test_channels_last_lays_the_convolutions_out_nhwc() -> None:
 
 @pytest.mark.slow
 def test_tucker_with_svd_run_end_to_end_is_smaller_and_logs_its_tables(tmp_path: Path, store_uri: str) -> None:
-    # the Linear layers' SVD is part of method=tucker's defaults (slot `linear`)
-    result = run_train([*FAST, "model=lenet5", "method=tucker", "method.fine_tune.epochs=1"], tmp_path)
+    # the Linear layers' SVD is part of method=tucker's defaults (slot `linear`); min_speedup off, so the
+    # verdict does not hang on how fast lenet5's chains run on this machine (they time slower: left dense)
+    result = run_train([*FAST, "model=lenet5", "method=tucker", "method.fine_tune.epochs=1", "method.min_speedup=null",
+                        "method.rank_multiple=1"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     [run] = [r for r in all_runs(store_uri) if r.data.tags.get("method") == "tucker"]
     assert run.info.status == "FINISHED"
@@ -461,7 +463,8 @@ def test_tucker_with_svd_run_end_to_end_is_smaller_and_logs_its_tables(tmp_path:
 def test_cp_runs_end_to_end_finite_smaller_and_fine_tuned(model: str, tmp_path: Path, store_uri: str) -> None:
     # a half-width model keeps its BatchNorm, strides and shortcuts, in a fraction of the time
     result = run_train([*FAST, f"model={model}", "model.net.width_multiplier=0.5", "method=cp", "method.fine_tune.epochs=1",
-                        "method.callbacks.factor.iterations=20", "hardware.latency.batch_sizes=[1]"], tmp_path)
+                        "method.callbacks.factor.iterations=20", "hardware.latency.batch_sizes=[1]",
+                        "method.min_speedup=null"], tmp_path)  # every convolution factored, however fast it runs here
     assert result.returncode == 0, result.stderr[-3000:]
     [run] = [r for r in all_runs(store_uri) if r.data.tags.get("method") == "cp"]
     assert run.info.status == "FINISHED"
