@@ -30,11 +30,11 @@ from lightning_modules.compression.lowrank import (
     tucker2_factors,
     vbmf_rank,
 )
+from lightning_modules.config import build_callbacks
 from lightning_modules.data import InMemoryDataModule
 from lightning_modules.evaluation.complexity import count_macs
 from lightning_modules.models import LeNet5, LeNet300, resnet20
 from lightning_modules.task import ClassificationTask
-from lightning_modules.config import build_callbacks
 from tests.conftest import FAST, all_runs, compose_config, run_train
 
 
