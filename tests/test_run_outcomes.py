@@ -141,6 +141,8 @@ def test_a_nan_loss_stops_training_at_once_and_fails_the_run(tmp_path, store_uri
          r"teacher_layer='features.5' is not a layer of ResNetCifar; allowed: stem"),
         (["method=kd_feature", "model=lenet300", "method.callbacks.distill.student_layer=last_conv"],
          r"student_layer='last_conv' is not valid: LeNet300 has no Conv2d layer; allowed: classifier"),
+        (["method=kd_feature", "model=lenet300", "method.callbacks.distill.hint=attention"],
+         r"student_layer='penultimate' gives \(100,\) features; allowed with hint=attention: a layer with \(channels"),
         (["method=magnitude", "method.callbacks.prune.skip_layers=[first,fc9]"],
          r"method.callbacks.prune: unknown layers \['fc9'\] for LeNet5; allowed: first, last, features.0, features.3"),
         (["hardware.latency.noisy_spread=0.9"], r"hardware.latency.noisy_spread=0.9 is not valid; allowed: a p95/p50 ratio >= 1"),

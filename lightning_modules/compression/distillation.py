@@ -226,9 +226,14 @@ class FeatureDistillation(KnowledgeDistillation):
         self.adapter: nn.Module | None = None
 
     def check_layer_names(self, model: nn.Module, example: torch.Tensor, teacher: nn.Module | None = None) -> None:
-        resolve_layer(model, self.student_layer, example, "student_layer")
+        """Both layers exist (rules resolved on these models) and, for attention hints, give feature maps."""
+        outputs = {"student": layer_output(model, resolve_layer(model, self.student_layer, example, "student_layer"),
+                                           example)}
         if teacher is not None:
-            resolve_layer(teacher, self.teacher_layer, example, "teacher_layer")
+            outputs["teacher"] = layer_output(teacher, resolve_layer(teacher, self.teacher_layer, example,
+                                                                     "teacher_layer"), example)
+        if self.hint == "attention":
+            check_feature_maps(outputs, self.student_layer, self.teacher_layer)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -290,10 +295,25 @@ def make_adapter(student: torch.Tensor, teacher: torch.Tensor) -> nn.Module:
                          nn.Unflatten(1, tuple(teacher.shape[1:])))
 
 
+@torch.no_grad()
+def layer_output(model: nn.Module, name: str, example: torch.Tensor) -> torch.Tensor:
+    """What module `name` of `model` outputs for `example` (eval mode; the model's mode is restored)."""
+    captured: list[torch.Tensor] = []
+    handle = dict(model.named_modules())[name].register_forward_hook(lambda m, i, output: captured.append(output))
+    was_training = model.training
+    try:
+        model.eval()
+        model(example)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return captured[-1]
+
+
 def check_feature_maps(captured: dict[str, torch.Tensor], student_layer: str, teacher_layer: str) -> None:
-    """Attention maps need (N, C, H, W) outputs on both sides."""
+    """Attention maps need (N, C, H, W) outputs on both sides (those captured)."""
     for role, layer in (("student", student_layer), ("teacher", teacher_layer)):
-        if captured[role].dim() != 4:
+        if role in captured and captured[role].dim() != 4:
             raise ValueError(f"{role}_layer={layer!r} gives {tuple(captured[role].shape[1:])} features; "
                              "allowed with hint=attention: a layer with (channels, height, width) feature maps")
 
