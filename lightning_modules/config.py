@@ -74,9 +74,9 @@ def _validate_run_checks(cfg: DictConfig) -> None:
 
 
 def _validate_model_and_layers(cfg: DictConfig) -> None:
-    """Build the model from its config for the data's input (cheap: no data read, one forward pass
-    on zeros), check that no setting leaves a layer without channels, and check every layer name
-    the method's callbacks give against this model (and its teacher's)."""
+    """Build the model from its config for the data's input (cheap: no data read), check that no
+    setting leaves a layer without channels, and check every layer name the method's callbacks give
+    against this model (and its teacher's; a layer rule may run them once on a zero input)."""
     net = cfg.model.net
     width = net.get("width_multiplier")
     if width is not None and (isinstance(width, bool) or not isinstance(width, int | float) or width <= 0):
@@ -101,7 +101,7 @@ def data_shape(cfg: DictConfig) -> DataShape:
 
 
 # Models built for validation, by (config, input shape): a sweep validates every job before the
-# first starts, and most jobs share a model; they are only run in eval mode on zeros, never changed.
+# first starts, and most jobs share a model; they are at most run in eval mode on zeros, never changed.
 _CHECKED_MODELS: dict[str, nn.Module] = {}
 
 
@@ -110,11 +110,11 @@ def _build_checked(key: str, net: DictConfig, shape: DataShape, example: torch.T
     if identity not in _CHECKED_MODELS:
         if len(_CHECKED_MODELS) >= 8:
             _CHECKED_MODELS.pop(next(iter(_CHECKED_MODELS)))
-        _CHECKED_MODELS[identity] = _build_and_run(key, net, shape, example)
+        _CHECKED_MODELS[identity] = _build(key, net, shape, example)
     return _CHECKED_MODELS[identity]
 
 
-def _build_and_run(key: str, net: DictConfig, shape: DataShape, example: torch.Tensor) -> nn.Module:
+def _build(key: str, net: DictConfig, shape: DataShape, example: torch.Tensor) -> nn.Module:
     settings = {k: v for k, v in OmegaConf.to_container(net, resolve=True).items() if k != "_target_"}
     try:
         model = build_model(net, shape).eval()
@@ -127,13 +127,7 @@ def _build_and_run(key: str, net: DictConfig, shape: DataShape, example: torch.T
             raise ConfigError(f"{key} settings {settings} leave layer {name!r} ({layer}) with 0 channels; allowed: "
                               "values that leave every layer at least one channel (e.g. width_multiplier > 0, "
                               "hidden sizes >= 1)")
-    try:
-        with torch.no_grad():
-            model(example)
-    except Exception as error:
-        raise ConfigError(f"{key} ({net._target_} with {settings}) fails on {shape.in_channels}x{shape.image_size}x"
-                          f"{shape.image_size} inputs: {type(error).__name__}: {error}") from error
-    return model
+    return model  # not run here: a method whose layer rules need a forward pass runs it (distillation)
 
 
 def _config_teacher(cfg: DictConfig, shape: DataShape, example: torch.Tensor) -> nn.Module | None:
