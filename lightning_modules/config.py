@@ -6,6 +6,7 @@ job of a sweep before the first one starts (sweep.py), and again at the start of
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -13,14 +14,22 @@ from typing import Any
 import hydra.utils
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
-from lightning_modules.compression.base import CompressionCallback
-from lightning_modules.data import DATASETS
+from lightning_modules.compression.base import WEIGHTED_LAYERS, CompressionCallback
+from lightning_modules.data import DATASETS, DataShape
 from lightning_modules.evaluation.runtime import RUNTIMES
+from lightning_modules.models import build_model
 
 DEVICES = ("cpu", "cuda")
 STUDENT_INITS = ("baseline", "scratch")
 URI_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/", "file:/")
+# The input each bundled dataset gives a model, so a model can be built and checked from its config
+# before any data is read (a dataset not listed here is loaded to learn its shape).
+DATA_SHAPES = {
+    "mnist5k": DataShape(1, 28, 10), "digits": DataShape(1, 8, 10), "mnist": DataShape(1, 28, 10),
+    "fashion_mnist": DataShape(1, 28, 10), "cifar10": DataShape(3, 32, 10),
+}
 
 
 class ConfigError(ValueError):
@@ -54,6 +63,83 @@ def validate(cfg: DictConfig) -> None:
     _validate_target("model.net._target_", cfg.model.net._target_)
     _validate_method(cfg.method, cfg.paths.root)
     _validate_tracking(cfg.tracking)
+    _validate_run_checks(cfg)
+    _validate_model_and_layers(cfg)
+
+
+def _validate_run_checks(cfg: DictConfig) -> None:
+    margin = OmegaConf.select(cfg, "run_checks.chance_margin", default=None)
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, int | float) or margin < 0):
+        _fail("run_checks.chance_margin", margin, "points above chance >= 0, or null (no collapse check)")
+
+
+def _validate_model_and_layers(cfg: DictConfig) -> None:
+    """Build the model from its config for the data's input (cheap: no data read), check that no
+    setting leaves a layer without channels, and check every layer name the method's callbacks give
+    against this model (and its teacher's; a layer rule may run them once on a zero input)."""
+    net = cfg.model.net
+    width = net.get("width_multiplier")
+    if width is not None and (isinstance(width, bool) or not isinstance(width, int | float) or width <= 0):
+        _fail("model.net.width_multiplier", width, "a number > 0 (1.0: the published widths; 0.5 halves every layer)")
+    shape = data_shape(cfg)
+    example = torch.zeros(1, shape.in_channels, shape.image_size, shape.image_size)
+    model = _build_checked("model.net", net, shape, example)
+    callbacks = build_callbacks(cfg.method)
+    teacher = _config_teacher(cfg, shape, example) if any(c.requires_teacher for c in callbacks) else None
+    for slot, callback in zip(_callback_slots(cfg.method), callbacks):
+        try:
+            callback.check_layer_names(model, example, teacher)
+        except ValueError as error:
+            raise ConfigError(f"method.callbacks.{slot}: {error} (model={cfg.model.name}"
+                              f"{f', teacher={cfg.method.teacher.model}' if teacher is not None else ''})") from error
+
+
+def data_shape(cfg: DictConfig) -> DataShape:
+    if cfg.data.name in DATA_SHAPES:
+        return DATA_SHAPES[cfg.data.name]
+    return hydra.utils.instantiate(cfg.data).shape
+
+
+# Models built for validation, by (config, input shape): a sweep validates every job before the
+# first starts, and most jobs share a model; they are at most run in eval mode on zeros, never changed.
+_CHECKED_MODELS: dict[str, nn.Module] = {}
+
+
+def _build_checked(key: str, net: DictConfig, shape: DataShape, example: torch.Tensor) -> nn.Module:
+    identity = json.dumps([OmegaConf.to_container(net, resolve=True), vars(shape)], sort_keys=True, default=str)
+    if identity not in _CHECKED_MODELS:
+        if len(_CHECKED_MODELS) >= 8:
+            _CHECKED_MODELS.pop(next(iter(_CHECKED_MODELS)))
+        _CHECKED_MODELS[identity] = _build(key, net, shape, example)
+    return _CHECKED_MODELS[identity]
+
+
+def _build(key: str, net: DictConfig, shape: DataShape, example: torch.Tensor) -> nn.Module:
+    settings = {k: v for k, v in OmegaConf.to_container(net, resolve=True).items() if k != "_target_"}
+    try:
+        model = build_model(net, shape).eval()
+    except Exception as error:
+        cause = error.__cause__ or error  # instantiate wraps the constructor's error
+        raise ConfigError(f"{key} ({net._target_} with {settings}) cannot be built for {shape.in_channels}x"
+                          f"{shape.image_size}x{shape.image_size} inputs: {cause}") from error
+    for name, layer in model.named_modules():
+        if isinstance(layer, WEIGHTED_LAYERS) and 0 in layer.weight.shape[:2]:
+            raise ConfigError(f"{key} settings {settings} leave layer {name!r} ({layer}) with 0 channels; allowed: "
+                              "values that leave every layer at least one channel (e.g. width_multiplier > 0, "
+                              "hidden sizes >= 1)")
+    return model  # not run here: a method whose layer rules need a forward pass runs it (distillation)
+
+
+def _config_teacher(cfg: DictConfig, shape: DataShape, example: torch.Tensor) -> nn.Module | None:
+    """The teacher's architecture when the config names it (method.teacher.model, no uri or file)."""
+    spec = cfg.method.teacher
+    if spec.get("uri") is not None or spec.get("checkpoint") is not None:
+        return None  # known when its file is read; its layer names are checked then
+    return _build_checked("method.teacher.model", model_config(spec.model, cfg.paths.root).net, shape, example)
+
+
+def _callback_slots(method: DictConfig) -> list[str]:
+    return [slot for slot, entry in (method.get("callbacks") or {}).items() if entry is not None]
 
 
 def _validate_tracking(tracking: DictConfig) -> None:
@@ -83,6 +169,9 @@ def _validate_hardware(hardware: DictConfig) -> None:
         _check_int(f"hardware.latency.batch_sizes[{i}]", size, 1)
     _check_int("hardware.latency.warmup", hardware.latency.warmup, 0)
     _check_int("hardware.latency.repeats", hardware.latency.repeats, 1)
+    spread = hardware.latency.get("noisy_spread", 1.5)
+    if isinstance(spread, bool) or not isinstance(spread, int | float) or spread < 1:
+        _fail("hardware.latency.noisy_spread", spread, "a p95/p50 ratio >= 1 (e.g. 1.5)")
 
 
 def _validate_recipe(key: str, recipe: DictConfig, minimum_epochs: int) -> None:

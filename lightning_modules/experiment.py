@@ -31,16 +31,29 @@ from lightning_modules.compression.base import CompressionCallback
 from lightning_modules.config import build_callbacks, model_config, validate
 from lightning_modules.data import InMemoryDataModule
 from lightning_modules.evaluation.artifact import load_deployable
-from lightning_modules.evaluation.report import Report, measure
+from lightning_modules.evaluation.complexity import count_macs
+from lightning_modules.evaluation.latency import available_cores
+from lightning_modules.evaluation.report import NOISY_TAG, Report, measure
 from lightning_modules.models import build_model
 from lightning_modules.task import ClassificationTask
 from lightning_modules.tracking import (
-    FINGERPRINT_TAG, JOB_TAG, EpochMetricsLogger, Store, SweepInfo, TrackedRun, claim_tags, closing_run, config_params,
-    csv_text, download_model_file, download_uri, finished_job_run, job_key, open_run, read_sweep_info, run_name,
-    run_tags, scratch_dir, tracked_run, wait_for_baseline, won_claim,
+    FINGERPRINT_TAG, JOB_TAG, EpochMetricsLogger, RunRejected, Store, SweepInfo, TrackedRun, claim_tags, closing_run,
+    config_params, csv_text, download_model_file, download_uri, find_baseline_run, finished_job_run, job_key,
+    live_claims, open_run, read_sweep_info, run_name, run_tags, scratch_dir, tracked_run, wait_for_baseline, won_claim,
 )
 
 log = logging.getLogger(__name__)
+
+# A finalized model within this many points of chance (100 / classes) is collapsed: its run ends
+# FAILED. `run_checks.chance_margin` overrides it (null: off, for tests of the plumbing that train
+# a few batches only).
+CHANCE_MARGIN_POINTS = 2.0
+SLOWER_SPEEDUP = 0.95  # below this at the largest batch (32 where timed) a run says why, tag slower_reason
+SLOWER_TAG = "slower_reason"
+# Training throughput used only to announce a teacher's rough cost: on this project's 2-core
+# machines a resnet20 baseline (31M MACs per 28x28 image) trains at ~10 GMAC/s (forward + backward
+# = 3x the forward MACs): a 30-epoch resnet20 teacher took about 18 minutes on 2 busy cores.
+TRAINING_MACS_PER_CORE_S = 5e9
 
 
 @dataclass
@@ -86,7 +99,8 @@ def run_experiment(cfg: DictConfig) -> dict[str, float]:
         model = finalize(model, callbacks)                                                    # 3
         return evaluate_and_track(cfg, run, model, baseline.model, data, device, callbacks,  # 4, 5
                                   timings={"time_data_s": data_seconds, "time_baseline_s": baseline_seconds,
-                                           "train_time_s": train_seconds})
+                                           "train_time_s": train_seconds},
+                                  teacher=teacher.model if teacher else None)
 
 
 # ----------------------------------------------------------------------------- step 1: baseline
@@ -186,8 +200,26 @@ def obtain_teacher(cfg: DictConfig, store: Store, data: InMemoryDataModule, devi
             return Teacher(load_teacher_file(download_uri(store, spec.uri, Path(folder)), teacher_model.net, data), spec.uri)
     teacher_cfg = copy.deepcopy(cfg)
     teacher_cfg.model = teacher_model
+    fingerprint = baseline_fingerprint(teacher_cfg)
+    if find_baseline_run(store, fingerprint) is None and not live_claims(store, fingerprint):
+        log.info(teacher_training_notice(teacher_cfg, data))
     teacher = obtain_baseline(teacher_cfg, store, data, device, sweep, data_seconds)
     return Teacher(teacher.model, f"runs:/{teacher.run_id}/model/model.pt")
+
+
+def teacher_training_notice(teacher_cfg: DictConfig, data: InMemoryDataModule) -> str:
+    """What a user waits for when a distillation run has to train its teacher first."""
+    images = len(data.split("train"))
+    macs = count_macs(build_model(teacher_cfg.model.net, data.shape), tuple(data.split("train").tensors[0].shape[1:]))
+    cores = min(teacher_cfg.hardware.threads or available_cores(), available_cores())
+    epochs = teacher_cfg.baseline.epochs
+    seconds = epochs * images * 3 * macs["macs_dense"] / (TRAINING_MACS_PER_CORE_S * cores)
+    cost = f"{seconds / 60:.0f} minutes" if seconds >= 90 else f"{seconds:.0f} seconds"
+    return (f"method={teacher_cfg.method.name}: the teacher ({teacher_cfg.model.name} baseline, data "
+            f"{teacher_cfg.data.name}, seed {teacher_cfg.seed}) is not in the store: training it first, "
+            f"{epochs} epoch(s) over {images} images. Rough cost: about {cost} on {cores} core(s) "
+            f"({macs['macs_dense'] / 1e6:.1f}M MACs per image; a 30-epoch resnet20 teacher takes about "
+            f"18 minutes on 2 busy cores). Later runs find it in the store.")
 
 
 def load_teacher_file(path: Path, net_cfg: DictConfig, data: InMemoryDataModule) -> nn.Module:
@@ -240,7 +272,9 @@ def finalize(model: nn.Module, callbacks: list[CompressionCallback]) -> nn.Modul
 
 def evaluate_and_track(cfg: DictConfig, run: TrackedRun, model: nn.Module, baseline: nn.Module,
                        data: InMemoryDataModule, device: torch.device, callbacks: list[CompressionCallback],
-                       timings: dict[str, float]) -> dict[str, float]:
+                       timings: dict[str, float], teacher: nn.Module | None = None) -> dict[str, float]:
+    """Measure, log, and judge: a collapsed model ends its run FAILED (RunRejected) after its
+    figures are logged, so the store shows what it scored."""
     started = time.perf_counter()
     with scratch_dir() as scratch:
         artifacts = Path(scratch) / "artifacts"  # everything in it goes to the run in one call
@@ -248,13 +282,19 @@ def evaluate_and_track(cfg: DictConfig, run: TrackedRun, model: nn.Module, basel
         # models a callback keeps for comparison (QAT's fake-quant model), scored as test_acc_<name>
         references = {name: ref for cb in callbacks for name, ref in cb.reference_models().items()}
         report: Report = measure(model, baseline, data, cfg.hardware, device, artifacts / "model", Path(scratch),
-                                 references)
+                                 references, teacher)
         timings["time_evaluate_s"] = time.perf_counter() - started
         started = time.perf_counter()
         summaries = {callback.name: callback.summary(model) for callback in callbacks}
         tables = {**report.tables, **{f"{name}_summary.csv": rows for name, rows in summaries.items()}}
         # every layer a method left alone is in its summary with the reason, and counted here
         skipped = {f"layers_skipped_{name}": sum(1 for row in rows if row.get("skipped")) for name, rows in summaries.items()}
+        tags = {**report.tags}
+        reason = slower_reason(report, summaries, list(cfg.hardware.latency.batch_sizes))
+        if reason is not None:
+            tags[SLOWER_TAG] = reason
+        if tags:
+            run.set_tags(tags)
         for artifact_file, rows in tables.items():
             if rows:
                 (artifacts / artifact_file).write_text(csv_text(rows))
@@ -268,7 +308,50 @@ def evaluate_and_track(cfg: DictConfig, run: TrackedRun, model: nn.Module, basel
     log.info("%s: test_acc %.2f%% (drop %.2f, 95%% CI %.2f..%.2f), %.1fx smaller, speedup bs1 %.2fx",
              run_name(cfg), metrics["test_acc"], metrics["acc_drop"], metrics["acc_drop_ci95_low"],
              metrics["acc_drop_ci95_high"], metrics["compression_ratio"], metrics.get("speedup_bs1", float("nan")))
+    for tag, text in tags.items():
+        log.warning("%s: %s: %s", run_name(cfg), tag, text)
+    check_not_collapsed(metrics["test_acc"], data.num_classes, chance_margin(cfg))
     return metrics
+
+
+def chance_margin(cfg: DictConfig) -> float | None:
+    return OmegaConf.select(cfg, "run_checks.chance_margin", default=CHANCE_MARGIN_POINTS)
+
+
+def check_not_collapsed(test_acc: float, num_classes: int, margin: float | None) -> None:
+    """Raise RunRejected when the accuracy is within `margin` points of chance: a model that learned
+    nothing (or was destroyed by its compression) is not a result, whatever its size or speed."""
+    if margin is None:
+        return
+    chance = 100.0 / num_classes
+    if test_acc <= chance + margin:
+        raise RunRejected(f"collapsed: test_acc {test_acc:.1f}% is within {margin:g} points of chance ({chance:.1f}%)")
+
+
+def slower_reason(report: Report, summaries: dict[str, list[dict]], batch_sizes: list[int]) -> str | None:
+    """Why the model is slower than its baseline at the largest batch timed (32 where timed), from what
+    the run knows; None when it is not slower than SLOWER_SPEEDUP."""
+    batch = 32 if 32 in batch_sizes else max(batch_sizes)
+    speedup = report.metrics.get(f"speedup_bs{batch}", 1.0)
+    if not speedup < SLOWER_SPEEDUP:
+        return None
+    causes = []
+    if NOISY_TAG in report.tags:
+        causes.append(f"timed under contention ({NOISY_TAG}: {report.tags[NOISY_TAG]})")
+    if report.latency_label == "dequantized":
+        causes.append("weights decoded to float at load (dequantized): the runtime runs float32 layers "
+                      "plus the decoding, not narrow kernels")
+    if report.latency_label == "simulated":
+        causes.append("int8 simulated in float kernels (no int8 kernel ran on this runtime; "
+                      "hardware=cpu with compile=auto, or cpu_ort, runs real int8)")
+    for name, rows in summaries.items():
+        left = [str(row.get("layer", "?")) for row in rows if row.get("skipped")]
+        if left:
+            causes.append(f"{name} left {len(left)} layer(s) unconverted ({', '.join(left[:4])}"
+                          f"{', ...' if len(left) > 4 else ''}; see {name}_summary.csv)")
+    if not causes:
+        causes.append("no known cause: re-measure")
+    return f"speedup_bs{batch} {speedup:.2f}: " + "; ".join(causes)
 
 
 # ----------------------------------------------------------------------------- context

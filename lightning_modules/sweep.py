@@ -31,6 +31,10 @@ from lightning_modules.tracking import (
 log = logging.getLogger(__name__)
 
 TABLE_COLUMNS = ["model", "method", "hardware", "seed", "status", "test_acc", "acc_drop", "compression_ratio", "speedup_bs1"]
+# runs that learned from a teacher (kd, kd_feature, agp_kd, qat_kd): their figures against it
+TEACHER_COLUMNS = ["teacher_test_acc", "acc_drop_vs_teacher", "compression_ratio_vs_teacher", "speedup_bs1_vs_teacher"]
+NOTE_TAGS = ["latency_noisy", "slower_reason", "error"]  # tags shown as footnotes (and kept in grid.csv)
+NOISY_MARK = "*"
 
 
 class SweepCallback(Callback):
@@ -107,21 +111,59 @@ def grid_table(store: Store, parent_run_id: str) -> pd.DataFrame:
             "model": tags.get("model"), "method": tags.get("method"), "hardware": tags.get("hardware"),
             "seed": tags.get("seed"), "status": run.info.status,
             **{key: metrics.get(key) for key in TABLE_COLUMNS[5:]},
+            **{key: metrics.get(key) for key in TEACHER_COLUMNS},
+            **{key: tags.get(key) for key in NOTE_TAGS},
         })
-    return pd.DataFrame(rows, columns=["run", *TABLE_COLUMNS])
+    return pd.DataFrame(rows, columns=["run", *TABLE_COLUMNS, *TEACHER_COLUMNS, *NOTE_TAGS])
 
 
 def print_grid(table: pd.DataFrame, info: SweepInfo) -> None:
+    """The grid; a speedup timed under contention is starred, with the reasons below it; runs that
+    learned from a teacher get a second table of their figures against it."""
     from rich.console import Console
     from rich.table import Table
 
+    console = Console(width=140)
     view = Table(title=f"sweep {info.name}: {len(table)} runs (parent run {info.parent_run_id})")
     for column in TABLE_COLUMNS:
         view.add_column(column, justify="right" if column not in ("model", "method", "hardware", "status") else "left")
     for row in table.itertuples(index=False):
-        view.add_row(*[_cell(getattr(row, column)) for column in TABLE_COLUMNS])
-    Console(width=140).print(view)
+        cells = [_cell(getattr(row, column)) for column in TABLE_COLUMNS]
+        if _present(row.latency_noisy):
+            cells[-1] += NOISY_MARK
+        view.add_row(*cells)
+    console.print(view)
+    for line in grid_notes(table):
+        console.print(line, highlight=False, soft_wrap=True)
+    taught = table[table["teacher_test_acc"].notna()] if not table.empty else table
+    if not taught.empty:
+        teachers = Table(title="runs with a teacher: the student against its teacher (timed side by side)")
+        for column in ["run", *TEACHER_COLUMNS]:
+            teachers.add_column(column, justify="left" if column == "run" else "right")
+        for row in taught.itertuples(index=False):
+            teachers.add_row(*[_cell(getattr(row, column)) for column in ["run", *TEACHER_COLUMNS]])
+        console.print(teachers)
     print(f"Browse them: scripts/mlflow_ui.sh   (store: {info.tracking_uri})")
+
+
+def grid_notes(table: pd.DataFrame) -> list[str]:
+    """Footnotes under the grid: noisy timings, and why slower runs are slower."""
+    notes = []
+    if table.empty:
+        return notes
+    noisy = table[table["latency_noisy"].map(_present)]
+    if not noisy.empty:
+        notes.append(f"{NOISY_MARK} timed under contention (tag latency_noisy); re-measure before trusting the speedup:")
+        notes += [f"    {row.run}: {row.latency_noisy}" for row in noisy.itertuples(index=False)]
+    slower = table[table["slower_reason"].map(_present)]
+    if not slower.empty:
+        notes.append("slower than the baseline (tag slower_reason):")
+        notes += [f"    {row.run}: {row.slower_reason}" for row in slower.itertuples(index=False)]
+    return notes
+
+
+def _present(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)
 
 
 def _cell(value: Any) -> str:

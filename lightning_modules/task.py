@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_modules.tracking import RunRejected
+
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 # A loss term gets the training batch (inputs, targets, and sample indices where the data module
@@ -40,6 +42,11 @@ class ClassificationTask(pl.LightningModule):
         loss = self.hard_loss_weight * F.cross_entropy(logits, targets)
         for term in self.loss_terms:
             loss = loss + term(batch, logits)
+        # stop at the first NaN/inf: every later step would train on garbage, and the run would
+        # only end FAILED as collapsed after all its epochs
+        if not torch.isfinite(loss):
+            raise RunRejected(f"non-finite loss at epoch {self.current_epoch} step {self.global_step} "
+                              f"(batch {batch_idx}: loss {loss.item()})")
         self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True)
         self.log("train_acc", 100.0 * (logits.argmax(1) == targets).float().mean(), on_step=False, on_epoch=True)
         return loss

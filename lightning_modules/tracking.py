@@ -36,6 +36,12 @@ log = logging.getLogger(__name__)
 SWEEP_FILE = "mlflow_sweep.json"
 MODEL_ARTIFACT = "model/model.pt"
 FINGERPRINT_TAG = "baseline_fingerprint"  # only on runs that trained a baseline
+ERROR_TAG = "error"
+
+
+class RunRejected(RuntimeError):
+    """A run that completed its steps but whose result is not a result (a collapsed model, a
+    non-finite training loss): it ends FAILED, and its message alone is the `error` tag."""
 
 
 class Store:
@@ -169,8 +175,9 @@ def tracked_run(store: Store, name: str, tags: Mapping[str, Any], parent_run_id:
 
 def record_failure(run: TrackedRun, error: BaseException) -> None:
     """Mark the run FAILED, with the error as a tag (UI-searchable) and the traceback as an artifact."""
+    message = str(error) if isinstance(error, RunRejected) else f"{type(error).__name__}: {error}"
     try:
-        run.set_tags({"error": f"{type(error).__name__}: {error}"[:5000]})
+        run.set_tags({ERROR_TAG: message[:5000]})
         run.log_text("".join(traceback.format_exception(error)), "error.txt")
     finally:
         run.store.client.set_terminated(run.run_id, "FAILED")

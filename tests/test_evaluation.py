@@ -89,6 +89,18 @@ def test_latency_reports_every_batch_size_for_every_model() -> None:
         for batch in (1, 4):
             assert results[name][f"latency_ms_p95_bs{batch}"] >= results[name][f"latency_ms_p50_bs{batch}"] > 0
             assert results[name][f"throughput_bs{batch}"] == pytest.approx(batch * 1000 / results[name][f"latency_ms_p50_bs{batch}"])
+            assert results[name][f"latency_spread_bs{batch}"] == pytest.approx(
+                results[name][f"latency_ms_p95_bs{batch}"] / results[name][f"latency_ms_p50_bs{batch}"])
+
+
+def test_load_per_core_is_the_load_average_over_the_available_cores() -> None:
+    import os
+
+    from lightning_modules.evaluation.latency import available_cores, load_per_core
+
+    assert 1 <= available_cores() <= (os.cpu_count() or 1)
+    before = os.getloadavg()[0] / available_cores()
+    assert load_per_core() == pytest.approx(before, abs=0.5)
 
 
 # ----------------------------------------------------------------------------- runtimes

@@ -41,3 +41,16 @@ def test_resnet_depth_must_be_6n_plus_2() -> None:
 
     with pytest.raises(ValueError, match=r"model.net.depth=21 is not valid; allowed: 6n\+2"):
         ResNetCifar(depth=21)
+
+
+@pytest.mark.parametrize(("model", "multiplier", "message"), [
+    ("LeNet5", 0.05, r"model.net.width_multiplier=0.05 leaves a layer of 6 channels with 0; allowed: a number >= 0.08333"),
+    ("LeNet300", 0.001, r"model.net.width_multiplier=0.001 leaves a layer of 300 channels with 0; allowed: a number >= 0.005"),
+    ("resnet20", 0.0, r"model.net.width_multiplier=0.0 leaves a layer of 16 channels with 0; allowed: a number >= 0.03125"),
+])
+def test_a_width_that_rounds_a_layer_to_nothing_is_refused(model: str, multiplier: float, message: str) -> None:
+    # never a silent 1-channel layer: that model trains to chance and looked like a result
+    import lightning_modules.models as models
+
+    with pytest.raises(ValueError, match=message):
+        getattr(models, model)(width_multiplier=multiplier)

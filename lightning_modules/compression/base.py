@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from torch import nn
 
 # The layer types the method families act on by default.
@@ -39,10 +40,28 @@ class CompressionCallback(pl.Callback):
         alone has its reason in a `skipped` column (counted as the run's layers_skipped_<name>)."""
         return []
 
+    def check_layer_names(self, model: nn.Module, example: torch.Tensor, teacher: nn.Module | None = None) -> None:
+        """Raise ValueError when a layer this method's arguments name is not a layer of `model` (or of
+        `teacher`, for a method that learns from one). The config validation calls it on models built
+        from the config, before any run opens, with `example` a zero input batch of the data's shape.
+        The default checks the names in `skip_layers` and the keys of `layer_sparsity`/`layer_ranks`
+        (`first` and `last` stand for the ends); a method whose arguments name layers otherwise
+        overrides it."""
+        named = {name for name, _ in model.named_modules() if name}
+        given = [*getattr(self, "skip_layers", ()), *(getattr(self, "layer_sparsity", None) or {}),
+                 *(getattr(self, "layer_ranks", None) or {})]
+        unknown = [name for name in given if name not in named and name not in LAYER_ALIASES]
+        if unknown:
+            raise ValueError(f"unknown layers {unknown} for {type(model).__name__}; allowed: "
+                             f"{', '.join(LAYER_ALIASES)}, {', '.join(n for n, _ in weighted_layers(model))}")
+
     def reference_models(self) -> dict[str, nn.Module]:
         """Training-time forms to score beside the deployed model, logged as test_acc_<name>
         (QAT's fake-quant model); none by default."""
         return {}
+
+
+LAYER_ALIASES = ("first", "last")  # the model's first and last weighted layer, wherever a layer name is asked
 
 
 def weighted_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -37,6 +37,7 @@ from lightning_modules.compression.base import (
     CompressionCallback,
     check_choice,
     check_int,
+    weighted_layers,
 )
 from lightning_modules.data import FixedViews, InMemoryDataModule
 
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 
 TEACHER_LOGITS = ("auto", "cache", "online")
 HINTS = ("fitnets", "attention")
+# Layer rules a hint layer may be given as instead of a module name, resolved per model, so that a
+# shipped default works for every architecture (a name like `features.5` exists in LeNet-5 only).
+LAYER_RULES = ("penultimate", "last_conv")
 
 # The teacher's logits over a training split, kept for the process and keyed by the content of the
 # teacher's weights, the images and the views: the runs of a sweep that share them (seeds, methods)
@@ -196,7 +200,9 @@ class FeatureDistillation(KnowledgeDistillation):
     attention maps are matched (Zagoruyko & Komodakis 2017): no adapter, no extra parameters.
 
     Args:
-        student_layer, teacher_layer: qualified module names (e.g. `features.3`, `stages.5`).
+        student_layer, teacher_layer: a qualified module name (e.g. `features.3`, `stages.5`) or a
+            rule resolved per model: `penultimate` (the last feature map before the classifier, not
+            counting a global pooling; an MLP's last hidden layer) or `last_conv` (the last Conv2d).
         beta: weight of the hint loss (>= 0).
         hint: `fitnets` or `attention` (both layers must give (N, C, H, W) feature maps).
         (and KnowledgeDistillation's arguments; features need the teacher online)
@@ -204,7 +210,7 @@ class FeatureDistillation(KnowledgeDistillation):
 
     name = "kd_feature"
 
-    def __init__(self, student_layer: str, teacher_layer: str, beta: float = 1.0, temperature: float = 4.0,
+    def __init__(self, student_layer: str = "penultimate", teacher_layer: str = "penultimate", beta: float = 1.0, temperature: float = 4.0,
                  alpha: float = 0.9, hint: str = "fitnets") -> None:
         super().__init__(temperature=temperature, alpha=alpha, teacher_logits="online")
         if not beta >= 0:
@@ -212,18 +218,32 @@ class FeatureDistillation(KnowledgeDistillation):
         self.hint = check_choice("hint", hint, HINTS)
         self.student_layer = student_layer
         self.teacher_layer = teacher_layer
+        self.student_module_name = student_layer  # the module the rule resolves to, set at setup
+        self.teacher_module_name = teacher_layer
         self.beta = float(beta)
         self.captured: dict[str, torch.Tensor] = {}
         self.handles: list[Any] = []
         self.adapter: nn.Module | None = None
 
+    def check_layer_names(self, model: nn.Module, example: torch.Tensor, teacher: nn.Module | None = None) -> None:
+        """Both layers exist (rules resolved on these models) and, for attention hints, give feature maps."""
+        outputs = {"student": layer_output(model, resolve_layer(model, self.student_layer, example, "student_layer"),
+                                           example)}
+        if teacher is not None:
+            outputs["teacher"] = layer_output(teacher, resolve_layer(teacher, self.teacher_layer, example,
+                                                                     "teacher_layer"), example)
+        if self.hint == "attention":
+            check_feature_maps(outputs, self.student_layer, self.teacher_layer)
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        student_module = _named(pl_module.model, self.student_layer, "student_layer")
-        teacher_module = _named(self.teacher, self.teacher_layer, "teacher_layer")
+        sample = trainer.datamodule.split("train").tensors[0][:2].to(pl_module.device)
+        self.student_module_name = resolve_layer(pl_module.model, self.student_layer, sample, "student_layer")
+        self.teacher_module_name = resolve_layer(self.teacher, self.teacher_layer, sample, "teacher_layer")
+        student_module = _named(pl_module.model, self.student_module_name, "student_layer")
+        teacher_module = _named(self.teacher, self.teacher_module_name, "teacher_layer")
         self.handles = [student_module.register_forward_hook(self._capture("student")),
                         teacher_module.register_forward_hook(self._capture("teacher"))]
-        sample = trainer.datamodule.split("train").tensors[0][:2].to(pl_module.device)
         with torch.no_grad():
             was_training = pl_module.model.training
             pl_module.model.eval()
@@ -260,7 +280,9 @@ class FeatureDistillation(KnowledgeDistillation):
     def summary(self, model: nn.Module) -> list[dict[str, Any]]:
         rows = super().summary(model)
         rows[0].update({"student_layer": self.student_layer, "teacher_layer": self.teacher_layer, "beta": self.beta,
-                        "hint": self.hint})
+                        "hint": self.hint,
+                        "student_module": getattr(self, "student_module_name", self.student_layer),
+                        "teacher_module": getattr(self, "teacher_module_name", self.teacher_layer)})
         return rows
 
 
@@ -273,19 +295,95 @@ def make_adapter(student: torch.Tensor, teacher: torch.Tensor) -> nn.Module:
                          nn.Unflatten(1, tuple(teacher.shape[1:])))
 
 
+@torch.no_grad()
+def layer_output(model: nn.Module, name: str, example: torch.Tensor) -> torch.Tensor:
+    """What module `name` of `model` outputs for `example` (eval mode; the model's mode is restored)."""
+    captured: list[torch.Tensor] = []
+    handle = dict(model.named_modules())[name].register_forward_hook(lambda m, i, output: captured.append(output))
+    was_training = model.training
+    try:
+        model.eval()
+        model(example)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return captured[-1]
+
+
 def check_feature_maps(captured: dict[str, torch.Tensor], student_layer: str, teacher_layer: str) -> None:
-    """Attention maps need (N, C, H, W) outputs on both sides."""
+    """Attention maps need (N, C, H, W) outputs on both sides (those captured)."""
     for role, layer in (("student", student_layer), ("teacher", teacher_layer)):
-        if captured[role].dim() != 4:
+        if role in captured and captured[role].dim() != 4:
             raise ValueError(f"{role}_layer={layer!r} gives {tuple(captured[role].shape[1:])} features; "
                              "allowed with hint=attention: a layer with (channels, height, width) feature maps")
+
+
+def resolve_layer(model: nn.Module, layer: str, example: torch.Tensor, key: str) -> str:
+    """The qualified module name `layer` means in `model`: a rule of LAYER_RULES resolved on this
+    model (`example`: an input batch), or a module name, checked.
+
+    Raises:
+        ValueError: naming the key, the value and the model's layers (or the rule that finds none).
+    """
+    if layer == "last_conv":
+        convs = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+        if not convs:
+            raise ValueError(f"{key}='last_conv' is not valid: {type(model).__name__} has no Conv2d layer; allowed: "
+                             f"{', '.join(n for n, _ in model.named_modules() if n)}, or a rule: penultimate")
+        return convs[-1]
+    if layer == "penultimate":
+        return penultimate_layer(model, example)
+    _named(model, layer, key)
+    return layer
+
+
+@torch.no_grad()
+def penultimate_layer(model: nn.Module, example: torch.Tensor) -> str:
+    """The module whose output is the model's last feature map before its classifier: the last
+    (N, C, H, W) output produced before the final weighted layer runs, not counting a global pooling
+    (a map squeezed to 1x1); for a model without feature maps (an MLP), its last hidden output.
+    Where several nested modules give the same tensor, the outermost one (it finishes last) is named.
+    """
+    final = list(weighted_layers(model))[-1][1]
+    names = {id(module): name for name, module in model.named_modules() if name}
+    outputs: list[tuple[str, torch.Tensor, bool]] = []  # (name, output, is a feature map)
+    done = False
+
+    def record(module: nn.Module, inputs: Any, output: Any) -> None:
+        nonlocal done
+        if done or not isinstance(output, torch.Tensor) or id(module) not in names:
+            done = done or module is final
+            return
+        if module is final:
+            done = True
+            return
+        source = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+        pooled_to_point = output.dim() == 4 and output.shape[2:] == (1, 1) and (
+            source is None or source.dim() != 4 or source.shape[2:] != (1, 1))
+        outputs.append((names[id(module)], output, output.dim() == 4 and not pooled_to_point))
+
+    handles = [module.register_forward_hook(record) for module in model.modules() if module is not model]
+    was_training = model.training
+    try:
+        model.eval()
+        model(example)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    maps = [(name, output) for name, output, is_map in outputs if is_map]
+    candidates = maps or [(name, output) for name, output, _ in outputs]
+    if not candidates:
+        raise ValueError(f"{type(model).__name__} has no layer before its last weighted layer: name the hint layer")
+    last = candidates[-1][1]
+    return [name for name, output in candidates if output is last][-1]
 
 
 def _named(model: nn.Module, name: str, key: str) -> nn.Module:
     modules = dict(model.named_modules())
     if name not in modules:
         raise ValueError(f"{key}={name!r} is not a layer of {type(model).__name__}; "
-                         f"allowed: {', '.join(n for n in modules if n)}")
+                         f"allowed: {', '.join(n for n in modules if n)}, or a rule: {', '.join(LAYER_RULES)}")
     return modules[name]
 
 

@@ -7,6 +7,7 @@ after a warm-up, each repetition times every model once, in turn.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
@@ -29,7 +30,11 @@ def measure_latency(
     warmup: int = 10,
     repeats: int = 50,
 ) -> dict[str, dict[str, float]]:
-    """Return {model name: {latency_ms_p50_bs<B>, latency_ms_p95_bs<B>, throughput_bs<B>}}."""
+    """Return {model name: {latency_ms_p50_bs<B>, latency_ms_p95_bs<B>, latency_spread_bs<B>, throughput_bs<B>}}.
+
+    latency_spread_bs<B> = p95 / p50 of that model: 1.0 for a steady timing; a machine whose other
+    work preempts the timed model now and then shows a long p95 tail first.
+    """
     sync = _synchronizer(device)
     results: dict[str, dict[str, float]] = {name: {} for name in models}
     for batch_size in batch_sizes:
@@ -49,6 +54,27 @@ def measure_latency(
             ms = np.asarray(samples) * 1000.0
             p50 = float(np.percentile(ms, 50))
             results[name][f"latency_ms_p50_bs{batch_size}"] = p50
-            results[name][f"latency_ms_p95_bs{batch_size}"] = float(np.percentile(ms, 95))
+            p95 = float(np.percentile(ms, 95))
+            results[name][f"latency_ms_p95_bs{batch_size}"] = p95
+            results[name][f"latency_spread_bs{batch_size}"] = p95 / p50
             results[name][f"throughput_bs{batch_size}"] = batch_size * 1000.0 / p50
     return results
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask; a container's or taskset's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def load_per_core() -> float:
+    """The machine's 1-minute load average (runnable threads, ours included) per available core.
+
+    Above 1.0 more threads want a core than there are cores: a timing taken then is contended.
+    """
+    try:
+        return os.getloadavg()[0] / available_cores()
+    except OSError:  # no load average on this platform
+        return float("nan")

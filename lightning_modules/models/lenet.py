@@ -6,8 +6,21 @@ import torch
 from torch import nn
 
 
-def _scaled(width: int, multiplier: float) -> int:
-    return max(1, int(round(width * multiplier)))
+def scaled_width(width: int, multiplier: float, smallest: int) -> int:
+    """`width` x `multiplier`, rounded; a layer rounded to 0 channels is an error, not a silent
+    1-channel layer (which trains to chance and would be stored as if it were a result).
+
+    `smallest` is the model's narrowest published layer, to state the allowed range.
+
+    Raises:
+        ValueError: naming model.net.width_multiplier and its allowed range.
+    """
+    channels = int(round(width * multiplier))
+    if not multiplier > 0 or channels < 1:
+        raise ValueError(f"model.net.width_multiplier={multiplier!r} leaves a layer of {width} channels with "
+                         f"{max(channels, 0)}; allowed: a number >= {0.5 / smallest:.4g} (every layer keeps "
+                         f"at least one channel)")
+    return channels
 
 
 class LeNet300(nn.Module):
@@ -16,7 +29,9 @@ class LeNet300(nn.Module):
     def __init__(self, in_channels: int = 1, image_size: int = 28, num_classes: int = 10,
                  hidden: tuple[int, int] = (300, 100), width_multiplier: float = 1.0) -> None:
         super().__init__()
-        first, second = (_scaled(h, width_multiplier) for h in hidden)
+        if len(hidden) != 2 or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
+            raise ValueError(f"model.net.hidden={list(hidden)!r} is not valid; allowed: two layer sizes >= 1, e.g. [300, 100]")
+        first, second = (scaled_width(h, width_multiplier, min(hidden)) for h in hidden)
         self.classifier = nn.Sequential(
             nn.Flatten(),
             nn.Linear(in_channels * image_size * image_size, first), nn.ReLU(inplace=True),
@@ -37,7 +52,7 @@ class LeNet5(nn.Module):
     def __init__(self, in_channels: int = 1, image_size: int = 28, num_classes: int = 10,
                  width_multiplier: float = 1.0) -> None:
         super().__init__()
-        c1, c2, f1, f2 = (_scaled(w, width_multiplier) for w in (6, 16, 120, 84))
+        c1, c2, f1, f2 = (scaled_width(w, width_multiplier, 6) for w in (6, 16, 120, 84))
         second_padding = 0 if image_size // 2 >= 10 else 2
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, c1, kernel_size=5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),

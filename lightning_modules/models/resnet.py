@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lightning_modules.models.lenet import scaled_width
+
 
 class BasicBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int) -> None:
@@ -34,7 +36,7 @@ class ResNetCifar(nn.Module):
         if (depth - 2) % 6 != 0:
             raise ValueError(f"model.net.depth={depth} is not valid; allowed: 6n+2 (8, 14, 20, 32, 44, 56, 110)")
         blocks_per_stage = (depth - 2) // 6
-        widths = [max(1, int(round(w * width_multiplier))) for w in (16, 32, 64)]
+        widths = [scaled_width(w, width_multiplier, 16) for w in (16, 32, 64)]
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
             nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True),
