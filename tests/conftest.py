@@ -23,6 +23,9 @@ FAST = [
     "trainer.enable_progress_bar=false",
     "hardware.latency.warmup=1",
     "hardware.latency.repeats=3",
+    # 4 batches leave lenet5 near chance: the collapse check (a run within 2 points of chance ends
+    # FAILED) is tested on its own in test_run_outcomes.py
+    "run_checks.chance_margin=null",
 ]
 
 
