@@ -258,8 +258,9 @@ def test_heatmaps_average_over_seeds_and_tell_datasets_apart() -> None:
     ax = figure.axes[0]
     labels = [t.get_text() for t in ax.get_xticklabels()]
     assert labels == ["digits/lenet300", "digits/lenet5", "mnist5k/lenet300", "mnist5k/lenet5"]
-    cells = [float(t.get_text()) for t in ax.texts]
+    cells = [float(t.get_text().split("\n")[0]) for t in ax.texts]
     assert pytest.approx(0.55) in cells and pytest.approx(2.55) in cells  # magnitude: mean of 0.5 and 0.6
+    assert all(t.get_text().endswith("\nn=2") for t in ax.texts)  # each cell says how many seeds it averages
 
 
 def test_grid_overview_of_no_runs_still_draws(tmp_path: Path) -> None:
