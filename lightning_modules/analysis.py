@@ -318,7 +318,7 @@ def _without_mirrors(candidates: list[str], text: pd.DataFrame) -> list[str]:
     """Keep a knob unless one already kept takes exactly the same partition of the runs (one-to-one values)."""
     kept: list[str] = []
     for column in candidates:
-        mirrors = any(text[[column, other]].drop_duplicates().shape[0] == text[column].nunique() == text[other].nunique()
+        mirrors = any(len(text[[column, other]].drop_duplicates()) == text[column].nunique() == text[other].nunique()
                       for other in kept)
         if not mirrors:
             kept.append(column)
@@ -348,17 +348,22 @@ def with_configs(runs: pd.DataFrame, leave_out: Sequence[str] = ()) -> pd.DataFr
     """The runs with `knobs` ("sparsity=0.9", "" when the method has none) and `config` ("agp sparsity=0.9"):
     the method's full configuration, so runs that share a config differ only by seed.
 
-    `leave_out`: knob names not to label (a curve's x axis, e.g. "sparsity").
+    `leave_out`: knob names not to label (a curve's x axis, e.g. "sparsity"). A run that logged no params at
+    all (one that failed before its end, where they are logged) has no knobs to tell, not "unset" ones.
     """
     knobs = config_knobs(runs)
     labelled = runs.copy()
     labelled["knobs"] = ""
+    params = [c for c in runs.columns if c.startswith("params.")]
+    logged = runs[params].notna().any(axis=1) if params else pd.Series(False, index=runs.index)
     for method, columns in knobs.items():
         names = _knob_names(columns)
         columns = [c for c in columns if not names[c].split(".")[-1].endswith(tuple(leave_out))]
         if not columns:
             continue
-        rows = labelled["method"] == method
+        rows = (labelled["method"] == method) & logged
+        if not rows.any():
+            continue
         text = labelled.loc[rows, columns].apply(_param_text)
         labelled.loc[rows, "knobs"] = text.apply(lambda row: " ".join(f"{names[c]}={row[c]}" for c in columns), axis=1)
     method = labelled["method"].astype(str) if "method" in labelled else pd.Series("", index=labelled.index)
@@ -407,7 +412,7 @@ def pareto_mask(x: Sequence[float], y: Sequence[float], x_larger_better: bool, y
 
 def pareto_front(runs: pd.DataFrame, x: str, y: str, x_larger_better: bool, y_larger_better: bool = True,
                  by: Sequence[str] = ()) -> pd.DataFrame:
-    """The FINISHED runs on the front of (x, y), computed within each group of `by`, sorted by x (none without x or y)."""
+    """The FINISHED runs on the front of (x, y) within each group of `by`, sorted by x (none without x or y)."""
     runs = counted(runs)
     if runs.empty or not {x, y, *by} <= set(runs.columns):
         return runs.iloc[0:0].copy()
@@ -444,7 +449,7 @@ def grid_overview(runs: pd.DataFrame, budget: float = 1.0, latency_batch: int = 
         pareto_front(runs, latency, "test_acc", x_larger_better=False, by=["data", "hardware"]), latency,
         LATENCY_NOISY_TAG)
     overview.figures["heatmaps"] = metric_heatmaps(runs, (*HEATMAP_METRICS[:2], f"speedup_bs{latency_batch}"))
-    overview.best = best_under_budget(runs, budget, conservative=conservative)
+    overview.best = best_under_budget(runs, budget, conservative=conservative, mark_noisy=True)
     return overview
 
 
@@ -494,8 +499,8 @@ def scatter_with_front(runs: pd.DataFrame, x: str, y: str, x_larger_better: bool
             if log_x and not panel.empty and (panel[x] > 0).all():
                 ax.set_xscale("log")
     noisy = mark_noisy and LATENCY_NOISY_TAG in plotted and bool(plotted[LATENCY_NOISY_TAG].any())
-    figure.suptitle((title or f"{y} vs {x} (dashed: Pareto front)")
-                    + ("\nhatched red ring: latency timed under contention (tag latency_noisy), measure again" if noisy else ""))
+    note = "\nhatched red ring: latency timed under contention (tag latency_noisy), measure again"
+    figure.suptitle((title or f"{y} vs {x} (dashed: Pareto front)") + (note if noisy else ""))
     return figure
 
 
@@ -556,9 +561,10 @@ def metric_heatmaps(runs: pd.DataFrame, metrics: Sequence[str] = HEATMAP_METRICS
             else:
                 _draw_heatmap(ax, panel.dropna(subset=[metric]), metric, rows)
             ax.set_title(f"{metric}" + (f" ({hw})" if hw is not None else ""), fontsize=10)
-    marked = any(metric.startswith("speedup_") for metric in metrics) and bool(runs.get(LATENCY_NOISY_TAG, pd.Series()).any())
-    figure.suptitle("configuration x model: mean over seeds (n = seeds)"
-                    + (f"; {NOISY_MARK} = a run timed under contention (latency_noisy), measure again" if marked else ""))
+    noisy = LATENCY_NOISY_TAG in runs and bool(runs[LATENCY_NOISY_TAG].any())
+    marked = noisy and any(metric.startswith("speedup_") for metric in metrics)
+    note = f"; {NOISY_MARK} = a run timed under contention (latency_noisy), measure again"
+    figure.suptitle("configuration x model: mean over seeds (n = seeds)" + (note if marked else ""))
     return figure
 
 
@@ -580,10 +586,11 @@ def _draw_heatmap(ax: Axes, panel: pd.DataFrame, metric: str, order: list[str]) 
 
 def best_under_budget(runs: pd.DataFrame, budget: float, objective: str = "compression_ratio",
                       larger_better: bool = True, by: Sequence[str] = ("data", "model", "hardware"),
-                      conservative: bool = False) -> pd.DataFrame:
-    """The best run by `objective` per group among those within the accuracy-drop budget (points).
+                      conservative: bool = False, mark_noisy: bool = False) -> pd.DataFrame:
+    """The best FINISHED run by `objective` per group among those within the accuracy-drop budget (points).
 
-    `conservative` judges a run by the upper end of its paired 95% interval instead of its drop.
+    `conservative` judges a run by the upper end of its paired 95% interval instead of its drop; with
+    `mark_noisy` a speedup timed under contention reads "1.5*".
     """
     drop = "acc_drop_ci95_high" if conservative else "acc_drop"
     if runs.empty or drop not in runs or objective not in runs:
@@ -593,8 +600,9 @@ def best_under_budget(runs: pd.DataFrame, budget: float, objective: str = "compr
     ranked = within.sort_values([objective, "acc_drop"], ascending=[not larger_better, True])
     best = ranked.groupby(list(by), sort=True).head(1).sort_values(list(by))
     columns = [*by, "method", "knobs", "seed", objective, "test_acc", "acc_drop", "acc_drop_ci95_high", "speedup_bs1",
-               "run_name", "run_id"]
-    return best[[c for c in dict.fromkeys(columns) if c in best]].reset_index(drop=True)
+               LATENCY_NOISY_TAG, "run_name", "run_id"]
+    best = best[[c for c in dict.fromkeys(columns) if c in best]].reset_index(drop=True)
+    return mark_noisy_speedups(best, best.get(LATENCY_NOISY_TAG)) if mark_noisy else best
 
 
 def figure_png(figure: Figure, path: str | Path, dpi: int = 100) -> Path:
@@ -841,7 +849,8 @@ def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, 
 
 
 def seed_summary(runs: pd.DataFrame, metric: str = "test_acc",
-                 by: Sequence[str] = ("data", "model", "hardware", "method", "knobs"), level: float = 0.95) -> pd.DataFrame:
+                 by: Sequence[str] = ("data", "model", "hardware", "method", "knobs"),
+                 level: float = 0.95) -> pd.DataFrame:
     """Per configuration (FINISHED runs): seeds, mean, standard deviation and t-interval of `metric` over them.
 
     `by` names the cell; its default keeps each configuration of a method apart (see `with_configs`), so only

@@ -462,7 +462,8 @@ AGP_ACCURACY = {0.8: 97.0, 0.9: 96.0, 0.95: 93.0}  # per sparsity; each seed add
 
 def _agp_params(sparsity: float, seed: int) -> dict[str, str]:
     """What config_params logs for an agp run: the knob, its interpolated copy, a seed copy, where files went."""
-    return {"method.name": "agp", "method.sparsity": str(sparsity), "method.callbacks.prune.final_sparsity": str(sparsity),
+    return {"method.name": "agp", "method.sparsity": str(sparsity),
+            "method.callbacks.prune.final_sparsity": str(sparsity),
             "method.fine_tune.epochs": "4", "seed": str(seed), "data.split_seed": str(seed),
             "paths.root": f"/somewhere/{seed}", "trainer.accelerator": "cpu"}
 
@@ -505,7 +506,8 @@ def test_cells_are_configurations_averaged_over_seeds_only(agp_store: FakeStore)
 
 
 def test_heatmap_rows_are_configurations_with_their_seed_count(agp_store: FakeStore) -> None:
-    figure = analysis.metric_heatmaps(analysis.load_runs(agp_store.uri, statuses=None), metrics=("test_acc", "speedup_bs1"))
+    runs = analysis.load_runs(agp_store.uri, statuses=None)
+    figure = analysis.metric_heatmaps(runs, metrics=("test_acc", "speedup_bs1"))
     accuracy, speedup = figure.axes
     assert [t.get_text() for t in accuracy.get_yticklabels()] == \
         ["agp sparsity=0.8", "agp sparsity=0.9", "agp sparsity=0.95", "baseline"]
@@ -515,9 +517,11 @@ def test_heatmap_rows_are_configurations_with_their_seed_count(agp_store: FakeSt
 
 
 def test_failed_runs_are_listed_apart_with_their_error(agp_store: FakeStore) -> None:
+    killed = agp_store.add_run({"data": "digits", "model": "lenet5", "hardware": "cpu", "method": "agp", "seed": "4"},
+                               status="KILLED")  # params are logged at the end: a run cut short has none
     left_out = analysis.unfinished_runs(agp_store.uri)
-    assert left_out[["run_id", "status", "error"]].values.tolist() == \
-        [[agp_store.failed, "FAILED", "RuntimeError: collapsed to chance"]]
+    assert left_out[["run_id", "status", "knobs", "error"]].values.tolist() == \
+        [[killed, "KILLED", "", ""], [agp_store.failed, "FAILED", "sparsity=0.9", "RuntimeError: collapsed to chance"]]
     everything = analysis.load_runs(agp_store.uri, statuses=None)
     # neither a Pareto front, nor the best-run table, nor a seed summary takes the FAILED run's figures
     front = analysis.pareto_front(everything, "compression_ratio", "test_acc", x_larger_better=True)
@@ -541,6 +545,9 @@ def test_latency_noisy_runs_are_marked(agp_store: FakeStore) -> None:
     assert len(rings) == 1 and len(rings[0].get_offsets()) == 1
     assert "latency_noisy" in figure.get_suptitle()
     assert "latency_noisy" not in analysis.accuracy_vs_latency(runs.assign(latency_noisy=False)).get_suptitle()
+    best = analysis.grid_overview(runs, budget=100.0).best  # the most compressed run is the one timed under contention
+    assert best[["knobs", "seed", "speedup_bs1", "latency_noisy"]].values.tolist() == \
+        [["sparsity=0.95", 2, "1.5*", True]]
 
 
 @pytest.mark.parametrize(("tag", "noisy"), [("true", True), ("timed while 3 other jobs ran", True),
@@ -579,8 +586,10 @@ def test_knob_names_are_the_shortest_unambiguous_suffix() -> None:
 
 
 def test_a_knob_only_missing_from_some_runs_reads_unset() -> None:
-    runs = _knob_frame([{"model": "lenet5", "method": "agp", "seed": 0, "params.method.sparsity": 0.9},
-                        {"model": "lenet5", "method": "agp", "seed": 1, "params.method.sparsity": np.nan}])
+    runs = _knob_frame([{"model": "lenet5", "method": "agp", "seed": 0, "params.method.sparsity": 0.9,
+                         "params.method.name": "agp"},
+                        {"model": "lenet5", "method": "agp", "seed": 1, "params.method.sparsity": np.nan,
+                         "params.method.name": "agp"}])
     assert analysis.with_configs(runs)["config"].tolist() == ["agp sparsity=0.9", "agp sparsity=unset"]
 
 
