@@ -548,7 +548,7 @@ def metric_heatmaps(runs: pd.DataFrame, metrics: Sequence[str] = HEATMAP_METRICS
     runs = _configured(counted(runs))
     hardware = _facet_values(runs, "hardware")
     rows = config_order(runs["config"]) if "config" in runs else []
-    figure, axes = _facet_grid(len(hardware), len(metrics), width=4.5, height=max(3.5, 0.45 * len(rows) + 1.5))
+    figure, axes = _facet_grid(len(hardware), len(metrics), width=4.5, height=max(3.5, 0.3 * len(rows) + 1.5))
     table = runs
     if "data" in runs and runs["data"].nunique() > 1:  # several datasets: columns tell them apart
         table = runs.assign(model=runs["data"].astype(str) + "/" + runs["model"].astype(str))
@@ -564,7 +564,8 @@ def metric_heatmaps(runs: pd.DataFrame, metrics: Sequence[str] = HEATMAP_METRICS
     noisy = LATENCY_NOISY_TAG in runs and bool(runs[LATENCY_NOISY_TAG].any())
     marked = noisy and any(metric.startswith("speedup_") for metric in metrics)
     note = f"; {NOISY_MARK} = a run timed under contention (latency_noisy), measure again"
-    figure.suptitle("configuration x model: mean over seeds (n = seeds)" + (note if marked else ""))
+    figure.suptitle("configuration x model: mean over seeds (n = seeds, on the row when every cell has it)"
+                    + (note if marked else ""))
     return figure
 
 
@@ -576,12 +577,35 @@ def _draw_heatmap(ax: Axes, panel: pd.DataFrame, metric: str, order: list[str]) 
              else means * 0)
     means = means.reindex([c for c in order if c in means.index])
     seeds, noisy = seeds.reindex_like(means), noisy.reindex_like(means).fillna(0)
-    text = [[("" if pd.isna(m) else f"{m:.3g}{NOISY_MARK if k > 0 else ''}\nn={int(n)}")
+    # n goes on the row's label when all its cells share it (half the text to draw), else in each cell
+    shared = seeds.nunique(axis=1, dropna=True) == 1
+    text = [[("" if pd.isna(m) else f"{m:.3g}{NOISY_MARK if k > 0 else ''}" + ("" if one_n else f"\nn={int(n)}"))
              for m, n, k in zip(mean_row, seed_row, noisy_row)]
-            for mean_row, seed_row, noisy_row in zip(means.values, seeds.values, noisy.values)]
-    sns.heatmap(means, annot=np.array(text, dtype=object), fmt="", cmap="viridis", ax=ax, cbar=False,
-                annot_kws={"size": 7})
-    ax.set_ylabel("")
+            for mean_row, seed_row, noisy_row, one_n in zip(means.values, seeds.values, noisy.values, shared)]
+    row_n = seeds.max(axis=1)
+    means.index = [f"{config}  n={int(row_n[config])}" if shared[config] else str(config) for config in means.index]
+    _annotated_grid(ax, means, text)
+
+
+def _annotated_grid(ax: Axes, values: pd.DataFrame, text: list[list[str]], cmap: str = "viridis") -> None:
+    """A heatmap drawn directly (seaborn's redraws the whole figure per panel to check its tick labels: with
+    a dozen configurations that was most of the overview's time), each cell annotated in a readable colour."""
+    grid = values.to_numpy(dtype=float)
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, aspect="auto", interpolation="nearest")
+    for (row, col), label in np.ndenumerate(np.array(text, dtype=object).reshape(grid.shape)):
+        if label:
+            red, green, blue, _ = image.cmap(image.norm(grid[row, col]))
+            dark = 0.2126 * red + 0.7152 * green + 0.0722 * blue < 0.45
+            ax.text(col, row, label, ha="center", va="center", fontsize=7, color="white" if dark else "black",
+                    in_layout=False)  # inside its cell: the layout need not measure it (hundreds of cells)
+    columns = [str(c) for c in values.columns]
+    crowded = sum(len(c) for c in columns) > 30  # model names run into each other: slant them
+    ax.set_xticks(range(grid.shape[1]), labels=columns, rotation=30 if crowded else 0, ha="right" if crowded else "center")
+    ax.set_yticks(range(grid.shape[0]), labels=[str(r) for r in values.index])
+    ax.set_xlabel(str(values.columns.name or ""))
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
 
 
 def best_under_budget(runs: pd.DataFrame, budget: float, objective: str = "compression_ratio",
@@ -886,19 +910,17 @@ def config_summary(runs: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS,
     """
     runs = _configured(counted(runs))
     present = [m for m in metrics if m in runs and runs[m].notna().any()]
-    columns = [*by, "n", "seeds", *present, f"{present[0]}_std" if present else "std", LATENCY_NOISY_TAG]
+    spread = [f"{present[0]}_std"] if present else []
+    columns = [*by, "n", "seeds", *present, *spread, LATENCY_NOISY_TAG]
     if runs.empty:
         return pd.DataFrame(columns=columns)
-    rows = []
-    for key, group in runs.groupby(list(by), sort=True, dropna=False):
-        row = {**dict(zip(by, key)), "n": len(group), "seeds": _seed_list(group),
-               **{m: group[m].mean() for m in present},
-               LATENCY_NOISY_TAG: int(group[LATENCY_NOISY_TAG].fillna(False).astype(bool).sum())
-               if LATENCY_NOISY_TAG in group else 0}
-        if present:
-            row[f"{present[0]}_std"] = group[present[0]].std(ddof=1)
-        rows.append(row)
-    table = _in_config_order(pd.DataFrame(rows).reindex(columns=[c for c in columns if c != "std"]))
+    runs = runs.assign(**{LATENCY_NOISY_TAG: runs.get(LATENCY_NOISY_TAG, False), "seed": runs.get("seed", pd.NA)})
+    runs[LATENCY_NOISY_TAG] = runs[LATENCY_NOISY_TAG].fillna(False)
+    cells = runs.groupby(list(by), sort=True, dropna=False)
+    table = pd.concat([cells.size().rename("n"), cells["seed"].agg(_seed_text).rename("seeds"), cells[present].mean(),
+                       *([cells[present[0]].std(ddof=1).rename(spread[0])] if present else []),
+                       cells[LATENCY_NOISY_TAG].agg(lambda flags: int(flags.astype(bool).sum()))], axis=1)
+    table = _in_config_order(table.reset_index()[columns])
     return mark_noisy_speedups(table, table[LATENCY_NOISY_TAG]) if mark_noisy else table
 
 
@@ -913,7 +935,11 @@ def teacher_table(runs: pd.DataFrame, mark_noisy: bool = True) -> pd.DataFrame:
 
 
 def _seed_list(group: pd.DataFrame) -> str:
-    return ",".join(str(s) for s in sorted(group["seed"].dropna().unique())) if "seed" in group else ""
+    return _seed_text(group["seed"]) if "seed" in group else ""
+
+
+def _seed_text(seeds: pd.Series) -> str:
+    return ",".join(str(s) for s in sorted(seeds.dropna().unique()))
 
 
 def seed_spread(runs: pd.DataFrame, x: str = "sparsity", y: str = "test_acc",

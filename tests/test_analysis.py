@@ -258,9 +258,13 @@ def test_heatmaps_average_over_seeds_and_tell_datasets_apart() -> None:
     ax = figure.axes[0]
     labels = [t.get_text() for t in ax.get_xticklabels()]
     assert labels == ["digits/lenet300", "digits/lenet5", "mnist5k/lenet300", "mnist5k/lenet5"]
-    cells = [float(t.get_text().split("\n")[0]) for t in ax.texts]
+    cells = [float(t.get_text()) for t in ax.texts]
     assert pytest.approx(0.55) in cells and pytest.approx(2.55) in cells  # magnitude: mean of 0.5 and 0.6
-    assert all(t.get_text().endswith("\nn=2") for t in ax.texts)  # each cell says how many seeds it averages
+    # every cell of a row averages 2 seeds: the row says so once
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["agp  n=2", "baseline  n=2", "magnitude  n=2"]
+    uneven = runs[(runs["hardware"] == "cpu") & ~((runs["model"] == "lenet5") & (runs["seed"] == 1))]
+    texts = [t.get_text() for t in analysis.metric_heatmaps(uneven, metrics=("acc_drop",)).axes[0].texts]
+    assert texts[:4] == ["1.55\nn=2", "1.5\nn=1", "3.55\nn=2", "3.5\nn=1"]  # n differs along the row: in each cell
 
 
 def test_grid_overview_of_no_runs_still_draws(tmp_path: Path) -> None:
@@ -510,9 +514,9 @@ def test_heatmap_rows_are_configurations_with_their_seed_count(agp_store: FakeSt
     figure = analysis.metric_heatmaps(runs, metrics=("test_acc", "speedup_bs1"))
     accuracy, speedup = figure.axes
     assert [t.get_text() for t in accuracy.get_yticklabels()] == \
-        ["agp sparsity=0.8", "agp sparsity=0.9", "agp sparsity=0.95", "baseline"]
-    assert [t.get_text() for t in accuracy.texts] == ["97.3\nn=3", "96.3\nn=3", "93.3\nn=3", "98\nn=3"]
-    assert [t.get_text() for t in speedup.texts] == ["1\nn=3", "1\nn=3", "1.17*\nn=3", "1\nn=3"]
+        ["agp sparsity=0.8  n=3", "agp sparsity=0.9  n=3", "agp sparsity=0.95  n=3", "baseline  n=3"]
+    assert [t.get_text() for t in accuracy.texts] == ["97.3", "96.3", "93.3", "98"]
+    assert [t.get_text() for t in speedup.texts] == ["1", "1", "1.17*", "1"]
     assert "latency_noisy" in figure.get_suptitle()
 
 
