@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -49,12 +50,32 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EXPERIMENT = "workbench"
 #: tags that identify a run; they become plain columns of the tidy frame
-ID_TAGS = ("data", "model", "method", "hardware", "seed", "sweep", "role", "baseline_run_id", "git_commit", "error")
-RUN_COLUMNS = ("run_id", "run_name", "status", "start_time", "end_time", "parent_run_id", *ID_TAGS)
+ID_TAGS = ("data", "model", "method", "hardware", "seed", "sweep", "role", "baseline_run_id", "git_commit", "error",
+           "teacher")
+FINISHED = "FINISHED"
+#: tag of a run whose latency was timed under contention (its speedups are to be measured again)
+LATENCY_NOISY_TAG = "latency_noisy"
+NOISY_MARK = "*"
+#: a configuration is compared only within one of these; seeds are the only thing averaged over
+GROUP_KEYS = ("data", "model", "hardware", "method")
+#: params that say where files went or how much was printed, never what was measured: not knobs
+NOT_KNOBS = frozenset({"seed", "data.root", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+                       "trainer.enable_checkpointing", "trainer.log_every_n_steps", "trainer.logger"})
+NOT_KNOB_PREFIXES = ("paths.", "tracking.", "hydra.")
+UNSET = "unset"
+NOT_COUNTED_COLUMNS = ["run_name", "status", "data", "model", "method", "knobs", "hardware", "seed", "error",
+                       "start_time", "run_id"]
+NUMBER = re.compile(r"(-?\d+(?:\.\d+)?(?:e[-+]?\d+)?)")
+#: distillation: the student against its teacher (logged when the run had one)
+TEACHER_METRICS = ("teacher_test_acc", "acc_drop_vs_teacher", "compression_ratio_vs_teacher", "speedup_bs32_vs_teacher")
+#: the means a configuration's row shows (those the runs have)
+SUMMARY_METRICS = ("test_acc", "acc_drop", "compression_ratio", "sparsity", "speedup_bs1", "speedup_bs32",
+                   *TEACHER_METRICS)
+RUN_COLUMNS = ("run_id", "run_name", "status", "start_time", "end_time", "parent_run_id", *ID_TAGS, LATENCY_NOISY_TAG)
 #: the columns most tables show
-GRID_COLUMNS = ["run_name", "data", "model", "method", "hardware", "seed", "test_acc", "acc_drop",
+GRID_COLUMNS = ["run_name", "data", "model", "method", "knobs", "hardware", "seed", "test_acc", "acc_drop",
                 "acc_drop_ci95_low", "acc_drop_ci95_high", "compression_ratio", "size_bytes", "sparsity",
-                "latency_ms_p50_bs1", "speedup_bs1", "speedup_bs32"]
+                "latency_ms_p50_bs1", "speedup_bs1", "speedup_bs32", *TEACHER_METRICS]
 HEATMAP_METRICS = ("acc_drop", "compression_ratio", "speedup_bs1")
 LAYER_FACTS = ("sparsity", "bits", "rank")
 PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
@@ -143,9 +164,15 @@ def _run_row(run: Run, params: bool) -> dict[str, Any]:
     }
     row["role"] = row["role"] or "run"
     row.update(run.data.metrics)
+    row[LATENCY_NOISY_TAG] = _says_yes(tags.get(LATENCY_NOISY_TAG)) or bool(run.data.metrics.get(LATENCY_NOISY_TAG))
     if params:
         row.update({f"params.{key}": value for key, value in run.data.params.items()})
     return row
+
+
+def _says_yes(tag: str | None) -> bool:
+    """A flag tag is set unless absent or written as a no ("false", "0", "no", "")."""
+    return tag is not None and tag.strip().lower() not in ("", "false", "0", "no", "none")
 
 
 def _numeric_if_possible(column: pd.Series) -> pd.Series:
@@ -164,7 +191,8 @@ def load_runs(
     """The runs of `experiment` (or of one `sweep`, "latest" for the newest) as a tidy DataFrame.
 
     By default only FINISHED runs of the grid: sweep parent runs and sensitivity runs are left out
-    (`exclude_roles`), and `statuses=None` keeps FAILED and RUNNING ones too.
+    (`exclude_roles`), and `statuses=None` keeps FAILED and RUNNING ones too (the summaries still count only
+    FINISHED ones: see `counted`). Each run is labelled with its method's configuration (`with_configs`).
 
     Raises:
         FileNotFoundError: no SQLite store at the URI.
@@ -177,13 +205,46 @@ def load_runs(
     keep = ~runs["role"].isin(list(exclude_roles))
     if statuses is not None:
         keep &= runs["status"].isin(list(statuses))
-    return runs[keep].reset_index(drop=True)
+    return with_configs(runs[keep].reset_index(drop=True))
 
 
-def grid_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """The GRID_COLUMNS the frame has, sorted by data, model, method, hardware, seed."""
-    keys = [c for c in ("data", "model", "method", "hardware", "seed") if c in runs]
-    return runs.sort_values(keys)[[c for c in GRID_COLUMNS if c in runs]].reset_index(drop=True)
+def not_counted(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs no summary counts (FAILED, KILLED, still RUNNING) with their `error` tag, newest first."""
+    if "status" not in runs:
+        return pd.DataFrame(columns=NOT_COUNTED_COLUMNS)
+    left_out = _configured(runs[runs["status"] != FINISHED])
+    return left_out.sort_values("start_time", ascending=False)[
+        [c for c in NOT_COUNTED_COLUMNS if c in left_out]].reset_index(drop=True)
+
+
+def unfinished_runs(tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
+                    sweep: str | None = None) -> pd.DataFrame:
+    """`not_counted` of the grid's runs in the store (or one sweep): what failed, was killed or still runs."""
+    return not_counted(load_runs(tracking_uri, experiment, sweep, statuses=None))
+
+
+def grid_table(runs: pd.DataFrame, mark_noisy: bool = True) -> pd.DataFrame:
+    """The GRID_COLUMNS the frame has (a distillation column only when some run logged it), sorted by data,
+    model, method, configuration, hardware, seed. With `mark_noisy` a speedup timed under contention reads
+    "1.23*" (text, for showing)."""
+    runs = _configured(runs)
+    keys = [c for c in ("data", "model", "method", "config", "hardware", "seed") if c in runs]
+    shown = [c for c in GRID_COLUMNS if c in runs and (c not in TEACHER_METRICS or runs[c].notna().any())]
+    table = runs.sort_values(keys).reset_index(drop=True)
+    marked = mark_noisy_speedups(table, table.get(LATENCY_NOISY_TAG)) if mark_noisy else table
+    return marked[shown]
+
+
+def mark_noisy_speedups(table: pd.DataFrame, noisy: pd.Series | None) -> pd.DataFrame:
+    """The speedup columns as text, with NOISY_MARK after each one `noisy` flags (a bool or a count per row)."""
+    if noisy is None:
+        return table
+    flagged = noisy.fillna(0).astype(float) > 0
+    marked = table.copy()
+    for column in [c for c in table.columns if c.startswith("speedup_")]:
+        marked[column] = [("" if pd.isna(v) else f"{v:.3g}") + (NOISY_MARK if flag and pd.notna(v) else "")
+                          for v, flag in zip(table[column], flagged)]
+    return marked
 
 
 def run_summary(run_id: str, tracking_uri: str | None = None) -> pd.Series:
@@ -199,6 +260,126 @@ def describe(runs: pd.DataFrame) -> str:
         values = sorted(runs[column].dropna().astype(str).unique()) if column in runs else []
         parts.append(f"{column}: {', '.join(values) or '-'}")
     return "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------- configurations
+
+
+def counted(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs that are results: FINISHED ones (a frame without a status column is taken as is)."""
+    return runs[runs["status"] == FINISHED] if "status" in runs else runs
+
+
+def _is_noise_param(column: str) -> bool:
+    """Params that never change what a run measured: where files go, progress output, the seed itself."""
+    key = column.removeprefix("params.")
+    return key in NOT_KNOBS or key.startswith(NOT_KNOB_PREFIXES)
+
+
+def _param_text(column: pd.Series) -> pd.Series:
+    """A param column as comparable text (a missing param is its own value, UNSET)."""
+    return column.map(lambda v: UNSET if v is None or (isinstance(v, float) and math.isnan(v))
+                      else f"{v:.10g}" if isinstance(v, float) else str(v))
+
+
+def _copies_the_seed(values: pd.Series, runs: pd.DataFrame) -> bool:
+    """A param that equals the run's seed everywhere (e.g. `data.split_seed: ${seed}`) is a seed, not a knob."""
+    return "seed" in runs and bool((values == runs["seed"].astype(str)).all())
+
+
+def config_knobs(runs: pd.DataFrame) -> dict[str, list[str]]:
+    """Per method, the `params.*` columns that define its configurations: those that vary among the FINISHED
+    runs of one (data, model, hardware, method), the seed aside. `method.sparsity`, `method.bits`, ... and any
+    `+`/`++` override, since the run logs its whole resolved config. A knob that only mirrors another (an
+    interpolation, `callbacks.prune.final_sparsity: ${method.sparsity}`) gives way to the `method.*` one."""
+    finished = counted(runs)
+    params = [c for c in finished.columns if c.startswith("params.") and not _is_noise_param(c)]
+    if not params or "method" not in finished or finished.empty:
+        return {}
+    others = [k for k in GROUP_KEYS if k != "method" and k in finished]
+    knobs: dict[str, list[str]] = {}
+    for method, rows in finished.groupby("method", sort=True):
+        text = rows[params].apply(_param_text)
+        counts = (text.groupby([rows[k].astype(str) for k in others]).nunique().max() if others
+                  else text.nunique())
+        candidates = [c for c in params if counts[c] > 1 and not _copies_the_seed(text[c], rows)]
+        found = _without_mirrors(sorted(candidates, key=_knob_preference), text)
+        if found:
+            knobs[str(method)] = found
+    return knobs
+
+
+def _knob_preference(column: str) -> tuple[bool, int, str]:
+    """method.* knobs first, then the shallowest key (`method.sparsity` before its interpolated copies)."""
+    return not column.startswith("params.method."), column.count("."), column
+
+
+def _without_mirrors(candidates: list[str], text: pd.DataFrame) -> list[str]:
+    """Keep a knob unless one already kept takes exactly the same partition of the runs (one-to-one values)."""
+    kept: list[str] = []
+    for column in candidates:
+        mirrors = any(len(text[[column, other]].drop_duplicates()) == text[column].nunique() == text[other].nunique()
+                      for other in kept)
+        if not mirrors:
+            kept.append(column)
+    return kept
+
+
+def _knob_names(columns: list[str]) -> dict[str, str]:
+    """Short names for labels: `method.` dropped, then the shortest dotted suffix no other knob shares;
+    other params keep their full key (`data.augment`), so an override reads as it was typed."""
+    names = {}
+    for column in columns:
+        key = column.removeprefix("params.")
+        if not key.startswith("method."):
+            names[column] = key
+            continue
+        parts = key.removeprefix("method.").split(".")
+        others = [c.removeprefix("params.") for c in columns if c != column]
+        for size in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-size:])
+            if not any(o == suffix or o.endswith(f".{suffix}") for o in others):
+                break
+        names[column] = suffix
+    return names
+
+
+def with_configs(runs: pd.DataFrame, leave_out: Sequence[str] = ()) -> pd.DataFrame:
+    """The runs with `knobs` ("sparsity=0.9", "" when the method has none) and `config` ("agp sparsity=0.9"):
+    the method's full configuration, so runs that share a config differ only by seed.
+
+    `leave_out`: knob names not to label (a curve's x axis, e.g. "sparsity"). A run that logged no params at
+    all (one that failed before its end, where they are logged) has no knobs to tell, not "unset" ones.
+    """
+    knobs = config_knobs(runs)
+    labelled = runs.copy()
+    labelled["knobs"] = ""
+    params = [c for c in runs.columns if c.startswith("params.")]
+    logged = runs[params].notna().any(axis=1) if params else pd.Series(False, index=runs.index)
+    for method, columns in knobs.items():
+        names = _knob_names(columns)
+        columns = [c for c in columns if not names[c].split(".")[-1].endswith(tuple(leave_out))]
+        if not columns:
+            continue
+        rows = (labelled["method"] == method) & logged
+        if not rows.any():
+            continue
+        text = labelled.loc[rows, columns].apply(_param_text)
+        labelled.loc[rows, "knobs"] = text.apply(lambda row: " ".join(f"{names[c]}={row[c]}" for c in columns), axis=1)
+    method = labelled["method"].astype(str) if "method" in labelled else pd.Series("", index=labelled.index)
+    labelled["config"] = (method + " " + labelled["knobs"]).str.strip()
+    return labelled
+
+
+def _configured(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs if "config" in runs else with_configs(runs)
+
+
+def config_order(configs: Iterable[str]) -> list[str]:
+    """Labels sorted with their numbers read as numbers (rank=4 before rank=16, sparsity=0.9 before 0.95)."""
+    def key(label: str) -> list[tuple[int, Any]]:
+        return [(0, float(part)) if NUMBER.fullmatch(part) else (1, part) for part in NUMBER.split(label) if part]
+    return sorted(set(configs), key=key)
 
 
 # ----------------------------------------------------------------------------- Pareto
@@ -231,7 +412,8 @@ def pareto_mask(x: Sequence[float], y: Sequence[float], x_larger_better: bool, y
 
 def pareto_front(runs: pd.DataFrame, x: str, y: str, x_larger_better: bool, y_larger_better: bool = True,
                  by: Sequence[str] = ()) -> pd.DataFrame:
-    """The runs on the front of (x, y), computed within each group of `by`, sorted by x (none without x or y)."""
+    """The FINISHED runs on the front of (x, y) within each group of `by`, sorted by x (none without x or y)."""
+    runs = counted(runs)
     if runs.empty or not {x, y, *by} <= set(runs.columns):
         return runs.iloc[0:0].copy()
     groups = runs.groupby(list(by), dropna=False, sort=True) if by else [((), runs)]
@@ -249,26 +431,30 @@ class GridOverview:
     figures: dict[str, Figure] = field(default_factory=dict)
     fronts: dict[str, pd.DataFrame] = field(default_factory=dict)
     best: pd.DataFrame = field(default_factory=pd.DataFrame)
+    configs: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def grid_overview(runs: pd.DataFrame, budget: float = 1.0, latency_batch: int = 1,
                   conservative: bool = False) -> GridOverview:
-    """Every figure and table of the grid overview for a frame of runs (see notebooks/01)."""
+    """Every figure and table of the grid overview for the FINISHED runs of a frame (see notebooks/01)."""
+    runs = _configured(counted(runs))
     latency = f"latency_ms_p50_bs{latency_batch}"
     overview = GridOverview()
+    overview.configs = config_summary(runs, mark_noisy=False)
     overview.figures["accuracy_vs_compression"] = accuracy_vs_compression(runs)
     overview.fronts["accuracy_vs_compression"] = _front_table(
         pareto_front(runs, "compression_ratio", "test_acc", x_larger_better=True, by=["data"]))
     overview.figures["accuracy_vs_latency"] = accuracy_vs_latency(runs, latency)
     overview.fronts["accuracy_vs_latency"] = _front_table(
-        pareto_front(runs, latency, "test_acc", x_larger_better=False, by=["data", "hardware"]), latency)
+        pareto_front(runs, latency, "test_acc", x_larger_better=False, by=["data", "hardware"]), latency,
+        LATENCY_NOISY_TAG)
     overview.figures["heatmaps"] = metric_heatmaps(runs, (*HEATMAP_METRICS[:2], f"speedup_bs{latency_batch}"))
-    overview.best = best_under_budget(runs, budget, conservative=conservative)
+    overview.best = best_under_budget(runs, budget, conservative=conservative, mark_noisy=True)
     return overview
 
 
 def _front_table(front: pd.DataFrame, *extra: str) -> pd.DataFrame:
-    columns = ["run_name", "data", "model", "method", "hardware", "seed", "test_acc", "acc_drop",
+    columns = ["run_name", "data", "model", "method", "knobs", "hardware", "seed", "test_acc", "acc_drop",
                "compression_ratio", *extra, "run_id"]
     return front[[c for c in dict.fromkeys(columns) if c in front]]
 
@@ -290,8 +476,12 @@ def _facet_grid(rows: int, cols: int, width: float = 5.0, height: float = 4.0) -
 
 
 def scatter_with_front(runs: pd.DataFrame, x: str, y: str, x_larger_better: bool, row: str | None = None,
-                       col: str | None = None, log_x: bool = False, title: str = "") -> Figure:
-    """Scatter of y vs x (hue method, style model), one panel per (row, col) value, front drawn in each."""
+                       col: str | None = None, log_x: bool = False, title: str = "",
+                       mark_noisy: bool = False) -> Figure:
+    """Scatter of y vs x (hue method, style model), one panel per (row, col) value, front drawn in each.
+
+    `mark_noisy`: runs tagged latency_noisy get a hatched red ring (their timing is to be redone).
+    """
     plotted = runs.dropna(subset=[x, y]) if {x, y} <= set(runs.columns) else runs.iloc[0:0]
     row_values, col_values = _facet_values(plotted, row), _facet_values(plotted, col)
     figure, axes = _facet_grid(len(row_values), len(col_values))
@@ -303,11 +493,22 @@ def scatter_with_front(runs: pd.DataFrame, x: str, y: str, x_larger_better: bool
             panel = _subset(_subset(plotted, row, row_value), col, col_value)
             show_legend = i == 0 and j == len(col_values) - 1 and not panel.empty
             _draw_panel(ax, panel, x, y, x_larger_better, hue_order, style_order, show_legend)
+            if mark_noisy:
+                _ring_noisy(ax, panel, x, y)
             ax.set_title(" / ".join(str(v) for v in (row_value, col_value) if v is not None), fontsize=10)
             if log_x and not panel.empty and (panel[x] > 0).all():
                 ax.set_xscale("log")
-    figure.suptitle(title or f"{y} vs {x} (dashed: Pareto front)")
+    noisy = mark_noisy and LATENCY_NOISY_TAG in plotted and bool(plotted[LATENCY_NOISY_TAG].any())
+    note = "\nhatched red ring: latency timed under contention (tag latency_noisy), measure again"
+    figure.suptitle((title or f"{y} vs {x} (dashed: Pareto front)") + (note if noisy else ""))
     return figure
+
+
+def _ring_noisy(ax: Axes, panel: pd.DataFrame, x: str, y: str) -> None:
+    if not {LATENCY_NOISY_TAG, x, y} <= set(panel.columns):
+        return
+    noisy = panel[panel[LATENCY_NOISY_TAG].fillna(False).astype(bool)]
+    ax.scatter(noisy[x], noisy[y], s=260, facecolors="none", edgecolors="tab:red", hatch="////", linewidths=1.2)
 
 
 def _draw_panel(ax: Axes, panel: pd.DataFrame, x: str, y: str, x_larger_better: bool,
@@ -335,13 +536,19 @@ def accuracy_vs_compression(runs: pd.DataFrame, accuracy: str = "test_acc") -> F
 def accuracy_vs_latency(runs: pd.DataFrame, latency: str = "latency_ms_p50_bs1", accuracy: str = "test_acc") -> Figure:
     """Accuracy vs latency, one panel per hardware (and dataset), with the Pareto front of each."""
     return scatter_with_front(runs, latency, accuracy, x_larger_better=False, row="data", col="hardware",
-                              title=f"{accuracy} vs {latency} per hardware (dashed: Pareto front)")
+                              title=f"{accuracy} vs {latency} per hardware (dashed: Pareto front)", mark_noisy=True)
 
 
 def metric_heatmaps(runs: pd.DataFrame, metrics: Sequence[str] = HEATMAP_METRICS) -> Figure:
-    """Heatmaps method x model of each metric (mean over seeds), one row per hardware."""
+    """Heatmaps configuration x model of each metric, one row per hardware; FINISHED runs only.
+
+    A cell is the mean over the seeds of one configuration ("agp sparsity=0.9"), never over different
+    knob values; it shows its n. A speedup cell with a run timed under contention carries NOISY_MARK.
+    """
+    runs = _configured(counted(runs))
     hardware = _facet_values(runs, "hardware")
-    figure, axes = _facet_grid(len(hardware), len(metrics), width=4.5, height=3.5)
+    rows = config_order(runs["config"]) if "config" in runs else []
+    figure, axes = _facet_grid(len(hardware), len(metrics), width=4.5, height=max(3.5, 0.3 * len(rows) + 1.5))
     table = runs
     if "data" in runs and runs["data"].nunique() > 1:  # several datasets: columns tell them apart
         table = runs.assign(model=runs["data"].astype(str) + "/" + runs["model"].astype(str))
@@ -352,29 +559,74 @@ def metric_heatmaps(runs: pd.DataFrame, metrics: Sequence[str] = HEATMAP_METRICS
             if metric not in panel or panel[metric].isna().all():
                 ax.text(0.5, 0.5, f"no {metric}", ha="center", va="center", transform=ax.transAxes)
             else:
-                grid = panel.pivot_table(index="method", columns="model", values=metric, aggfunc="mean")
-                sns.heatmap(grid, annot=True, fmt=".3g", cmap="viridis", ax=ax, cbar=False, annot_kws={"size": 8})
+                _draw_heatmap(ax, panel.dropna(subset=[metric]), metric, rows)
             ax.set_title(f"{metric}" + (f" ({hw})" if hw is not None else ""), fontsize=10)
-    figure.suptitle("method x model, mean over seeds")
+    noisy = LATENCY_NOISY_TAG in runs and bool(runs[LATENCY_NOISY_TAG].any())
+    marked = noisy and any(metric.startswith("speedup_") for metric in metrics)
+    note = f"; {NOISY_MARK} = a run timed under contention (latency_noisy), measure again"
+    figure.suptitle("configuration x model: mean over seeds (n = seeds, on the row when every cell has it)"
+                    + (note if marked else ""))
     return figure
+
+
+def _draw_heatmap(ax: Axes, panel: pd.DataFrame, metric: str, order: list[str]) -> None:
+    cells = panel.groupby(["config", "model"], sort=True)
+    means = cells[metric].mean().unstack()
+    seeds = cells[metric].count().unstack()
+    noisy = (cells[LATENCY_NOISY_TAG].sum().unstack() if LATENCY_NOISY_TAG in panel and metric.startswith("speedup_")
+             else means * 0)
+    means = means.reindex([c for c in order if c in means.index])
+    seeds, noisy = seeds.reindex_like(means), noisy.reindex_like(means).fillna(0)
+    # n goes on the row's label when all its cells share it (half the text to draw), else in each cell
+    shared = seeds.nunique(axis=1, dropna=True) == 1
+    text = [[("" if pd.isna(m) else f"{m:.3g}{NOISY_MARK if k > 0 else ''}" + ("" if one_n else f"\nn={int(n)}"))
+             for m, n, k in zip(mean_row, seed_row, noisy_row)]
+            for mean_row, seed_row, noisy_row, one_n in zip(means.values, seeds.values, noisy.values, shared)]
+    row_n = seeds.max(axis=1)
+    means.index = [f"{config}  n={int(row_n[config])}" if shared[config] else str(config) for config in means.index]
+    _annotated_grid(ax, means, text)
+
+
+def _annotated_grid(ax: Axes, values: pd.DataFrame, text: list[list[str]], cmap: str = "viridis") -> None:
+    """A heatmap drawn directly (seaborn's redraws the whole figure per panel to check its tick labels: with
+    a dozen configurations that was most of the overview's time), each cell annotated in a readable colour."""
+    grid = values.to_numpy(dtype=float)
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, aspect="auto", interpolation="nearest")
+    for (row, col), label in np.ndenumerate(np.array(text, dtype=object).reshape(grid.shape)):
+        if label:
+            red, green, blue, _ = image.cmap(image.norm(grid[row, col]))
+            dark = 0.2126 * red + 0.7152 * green + 0.0722 * blue < 0.45
+            ax.text(col, row, label, ha="center", va="center", fontsize=7, color="white" if dark else "black",
+                    in_layout=False)  # inside its cell: the layout need not measure it (hundreds of cells)
+    columns = [str(c) for c in values.columns]
+    crowded = sum(len(c) for c in columns) > 30  # model names run into each other: slant them
+    ax.set_xticks(range(grid.shape[1]), labels=columns, rotation=30 if crowded else 0, ha="right" if crowded else "center")
+    ax.set_yticks(range(grid.shape[0]), labels=[str(r) for r in values.index])
+    ax.set_xlabel(str(values.columns.name or ""))
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
 
 
 def best_under_budget(runs: pd.DataFrame, budget: float, objective: str = "compression_ratio",
                       larger_better: bool = True, by: Sequence[str] = ("data", "model", "hardware"),
-                      conservative: bool = False) -> pd.DataFrame:
-    """The best run by `objective` per group among those within the accuracy-drop budget (points).
+                      conservative: bool = False, mark_noisy: bool = False) -> pd.DataFrame:
+    """The best FINISHED run by `objective` per group among those within the accuracy-drop budget (points).
 
-    `conservative` judges a run by the upper end of its paired 95% interval instead of its drop.
+    `conservative` judges a run by the upper end of its paired 95% interval instead of its drop; with
+    `mark_noisy` a speedup timed under contention reads "1.5*".
     """
     drop = "acc_drop_ci95_high" if conservative else "acc_drop"
     if runs.empty or drop not in runs or objective not in runs:
-        return pd.DataFrame(columns=[*by, "method", "seed", objective, "acc_drop", "run_name", "run_id"])
+        return pd.DataFrame(columns=[*by, "method", "knobs", "seed", objective, "acc_drop", "run_name", "run_id"])
+    runs = _configured(counted(runs))
     within = runs[(runs[drop] <= budget) & runs[objective].notna()]
     ranked = within.sort_values([objective, "acc_drop"], ascending=[not larger_better, True])
     best = ranked.groupby(list(by), sort=True).head(1).sort_values(list(by))
-    columns = [*by, "method", "seed", objective, "test_acc", "acc_drop", "acc_drop_ci95_high", "speedup_bs1",
-               "run_name", "run_id"]
-    return best[[c for c in dict.fromkeys(columns) if c in best]].reset_index(drop=True)
+    columns = [*by, "method", "knobs", "seed", objective, "test_acc", "acc_drop", "acc_drop_ci95_high", "speedup_bs1",
+               LATENCY_NOISY_TAG, "run_name", "run_id"]
+    best = best[[c for c in dict.fromkeys(columns) if c in best]].reset_index(drop=True)
+    return mark_noisy_speedups(best, best.get(LATENCY_NOISY_TAG)) if mark_noisy else best
 
 
 def figure_png(figure: Figure, path: str | Path, dpi: int = 100) -> Path:
@@ -412,6 +664,7 @@ def _log_overview(client: MlflowClient, run_id: str, overview: GridOverview, bud
         logged.append(path)
     tables = {f"figures/pareto_{name}.csv": table for name, table in overview.fronts.items()}
     tables[f"figures/best_within_{budget:g}pt_drop.csv"] = overview.best
+    tables["figures/configurations.csv"] = overview.configs
     for path, table in tables.items():
         client.log_text(run_id, table.to_csv(index=False), path)
         logged.append(path)
@@ -620,26 +873,83 @@ def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, 
 
 
 def seed_summary(runs: pd.DataFrame, metric: str = "test_acc",
-                 by: Sequence[str] = ("data", "model", "hardware", "method"), level: float = 0.95) -> pd.DataFrame:
-    """Per group: seeds, mean, standard deviation and t-interval of `metric` over the runs."""
+                 by: Sequence[str] = ("data", "model", "hardware", "method", "knobs"),
+                 level: float = 0.95) -> pd.DataFrame:
+    """Per configuration (FINISHED runs): seeds, mean, standard deviation and t-interval of `metric` over them.
+
+    `by` names the cell; its default keeps each configuration of a method apart (see `with_configs`), so only
+    seeds are averaged.
+    """
+    runs = _configured(counted(runs))
     rows = []
     for key, group in runs.dropna(subset=[metric]).groupby(list(by), sort=True):
         mean, low, high = mean_interval(group[metric], level)
         rows.append({**dict(zip(by, key)), "n": len(group), "seeds": _seed_list(group),
                      "mean": mean, "std": group[metric].std(ddof=1), "ci_low": low, "ci_high": high})
-    return pd.DataFrame(rows, columns=[*by, "n", "seeds", "mean", "std", "ci_low", "ci_high"])
+    return _in_config_order(pd.DataFrame(rows, columns=[*by, "n", "seeds", "mean", "std", "ci_low", "ci_high"]))
+
+
+def _in_config_order(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows sorted with knob values read as numbers (rank=4 before rank=16)."""
+    if table.empty or "knobs" not in table:
+        return table
+    rank = {label: i for i, label in enumerate(config_order(table["knobs"].astype(str)))}
+    keys = [c for c in table.columns[: table.columns.get_loc("knobs")] if c != "method"]
+    order = table.assign(_rank=table["knobs"].astype(str).map(rank)).sort_values(
+        [*keys, *(["method"] if "method" in table else []), "_rank"], kind="stable")
+    return order.drop(columns="_rank").reset_index(drop=True)
+
+
+def config_summary(runs: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS, mark_noisy: bool = True,
+                   by: Sequence[str] = ("data", "model", "hardware", "method", "knobs")) -> pd.DataFrame:
+    """One row per configuration: n seeds, which, and the mean over them of each metric the runs have.
+
+    Only FINISHED runs count (`not_counted` lists the others). `latency_noisy` counts the seeds timed under
+    contention; with `mark_noisy` their speedups read "1.23*" (text, for showing). Distillation figures against
+    the teacher (TEACHER_METRICS) appear when some run logged them, blank for configurations without a teacher.
+    """
+    runs = _configured(counted(runs))
+    present = [m for m in metrics if m in runs and runs[m].notna().any()]
+    spread = [f"{present[0]}_std"] if present else []
+    columns = [*by, "n", "seeds", *present, *spread, LATENCY_NOISY_TAG]
+    if runs.empty:
+        return pd.DataFrame(columns=columns)
+    runs = runs.assign(**{LATENCY_NOISY_TAG: runs.get(LATENCY_NOISY_TAG, False), "seed": runs.get("seed", pd.NA)})
+    runs[LATENCY_NOISY_TAG] = runs[LATENCY_NOISY_TAG].fillna(False)
+    cells = runs.groupby(list(by), sort=True, dropna=False)
+    table = pd.concat([cells.size().rename("n"), cells["seed"].agg(_seed_text).rename("seeds"), cells[present].mean(),
+                       *([cells[present[0]].std(ddof=1).rename(spread[0])] if present else []),
+                       cells[LATENCY_NOISY_TAG].agg(lambda flags: int(flags.astype(bool).sum()))], axis=1)
+    table = _in_config_order(table.reset_index()[columns])
+    return mark_noisy_speedups(table, table[LATENCY_NOISY_TAG]) if mark_noisy else table
+
+
+def teacher_table(runs: pd.DataFrame, mark_noisy: bool = True) -> pd.DataFrame:
+    """The configurations distilled from a teacher, with the student against it (empty when no run logged
+    `teacher_test_acc`: the runs predate those metrics, or no method had a teacher)."""
+    if "teacher_test_acc" not in runs:
+        return pd.DataFrame(columns=["data", "model", "hardware", "method", "knobs", "n", *TEACHER_METRICS])
+    taught = counted(runs)[lambda f: f["teacher_test_acc"].notna()]
+    metrics = ["test_acc", *TEACHER_METRICS, "acc_drop", "compression_ratio", "speedup_bs32"]
+    return config_summary(taught, metrics, mark_noisy)
 
 
 def _seed_list(group: pd.DataFrame) -> str:
-    return ",".join(str(s) for s in sorted(group["seed"].dropna().unique())) if "seed" in group else ""
+    return _seed_text(group["seed"]) if "seed" in group else ""
+
+
+def _seed_text(seeds: pd.Series) -> str:
+    return ",".join(str(s) for s in sorted(seeds.dropna().unique()))
 
 
 def seed_spread(runs: pd.DataFrame, x: str = "sparsity", y: str = "test_acc",
                 by: Sequence[str] = ("data", "model", "method"), x_decimals: int = 3,
                 level: float = 0.95) -> pd.DataFrame:
-    """Points of a curve: y's mean and interval over seeds at each x (rounded, so seeds line up)."""
-    table = runs.dropna(subset=[x, y]).assign(**{x: lambda f: f[x].round(x_decimals)})
-    return seed_summary(table, y, (*by, x), level).rename(columns={"mean": y})
+    """Points of a curve: y's mean and interval over seeds at each x (rounded, so seeds line up), per
+    configuration: the knobs other than x itself (`with_configs(..., leave_out=[x])`) tell the curves apart."""
+    runs = counted(runs)
+    table = with_configs(runs, leave_out=[x]).dropna(subset=[x, y]).assign(**{x: lambda f: f[x].round(x_decimals)})
+    return seed_summary(table, y, (*by, "knobs", x), level).rename(columns={"mean": y})
 
 
 def difference_test(values: pd.Series, reference: pd.Series, level: float = 0.95) -> dict[str, Any]:
@@ -671,26 +981,51 @@ def difference_test(values: pd.Series, reference: pd.Series, level: float = 0.95
 
 def compare_methods(runs: pd.DataFrame, metric: str = "test_acc", reference: str = "baseline",
                     by: Sequence[str] = ("data", "model", "hardware"), level: float = 0.95) -> pd.DataFrame:
-    """Each method against `reference` within each group: is the difference larger than the noise?
+    """Each configuration against `reference` within each group: is the difference larger than the noise?
 
-    `verdict` is "larger than the noise" when the interval of the difference excludes zero.
+    `reference` is a configuration ("agp sparsity=0.9") or a method with a single configuration in the group
+    ("baseline"). `verdict` is "larger than the noise" when the interval of the difference excludes zero.
+
+    Raises:
+        ValueError: `reference` names a method with several configurations in one group.
     """
+    runs = _configured(counted(runs))
     rows = []
-    per_seed = runs.dropna(subset=[metric]).groupby([*by, "method", "seed"], sort=True)[metric].mean()
+    per_seed = runs.dropna(subset=[metric]).groupby([*by, "config", "seed"], sort=True)[metric].mean()
     for key, group in per_seed.groupby(level=list(range(len(by))), sort=True):
-        by_method = {method: series.droplevel(list(range(len(by) + 1)))
-                     for method, series in group.groupby(level=len(by))}
-        if reference not in by_method:
+        key = key if isinstance(key, tuple) else (key,)
+        by_config = {config: series.droplevel(list(range(len(by) + 1)))
+                     for config, series in group.groupby(level=len(by))}
+        chosen = _reference_config(reference, list(by_config), runs, dict(zip(by, key)))
+        if chosen is None:
             continue
-        for method, values in by_method.items():
-            if method == reference:
+        for config, values in by_config.items():
+            if config == chosen:
                 continue
-            result = difference_test(values, by_method[reference], level)
-            rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "method": method,
-                         "reference": reference, "n": len(values), "n_reference": len(by_method[reference]),
+            method, knobs = _config_parts(runs, config)
+            result = difference_test(values, by_config[chosen], level)
+            rows.append({**dict(zip(by, key)), "method": method, "knobs": knobs,
+                         "reference": chosen, "n": len(values), "n_reference": len(by_config[chosen]),
                          **result, "verdict": _verdict(result)})
-    columns = [*by, "method", "reference", "n", "n_reference", "test", "diff", "ci_low", "ci_high", "p_value", "verdict"]
-    return pd.DataFrame(rows, columns=columns)
+    columns = [*by, "method", "knobs", "reference", "n", "n_reference", "test", "diff", "ci_low", "ci_high",
+               "p_value", "verdict"]
+    return _in_config_order(pd.DataFrame(rows, columns=columns))
+
+
+def _reference_config(reference: str, configs: list[str], runs: pd.DataFrame, group: dict[str, Any]) -> str | None:
+    if reference in configs:
+        return reference
+    of_method = [c for c in configs if _config_parts(runs, c)[0] == reference]
+    if len(of_method) > 1:
+        raise ValueError(f"reference={reference!r} has {len(of_method)} configurations in {group}: "
+                         f"{', '.join(config_order(of_method))}; name one of them")
+    return of_method[0] if of_method else None
+
+
+def _config_parts(runs: pd.DataFrame, config: str) -> tuple[str, str]:
+    """(method, knobs) of a configuration label."""
+    row = runs.loc[runs["config"] == config].iloc[0]
+    return str(row["method"]), str(row["knobs"])
 
 
 def _verdict(result: dict[str, Any]) -> str:
@@ -700,14 +1035,16 @@ def _verdict(result: dict[str, Any]) -> str:
 
 
 def plot_seed_intervals(summary: pd.DataFrame, metric: str = "test_acc") -> Figure:
-    """Mean and interval over seeds per method, one panel per (data, model, hardware)."""
+    """Mean and interval over seeds per configuration, one panel per (data, model, hardware)."""
     keys = [c for c in ("data", "model", "hardware") if c in summary]
     groups = list(summary.groupby(keys, sort=True)) if not summary.empty else []
     figure, axes = _facet_grid(1, max(len(groups), 1), width=4.0, height=3.2)
     for ax, (key, group) in zip(axes[0], groups):
         low = (group["mean"] - group["ci_low"]).fillna(0)
         high = (group["ci_high"] - group["mean"]).fillna(0)
-        ax.errorbar(group["method"], group["mean"], yerr=[low, high], fmt="o", capsize=4)
+        labels = (group["method"].astype(str) + " " + group["knobs"].astype(str)).str.strip() if "knobs" in group \
+            else group["method"]
+        ax.errorbar(labels, group["mean"], yerr=[low, high], fmt="o", capsize=4)
         ax.set_title(" / ".join(map(str, key if isinstance(key, tuple) else (key,))), fontsize=10)
         ax.set_ylabel(f"{metric} (mean, CI over seeds)")
         ax.tick_params(axis="x", rotation=30)
@@ -719,17 +1056,20 @@ def plot_seed_intervals(summary: pd.DataFrame, metric: str = "test_acc") -> Figu
 
 
 def plot_pruning_curves(runs: pd.DataFrame, x: str = "sparsity", y: str = "test_acc", x_decimals: int = 3) -> Figure:
-    """y vs x per method, one panel per (data, model): each run a dot, the mean over seeds a line,
-    shaded (and barred) +- one standard deviation over seeds."""
+    """y vs x per configuration (a method and its knobs other than x), one panel per (data, model): each FINISHED
+    run a dot, the mean over seeds a line, shaded (and barred) +- one standard deviation over seeds."""
+    runs = with_configs(counted(runs), leave_out=[x])
     curve = seed_spread(runs, x, y, ("data", "model", "method"), x_decimals) if not runs.empty else pd.DataFrame()
     panels = list(curve.groupby(["data", "model"], sort=True)) if not curve.empty else []
     figure, axes = _facet_grid(1, max(len(panels), 1), width=4.5, height=3.5)
-    methods = sorted(curve["method"].unique()) if not curve.empty else []
-    palette = dict(zip(methods, sns.color_palette(n_colors=max(len(methods), 1))))
+    lines = config_order((curve["method"] + " " + curve["knobs"]).str.strip()) if not curve.empty else []
+    palette = dict(zip(lines, sns.color_palette(n_colors=max(len(lines), 1))))
     for ax, ((data, model), panel) in zip(axes[0], panels):
         dots = runs[(runs["data"] == data) & (runs["model"] == model)]
-        for method, points in panel.groupby("method", sort=True):
-            _draw_spread(ax, points.sort_values(x), dots[dots["method"] == method], x, y, palette[method], method)
+        for (method, knobs), points in panel.groupby(["method", "knobs"], sort=True):
+            line = f"{method} {knobs}".strip()
+            _draw_spread(ax, points.sort_values(x), dots[(dots["method"] == method) & (dots["knobs"] == knobs)],
+                         x, y, palette[line], line)
         ax.set_title(f"{data} / {model}", fontsize=10)
         ax.set_xlabel(x)
         ax.set_ylabel(y)

@@ -1,10 +1,12 @@
 """Time to load and render the grid overview (notebooks/01) for a store of N runs (default 1,000).
 
 The runs are written cheaply, straight into a scratch SQLite store with MlflowClient.log_batch
-(tags, the contract's metrics and ~60 config params each, as a real run has), not trained. Then,
+(tags, the contract's metrics and ~60 config params each, as a real run has), not trained. The pruning
+methods sweep `method.sparsity` over SPARSITIES (so the summaries have configurations to tell apart) and
+one run in NOISY_EVERY carries the `latency_noisy` tag. Then,
 `--repeats` times, it measures:
     load     analysis.load_runs: search the store, build the tidy DataFrame
-    figures  analysis.grid_overview: fronts, budget table, the three figures drawn
+    figures  analysis.grid_overview: configurations, fronts, budget table, the three figures drawn
     render   every figure rendered to PNG (Agg), as the notebook and the sweep's parent run show it
 
     .venv/bin/python scripts/benchmark_analysis.py                  # 1,000 runs
@@ -47,6 +49,8 @@ METHODS = {  # method -> (compression ratio, sparsity, accuracy cost in points, 
 }
 HARDWARE = {"cpu": 1.0, "cpu_1t": 2.5, "cuda": 0.1}
 PARAMS_PER_RUN = 60
+SPARSITIES = (0.8, 0.9, 0.95)  # method.sparsity of the methods that prune (the sweep axis of the real grid)
+NOISY_EVERY = 20  # one run in 20 timed "under contention"
 
 
 def grid(count: int) -> Iterator[tuple[str, str, str, int]]:
@@ -56,8 +60,18 @@ def grid(count: int) -> Iterator[tuple[str, str, str, int]]:
     yield from itertools.islice(cells, count)
 
 
-def fake_metrics(model: str, method: str, hardware: str, rng: np.random.Generator) -> dict[str, float]:
-    ratio, sparsity, cost, speedup = METHODS[method]
+def knob_sparsity(method: str, seed: int) -> float | None:
+    """The pruning methods' swept sparsity: seeds take SPARSITIES in turn (None for the other methods)."""
+    return SPARSITIES[seed % len(SPARSITIES)] if METHODS[method][1] > 0 else None
+
+
+def fake_metrics(model: str, method: str, hardware: str, rng: np.random.Generator,
+                 sparsity: float | None = None) -> dict[str, float]:
+    ratio, default_sparsity, cost, speedup = METHODS[method]
+    if sparsity is not None:  # a swept sparsity: ratio and cost scale with the weights left
+        ratio, cost = ratio * (1 - default_sparsity) / (1 - sparsity), cost * sparsity / default_sparsity
+    else:
+        sparsity = default_sparsity
     baseline_acc = 98.0 - 2.0 * list(MODELS).index(model) + rng.normal(0, 0.3)
     drop = max(0.0, cost + rng.normal(0, 0.3)) if method != "baseline" else 0.0
     baseline_latency = MODELS[model] * HARDWARE[hardware] * 0.1
@@ -88,14 +102,18 @@ def write_store(root: Path, count: int) -> tuple[str, bool]:
     parent = client.create_run(exp_id, run_name=f"sweep-{SWEEP}", tags={"sweep": SWEEP, "role": "sweep"}).info.run_id
     rng = np.random.default_rng(0)
     now = int(time.time() * 1000)
-    for model, method, hardware, seed in grid(count):
+    for index, (model, method, hardware, seed) in enumerate(grid(count)):
         name = f"{model}-{method}-{hardware}-s{seed}"
         tags = {"data": "mnist5k", "model": model, "method": method, "hardware": hardware, "seed": str(seed),
                 "sweep": SWEEP, "git_commit": "0" * 40, MLFLOW_PARENT_RUN_ID: parent, MLFLOW_RUN_NAME: name}
+        if index % NOISY_EVERY == NOISY_EVERY - 1:
+            tags[analysis.LATENCY_NOISY_TAG] = "true"
         run_id = client.create_run(exp_id, run_name=name, tags=tags).info.run_id
-        params = {f"config.key_{i:02d}": str(i) for i in range(PARAMS_PER_RUN - 2)} | {
-            "method.name": method, "seed": str(seed)}
-        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in fake_metrics(model, method, hardware, rng).items()],
+        sparsity = knob_sparsity(method, seed)
+        params = {f"config.key_{i:02d}": str(i) for i in range(PARAMS_PER_RUN - 3)} | {
+            "method.name": method, "seed": str(seed), "method.sparsity": str(sparsity if sparsity is not None else "")}
+        metrics = fake_metrics(model, method, hardware, rng, sparsity)
+        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
                          params=[Param(k, v) for k, v in params.items()])
         client.set_terminated(run_id, "FINISHED")
     client.set_terminated(parent, "FINISHED")
@@ -116,6 +134,7 @@ def measure_once(uri: str, png_dir: Path) -> dict[str, float]:
         analysis.figure_png(figure, png_dir / f"{name}.png")
     seconds["render"] = time.perf_counter() - started
     seconds["runs"] = len(runs)
+    seconds["configs"] = len(overview.configs)
     return seconds
 
 
@@ -152,7 +171,8 @@ def main() -> None:
         notebook_seconds = run_notebook(uri) if args.notebook else None
 
     assert all(r["runs"] == args.runs for r in results), f"loaded {[r['runs'] for r in results]} runs"
-    print(f"grid overview of {args.runs} runs, median of {args.repeats} (seconds):")
+    print(f"grid overview of {args.runs} runs ({results[0]['configs']} configurations x (model, hardware)), "
+          f"median of {args.repeats} (seconds):")
     for phase in ("load", "figures", "render"):
         values = [r[phase] for r in results]
         print(f"  {phase:8s} {statistics.median(values):7.2f}   (min {min(values):.2f}, max {max(values):.2f})")

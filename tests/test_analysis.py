@@ -260,6 +260,11 @@ def test_heatmaps_average_over_seeds_and_tell_datasets_apart() -> None:
     assert labels == ["digits/lenet300", "digits/lenet5", "mnist5k/lenet300", "mnist5k/lenet5"]
     cells = [float(t.get_text()) for t in ax.texts]
     assert pytest.approx(0.55) in cells and pytest.approx(2.55) in cells  # magnitude: mean of 0.5 and 0.6
+    # every cell of a row averages 2 seeds: the row says so once
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["agp  n=2", "baseline  n=2", "magnitude  n=2"]
+    uneven = runs[(runs["hardware"] == "cpu") & ~((runs["model"] == "lenet5") & (runs["seed"] == 1))]
+    texts = [t.get_text() for t in analysis.metric_heatmaps(uneven, metrics=("acc_drop",)).axes[0].texts]
+    assert texts[:4] == ["1.55\nn=2", "1.5\nn=1", "3.55\nn=2", "3.5\nn=1"]  # n differs along the row: in each cell
 
 
 def test_grid_overview_of_no_runs_still_draws(tmp_path: Path) -> None:
@@ -451,3 +456,194 @@ def test_sensitivity_tables_from_tagged_runs(fake_store: FakeStore, caplog: pyte
     assert len(analysis.plot_sensitivity(sensitivity).axes) == 1
     # sensitivity runs are not grid runs
     assert len(analysis.load_runs(fake_store.uri)) == 1
+
+
+# ----------------------------------------------------------------------------- configurations, trust
+
+
+AGP_ACCURACY = {0.8: 97.0, 0.9: 96.0, 0.95: 93.0}  # per sparsity; each seed adds seed * 0.3 points
+
+
+def _agp_params(sparsity: float, seed: int) -> dict[str, str]:
+    """What config_params logs for an agp run: the knob, its interpolated copy, a seed copy, where files went."""
+    return {"method.name": "agp", "method.sparsity": str(sparsity),
+            "method.callbacks.prune.final_sparsity": str(sparsity),
+            "method.fine_tune.epochs": "4", "seed": str(seed), "data.split_seed": str(seed),
+            "paths.root": f"/somewhere/{seed}", "trainer.accelerator": "cpu"}
+
+
+@pytest.fixture
+def agp_store(fake_store: FakeStore) -> FakeStore:
+    """agp at sparsity 0.8, 0.9, 0.95 x seeds 0, 1, 2 (one timed under contention), the baselines, and an agp
+    run at 0.9 that FAILED with a wild accuracy that must never reach a mean."""
+    tags = {"data": "digits", "model": "lenet5", "hardware": "cpu", "sweep": "s1"}
+    for seed in range(3):
+        fake_store.add_run({**tags, "method": "baseline", "seed": str(seed)},
+                           {"test_acc": 98.0, "acc_drop": 0.0, "compression_ratio": 1.0, "speedup_bs1": 1.0},
+                           {"method.name": "baseline", "seed": str(seed), "data.split_seed": str(seed)})
+        for sparsity, accuracy in AGP_ACCURACY.items():
+            noisy = {"latency_noisy": "true"} if (sparsity, seed) == (0.95, 2) else {}
+            fake_store.add_run({**tags, "method": "agp", "seed": str(seed), **noisy},
+                               {"test_acc": accuracy + 0.3 * seed, "acc_drop": 98.0 - accuracy - 0.3 * seed,
+                                "compression_ratio": 1 / (1 - sparsity), "sparsity": sparsity,
+                                "latency_ms_p50_bs1": 1.0, "speedup_bs1": 1.5 if noisy else 1.0},
+                               _agp_params(sparsity, seed))
+    failed = fake_store.add_run({**tags, "method": "agp", "seed": "3"}, {"test_acc": 10.0, "compression_ratio": 10.0},
+                                _agp_params(0.9, 3), status="FAILED")
+    fake_store.client.set_tag(failed, "error", "RuntimeError: collapsed to chance")
+    fake_store.failed = failed
+    return fake_store
+
+
+def test_cells_are_configurations_averaged_over_seeds_only(agp_store: FakeStore) -> None:
+    runs = analysis.load_runs(agp_store.uri, statuses=None)  # the FAILED run is in the frame, and still not counted
+    summary = analysis.config_summary(runs, mark_noisy=False)
+
+    agp = summary[summary["method"] == "agp"]
+    assert agp["knobs"].tolist() == ["sparsity=0.8", "sparsity=0.9", "sparsity=0.95"]
+    assert agp["n"].tolist() == [3, 3, 3] and set(agp["seeds"]) == {"0,1,2"}
+    assert agp["test_acc"].tolist() == pytest.approx([a + 0.3 for a in AGP_ACCURACY.values()])  # seeds 0..2
+    assert agp["compression_ratio"].tolist() == pytest.approx([5.0, 10.0, 20.0])
+    assert summary[summary["method"] == "baseline"]["knobs"].tolist() == [""]  # nothing varies: no label
+    configs = set(analysis.load_runs(agp_store.uri)["config"])
+    assert configs == {"baseline", "agp sparsity=0.8", "agp sparsity=0.9", "agp sparsity=0.95"}
+
+
+def test_heatmap_rows_are_configurations_with_their_seed_count(agp_store: FakeStore) -> None:
+    runs = analysis.load_runs(agp_store.uri, statuses=None)
+    figure = analysis.metric_heatmaps(runs, metrics=("test_acc", "speedup_bs1"))
+    accuracy, speedup = figure.axes
+    assert [t.get_text() for t in accuracy.get_yticklabels()] == \
+        ["agp sparsity=0.8  n=3", "agp sparsity=0.9  n=3", "agp sparsity=0.95  n=3", "baseline  n=3"]
+    assert [t.get_text() for t in accuracy.texts] == ["97.3", "96.3", "93.3", "98"]
+    assert [t.get_text() for t in speedup.texts] == ["1", "1", "1.17*", "1"]
+    assert "latency_noisy" in figure.get_suptitle()
+
+
+def test_failed_runs_are_listed_apart_with_their_error(agp_store: FakeStore) -> None:
+    killed = agp_store.add_run({"data": "digits", "model": "lenet5", "hardware": "cpu", "method": "agp", "seed": "4"},
+                               status="KILLED")  # params are logged at the end: a run cut short has none
+    left_out = analysis.unfinished_runs(agp_store.uri)
+    assert left_out[["run_id", "status", "knobs", "error"]].values.tolist() == \
+        [[killed, "KILLED", "", ""], [agp_store.failed, "FAILED", "sparsity=0.9", "RuntimeError: collapsed to chance"]]
+    everything = analysis.load_runs(agp_store.uri, statuses=None)
+    # neither a Pareto front, nor the best-run table, nor a seed summary takes the FAILED run's figures
+    front = analysis.pareto_front(everything, "compression_ratio", "test_acc", x_larger_better=True)
+    assert agp_store.failed not in set(front["run_id"])
+    assert agp_store.failed not in set(analysis.best_under_budget(everything, budget=100.0)["run_id"])
+    assert analysis.seed_summary(everything)["n"].max() == 3
+    assert analysis.grid_overview(everything).configs["n"].tolist() == [3, 3, 3, 3]
+
+
+def test_latency_noisy_runs_are_marked(agp_store: FakeStore) -> None:
+    runs = analysis.load_runs(agp_store.uri)
+    assert runs["latency_noisy"].sum() == 1
+
+    marked = analysis.config_summary(runs).set_index("knobs")
+    assert marked.loc["sparsity=0.95", "speedup_bs1"] == "1.17*" and marked.loc["sparsity=0.9", "speedup_bs1"] == "1"
+    assert marked.loc["sparsity=0.95", "latency_noisy"] == 1
+    table = analysis.grid_table(runs)
+    assert table["speedup_bs1"].str.endswith("*").sum() == 1 and table["knobs"].str.len().gt(0).sum() == 9
+    figure = analysis.accuracy_vs_latency(runs)
+    rings = [c for c in figure.axes[0].collections if c.get_hatch() == "////"]
+    assert len(rings) == 1 and len(rings[0].get_offsets()) == 1
+    assert "latency_noisy" in figure.get_suptitle()
+    assert "latency_noisy" not in analysis.accuracy_vs_latency(runs.assign(latency_noisy=False)).get_suptitle()
+    best = analysis.grid_overview(runs, budget=100.0).best  # the most compressed run is the one timed under contention
+    assert best[["knobs", "seed", "speedup_bs1", "latency_noisy"]].values.tolist() == \
+        [["sparsity=0.95", 2, "1.5*", True]]
+
+
+@pytest.mark.parametrize(("tag", "noisy"), [("true", True), ("timed while 3 other jobs ran", True),
+                                            ("false", False), ("", False), (None, False)])
+def test_latency_noisy_tag_values(fake_store: FakeStore, tag: str | None, noisy: bool) -> None:
+    fake_store.add_run({"method": "agp", **({"latency_noisy": tag} if tag is not None else {})})
+    assert analysis.load_runs(fake_store.uri)["latency_noisy"].tolist() == [noisy]
+
+
+def _knob_frame(rows: list[dict]) -> pd.DataFrame:
+    base = {"data": "digits", "hardware": "cpu", "status": "FINISHED", "test_acc": 90.0}
+    return pd.DataFrame([{**base, **row} for row in rows])
+
+
+def test_knobs_are_what_varies_within_a_method() -> None:
+    runs = _knob_frame(
+        [{"model": model, "method": "svd", "seed": seed, "params.method.rank": rank, "params.model.net.width": width,
+          "params.trainer.limit_train_batches": batches, "params.trainer.enable_progress_bar": str(seed == 0)}
+         for model, width in (("lenet300", 300), ("lenet5", 6)) for seed in (0, 1)
+         for rank, batches in ((4, 10), (16, 10), (16, 5))]
+        + [{"model": "lenet5", "method": "kd", "seed": 0, "params.method.rank": np.nan}])
+    assert analysis.config_knobs(runs) == {"svd": ["params.method.rank", "params.trainer.limit_train_batches"]}
+    labelled = analysis.with_configs(runs)
+    assert analysis.config_order(labelled["config"]) == [
+        "kd", "svd rank=4 trainer.limit_train_batches=10", "svd rank=16 trainer.limit_train_batches=5",
+        "svd rank=16 trainer.limit_train_batches=10"]
+    assert analysis.with_configs(runs, leave_out=["rank"])["knobs"].unique().tolist() == \
+        ["trainer.limit_train_batches=10", "trainer.limit_train_batches=5", ""]
+
+
+def test_knob_names_are_the_shortest_unambiguous_suffix() -> None:
+    names = analysis._knob_names(["params.method.callbacks.prune.frequency", "params.method.callbacks.quant.bits",
+                                  "params.method.fine_tune.epochs", "params.method.teacher.fine_tune.epochs",
+                                  "params.data.augment"])
+    assert list(names.values()) == ["frequency", "bits", "fine_tune.epochs", "teacher.fine_tune.epochs", "data.augment"]
+
+
+def test_a_knob_only_missing_from_some_runs_reads_unset() -> None:
+    runs = _knob_frame([{"model": "lenet5", "method": "agp", "seed": 0, "params.method.sparsity": 0.9,
+                         "params.method.name": "agp"},
+                        {"model": "lenet5", "method": "agp", "seed": 1, "params.method.sparsity": np.nan,
+                         "params.method.name": "agp"}])
+    assert analysis.with_configs(runs)["config"].tolist() == ["agp sparsity=0.9", "agp sparsity=unset"]
+
+
+def test_distillation_rows_show_the_teacher_when_logged() -> None:
+    runs = _knob_frame(
+        [{"model": "lenet5", "method": "kd", "seed": seed, "test_acc": 96.0 + seed, "teacher_test_acc": 98.0,
+          "acc_drop_vs_teacher": 2.0 - seed, "compression_ratio_vs_teacher": 4.0, "speedup_bs32_vs_teacher": 2.5}
+         for seed in (0, 1)]
+        + [{"model": "lenet5", "method": "agp", "seed": 0, "test_acc": 97.0}])
+    summary = analysis.config_summary(runs, mark_noisy=False).set_index("method")
+    assert summary.loc["kd", ["teacher_test_acc", "acc_drop_vs_teacher", "compression_ratio_vs_teacher",
+                              "speedup_bs32_vs_teacher"]].tolist() == [98.0, 1.5, 4.0, 2.5]
+    assert math.isnan(summary.loc["agp", "teacher_test_acc"])
+    assert analysis.teacher_table(runs)["method"].tolist() == ["kd"]
+    assert "acc_drop_vs_teacher" in analysis.grid_table(runs)
+    # runs from before those metrics existed: no teacher columns, no error
+    older = runs.drop(columns=list(analysis.TEACHER_METRICS))
+    assert analysis.teacher_table(older).empty
+    assert not set(analysis.TEACHER_METRICS) & set(analysis.config_summary(older).columns)
+    assert not set(analysis.TEACHER_METRICS) & set(analysis.grid_table(older).columns)
+
+
+def test_compare_configurations_with_the_reference(agp_store: FakeStore) -> None:
+    runs = analysis.load_runs(agp_store.uri)
+    table = analysis.compare_methods(runs, "test_acc", reference="baseline")
+    assert table["knobs"].tolist() == ["sparsity=0.8", "sparsity=0.9", "sparsity=0.95"]
+    assert table["diff"].tolist() == pytest.approx([-0.7, -1.7, -4.7])  # agp's seeds gain 0.3 a seed, baselines not
+    assert (table["test"] == "paired t").all() and (table["n"] == 3).all()
+    against_agp = analysis.compare_methods(runs, "test_acc", reference="agp sparsity=0.9")
+    assert set(against_agp["reference"]) == {"agp sparsity=0.9"} and len(against_agp) == 3
+    with pytest.raises(ValueError, match=r"reference='agp' has 3 configurations in .*: agp sparsity=0.8, "
+                                         r"agp sparsity=0.9, agp sparsity=0.95; name one of them"):
+        analysis.compare_methods(runs, "test_acc", reference="agp")
+
+
+def test_pruning_curves_keep_other_knobs_apart() -> None:
+    runs = _knob_frame([{"model": "lenet5", "method": "agp", "seed": seed, "sparsity": sparsity,
+                         "params.method.sparsity": sparsity, "params.method.fine_tune.epochs": epochs,
+                         "test_acc": 90.0 + epochs + seed}
+                        for sparsity in (0.8, 0.9) for epochs in (1, 4) for seed in (0, 1)])
+    spread = analysis.seed_spread(runs)
+    assert spread[["knobs", "sparsity", "test_acc", "n"]].values.tolist() == [
+        ["epochs=1", 0.8, 91.5, 2], ["epochs=1", 0.9, 91.5, 2], ["epochs=4", 0.8, 94.5, 2], ["epochs=4", 0.9, 94.5, 2]]
+    legend = [t.get_text() for t in analysis.plot_pruning_curves(runs).axes[0].get_legend().get_texts()]
+    assert legend == ["agp epochs=1", "agp epochs=4"]
+
+
+def test_the_sweep_logs_its_configurations(agp_store: FakeStore) -> None:
+    parent = agp_store.add_run({"sweep": "s1", "role": "sweep"})
+    logged = analysis.log_sweep_figures(SweepInfo("s1", agp_store.uri, "workbench", parent))
+    assert "figures/configurations.csv" in logged
+    table = pd.read_csv(agp_store.client.download_artifacts(parent, "figures/configurations.csv"))
+    assert table["n"].tolist() == [3, 3, 3, 3] and table["latency_noisy"].sum() == 1

@@ -155,9 +155,13 @@ def test_grid_overview_notebook(digits_sweep: DigitsSweep, kernel: str) -> None:
                        {"tracking_uri": digits_sweep.uri, "sweep": digits_sweep.name, "budget": 100.0})
 
     assert len(outputs(notebook, "image/png")) == 3
-    assert any(text.startswith("8 runs; data: digits; model: lenet300, lenet5") for text in outputs(notebook, "stream"))
+    printed = "".join(outputs(notebook, "stream"))
+    assert "8 runs; data: digits; model: lenet300, lenet5" in printed
+    assert "every run of the grid FINISHED: none left out" in printed and "no run here was distilled" in printed
     tables = outputs(notebook, "text/html")
-    assert len(tables) == 4  # the grid, two fronts, the best runs
+    assert len(tables) == 5  # the configurations, the grid, two fronts, the best runs
+    configs = tables[0]  # magnitude has no knob that varies: one configuration per model, over seeds 0 and 1
+    assert configs.count("<td>magnitude</td>") == 2 and configs.count("<td>0,1</td>") == 4
     best = tables[-1]
     # with a 100-point budget every run fits: the best per model is its most compressed, a magnitude run
     assert best.count("<td>magnitude</td>") == 2 and "<td>lenet300</td>" in best and "<td>lenet5</td>" in best
