@@ -799,7 +799,9 @@ def convert(gm: fx.GraphModule, prepared: Prepared, keep_float: Iterable[str] = 
     _drop_float_quantizers(gm, set(fixed))
     for node in list(gm.graph.nodes):
         users = list(node.users)
-        if _is_relu(gm, node) and len(users) == 1 and users[0].op == "call_module" and users[0].target in fixed:
+        # a float layer keeps its ReLU: the runtime fuses it into the float kernel
+        if _is_relu(gm, node) and len(users) == 1 and users[0].op == "call_module" and users[0].target in fixed \
+                and not _is_float_layer(gm, node.args[0]):
             q = fixed[users[0].target]
             if int(q.zero_point) == torch.iinfo(q.zero_point.dtype).min:
                 node.replace_all_uses_with(node.args[0])
@@ -810,11 +812,15 @@ def convert(gm: fx.GraphModule, prepared: Prepared, keep_float: Iterable[str] = 
     return gm.eval()
 
 
+def _is_float_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return type(_module(gm, node)) in (nn.Conv2d, nn.Linear)
+
+
 def _drop_float_quantizers(gm: fx.GraphModule, quantizers: set[str]) -> None:
     """Remove each quantizer call whose input comes from float (the model input or a float layer,
-    through ReLU and grid-keeping ops) and that no int8 kernel reads (through grid-keeping ops and
-    the quantizer's shared calls): it would only round a float tensor, and between a
-    DequantizeLinear and a QuantizeLinear ONNX Runtime would quantize a float layer itself."""
+    through ReLU and grid-keeping ops) and that no int8 kernel reads directly: it would only round
+    a float tensor, and between a DequantizeLinear and a QuantizeLinear ONNX Runtime would quantize
+    a float layer itself."""
     def is_quantizer(node: fx.Node) -> bool:
         return node.op == "call_module" and node.target in quantizers
 
@@ -822,16 +828,14 @@ def _drop_float_quantizers(gm: fx.GraphModule, quantizers: set[str]) -> None:
         source = node.args[0]
         while _is_relu(gm, source) or _is_shared(gm, source):
             source = source.args[0]
-        return source.op == "placeholder" or type(_module(gm, source)) in (nn.Conv2d, nn.Linear)
+        return source.op == "placeholder" or _is_float_layer(gm, source)
 
     def read_by_int8(node: fx.Node) -> bool:
-        for user in node.users:
-            if isinstance(_module(gm, user), (Int8Layer, *OWN_SCALE_MODULES)) or \
-                    (user.op == "call_function" and user.target in ADDS):
-                return True  # an int8 layer, or an op ONNX Runtime runs in int8 on quantized inputs
-            if (_is_relu(gm, user) or _is_shared(gm, user) or is_quantizer(user)) and read_by_int8(user):
-                return True
-        return False
+        # directly: a float tensor is quantized at the last shared call before the int8 layer, so
+        # pooling and flatten after a float layer run in float (ONNX Runtime's uint8 NCHW MaxPool
+        # is 20x slower than its float NCHWc one on LeNet-5's second pooling)
+        return any(isinstance(_module(gm, user), (Int8Layer, *OWN_SCALE_MODULES)) or
+                   (user.op == "call_function" and user.target in ADDS) for user in node.users)
 
     for node in list(gm.graph.nodes):
         if is_quantizer(node) and float_source(node) and not read_by_int8(node):

@@ -259,7 +259,7 @@ def _deduplicate_initializers(graph) -> None:
 # ONNX Runtime's WeightBiasQuantization quantizes the weights of a float Conv/Gemm that sits
 # between a DequantizeLinear and a QuantizeLinear: it would turn the layers the quantization
 # callbacks left in float (slower in int8 on this machine, min_speedup) back into int8 kernels.
-KEEP_FLOAT_LAYERS = ["WeightBiasQuantization"]
+KEEP_FLOAT_LAYERS = ["WeightBiasQuantization", "QDQPropagationTransformer"]
 
 
 def _session(path: str | Path, options):
