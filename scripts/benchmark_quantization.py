@@ -53,7 +53,8 @@ from lightning_modules.evaluation.artifact import load_deployable  # noqa: E402
 from lightning_modules.tracking import Store, download_model_file, find_baseline_run  # noqa: E402
 
 COLUMNS = ["model", "hardware", "method", "test_acc", "acc_drop", "test_acc_fakequant", "compression_ratio",
-           "size_bytes", "speedup_bs1", "speedup_bs32", "int8_kernel_ops", "latency_ms_p50_bs32"]
+           "size_bytes", "speedup_bs1", "speedup_bs32", "int8_kernel_ops", "latency_ms_p50_bs32",
+           "layers_skipped_ptq_static", "layers_skipped_qat"]  # layers min_speedup kept float
 
 
 def method_overrides(spec: str) -> list[str]:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lightning_modules.compression.quantization import (
-    PTQStatic, QAT, LowBit, HistogramObserver, MinMaxObserver, MovingAverageObserver, QuantScheme,
+    Int8Layer, PTQStatic, QAT, LowBit, HistogramObserver, MinMaxObserver, MovingAverageObserver, QuantScheme,
     calibrate, convert, convert_dynamic, dequantized, fake_quantize, prepare, quant_params, quant_range, set_mode,
     weight_codes,
 )
@@ -207,7 +207,8 @@ def test_ptq_through_the_pipeline_on_onnx_runtime(tmp_path, store_uri, method) -
     assert result.returncode == 0, result.stderr[-3000:]
     run = next(r for r in all_runs(store_uri) if r.data.tags["method"] == method)
     metrics = run.data.metrics
-    assert metrics["int8_kernel_ops"] >= (5 if method == "ptq_static" else 3)
+    # min_speedup (ptq_static's default) keeps float the layers timed slower in int8 on this machine
+    assert metrics["int8_kernel_ops"] >= (5 - metrics.get("layers_skipped_ptq_static", 0) if method == "ptq_static" else 3)
     assert metrics["acc_drop"] <= 2.0
     assert metrics["size_bytes"] == metrics["size_bytes_onnx"]
     if method == "ptq_static":
@@ -220,7 +221,8 @@ def test_ptq_on_hardware_cpu_runs_on_pytorch_int8_kernels(tmp_path, store_uri) -
     result = run_train([*FAST, "method=ptq_static", "hardware=cpu"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = next(r for r in all_runs(store_uri) if r.data.tags["method"] == "ptq_static").data.metrics
-    assert metrics["int8_kernel_ops"] == 5  # compile: auto put every LeNet-5 layer on a oneDNN int8 kernel
+    # compile: auto put every LeNet-5 layer on a oneDNN int8 kernel, but those min_speedup kept float
+    assert metrics["int8_kernel_ops"] == 5 - metrics["layers_skipped_ptq_static"]
     assert not any(key.startswith("simulated_") for key in metrics)
     assert metrics["acc_drop"] <= 2.0
 
@@ -342,3 +344,57 @@ def test_mixed_precision_trains_with_the_chosen_bits() -> None:
     average = sum(row["weight_bits"] * sizes[row["layer"]] for row in rows) / sum(sizes.values())
     assert average <= 4.0
     assert all(row["sensitivity"] is not None for row in rows)
+
+
+# ----------------------------------------------------------------------------- min_speedup: layers slower in int8 stay float
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"min_speedup": 0}, r"min_speedup=0 is not valid; allowed: null or a number > 0"),
+    ({"min_speedup": True}, r"min_speedup=True is not valid"),
+    ({"min_speedup": 1.0, "bits": 4}, r"min_speedup=1.0 is not valid with bits=4"),
+    ({"runtime": "tvm"}, r"runtime='tvm' is not valid; allowed: torch, inductor, ort"),
+    ({"compile": "maybe"}, r"compile='maybe' is not valid; allowed: false, true, auto"),
+])
+def test_min_speedup_validation_names_the_key(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        PTQStatic(**kwargs)
+
+
+def test_a_layer_kept_float_reads_and_writes_float_tensors_in_onnx_runtime(tmp_path) -> None:
+    model = LeNet5(1, 28, 10).eval()
+    gm, prepared = _calibrated(model, QuantScheme())
+    quantized = convert(gm, prepared, keep_float=["features.0", "features.3"])
+    first = next(n for n in quantized.graph.nodes if n.op == "call_module")
+    assert first.target == "features.0" and type(quantized.get_submodule("features.0")) is nn.Conv2d  # no input QDQ
+    x = torch.rand(8, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(quantized(x), model(x), atol=0.05 * float(model(x).abs().max()))
+    export_onnx(quantized, tmp_path / "mixed.onnx", (1, 28, 28))
+    ops = optimized_ops(tmp_path / "mixed.onnx")
+    # both convolutions stay float kernels (ONNX Runtime does not quantize them itself); the Linears run in int8
+    assert "QLinearConv" not in ops and ops.count("QGemm") == 3
+    assert torch.allclose(ort_load(tmp_path / "mixed.onnx", torch.device("cpu"), 1)(x), quantized(x), atol=1e-2)
+
+
+@pytest.mark.parametrize("runtime", ["ort", "inductor"])
+def test_min_speedup_keeps_slower_layers_float_and_lists_them_with_both_timings(runtime) -> None:
+    # a threshold no int8 kernel meets: every layer is timed, found slower, kept float and listed
+    strict = PTQStatic(min_speedup=1e6, runtime=runtime, compile="auto", threads=1)
+    model, _ = _fit(strict, epochs=1, batches=2)
+    finalized = strict.finalize(model)
+    assert not any(isinstance(m, Int8Layer) for m in finalized.modules())
+    rows = strict.summary(finalized)
+    assert len(rows) == 5 and all(row["type"] == "float" for row in rows)
+    for row in rows:
+        assert row["float_ms"] > 0 and row["int8_ms"] > 0
+        assert f"int8 {row['int8_ms']:.4f} ms vs float {row['float_ms']:.4f} ms at batch 32 on {runtime}" in row["skipped"]
+        assert "< min_speedup=1000000.0" in row["skipped"]
+
+
+def test_min_speedup_null_quantizes_every_layer_and_times_nothing() -> None:
+    callback = PTQStatic(min_speedup=None, runtime="ort")
+    model, _ = _fit(callback, epochs=1, batches=2)
+    rows = callback.summary(callback.finalize(model))
+    assert len(rows) == 5 and not any(row["skipped"] for row in rows)
+    assert "float_ms" not in rows[0] and callback.layer_timings == {}

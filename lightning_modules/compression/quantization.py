@@ -684,7 +684,7 @@ BATCHNORM_MODES = ("fold", "freeze")
 def prepare(model: nn.Module, scheme: QuantScheme, layer_schemes: dict[str, QuantScheme] | None = None,
             skip: Iterable[str] = (), batchnorm: str = "fold") -> tuple[fx.GraphModule, Prepared]:
     """Trace, handle BatchNorm, wrap every Conv2d/Linear to fake-quantize its weights and insert an
-    activation quantizer on the model input and on each tensor an int8 kernel reads or writes.
+    activation quantizer on each tensor an int8 kernel reads or writes (the model input included).
 
     `batchnorm="fold"` folds each Conv2d's BatchNorm into it now, with the running statistics,
     which then never change; `"freeze"` keeps the BatchNorm beside its convolution with the fold
@@ -711,11 +711,11 @@ def prepare(model: nn.Module, scheme: QuantScheme, layer_schemes: dict[str, Quan
         users = list(node.users)
         return users[0] if len(users) == 1 and _is_relu(gm, users[0]) else node
 
+    # the model input is quantized where an int8 layer first reads it (not at the placeholder): a
+    # first layer left in float then reads the float input, without a quantize-dequantize pair
     for node in list(gm.graph.nodes):
         module = _module(gm, node)
-        if node.op == "placeholder":
-            new_quantizer(node)
-        elif isinstance(module, (nn.Conv2d, nn.Linear)):
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
             if node.target in skip:
                 prepared.skipped[node.target] = "listed in skip_layers"
                 continue
@@ -768,10 +768,15 @@ def calibrate(gm: nn.Module, prepared: Prepared, batches: Iterable[torch.Tensor]
     return seen
 
 
-def convert(gm: fx.GraphModule, prepared: Prepared) -> fx.GraphModule:
+def convert(gm: fx.GraphModule, prepared: Prepared, keep_float: Iterable[str] = ()) -> fx.GraphModule:
     """The deployable int8 form: fixed quantizers, integer weights, ReLU folded where the next
-    quantizer's clamp already does its work (zero point at the bottom of the code range)."""
+    quantizer's clamp already does its work (zero point at the bottom of the code range).
+
+    Layers named in `keep_float` become plain float Conv2d/Linear (BatchNorm folded in, weights
+    as trained); then the quantizers between float tensors go (`_drop_float_quantizers`).
+    """
     gm = gm.cpu()
+    keep_float = set(keep_float)
     fixed: dict[str, FixedQuantizeDequantize] = {}
     for name, quantizer in prepared.quantizers.items():
         scale, zero_point = quantizer.qparams()
@@ -780,17 +785,23 @@ def convert(gm: fx.GraphModule, prepared: Prepared) -> fx.GraphModule:
         gm.set_submodule(name, fixed[name])
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target in prepared.layers:
+            wrapper = prepared.layers[node.target]
+            if isinstance(wrapper, QuantizedConvBatchNorm):
+                wrapper = wrapper.folded()
+            if node.target in keep_float:
+                gm.set_submodule(node.target, copy.deepcopy(wrapper.layer).requires_grad_(False))
+                continue
             source = node.args[0]
             input_scale = fixed[source.target].scale if source.op == "call_module" and source.target in fixed else None
             if input_scale is None:
                 raise RuntimeError(f"layer {node.target} reads an unquantized tensor; prepare() should have quantized it")
-            wrapper = prepared.layers[node.target]
-            if isinstance(wrapper, QuantizedConvBatchNorm):
-                wrapper = wrapper.folded()
             gm.set_submodule(node.target, Int8Layer(wrapper, input_scale))
+    _drop_float_quantizers(gm, set(fixed))
     for node in list(gm.graph.nodes):
         users = list(node.users)
-        if _is_relu(gm, node) and len(users) == 1 and users[0].op == "call_module" and users[0].target in fixed:
+        # a float layer keeps its ReLU: the runtime fuses it into the float kernel
+        if _is_relu(gm, node) and len(users) == 1 and users[0].op == "call_module" and users[0].target in fixed \
+                and not _is_float_layer(gm, node.args[0]):
             q = fixed[users[0].target]
             if int(q.zero_point) == torch.iinfo(q.zero_point.dtype).min:
                 node.replace_all_uses_with(node.args[0])
@@ -799,6 +810,71 @@ def convert(gm: fx.GraphModule, prepared: Prepared) -> fx.GraphModule:
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm.eval()
+
+
+def _is_float_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return type(_module(gm, node)) in (nn.Conv2d, nn.Linear)
+
+
+def _drop_float_quantizers(gm: fx.GraphModule, quantizers: set[str]) -> None:
+    """Remove each quantizer call whose input comes from float (the model input or a float layer,
+    through ReLU and grid-keeping ops) and that no int8 kernel reads directly: it would only round
+    a float tensor, and between a DequantizeLinear and a QuantizeLinear ONNX Runtime would quantize
+    a float layer itself."""
+    def is_quantizer(node: fx.Node) -> bool:
+        return node.op == "call_module" and node.target in quantizers
+
+    def float_source(node: fx.Node) -> bool:
+        source = node.args[0]
+        while _is_relu(gm, source) or _is_shared(gm, source):
+            source = source.args[0]
+        return source.op == "placeholder" or _is_float_layer(gm, source)
+
+    def read_by_int8(node: fx.Node) -> bool:
+        # directly: a float tensor is quantized at the last shared call before the int8 layer, so
+        # pooling and flatten after a float layer run in float (ONNX Runtime's uint8 NCHW MaxPool
+        # is 20x slower than its float NCHWc one on LeNet-5's second pooling)
+        return any(isinstance(_module(gm, user), (Int8Layer, *OWN_SCALE_MODULES)) or
+                   (user.op == "call_function" and user.target in ADDS) for user in node.users)
+
+    for node in list(gm.graph.nodes):
+        if is_quantizer(node) and float_source(node) and not read_by_int8(node):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+
+
+def _layer_pairs(converted: fx.GraphModule, example: torch.Tensor) -> dict[str, tuple[nn.Module, nn.Sequential, tuple]]:
+    """{layer: (float layer, Sequential(input quantizer, Int8Layer, output quantizer), input shape)}
+    for every Int8Layer of a converted model whose output is quantized; the shapes come from
+    running `example` through it."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def recorder(name: str) -> Callable[..., None]:
+        def record(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:  # None: the input stays
+            shapes.setdefault(name, tuple(args[0].shape[1:]))
+        return record
+
+    hooks = [module.register_forward_pre_hook(recorder(name))
+             for name, module in converted.named_modules() if isinstance(module, Int8Layer)]
+    try:
+        with torch.no_grad():
+            converted(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    pairs = {}
+    for node in converted.graph.nodes:
+        layer = _module(converted, node)
+        if not isinstance(layer, Int8Layer) or node.target not in shapes:
+            continue
+        source = _module(converted, node.args[0])
+        targets = [_module(converted, user) for user in node.users]
+        if not isinstance(source, FixedQuantizeDequantize) or len(targets) != 1 or \
+                not isinstance(targets[0], FixedQuantizeDequantize):
+            continue
+        pairs[node.target] = (_float_layer(layer).eval(), nn.Sequential(source, layer, targets[0]).eval(),
+                              shapes[node.target])
+    return pairs
 
 
 def convert_dynamic(model: nn.Module, skip: Iterable[str] = ()) -> tuple[nn.Module, dict[str, str]]:
@@ -948,6 +1024,16 @@ class StaticQuantization(CompressionCallback):
         learn_scales: see QuantScheme.
         calibration_batches: training batches the observers see before the scales are fixed.
         skip_layers: Conv/Linear layer names left in float (logged).
+        min_speedup: null, or at finalize time every layer in float and in int8 on the run's
+            runtime and threads (side by side, interleaved, after warm-up, at `speed_batch`) and
+            keep in float each layer whose int8 form is not at least this much faster: an int8
+            kernel is not faster everywhere (LeNet-5's one-channel first convolution runs ~6x
+            slower in ONNX Runtime's QLinearConv than in its float Conv). The layers kept float
+            are listed in the summary with both timings. Needs 8-bit weights and activations.
+        speed_batch: the batch size at which `min_speedup` times the layers.
+        runtime, compile, threads: the run's hardware.runtime, hardware.compile and
+            hardware.threads: where `min_speedup` times (ort: ONNX Runtime; torch with compile
+            true/auto: Inductor's oneDNN kernels; torch eager simulates int8 and times nothing).
     """
 
     name = "quantization"
@@ -957,13 +1043,25 @@ class StaticQuantization(CompressionCallback):
     def __init__(self, bits: int | str = 8, activation_bits: int = 8, observer: str = "minmax",
                  percentile: float = 99.99, momentum: float = 0.1, per_channel: bool = True,
                  symmetric_weights: bool = True, symmetric_activations: bool = False, learn_scales: bool = False,
-                 calibration_batches: int = 16, skip_layers: Iterable[str] = ()) -> None:
+                 calibration_batches: int = 16, skip_layers: Iterable[str] = (), min_speedup: float | None = None,
+                 speed_batch: int = 32, runtime: str = "torch", compile: bool | str = "auto",
+                 threads: int | None = None) -> None:
         self.scheme = _scheme(weight_bits=bits, activation_bits=activation_bits, observer=observer,
                               percentile=percentile, momentum=momentum, per_channel=per_channel,
                               symmetric_weights=symmetric_weights, symmetric_activations=symmetric_activations,
                               learn_scales=learn_scales)
         self.calibration_batches = check_int("calibration_batches", calibration_batches, 1)
         self.skip_layers = list(skip_layers)
+        self.min_speedup = self._check_min_speedup(min_speedup)
+        self.speed_batch = check_int("speed_batch", speed_batch, 1)
+        self.runtime = check_choice("runtime", runtime, ("torch", "inductor", "ort"))
+        if not (isinstance(compile, bool) or compile == "auto"):
+            raise ValueError(f"compile={compile!r} is not valid; allowed: false, true, auto")
+        self.compile = compile
+        self.threads = None if threads is None else check_int("threads", threads, 1)
+        self.example: torch.Tensor | None = None  # one training image: the layers' input shapes for min_speedup
+        self.layer_timings: dict[str, tuple[float, float]] = {}  # layer -> (float ms, int8 ms) at speed_batch
+        self.kept_float: dict[str, str] = {}  # layer -> why min_speedup kept it float
         self.layer_schemes: dict[str, QuantScheme] = {}
         self.prepared: Prepared | None = None
         self.calibrated_images = 0
@@ -975,8 +1073,21 @@ class StaticQuantization(CompressionCallback):
             self.prepare(pl_module, trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.min_speedup is not None and self.example is None:
+            self.example = training_batches(trainer, 1, f"{self.name} min_speedup")[0][0][:1].detach().cpu()
         if self.calibrated_images == 0:
             self.calibrate(pl_module.model, trainer)
+
+    def _check_min_speedup(self, min_speedup: float | None) -> float | None:
+        if min_speedup is None:
+            return None
+        if isinstance(min_speedup, bool) or not isinstance(min_speedup, (int, float)) or min_speedup <= 0:
+            raise ValueError(f"min_speedup={min_speedup!r} is not valid; allowed: null or a number > 0")
+        if self.scheme.weight_bits != 8 or self.scheme.activation_bits != 8:
+            raise ValueError(f"min_speedup={min_speedup!r} is not valid with bits={self.scheme.weight_bits!r}, "
+                             f"activation_bits={self.scheme.activation_bits}; allowed: null (it times int8 kernels: "
+                             f"8-bit weights and activations)")
+        return float(min_speedup)
 
     # -- the workers
     def prepare(self, pl_module: pl.LightningModule, trainer: pl.Trainer | None = None) -> None:
@@ -1004,7 +1115,33 @@ class StaticQuantization(CompressionCallback):
         for wrapper in self.prepared.layers.values():
             wrapper.fake_quant = True
         self.fakequant_model = copy.deepcopy(model).eval()
-        return convert(model, self.prepared)
+        self.kept_float = self.slower_in_int8(model) if self.min_speedup is not None else {}
+        return convert(model, self.prepared, keep_float=self.kept_float)
+
+    def slower_in_int8(self, model: nn.Module) -> dict[str, str]:
+        """{layer: reason} for each layer whose int8 form runs less than `min_speedup` times as fast
+        as its float form on the run's runtime (each timed alone, float and int8 interleaved)."""
+        from lightning_modules.evaluation.runtime import measured_runtime, time_int8_layer
+
+        runtime = measured_runtime(self.runtime, self.compile, quantized=True)
+        if runtime == "torch":
+            log.info("%s: min_speedup not applied: runtime torch without compile simulates int8 (no int8 kernels "
+                     "to time); every layer is quantized", self.name)
+            return {}
+        if self.example is None:
+            raise RuntimeError(f"{self.name}: min_speedup={self.min_speedup} needs an example input (taken when "
+                               f"fitting starts); allowed without one: min_speedup=null")
+        trial = convert(copy.deepcopy(model), self.prepared)
+        kept: dict[str, str] = {}
+        for name, (float_layer, int8_layer, input_shape) in _layer_pairs(trial, self.example).items():
+            float_ms, int8_ms = time_int8_layer(runtime, float_layer, int8_layer, input_shape, self.speed_batch,
+                                                self.threads)
+            self.layer_timings[name] = (float_ms, int8_ms)
+            if float_ms / int8_ms < self.min_speedup:
+                kept[name] = (f"int8 {int8_ms:.4f} ms vs float {float_ms:.4f} ms at batch {self.speed_batch} on "
+                              f"{runtime} ({float_ms / int8_ms:.2f}x < min_speedup={self.min_speedup})")
+                log.info("%s keeps %s in float: %s", self.name, name, kept[name])
+        return kept
 
     def reference_models(self) -> dict[str, nn.Module]:
         """The fake-quant training model, scored beside the deployed one as test_acc_fakequant."""
@@ -1016,10 +1153,19 @@ class StaticQuantization(CompressionCallback):
             if isinstance(module, Int8Layer):
                 rows.append({"layer": name, "type": module.kind, "weight_bits": module.weight_bits,
                              "activation_bits": self.scheme.activation_bits, "weights": module.weight_codes.numel(),
-                             "weight_scale_mean": float(module.weight_scale.mean()), "skipped": ""})
+                             "weight_scale_mean": float(module.weight_scale.mean()), **self._timing_columns(name),
+                             "skipped": ""})
+        skipped = {**(self.prepared.skipped if self.prepared else {}), **self.kept_float}
         rows += [{"layer": name, "type": "float", "weight_bits": 32, "activation_bits": 32, "weights": None,
-                  "weight_scale_mean": None, "skipped": reason} for name, reason in (self.prepared.skipped if self.prepared else {}).items()]
+                  "weight_scale_mean": None, **self._timing_columns(name), "skipped": reason}
+                 for name, reason in skipped.items()]
         return rows
+
+    def _timing_columns(self, name: str) -> dict[str, float | None]:
+        if self.min_speedup is None:
+            return {}
+        float_ms, int8_ms = self.layer_timings.get(name, (None, None))
+        return {"float_ms": float_ms, "int8_ms": int8_ms}
 
     def state_dict(self) -> dict[str, Any]:
         return {"calibrated_images": self.calibrated_images, "layer_schemes": dict(self.layer_schemes)}

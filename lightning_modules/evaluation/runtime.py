@@ -175,7 +175,7 @@ def _store_as_int8_operators(path: Path) -> None:
         fused = str(Path(folder) / "fused.onnx")
         options = _session_options(1, fused)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        _session(path, options)
         model = onnx.load(fused)
     for node in model.graph.node:
         node.name = ""
@@ -256,6 +256,19 @@ def _deduplicate_initializers(graph) -> None:
         node.input[:] = [alias.get(name, name) for name in node.input]
 
 
+# ONNX Runtime's WeightBiasQuantization quantizes the weights of a float Conv/Gemm that sits
+# between a DequantizeLinear and a QuantizeLinear: it would turn the layers the quantization
+# callbacks left in float (slower in int8 on this machine, min_speedup) back into int8 kernels.
+KEEP_FLOAT_LAYERS = ["WeightBiasQuantization", "QDQPropagationTransformer"]
+
+
+def _session(path: str | Path, options):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=KEEP_FLOAT_LAYERS)
+
+
 def _session_options(threads: int | None, optimized_path: str | None = None):
     import onnxruntime as ort
 
@@ -274,10 +287,8 @@ class OrtModel:
     """An ONNX Runtime session that takes and returns torch tensors, like a module."""
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(self.path), _session_options(threads), providers=["CPUExecutionProvider"])
+        self.session = _session(self.path, _session_options(threads))
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -288,11 +299,10 @@ class OrtModel:
 def optimized_ops(path: str | Path) -> list[str]:
     """The op types of the graph ONNX Runtime really executes (after its fusions), in order."""
     import onnx
-    import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as folder:
         optimized = str(Path(folder) / "optimized.onnx")
-        ort.InferenceSession(str(path), _session_options(1, optimized), providers=["CPUExecutionProvider"])
+        _session(path, _session_options(1, optimized))
         return [node.op_type for node in onnx.load(optimized).graph.node]
 
 
@@ -344,7 +354,132 @@ def runtime_name(hardware, quantized: bool) -> str:
     """The runtime that measures a model on `hardware`: runtime torch becomes inductor when
     `hardware.compile` is true, or `auto` and the measured model is int8 (its baseline follows,
     so both are deployed the same way)."""
-    mode = hardware.get("compile", False)  # validated with the config (config.py)
-    if hardware.runtime == "torch" and (mode is True or (mode == "auto" and quantized)):
+    return measured_runtime(hardware.runtime, hardware.get("compile", False), quantized)  # validated in config.py
+
+
+def measured_runtime(runtime: str, compile_mode: bool | str, quantized: bool) -> str:
+    if runtime == "torch" and (compile_mode is True or (compile_mode == "auto" and quantized)):
         return "inductor"
-    return hardware.runtime
+    return runtime
+
+
+# ----------------------------------------------------------------------------- one layer, int8 against float
+
+
+def time_int8_layer(runtime: str, float_layer: nn.Module, int8_layer: nn.Module, input_shape: tuple[int, ...],
+                    batch: int, threads: int | None, warmup: int = 10, repeats: int = 40) -> tuple[float, float]:
+    """p50 latency (ms) at `batch` of one layer in float and in int8 on `runtime` (ort or inductor),
+    timed interleaved after warm-up on `threads` threads: what min_speedup of the quantization
+    callbacks decides from.
+
+    `int8_layer` is nn.Sequential(input quantizer, Int8Layer, output quantizer) of the deployable
+    model. On ort both run in ONNX Runtime (graphs written directly), the int8 one fused into
+    QuantizeLinear -> QLinearConv/QGemm -> DequantizeLinear: it pays a quantize and a dequantize
+    that a layer between int8 neighbours does not, as a float layer between int8 neighbours pays a
+    dequantize and a quantize. On inductor the int8 layer is the oneDNN kernel Inductor calls
+    (qconv/qlinear, prepacked weights, uint8 NHWC in and out) and the float one the oneDNN float
+    convolution/matmul on channels-last input, both without compiling (seconds per model, not minutes).
+    """
+    from lightning_modules.evaluation.latency import measure_latency
+
+    if runtime == "ort":
+        folder = Path(tempfile.mkdtemp(prefix="workbench-layer-"))
+        models = {}
+        for kind, graph in _layer_graphs(float_layer, int8_layer, input_shape).items():
+            _save_graph(graph, folder / f"{kind}.onnx")
+            models[kind] = OrtModel(folder / f"{kind}.onnx", threads)
+    elif runtime == "inductor":
+        models = {"float": _channels_last(float_layer.eval()), "int8": _OneDnnInt8(int8_layer, (batch, *input_shape))}
+    else:
+        raise ValueError(f"runtime={runtime!r} has no int8 kernels to time; allowed: ort, inductor")
+    times = measure_latency(models, input_shape, [batch], torch.device("cpu"), warmup, repeats)
+    key = f"latency_ms_p50_bs{batch}"
+    return times["float"][key], times["int8"][key]
+
+
+def _layer_graphs(float_layer: nn.Module, int8_layer: nn.Sequential, input_shape: tuple[int, ...]) -> dict:
+    """One layer as two ONNX graphs, written directly (the exporter takes seconds per graph): float
+    Conv/Gemm, and the QDQ form the exporter writes for the deployable model (QuantizeLinear,
+    DequantizeLinear of the input, of the int8 weight codes and of the int32 bias around the
+    Conv/Gemm, QuantizeLinear and DequantizeLinear of the output), which ONNX Runtime fuses the same way."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    source, layer, target = int8_layer[0], int8_layer[1], int8_layer[2]
+    conv = layer.kind == "conv"
+
+    def attributes() -> dict:
+        if not conv:
+            return {"transB": 1}
+        stride, padding, dilation, groups = layer.conv_args
+        return {"strides": list(stride), "pads": [*padding, *padding], "dilations": list(dilation), "group": groups}
+
+    def const(name: str, value: torch.Tensor):
+        return numpy_helper.from_array(value.detach().cpu().numpy(), name)
+
+    op = "Conv" if conv else "Gemm"
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *input_shape])]
+    outputs = [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)]
+    float_graph = helper.make_graph([helper.make_node(op, ["input", "w", "b"], ["output"], **attributes())], "float",
+                                    inputs, outputs, [const("w", float_layer.weight), const("b", float_layer.bias)])
+    nodes = [helper.make_node("QuantizeLinear", ["input", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["x"]),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], axis=0),
+             helper.make_node("DequantizeLinear", ["bq", "bs", "bz"], ["b"], axis=0),
+             helper.make_node(op, ["x", "w", "b"], ["y"], **attributes()),
+             helper.make_node("QuantizeLinear", ["y", "ys", "yz"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["output"])]
+    constants = [const("xs", source.scale), const("xz", source.zero_point), const("wq", layer.weight_codes),
+                 const("ws", layer.weight_scale), const("wz", layer.weight_zero_point), const("bq", layer.bias_codes),
+                 const("bs", layer.bias_scale), const("bz", layer.bias_zero_point), const("ys", target.scale),
+                 const("yz", target.zero_point)]
+    int8_graph = helper.make_graph(nodes, "int8", inputs, outputs, constants)
+    return {"float": float_graph, "int8": int8_graph}
+
+
+def _save_graph(graph, path: Path) -> None:
+    from onnx import helper
+
+    helper_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    helper_model.ir_version = 8
+    path.write_bytes(helper_model.SerializeToString())
+
+
+def _channels_last(layer: nn.Module) -> Deployed:
+    if not isinstance(layer, nn.Conv2d):
+        return layer
+    layer = layer.to(memory_format=torch.channels_last)
+    return lambda x: layer(x.contiguous(memory_format=torch.channels_last))
+
+
+class _OneDnnInt8:
+    """One Int8Layer as the oneDNN int8 kernel Inductor lowers it to, fed the uint8 NHWC codes of
+    its input (quantized once, outside the timing, as an int8 neighbour would hand them over)."""
+
+    def __init__(self, micro: nn.Sequential, shape: tuple[int, ...]) -> None:
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401  (registers the onednn ops)
+
+        source, layer, target = micro[0], micro[1], micro[2]
+        self.x_scale, self.x_zero_point = float(source.scale), int(source.zero_point)
+        self.out_scale, self.out_zero_point = float(target.scale), int(target.zero_point)
+        self.layer = layer
+        self.w_scale = layer.weight_scale.float().expand(layer.weight_codes.shape[0]).contiguous()
+        self.w_zero_point = torch.zeros(layer.weight_codes.shape[0], dtype=torch.int64)
+        self.bias = layer.bias_codes.float() * layer.bias_scale
+        codes = torch.randint(0, 256, shape, dtype=torch.uint8)
+        if layer.kind == "conv":
+            self.stride, self.padding, self.dilation, self.groups = (list(a) if isinstance(a, tuple) else a
+                                                                     for a in layer.conv_args)
+            self.codes = codes.contiguous(memory_format=torch.channels_last)
+            self.weight = torch.ops.onednn.qconv_prepack(layer.weight_codes, self.w_scale, self.x_scale,
+                                                         self.x_zero_point, self.stride, self.padding, self.dilation,
+                                                         self.groups, list(shape))
+        else:
+            self.codes = codes
+            self.weight = torch.ops.onednn.qlinear_prepack(layer.weight_codes, list(shape))
+
+    def __call__(self, _inputs: torch.Tensor) -> torch.Tensor:
+        common = (self.codes, self.x_scale, self.x_zero_point, self.weight, self.w_scale, self.w_zero_point, self.bias)
+        if self.layer.kind == "conv":
+            return torch.ops.onednn.qconv_pointwise(*common, self.stride, self.padding, self.dilation, self.groups,
+                                                    self.out_scale, self.out_zero_point, None, "none", [], "")
+        return torch.ops.onednn.qlinear_pointwise(*common, self.out_scale, self.out_zero_point, None, "none", [], "")
