@@ -107,3 +107,12 @@ def test_shipped_lowbit_default_on_lenet300_mnist5k(tmp_path: Path, store_uri: s
     assert run.info.status == "FINISHED"
     assert metrics["acc_drop"] <= 2.0
     assert abs(metrics["test_acc"] - metrics["test_acc_fakequant"]) <= 0.3
+
+
+def test_binary_codes_are_stored_at_one_bit() -> None:
+    from lightning_modules.evaluation.artifact import decode_tensor, encode_tensor
+
+    codes = torch.where(torch.randn(64, 100) >= 0, 1, -1).to(torch.int8)
+    encoded = encode_tensor(codes)
+    assert encoded["bits"] == 1 and encoded["indices"].numel() == 64 * 100 // 8
+    assert torch.equal(decode_tensor(encoded), codes)

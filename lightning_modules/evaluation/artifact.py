@@ -122,8 +122,11 @@ def encode_tensor(tensor: torch.Tensor) -> Encoded:
     if tensor.numel() < 64:
         return dense
     if tensor.dtype in (torch.int8, torch.uint8):
-        packed = _encode_packed(tensor)
-        return packed if _payload_bytes(packed) < _payload_bytes(dense) else dense
+        candidates = [dense, _encode_packed(tensor)]
+        codebook, indices = torch.unique(tensor.flatten(), return_inverse=True)
+        if codebook.numel() <= 2:  # binary codes -1, +1: one bit each (packing their range takes two)
+            candidates.append(_encode_codebook(tensor, codebook, indices))
+        return min(candidates, key=_payload_bytes)
     if not tensor.is_floating_point():
         return dense
     candidates = [dense, _encode_bitmask(tensor)]
