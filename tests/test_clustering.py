@@ -70,3 +70,19 @@ def test_fine_tuning_keeps_16_shared_values_and_the_artifact_stores_a_codebook(t
     assert dense / size > 6  # 32-bit weights to 4-bit indices + 16 centroids per layer
     x = torch.rand(5, 1, 8, 8)
     assert torch.equal(load_deployable(tmp_path / "model.pt")(x), final(x))
+
+
+def test_loaded_clustered_model_holds_plain_float_layers_and_predicts_as_saved(tmp_path) -> None:
+    """The codebook is decoded once, when the file is loaded: plain Linear layers of float weights."""
+    torch.manual_seed(0)
+    model = LeNet300(1, 8, 10).eval()
+    callback = WeightClustering(bits=4)
+    callback.cluster(model)
+    final = callback.finalize(model).eval()
+    save_deployable(final, tmp_path / "model.pt")
+    loaded = load_deployable(tmp_path / "model.pt")
+    layers = [m for m in loaded.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(layers) == 3 and all(type(m) is torch.nn.Linear and m.weight.dtype == torch.float32 for m in layers)
+    x = torch.rand(16, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), final(x))

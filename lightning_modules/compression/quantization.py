@@ -357,9 +357,10 @@ class ActivationQuantizer(nn.Module):
             return x
         qmin, qmax = self.scheme.activation_range()
         if self.step is not None:
-            _, zero_point = self.qparams()
-            shift = zero_point.to(x) * self.step
-            return lsq_quantize(x + shift, self.step, qmin - int(zero_point), qmax - int(zero_point)) - shift
+            # codes round(x / s) + z clamped to [qmin, qmax], minus z: round(x / s) clamped to
+            # [qmin - z, qmax - z], exactly what the deployed FixedQuantizeDequantize computes
+            zero_point = int(self.qparams()[1])
+            return lsq_quantize(x, self.step, qmin - zero_point, qmax - zero_point)
         scale, zero_point = self.qparams()
         return fake_quantize(x, scale.to(x), zero_point.to(x), qmin, qmax)
 
@@ -919,6 +920,21 @@ def _float_layer(module: Int8Layer | DynamicInt8Linear) -> nn.Module:
         layer.bias.copy_(bias)
     layer.weight.copy_(weight)
     return layer
+
+
+def decode_low_bit(model: nn.Module) -> nn.Module:
+    """Each layer whose codes are narrower than 8 bits (stored packed) as the plain Conv2d/Linear
+    holding its dequantized weights, in place: decoded once, when the file is loaded, instead of
+    at every call. No CPU kernel reads 2..7-bit codes, so this float form is what runs. The
+    outputs are unchanged (the same weights and bias in the same float kernels); the activation
+    quantizers stay. The layer keeps `weight_bits`, the width its weights are stored at (the
+    report reads it to name the latency `dequantized`)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Int8Layer) and module.weight_bits < 8:
+            layer = _float_layer(module).to(module.weight_scale.device)
+            layer.weight_bits = module.weight_bits
+            model.set_submodule(name, layer)
+    return model
 
 
 def dequantized(model: nn.Module) -> nn.Module:

@@ -8,7 +8,10 @@ weights) and the weights, each tensor in the smallest of the registered encoding
               smallest code, then b bits per entry, packed (ceil(n b / 8) bytes)
     codebook  a float tensor with at most 256 distinct values (weight clustering): the distinct
               values, then each entry's index packed at ceil(log2(values)) bits
-`load_deployable` rebuilds the identical model. Methods that store weights differently add an
+`load_deployable` rebuilds the model and decodes what no kernel reads once, at load: layers of
+packed low-bit codes become plain Conv2d/Linear layers of float weights (quantization.py:
+decode_low_bit), a codebook tensor becomes its float values; the outputs are those of the saved
+model, the file keeps the narrow encodings (its size is unchanged). Methods that store weights differently add an
 encoding here and touch nothing else.
 """
 
@@ -22,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from lightning_modules.compression.quantization import decode_low_bit
 
 FORMAT = "compression-workbench/deployable-v1"
 
@@ -117,8 +122,11 @@ def encode_tensor(tensor: torch.Tensor) -> Encoded:
     if tensor.numel() < 64:
         return dense
     if tensor.dtype in (torch.int8, torch.uint8):
-        packed = _encode_packed(tensor)
-        return packed if _payload_bytes(packed) < _payload_bytes(dense) else dense
+        candidates = [dense, _encode_packed(tensor)]
+        codebook, indices = torch.unique(tensor.flatten(), return_inverse=True)
+        if codebook.numel() <= 2:  # binary codes -1, +1: one bit each (packing their range takes two)
+            candidates.append(_encode_codebook(tensor, codebook, indices))
+        return min(candidates, key=_payload_bytes)
     if not tensor.is_floating_point():
         return dense
     candidates = [dense, _encode_bitmask(tensor)]
@@ -151,7 +159,7 @@ def load_deployable(path: str | Path, device: str | torch.device = "cpu") -> nn.
         raise ValueError(f"{path} is not a workbench artifact (format {payload.get('format')!r}, expected {FORMAT!r})")
     model = payload["skeleton"].to_empty(device=device)
     model.load_state_dict({key: decode_tensor(value) for key, value in payload["state"].items()})
-    return model.eval()
+    return decode_low_bit(model).eval()
 
 
 def encoding_table(model: nn.Module) -> list[dict[str, Any]]:
