@@ -259,6 +259,15 @@ def test_global_scope_hits_the_target_over_the_pruned_layers_and_skips_first_and
     assert rows["classifier.3"]["sparsity"] == pytest.approx(0.9, abs=0.001)
 
 
+def test_by_default_no_layer_is_spared_so_the_whole_model_reaches_the_sparsity() -> None:
+    model = LeNet300(1, 8, 10)
+    callback = MagnitudePruning(sparsity=0.9)
+    callback.prune(model)
+    assert callback.skipped == {}
+    weights = [model.classifier[i].weight for i in (1, 3, 5)]
+    assert sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights) == pytest.approx(0.9, abs=1e-4)
+
+
 def test_random_criterion_differs_from_magnitude() -> None:
     torch.manual_seed(0)
     model_a, model_b = LeNet300(1, 8, 10), LeNet300(1, 8, 10)
@@ -286,10 +295,11 @@ def test_lightning_reference_reaches_the_target_at_the_end_of_its_ramp() -> None
 
 @pytest.mark.slow
 def test_lightning_reference_trains_to_the_target_with_its_first_and_last_layers_dense() -> None:
-    callback = LightningReference(0.8, ramp_epochs=2, initial_sparsity=0.5)
+    callback = LightningReference(0.8, ramp_epochs=2, initial_sparsity=0.5, skip_layers=["first", "last"])
     trained = callback.finalize(_train([callback], LeNet300(1, 8, 10), epochs=3))
     assert _layer_sparsity(trained.classifier[3]) == pytest.approx(0.8, abs=0.01)
     assert _layer_sparsity(trained.classifier[1]) == 0.0 and _layer_sparsity(trained.classifier[5]) == 0.0
+    assert int(torch.count_nonzero(trained.classifier[3].bias)) == 100  # weights only, as AGP: biases stay
 
 
 # ----------------------------------------------------------------------------- validation
