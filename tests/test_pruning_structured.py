@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mlflow
+import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -17,6 +19,7 @@ from lightning_modules.data import InMemoryDataModule
 from lightning_modules.evaluation.artifact import load_deployable, save_deployable
 from lightning_modules.models import LeNet5, LeNet300, mobilenetv2, resnet20
 from lightning_modules.task import ClassificationTask
+from tests.conftest import all_runs, run_train
 
 MODELS = {
     "lenet300": (lambda: LeNet300(1, 28, 10), (1, 28, 28)),
@@ -388,11 +391,6 @@ def test_nm_constructor_rejects_bad_arguments(kwargs: dict, message: str) -> Non
 @pytest.mark.slow
 def test_shipped_channel_default_halves_lenet5_on_mnist5k_within_two_points(tmp_path, store_uri: str) -> None:
     """`method=channel` as shipped, lenet5 on mnist5k, seed 0 (the dense baseline is trained here, ~30 s)."""
-    import mlflow
-    import pandas as pd
-
-    from tests.conftest import all_runs, run_train
-
     done = run_train(["-m", "model=lenet5", "method=channel", "seed=0", "hardware=cpu_1t",
                       "trainer.enable_progress_bar=false", "hardware.latency.warmup=1", "hardware.latency.repeats=3"],
                      tmp_path)
