@@ -596,8 +596,10 @@ class ChannelPruning(CompressionCallback):
 
     Args:
         sparsity: fraction of the channels of each prunable group to remove, in [0, 1).
-        criterion: `l1` or `l2` norm of the filters, or `bn_scale` (|gamma| of the group's
-            BatchNorm, Liu et al. 2017: groups without one are skipped, with the reason).
+        criterion: `l1` or `l2` norm of the filters, `bn_scale` (|gamma| of the group's
+            BatchNorm, Liu et al. 2017: groups without one are skipped, with the reason), or
+            `taylor` (Molchanov et al. 2019: the squared first-order estimate of the loss change
+            when a whole channel goes, from `taylor_batches` training batches at each cut).
         mode: `oneshot` (cut when fine-tuning starts) or `gradual` (AGP's ramp over channels).
         skip_layers: producer layers whose output channels stay (their groups are skipped);
             the model's input channels and classes are never pruned.
@@ -605,16 +607,21 @@ class ChannelPruning(CompressionCallback):
         round_to: the channels a group keeps are rounded up to a multiple of this (1: exact);
             8 or 16 suit oneDNN's blocked convolutions.
         initial_sparsity, begin, end, unit, frequency, power: the gradual ramp (see AGP).
+        taylor_batches: training batches the `taylor` criterion averages over at each cut.
+
+    Raises ValueError when a group would keep no channel (`sparsity` or a `layer_sparsity` so close
+    to 1 that `round(fraction * channels)` is all of them), naming the key, value and allowed range,
+    as soon as the model is known (fit start), before any training step.
     """
 
     name = "channel"
-    CRITERIA = ("l1", "l2", "bn_scale")
+    CRITERIA = ("l1", "l2", "bn_scale", "taylor")
     MODES = ("oneshot", "gradual")
 
     def __init__(self, sparsity: float, criterion: str = "l1", mode: str = "oneshot",
                  skip_layers: Sequence[str] = (), layer_sparsity: dict[str, float] | None = None,
                  round_to: int | None = None, initial_sparsity: float = 0.0, begin: float = 0, end: float = 2,
-                 unit: str = "epoch", frequency: int = 10, power: float = 3.0) -> None:
+                 unit: str = "epoch", frequency: int = 10, power: float = 3.0, taylor_batches: int = 8) -> None:
         self.sparsity = check_fraction("sparsity", sparsity)
         self.criterion = check_choice("criterion", criterion, self.CRITERIA)
         self.mode = check_choice("mode", mode, self.MODES)
@@ -622,6 +629,7 @@ class ChannelPruning(CompressionCallback):
         self.layer_sparsity = {k: check_fraction(f"layer_sparsity.{k}", v) for k, v in (layer_sparsity or {}).items()}
         self.round_to = check_int("round_to", round_to, 1) if round_to is not None else 1
         self.ramp = _Ramp(self.sparsity, initial_sparsity, begin, end, unit, frequency, power) if mode == "gradual" else None
+        self.taylor_batches = check_int("taylor_batches", taylor_batches, 1)
         self.schedule: Callable[[int], float] | None = None
         self.groups: list[channel_surgery.ChannelGroup] | None = None
         self.keep: dict[int, torch.Tensor] = {}  # group index -> bool mask over its channels
@@ -634,7 +642,7 @@ class ChannelPruning(CompressionCallback):
         if self.groups is None:
             self.analyse(pl_module.model, _example_input(trainer))
         if self.mode == "oneshot" and self.current_sparsity < self.sparsity:
-            self.cut(pl_module.model, self.sparsity)
+            self.cut(pl_module.model, self.sparsity, trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.mode == "gradual":
@@ -644,7 +652,7 @@ class ChannelPruning(CompressionCallback):
         if self.schedule is not None:
             target = resolve(self.schedule, trainer.global_step)
             if target > self.current_sparsity + 1e-9:
-                self.cut(pl_module.model, target)
+                self.cut(pl_module.model, target, trainer)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         mask_gradients(pl_module.model)
@@ -677,6 +685,22 @@ class ChannelPruning(CompressionCallback):
                 self.before[name] = group.size
         for i, reason in self.skipped.items():
             log.info("channel pruning skips %s: %s", ", ".join(self.groups[i].producers), reason)
+        self.check_every_group_keeps_a_channel()
+
+    def check_every_group_keeps_a_channel(self) -> None:
+        """A fraction that rounds to all of a group's channels would cut the network in two: refuse it."""
+        for i, group in enumerate(self.groups):
+            if not group.prunable or i in self.skipped:
+                continue
+            fraction = self.group_fraction(group, self.sparsity)
+            if round(fraction * group.size) < group.size:
+                continue
+            overridden = [p for p in group.producers if p in self.layer_sparsity]
+            key = f"layer_sparsity.{overridden[0]}" if overridden else "sparsity"
+            value = self.layer_sparsity[overridden[0]] if overridden else self.sparsity
+            raise ValueError(f"{key}={value!r} is not valid: it removes all {group.size} channels of "
+                             f"{', '.join(group.producers)}; allowed: a fraction in [0, {(group.size - 0.5) / group.size:.4g}) "
+                             f"for this layer (round(fraction x {group.size}) must leave at least one channel)")
 
     def group_fraction(self, group: channel_surgery.ChannelGroup, sparsity: float) -> float:
         override = [self.layer_sparsity[p] for p in group.producers if p in self.layer_sparsity]
@@ -684,21 +708,31 @@ class ChannelPruning(CompressionCallback):
             return sparsity
         return override[0] * sparsity / self.sparsity
 
-    def scores(self, model: nn.Module, group: channel_surgery.ChannelGroup) -> torch.Tensor:
+    def scores(self, model: nn.Module, group: channel_surgery.ChannelGroup,
+               taylor: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         modules = dict(model.named_modules())
+        if self.criterion == "taylor":
+            return taylor[group.producers[0]]
         if self.criterion == "bn_scale":
             return sum(modules[c].weight.detach().abs() for c in group.carriers
                        if isinstance(modules[c], (nn.BatchNorm1d, nn.BatchNorm2d)))
         return channel_surgery.channel_scores([modules[p].weight for p in group.producers], self.criterion)
 
-    def cut(self, model: nn.Module, sparsity: float) -> None:
+    def cut(self, model: nn.Module, sparsity: float, trainer: pl.Trainer | None = None) -> None:
         modules = dict(model.named_modules())
+        active = [g for i, g in enumerate(self.groups) if g.prunable and i not in self.skipped]
+        taylor = None
+        if self.criterion == "taylor":
+            if trainer is None:
+                raise ValueError("criterion='taylor' needs training batches: cut during fit, or use l1, l2, bn_scale")
+            batches = training_batches(trainer, self.taylor_batches, "channel pruning's taylor criterion")
+            taylor = channel_taylor_scores(model, active, batches)
         for i, group in enumerate(self.groups):
             if not group.prunable or i in self.skipped:
                 continue
             removed = ~self.keep[i] if i in self.keep else None
-            keep = channel_surgery.channel_keep_mask(self.scores(model, group), self.group_fraction(group, sparsity), removed,
-                                                     self.round_to)
+            keep = channel_surgery.channel_keep_mask(self.scores(model, group, taylor), self.group_fraction(group, sparsity),
+                                                     removed, self.round_to)
             self.keep[i] = keep.cpu()
             for name in group.producers + group.carriers:
                 module = modules[name]
@@ -730,6 +764,39 @@ class ChannelPruning(CompressionCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.groups, self.keep = state_dict["groups"], state_dict["keep"]
         self.skipped, self.current_sparsity = state_dict["skipped"], state_dict["current_sparsity"]
+
+
+def channel_taylor_scores(model: nn.Module, groups: list[channel_surgery.ChannelGroup],
+                          batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Group Taylor importance (Molchanov et al. 2019), keyed by each group's first producer.
+
+    Removing channel c changes the loss by about -sum(theta * dL/dtheta) over every parameter that
+    belongs to c alone (its producers' filter rows and biases, its BatchNorm's gamma and beta, its
+    depthwise filters); the score is that sum squared, averaged over the batches. Channels whose
+    removal the loss does not notice score lowest. Runs in eval mode, so BatchNorm's statistics stay
+    as they were; leaves no gradient behind.
+    """
+    modules = dict(model.named_modules())
+    was_training = model.training
+    model.eval()
+    saved = {name: p.grad for name, p in model.named_parameters()}
+    device = next(model.parameters()).device
+    scores = {g.producers[0]: torch.zeros(g.size, device=device) for g in groups}
+    for inputs, targets in batches:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(inputs.to(device)), targets.to(device)).backward()
+        for group in groups:
+            first_order = torch.zeros(group.size, device=device)
+            for name in group.producers + group.carriers:
+                for parameter in (getattr(modules[name], "weight", None), getattr(modules[name], "bias", None)):
+                    if isinstance(parameter, nn.Parameter) and parameter.grad is not None:
+                        first_order += (parameter.detach() * parameter.grad).flatten(1).sum(1) \
+                            if parameter.dim() > 1 else parameter.detach() * parameter.grad
+            scores[group.producers[0]] += first_order.pow(2) / len(batches)
+    for name, p in model.named_parameters():
+        p.grad = saved[name]
+    model.train(was_training)
+    return scores
 
 
 def _attach_row_mask(module: nn.Module, parameter: str, keep: torch.Tensor) -> None:
