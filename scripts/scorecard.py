@@ -217,6 +217,9 @@ def check_finished(row: Row, _value: Any, _rows: dict) -> tuple[bool | None, str
     for run in bad:
         error = run.tags.get("error", "")
         parts.append(f"seed {run.seed} {run.status}" + (f" ({error[:160]})" if error else ""))
+    if len(bad) > 1 and len({part.split(" ", 2)[2] for part in parts}) == 1:  # the same status and error: say it once
+        seeds = ",".join(str(run.seed) for run in bad)
+        return False, f"seeds {seeds} " + parts[0].split(" ", 2)[2]
     return False, "; ".join(parts)
 
 
@@ -464,6 +467,8 @@ def seed_store(store: Path, source: Path) -> None:
         with sqlite3.connect(database) as connection:
             connection.execute("UPDATE experiments SET artifact_location = ? WHERE name = ?",
                                ((store.resolve() / "artifacts").as_uri(), EXPERIMENT))
+            # a copied RUNNING run (a baseline still training there) never finishes here: jobs would wait on its claim
+            connection.execute("UPDATE runs SET status = 'FAILED' WHERE status = 'RUNNING'")
         print(f"baselines copied from {source} into {database}")
         return
     with sqlite3.connect(database) as connection:
@@ -475,7 +480,7 @@ def seed_store(store: Path, source: Path) -> None:
             " WHERE t2.key = 'baseline_fingerprint' AND r2.status = 'FINISHED')")]
         marks = ",".join("?" * len(missing))
         for table in ("runs", "tags", "params", "metrics", "latest_metrics"):
-            connection.execute(f"INSERT OR IGNORE INTO main.{table} SELECT * FROM source.{table} "
+            connection.execute(f"INSERT OR REPLACE INTO main.{table} SELECT * FROM source.{table} "
                                f"WHERE run_uuid IN ({marks})", missing)
     print(f"{len(missing)} baseline runs merged from {source} into {database}")
 
@@ -486,7 +491,7 @@ def run_group(group: Group, tag: str, store: Path, data: str = DATA, extra: Iter
     log_path = store / "logs" / f"{group.name(tag)}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WORKBENCH_ROOT": str(ROOT), "MLFLOW_TRACKING_URI": store_uri(store),
-           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "PYTHONUNBUFFERED": "1"}  # result lines as they come
     started = time.perf_counter()
     print(f"[{_now()}] {' '.join(command[1:])}", flush=True)
     with open(log_path, "w") as log, subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -662,6 +667,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return scorecard(argv)[1]
+
+
+def scorecard(argv: list[str] | None = None) -> tuple[list[Row], int]:
+    """Run (unless --report-only or --dry-run), read, judge and print; the rows and the exit code."""
     args = parse_args(argv)
     specs = select_specs([name for name in args.methods.split(",") if name])
     jobs = plan(specs, args.model_list, args.seed_list, args.full)
@@ -671,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(jobs)} rows, {runs} runs in {len(groups)} sweeps (store {args.store}):")
         for group in groups:
             print(" ".join(group.command(args.tag, args.store, args.data, args.override)[1:]))
-        return 0
+        return [], 0
     wall_s = None
     if not args.report_only:
         if args.baselines_from is not None:
@@ -685,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     args.out.write_text(text)
     print(f"written to {args.out}")
-    return 1 if any(row.verdict != "PASS" for row in rows) else 0
+    return rows, 1 if any(row.verdict != "PASS" for row in rows) else 0
 
 
 if __name__ == "__main__":
