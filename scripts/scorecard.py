@@ -22,8 +22,9 @@ none yet, and points the copy's experiment at the new store's own artifacts fold
 baseline runs keep reading their artifacts where they are; new runs write beside the new db).
 
 Hardware: int8 methods are measured on `cpu` (compile auto: the int8 model and its fp32 baseline
-compiled by Inductor onto oneDNN's int8 kernels), and also on `cpu_ort` (ONNX Runtime) as extra
-rows; every other method on `cpu_1t` (one thread, the edge-like budget), see HARDWARE.
+compiled by Inductor onto oneDNN's int8 kernels), ptq_static and qat also on `cpu_ort` (ONNX
+Runtime) as extra rows, ptq_dynamic on `cpu_ort` only; every other method on `cpu_1t` (one thread,
+the edge-like budget), see HARDWARE.
 
 Statistics. Every figure in a row is the mean over its FINISHED seeds; a FAILED (or unfinished)
 run is shown with its error and never enters a mean. `acc_drop`'s interval for the mean over seeds
@@ -66,8 +67,10 @@ EXPERIMENT = "workbench"
 
 DEFAULT_HARDWARE = "cpu_1t"  # one thread: timings of one model are least disturbed by other processes
 # int8 methods: `cpu` compiles (compile: auto) the int8 model and its baseline with Inductor onto oneDNN's
-# int8 kernels, the runtime they ship for; on cpu_1t they would run eager (simulated int8)
-HARDWARE = {"ptq_static": "cpu", "ptq_dynamic": "cpu", "qat": "cpu", "qat_kd": "cpu"}
+# int8 kernels, the runtime they ship for; on cpu_1t they would run eager (simulated int8).
+# ptq_dynamic has no int8 kernel under Inductor (int8_kernel_ops 0 on `cpu`, 80-190 s of compiling per run on
+# shared cores for a 0.5x model): its int8 kernels are ONNX Runtime's (DynamicQuantizeLinear + MatMulInteger).
+HARDWARE = {"ptq_static": "cpu", "qat": "cpu", "qat_kd": "cpu", "ptq_dynamic": "cpu_ort"}
 
 
 @dataclass(frozen=True)
@@ -94,8 +97,20 @@ CONV_ONLY = {"tucker", "cp"}
 MODELS_WITH_CONV = {"lenet5", "resnet20", "resnet8", "mobilenetv2"}
 # Convolutional methods: --full runs them on resnet20 with every seed (their targets name it).
 CONV_METHODS = ("channel", "tucker", "cp")
-# Expensive rows run last, so a partial store already holds every cheap row (seconds per job on 2 cores).
+# Expensive rows run last, so a partial store already holds every cheap row (seconds per job on 2 cores):
+# the ones that train 30-40 epochs, then those measured on `cpu`, where Inductor compiles the int8 model and
+# its baseline (1-3 minutes per run on 2 shared cores).
 EXPENSIVE = {"kd", "kd_feature", "lottery", "lottery_reinit", "agp_kd"}
+
+
+def phase(spec: RowSpec) -> int:
+    """When a row's sweep runs: 0 the defaults on cpu_1t, 1 rows with overrides or on ONNX Runtime,
+    2 rows compiled by Inductor, 3 the long trainings."""
+    if spec.method in EXPENSIVE:
+        return 3
+    if spec.hardware == "cpu":
+        return 2
+    return 0 if spec.hardware == DEFAULT_HARDWARE and not spec.overrides else 1
 
 # ============================================================================ targets
 # ONE table. Each target: the rows it judges (row keys; "*" every row), the models it applies to
@@ -435,14 +450,13 @@ def group_jobs(jobs: list[Job]) -> list[Group]:
         by_model.setdefault((job.spec, job.seeds), set()).add(job.model)
     groups: dict[tuple, Group] = {}
     for (spec, seeds), models in by_model.items():
-        phase = 1 if spec.method in EXPENSIVE else 0
         ordered = tuple(model for model in _model_order() if model in models)
-        key = (phase, spec.hardware, spec.overrides, ordered, seeds)
-        group = groups.setdefault(key, Group(phase, spec.hardware, spec.overrides, ordered, seeds))
+        key = (phase(spec), spec.hardware, spec.overrides, ordered, seeds)
+        group = groups.setdefault(key, Group(phase(spec), spec.hardware, spec.overrides, ordered, seeds))
         group.specs.append(spec)
         if spec.method not in group.methods:
             group.methods.append(spec.method)
-    return sorted(groups.values(), key=lambda group: (group.phase, group.overrides != (), group.hardware))
+    return sorted(groups.values(), key=lambda group: (group.phase, group.hardware != DEFAULT_HARDWARE, group.overrides))
 
 
 def _model_order() -> list[str]:
