@@ -19,7 +19,8 @@ sweep of each group is launched into the same folder, so jobs with a FINISHED ru
 (use another `--tag` to measure everything again while keeping the stored baselines).
 `--baselines-from DB` copies an MLflow SQLite file holding trained baselines into a store that has
 none yet, and points the copy's experiment at the new store's own artifacts folder (the copied
-baseline runs keep reading their artifacts where they are; new runs write beside the new db).
+baseline runs keep reading their artifacts where they are; new runs write beside the new db);
+before each later sweep it merges in the FINISHED baselines trained there meanwhile (a teacher).
 
 Hardware: int8 methods are measured on `cpu` (compile auto: the int8 model and its fp32 baseline
 compiled by Inductor onto oneDNN's int8 kernels), ptq_static and qat also on `cpu_ort` (ONNX
@@ -492,6 +493,8 @@ def seed_store(store: Path, source: Path) -> None:
             "WHERE t.key = 'baseline_fingerprint' AND r.status = 'FINISHED' AND t.value NOT IN "
             "(SELECT t2.value FROM main.tags t2 JOIN main.runs r2 ON r2.run_uuid = t2.run_uuid "
             " WHERE t2.key = 'baseline_fingerprint' AND r2.status = 'FINISHED')")]
+        if not missing:
+            return
         marks = ",".join("?" * len(missing))
         for table in ("runs", "tags", "params", "metrics", "latest_metrics"):
             connection.execute(f"INSERT OR REPLACE INTO main.{table} SELECT * FROM source.{table} "
@@ -636,6 +639,19 @@ def summary(rows: list[Row], wall_s: float | None, args: argparse.Namespace) -> 
     return "\n".join(lines)
 
 
+README_START, README_END = "<!-- scorecard:start -->", "<!-- scorecard:end -->"
+
+
+def write_readme_section(readme: Path, text: str) -> None:
+    """Replace what lies between the scorecard markers of the README's 'What the defaults deliver' section."""
+    content = readme.read_text()
+    if README_START not in content or README_END not in content:
+        raise SystemExit(f"--readme: {readme} has no {README_START} ... {README_END} block to replace")
+    head, rest = content.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f"{head}{README_START}\n{text}{README_END}{tail}")
+
+
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -660,6 +676,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("scorecard.md"), help="the markdown table (default ./scorecard.md)")
     parser.add_argument("--data", default=DATA, help=argparse.SUPPRESS)  # tests only: the scorecard is of mnist5k
     parser.add_argument("--override", action="append", default=[], help=argparse.SUPPRESS)  # tests only: shrunk trainer
+    parser.add_argument("--readme", type=Path, default=None,
+                        help="also write the table into this README's 'What the defaults deliver' section")
     parser.add_argument("--dry-run", action="store_true", help="list the train.py commands and exit")
     parser.add_argument("--report-only", action="store_true", help="read the store and print the table, run nothing")
     args = parser.parse_args(argv)
@@ -698,10 +716,10 @@ def scorecard(argv: list[str] | None = None) -> tuple[list[Row], int]:
         return [], 0
     wall_s = None
     if not args.report_only:
-        if args.baselines_from is not None:
-            seed_store(args.store, args.baselines_from)
         started = time.perf_counter()
         for group in groups:
+            if args.baselines_from is not None:  # again before each sweep: baselines trained there meanwhile
+                seed_store(args.store, args.baselines_from)
             run_group(group, args.tag, args.store, args.data, args.override)
         wall_s = time.perf_counter() - started
     rows = judge(read_rows(args.store, args.tag, jobs))
@@ -709,6 +727,9 @@ def scorecard(argv: list[str] | None = None) -> tuple[list[Row], int]:
     print(text)
     args.out.write_text(text)
     print(f"written to {args.out}")
+    if args.readme is not None:
+        write_readme_section(args.readme, text)
+        print(f"and into {args.readme}")
     return rows, 1 if any(row.verdict != "PASS" for row in rows) else 0
 
 

@@ -299,3 +299,46 @@ def test_lenet300_lowbit_4bit_does_not_collapse(tmp_path, monkeypatch):
     assert len(result.finished) == 3
     assert result.mean("acc_drop") <= 1.0, result.reasons
     assert result.verdict == "PASS", result.reasons
+
+
+def test_readme_section_is_replaced_between_its_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n## What the defaults deliver\nintro\n{sc.README_START}\nold\n{sc.README_END}\n## next\n")
+    sc.write_readme_section(readme, "new table\n")
+    assert readme.read_text() == (f"# x\n## What the defaults deliver\nintro\n{sc.README_START}\nnew table\n"
+                                  f"{sc.README_END}\n## next\n")
+    unmarked = tmp_path / "OTHER.md"
+    unmarked.write_text("# no section\n")
+    with pytest.raises(SystemExit, match="no <!-- scorecard:start -->"):
+        sc.write_readme_section(unmarked, "x")
+
+
+def test_baselines_from_copies_then_merges_finished_baselines(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    source_uri = f"sqlite:///{tmp_path / 'source' / 'mlflow.db'}"
+    (tmp_path / "source").mkdir()
+    source = MlflowClient(tracking_uri=source_uri)
+    experiment = source.create_experiment("workbench", artifact_location=(tmp_path / "source" / "artifacts").as_uri())
+
+    def baseline(fingerprint: str, finished: bool) -> str:
+        run = source.create_run(experiment, tags={"baseline_fingerprint": fingerprint})
+        source.log_metric(run.info.run_id, "test_acc", 97.0)
+        if finished:
+            source.set_terminated(run.info.run_id, "FINISHED")
+        return run.info.run_id
+
+    done, training = baseline("a", True), baseline("b", False)
+    store = tmp_path / "store"
+    sc.seed_store(store, tmp_path / "source" / "mlflow.db")
+    target = MlflowClient(tracking_uri=sc.store_uri(store))
+    assert target.get_run(done).info.status == "FINISHED"
+    assert target.get_run(training).info.status == "FAILED"  # its claim would make jobs here wait forever
+    assert target.get_experiment_by_name("workbench").artifact_location == (store.resolve() / "artifacts").as_uri()
+
+    source.set_terminated(training, "FINISHED")  # the teacher finished there meanwhile
+    later = baseline("c", True)
+    sc.seed_store(store, tmp_path / "source" / "mlflow.db")
+    assert target.get_run(training).info.status == "FINISHED"
+    assert target.get_run(later).data.metrics == {"test_acc": 97.0}
+    assert target.get_run(later).data.tags["baseline_fingerprint"] == "c"
