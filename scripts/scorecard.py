@@ -266,7 +266,7 @@ def check_sparsity_within(row: Row, tolerance: float, _rows: dict) -> tuple[bool
             off.append(f"seed {run.seed}: sparsity {measured:.3f} asked {asked:.2f}")
     if not off:
         return True, ""
-    return False, "; ".join(off) if len(off) < 2 else f"{off[0]} (and {len(off) - 1} more seeds)"
+    return False, off[0] if len(off) < 2 else f"{off[0]} (and {len(off) - 1} more seeds)"
 
 
 def check_mean_drop_max(row: Row, limit: float, _rows: dict) -> tuple[bool | None, str]:
@@ -534,8 +534,8 @@ def read_rows(store: Path, tag: str, jobs: list[Job]) -> list[Row]:
     """One Row per job; each seed's last attempt in its group's sweep (MISSING when none)."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=store_uri(store))
-    experiment = client.get_experiment_by_name(EXPERIMENT) if (store / "mlflow.db").exists() else None
+    client = MlflowClient(tracking_uri=store_uri(store)) if (store / "mlflow.db").exists() else None
+    experiment = client.get_experiment_by_name(EXPERIMENT) if client is not None else None  # none: nothing run yet
     sweeps = {(spec, model): group.name(tag) for group in group_jobs(jobs) for spec in group.specs
               for model in group.models}
     cache: dict[str, list] = {}
@@ -569,7 +569,8 @@ def asked(row: Row) -> str:
     """What the method's config asked for, from the first run's logged params."""
     params = next((run.params for run in row.runs if run.params), {})
     parts = []
-    for key, label in (("method.sparsity", "sparsity"), ("method.bits", "bits"), ("method.budget_bits", "budget bits"),
+    sparsity_label = "channels" if row.spec.method == "channel" else "sparsity"  # channel removes a share of channels
+    for key, label in (("method.sparsity", sparsity_label), ("method.bits", "bits"), ("method.budget_bits", "budget bits"),
                        ("method.rank", "rank"), ("method.teacher.model", "teacher")):
         if params.get(key) not in (None, "None"):
             text = f"{label} {params[key]}"
@@ -610,7 +611,7 @@ def table_row(row: Row) -> list[str]:
     drop = row.mean("acc_drop")
     interval = row.drop_interval()
     ratio = row.mean("compression_ratio")
-    verdict = row.verdict if row.verdict == "PASS" else f"FAIL: {' | '.join(row.reasons)}"
+    verdict = row.verdict if row.verdict == "PASS" else f"FAIL: {'; '.join(row.reasons)}"
     return [row.model, row.spec.key, row.spec.hardware, seeds, asked(row), _fmt(row.mean("sparsity")),
             _fmt(32.0 / ratio, 1) if ratio else "-", _fmt(row.mean("test_acc")),
             "-" if drop is None else f"{drop:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]",
@@ -619,7 +620,11 @@ def table_row(row: Row) -> list[str]:
 
 def render(rows: list[Row]) -> str:
     """A plain-text table that is also markdown (pipes, a header rule)."""
-    cells = [COLUMNS, *(table_row(row) for row in rows)]
+    order = {model: index for index, model in enumerate(_model_order())}
+    keys = {spec.key: index for index, spec in enumerate(all_row_specs())}
+    ordered = sorted(rows, key=lambda row: (order.get(row.model, len(order)), keys.get(row.spec.key, len(keys))))
+    # a pipe inside a cell would split it in markdown
+    cells = [COLUMNS, *([cell.replace("|", "/") for cell in table_row(row)] for row in ordered)]
     widths = [max(len(line[index]) for line in cells) for index in range(len(COLUMNS))]
     widths[-1] = max(len(COLUMNS[-1]), 7)  # the verdict's reasons run on unpadded
     lines = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(line, widths)) + " |" for line in cells]
