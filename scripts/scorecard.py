@@ -441,6 +441,7 @@ class Group:
                 f"method={','.join(methods)}", f"model={','.join(self.models)}",
                 f"seed={','.join(map(str, self.seeds))}", f"data={data}", f"hardware={self.hardware}",
                 *self.overrides, *extra, f"tracking.uri={store_uri(store)}", "trainer.enable_progress_bar=false",
+                "hydra/launcher=basic",  # one job at a time: timings of one run are not disturbed by the next
                 f"hydra.sweep.dir={store / 'sweeps' / self.name(tag)}"]
 
 

@@ -4,6 +4,7 @@ with a shrunk trainer, and a few real defaults on mnist5k with their real epochs
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -266,8 +267,11 @@ def test_end_to_end_on_digits_reads_back_what_train_py_logged(tmp_path, monkeypa
 
 
 def _real(tmp_path, methods: str, models: str, seeds: str) -> dict:
+    """The scorecard on mnist5k; WORKBENCH_BASELINES_DB (an mlflow.db with the mnist5k baselines) saves training them."""
+    baselines = os.environ.get("WORKBENCH_BASELINES_DB")
     rows, _ = sc.scorecard(["--store", str(tmp_path / "store"), "--models", models, "--methods", methods,
-                            "--seeds", seeds, "--out", str(tmp_path / "scorecard.md")])
+                            "--seeds", seeds, "--out", str(tmp_path / "scorecard.md"),
+                            *(["--baselines-from", baselines] if baselines else [])])
     return {(row.model, row.spec.key): row for row in rows}
 
 
