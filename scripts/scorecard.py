@@ -87,9 +87,10 @@ class RowSpec:
 
 # Rows beyond the defaults: the sparsities issue 12 names for agp, its peer at 0.95, and int8 on ONNX Runtime.
 EXTRA_ROWS = (
-    RowSpec("agp@0.9", "agp", DEFAULT_HARDWARE, ("method.sparsity=0.9",)),
-    RowSpec("agp@0.95", "agp", DEFAULT_HARDWARE, ("method.sparsity=0.95",)),
-    RowSpec("lightning@0.95", "lightning", DEFAULT_HARDWARE, ("method.sparsity=0.95",)),
+    # `++`: a sweep of several methods composes its primary config with method=baseline, which has no sparsity
+    RowSpec("agp@0.9", "agp", DEFAULT_HARDWARE, ("++method.sparsity=0.9",)),
+    RowSpec("agp@0.95", "agp", DEFAULT_HARDWARE, ("++method.sparsity=0.95",)),
+    RowSpec("lightning@0.95", "lightning", DEFAULT_HARDWARE, ("++method.sparsity=0.95",)),
     RowSpec("ptq_static@cpu_ort", "ptq_static", "cpu_ort"),
     RowSpec("qat@cpu_ort", "qat", "cpu_ort"),
 )
@@ -430,7 +431,7 @@ class Group:
 
     def name(self, tag: str) -> str:
         parts = [tag, str(self.phase), self.hardware, "_".join(self.models), "s" + "_".join(map(str, self.seeds))]
-        parts += [override.replace("method.", "").replace("=", "") for override in self.overrides]
+        parts += [override.lstrip("+").replace("method.", "").replace("=", "") for override in self.overrides]
         return "-".join(parts)
 
     def command(self, tag: str, store: Path, data: str = DATA, extra: Iterable[str] = ()) -> list[str]:
@@ -579,7 +580,7 @@ def asked(row: Row) -> str:
                 text += f" ({params['method.rank_by']})"
             parts.append(text)
     if not parts:
-        parts = [override.removeprefix("method.").replace("=", " ") for override in row.spec.overrides]
+        parts = [override.lstrip("+").removeprefix("method.").replace("=", " ") for override in row.spec.overrides]
     return ", ".join(parts)
 
 
