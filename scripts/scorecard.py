@@ -359,6 +359,8 @@ def judge(rows: list[Row], targets: Iterable[Target] = TARGETS) -> list[Row]:
             if target.check == "finished" and not row.finished:
                 break  # nothing measured: the other checks have nothing to say
         row.verdict = "FAIL" if row.reasons else "PASS"
+        if all(run.status == "MISSING" for run in row.runs):
+            row.verdict = "NOT RUN"  # a partly filled store: neither a result nor a failure yet (still not a PASS)
     return rows
 
 
@@ -613,7 +615,7 @@ def table_row(row: Row) -> list[str]:
     drop = row.mean("acc_drop")
     interval = row.drop_interval()
     ratio = row.mean("compression_ratio")
-    verdict = row.verdict if row.verdict == "PASS" else f"FAIL: {'; '.join(row.reasons)}"
+    verdict = row.verdict if row.verdict in ("PASS", "NOT RUN") else f"FAIL: {'; '.join(row.reasons)}"
     return [row.model, row.spec.key, row.spec.hardware, seeds, asked(row), _fmt(row.mean("sparsity")),
             _fmt(32.0 / ratio, 1) if ratio else "-", _fmt(row.mean("test_acc")),
             "-" if drop is None else f"{drop:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]",
@@ -636,10 +638,11 @@ def render(rows: list[Row]) -> str:
 
 def summary(rows: list[Row], wall_s: float | None, args: argparse.Namespace) -> str:
     passed = sum(row.verdict == "PASS" for row in rows)
+    not_run = sum(row.verdict == "NOT RUN" for row in rows)
     lines = [f"Scorecard {dt.date.today().isoformat()}: data={args.data}, seeds {args.seeds}, "
-             f"{passed} of {len(rows)} rows PASS"
+             f"{passed} of {len(rows)} rows PASS" + (f", {not_run} NOT RUN" if not_run else "")
              + (f", wall time {wall_s / 60:.1f} min" if wall_s is not None else "")
-             + f" (store {store_uri(args.store)}, tag {args.tag}, code {_git_commit()})."]
+             + f" (store {store_uri(args.store)}, tag {args.tag}, code {_commits(rows)})."]
     lines.append("Columns: asked = the method's config; sparsity, bits/w (32 / ratio: stored bits per weight) measured "
                  "on the finalized artifact; acc_drop = mean over FINISHED seeds [95% CI of that mean]; ratio = "
                  "compression_ratio; bs1/bs32 = speedup over the baseline timed beside it on the row's hardware.")
@@ -657,6 +660,13 @@ def write_readme_section(readme: Path, text: str) -> None:
     head, rest = content.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
     readme.write_text(f"{head}{README_START}\n{text}{README_END}{tail}")
+
+
+def _commits(rows: list[Row]) -> str:
+    """The commits the runs were made with (their git_commit tags; `+dirty` when uncommitted changes were there)."""
+    found = sorted({run.tags["git_commit"][:7] + ("+dirty" if run.tags.get("git_dirty") == "true" else "")
+                    for row in rows for run in row.runs if run.tags.get("git_commit")})
+    return ", ".join(found) if found else f"{_git_commit()} (no runs yet)"
 
 
 def _git_commit() -> str:

@@ -91,6 +91,11 @@ def test_missing_runs_fail():
     assert result.verdict == "FAIL" and "MISSING" in result.reasons[0]
 
 
+def test_a_row_with_no_run_yet_is_not_run_and_not_a_pass():
+    (result,) = judged(row("agp", [sc.RunRecord(0, "MISSING"), sc.RunRecord(1, "MISSING")]))
+    assert result.verdict == "NOT RUN"
+
+
 def test_collapsed_model_fails():
     (result,) = judged(row("random", [run(0), run(1, test_acc=11.5)]))
     assert result.verdict == "FAIL" and "collapsed: seed 1" in result.reasons[0]
@@ -241,7 +246,7 @@ def test_exit_code_is_nonzero_when_a_target_fails(tmp_path, monkeypatch):
 def test_report_only_reads_a_store_with_nothing_yet(tmp_path):
     rows, code = sc.scorecard(["--report-only", "--store", str(tmp_path), "--methods", "svd", "--models", "lenet300",
                                "--seeds", "0", "--out", str(tmp_path / "s.md")])
-    assert code == 1 and rows[0].runs[0].status == "MISSING"
+    assert code == 1 and rows[0].runs[0].status == "MISSING" and rows[0].verdict == "NOT RUN"
 
 
 # ----------------------------------------------------------------------------- end to end
