@@ -1,0 +1,354 @@
+"""scripts/scorecard.py: the verdict logic on synthetic rows (fast), the script end to end on digits
+with a shrunk trainer, and a few real defaults on mnist5k with their real epochs (slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_scorecard():
+    spec = importlib.util.spec_from_file_location("scorecard", ROOT / "scripts" / "scorecard.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["scorecard"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+sc = _load_scorecard()
+
+
+def run(seed: int, status: str = "FINISHED", tags: dict | None = None, params: dict | None = None, **metrics) -> "sc.RunRecord":
+    base = {"test_acc": 97.0, "acc_drop": 0.1, "acc_drop_ci95_low": -0.4, "acc_drop_ci95_high": 0.6,
+            "compression_ratio": 4.0, "speedup_bs1": 1.0, "speedup_bs32": 1.0, "sparsity": 0.8}
+    return sc.RunRecord(seed, status, {**base, **metrics}, dict(tags or {}), dict(params or {"method.sparsity": "0.8"}))
+
+
+def row(key: str, runs: list, model: str = "lenet5", method: str | None = None) -> "sc.Row":
+    spec = next((spec for spec in sc.all_row_specs() if spec.key == key), None)
+    if spec is None:
+        spec = sc.RowSpec(key, method or key, sc.DEFAULT_HARDWARE)
+    return sc.Row(spec, model, runs)
+
+
+def judged(*rows):
+    return sc.judge(list(rows))
+
+
+def three(**metrics) -> list:
+    return [run(seed, **metrics) for seed in (0, 1, 2)]
+
+
+# ----------------------------------------------------------------------------- the target table itself
+
+
+def test_every_target_names_known_rows_and_checks():
+    keys = {spec.key for spec in sc.all_row_specs()}
+    for target in sc.TARGETS:
+        assert target.check in sc.CHECKS, target
+        assert target.cite, target
+        for key in target.rows:
+            assert key == "*" or key in keys, f"target names unknown row {key!r}"
+
+
+def test_methods_are_discovered_from_conf():
+    assert set(sc.discover_methods()) == {path.stem for path in (ROOT / "conf" / "method").glob("*.yaml")}
+    assert {"agp", "kd", "ptq_static", "baseline"} <= set(sc.discover_methods())
+
+
+# ----------------------------------------------------------------------------- verdicts
+
+
+def test_a_row_meeting_its_targets_passes():
+    (result,) = judged(row("agp", three(sparsity=0.805, acc_drop=0.3)))
+    assert result.verdict == "PASS", result.reasons
+
+
+def test_a_row_without_targets_passes_when_finished_and_not_collapsed():
+    (result,) = judged(row("random", three(acc_drop=40.0)))
+    assert result.verdict == "PASS"
+
+
+def test_a_failed_run_fails_the_row_with_its_error_and_is_never_aggregated():
+    runs = [run(0, acc_drop=0.1), run(1, acc_drop=0.1),
+            run(2, status="FAILED", tags={"error": "RuntimeError: boom"}, acc_drop=60.0, test_acc=10.0)]
+    (result,) = judged(row("random", runs))
+    assert result.verdict == "FAIL"
+    assert "seed 2 FAILED (RuntimeError: boom)" in result.reasons[0]
+    assert result.mean("acc_drop") == pytest.approx(0.1)
+    assert result.mean("test_acc") == pytest.approx(97.0)
+    assert "collapsed" not in " ".join(result.reasons)  # the FAILED run's figures judge nothing
+
+
+def test_missing_runs_fail():
+    (result,) = judged(row("random", [run(0), sc.RunRecord(1, "MISSING")]))
+    assert result.verdict == "FAIL" and "MISSING" in result.reasons[0]
+
+
+def test_a_row_with_no_run_yet_is_not_run_and_not_a_pass():
+    (result,) = judged(row("agp", [sc.RunRecord(0, "MISSING"), sc.RunRecord(1, "MISSING")]))
+    assert result.verdict == "NOT RUN"
+
+
+def test_collapsed_model_fails():
+    (result,) = judged(row("random", [run(0), run(1, test_acc=11.5)]))
+    assert result.verdict == "FAIL" and "collapsed: seed 1" in result.reasons[0]
+
+
+def test_a_slower_run_needs_a_slower_reason_tag():
+    (untold,) = judged(row("random", [run(0, speedup_bs32=0.8)]))
+    assert untold.verdict == "FAIL" and "no slower_reason" in untold.reasons[0]
+    (told,) = judged(row("random", [run(0, speedup_bs32=0.8, tags={"slower_reason": "dequantizes per call"})]))
+    assert told.verdict == "PASS"
+
+
+def test_sparsity_off_by_more_than_001_fails():
+    (result,) = judged(row("magnitude", three(sparsity=0.09, acc_drop=0.0)))
+    assert result.verdict == "FAIL" and "sparsity 0.090 asked 0.80" in result.reasons[0]
+    (extra,) = judged(row("agp@0.9", [run(s, sparsity=0.895, acc_drop=0.0, params={"method.sparsity": "0.9"})
+                                      for s in (0, 1, 2)], model="lenet300"))
+    assert extra.verdict == "PASS", extra.reasons
+
+
+def test_drop_targets_are_judged_on_the_mean_over_seeds():
+    # one seed above 0.5, the mean below: PASS; the mean above: FAIL with the interval
+    (mean_ok,) = judged(row("agp", [run(0, acc_drop=0.9), run(1, acc_drop=0.2), run(2, acc_drop=0.1)]))
+    assert mean_ok.verdict == "PASS"
+    (mean_bad,) = judged(row("agp", [run(0, acc_drop=0.9), run(1, acc_drop=0.6), run(2, acc_drop=0.3)]))
+    assert mean_bad.verdict == "FAIL" and mean_bad.reasons[0].startswith("mean drop 0.60 > 0.5 (95% CI")
+
+
+def test_channel_speed_target_applies_on_lenet5_not_lenet300():
+    slow = three(acc_drop=0.2, speedup_bs32=1.2, sparsity=0.0)
+    (lenet5,) = judged(row("channel", slow))
+    assert lenet5.verdict == "FAIL" and "speedup_bs32 1.20 < 1.5" in lenet5.reasons[0]
+    (lenet300,) = judged(row("channel", three(acc_drop=0.2, speedup_bs32=1.2, sparsity=0.0), model="lenet300"))
+    assert lenet300.verdict == "PASS"
+
+
+def test_lowrank_compression_ratio_and_speed():
+    (result,) = judged(row("tucker", three(acc_drop=0.2, compression_ratio=1.02, speedup_bs32=0.97)))
+    assert result.verdict == "FAIL" and result.reasons == ["compression_ratio 1.02 < 1.5"]
+
+
+def test_lowbit_needs_its_fakequant_metric_and_a_small_gap():
+    (missing,) = judged(row("lowbit", three(acc_drop=0.2)))
+    assert missing.verdict == "FAIL" and missing.reasons == ["metric missing: test_acc_fakequant"]
+    (gap,) = judged(row("lowbit", [run(0, acc_drop=0.2, test_acc=97.0, test_acc_fakequant=97.5)]))
+    assert gap.verdict == "FAIL" and "0.50 points > 0.3" in gap.reasons[0]
+
+
+def test_int8_slower_than_fp32_fails():
+    (result,) = judged(row("ptq_static", three(acc_drop=0.0, speedup_bs32=0.48, sparsity=0.0)))
+    assert result.verdict == "FAIL"
+    assert any("speedup_bs32 0.48 < 1" in reason for reason in result.reasons)
+
+
+def test_kd_needs_its_teacher_metrics_and_a_nonpositive_mean_drop():
+    (missing,) = judged(row("kd", three(acc_drop=-0.1)))
+    assert missing.verdict == "FAIL" and missing.reasons[0].startswith("metric missing: teacher_test_acc")
+    teacher = {name: 1.0 for name in sc.KD_METRICS}
+    (ok,) = judged(row("kd", three(acc_drop=-0.1, **teacher)))
+    assert ok.verdict == "PASS"
+    (worse,) = judged(row("kd", three(acc_drop=0.1, **teacher)))
+    assert worse.verdict == "FAIL" and worse.reasons[0].startswith("mean drop 0.10 > 0")
+
+
+def test_agp_no_worse_than_lightning_at_095():
+    agp = row("agp@0.95", [run(s, acc_drop=0.9, sparsity=0.95, params={"method.sparsity": "0.95"}) for s in (0, 1, 2)])
+    lightning_better = row("lightning@0.95", three(acc_drop=0.5))
+    _, peer = judged(agp, lightning_better)
+    assert peer.verdict == "FAIL" and "agp@0.95 drop 0.90 > lightning@0.95 drop 0.50" in peer.reasons[0]
+    lightning_worse = row("lightning@0.95", three(acc_drop=3.0))
+    _, peer = judged(agp, lightning_worse)
+    assert peer.verdict == "PASS"
+    (alone,) = judged(row("lightning@0.95", three(acc_drop=0.5)))  # no agp row to compare with: not judged
+    assert alone.verdict == "PASS"
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def test_mean_drop_interval_one_seed_is_its_own_bootstrap_interval():
+    assert sc.mean_drop_interval([0.3], [-0.2], [0.9]) == (-0.2, 0.9)
+
+
+def test_mean_drop_interval_widens_with_seed_spread_and_holds_image_noise():
+    tight = sc.mean_drop_interval([0.3, 0.3, 0.3], [-0.2, -0.2, -0.2], [0.8, 0.8, 0.8])
+    assert tight == pytest.approx((-0.2, 0.8))  # no seed spread: the shared image noise, not divided by sqrt(3)
+    spread = sc.mean_drop_interval([0.0, 0.3, 0.6], [-0.5, -0.2, 0.1], [0.5, 0.8, 1.1])
+    assert spread[0] < -0.2 and spread[1] > 0.8
+    assert sum(spread) / 2 == pytest.approx(0.3)
+
+
+# ----------------------------------------------------------------------------- the plan and the table
+
+
+def test_a_method_name_brings_its_extra_rows_and_unknown_names_are_refused():
+    assert [spec.key for spec in sc.select_specs(["agp"])] == ["agp", "agp@0.9", "agp@0.95"]
+    assert [spec.key for spec in sc.select_specs(["agp@0.9"])] == ["agp@0.9"]
+    with pytest.raises(SystemExit, match="unknown nope"):
+        sc.select_specs(["nope"])
+
+
+def test_hardware_per_method():
+    specs = {spec.key: spec for spec in sc.all_row_specs()}
+    assert specs["ptq_static"].hardware == "cpu" and specs["qat"].hardware == "cpu"
+    assert specs["ptq_static@cpu_ort"].hardware == "cpu_ort"
+    assert specs["agp"].hardware == "cpu_1t" and specs["channel"].hardware == "cpu_1t"
+
+
+def test_plan_skips_conv_only_methods_on_lenet300_and_full_covers_every_model():
+    specs = sc.select_specs(["tucker", "svd"])
+    default = {(job.spec.key, job.model) for job in sc.plan(specs, ["lenet300", "lenet5"], [0, 1, 2], full=False)}
+    assert ("tucker", "lenet300") not in default and ("svd", "lenet300") in default
+    full = sc.plan(specs, ["lenet300", "lenet5"], [0, 1, 2], full=True)
+    assert {job.model for job in full} == set(sc.discover_models())
+    seeds = {(job.spec.key, job.model): job.seeds for job in full}
+    assert seeds[("tucker", "resnet20")] == (0, 1, 2) and seeds[("svd", "mobilenetv2")] == (0,)
+
+
+def test_groups_give_each_row_its_hardware_and_overrides(tmp_path):
+    groups = sc.group_jobs(sc.plan(sc.select_specs(["agp", "lightning", "ptq_static"]), ["lenet5"], [0], False))
+    commands = [" ".join(group.command("t", tmp_path)) for group in groups]
+    assert any("method=ptq_static" in c and "hardware=cpu " in c for c in commands)
+    assert any("method=agp,lightning" in c and "++method.sparsity=0.95" in c and "hardware=cpu_1t" in c for c in commands)
+    assert any(group.name("t").endswith("-sparsity0.95") for group in groups)
+    assert all(f"tracking.uri=sqlite:///{tmp_path}" in c and "hydra.sweep.dir=" in c for c in commands)
+    assert len({group.name("t") for group in groups}) == len(groups)
+
+
+def test_the_table_is_markdown():
+    rows = judged(row("agp", three(sparsity=0.8)), row("random", [run(0, status="FAILED", tags={"error": "E"})]))
+    lines = sc.render(rows).splitlines()
+    assert all(line.startswith("|") and line.endswith("|") for line in lines)
+    assert set(lines[1]) <= {"|", "-"}
+    assert "PASS" in lines[2] and "FAIL: seed 0 FAILED (E)" in lines[3]
+
+
+def test_exit_code_is_nonzero_when_a_target_fails(tmp_path, monkeypatch):
+    passing = [row("agp", three(sparsity=0.8))]
+    monkeypatch.setattr(sc, "read_rows", lambda *args: passing)
+    args = ["--report-only", "--store", str(tmp_path), "--methods", "agp", "--out", str(tmp_path / "s.md")]
+    assert sc.main(args) == 0
+    assert "| lenet5 | agp" in (tmp_path / "s.md").read_text().replace("  ", "")
+    failing = [row("agp", three(sparsity=0.1))]
+    monkeypatch.setattr(sc, "read_rows", lambda *args: failing)
+    assert sc.main(args) == 1
+
+
+def test_report_only_reads_a_store_with_nothing_yet(tmp_path):
+    rows, code = sc.scorecard(["--report-only", "--store", str(tmp_path), "--methods", "svd", "--models", "lenet300",
+                               "--seeds", "0", "--out", str(tmp_path / "s.md")])
+    assert code == 1 and rows[0].runs[0].status == "MISSING" and rows[0].verdict == "NOT RUN"
+
+
+# ----------------------------------------------------------------------------- end to end
+
+SHRUNK = ["--data", "digits", "--override", "baseline.epochs=1", "--override", "trainer.limit_train_batches=4",
+          "--override", "hardware.latency.warmup=1", "--override", "hardware.latency.repeats=3"]
+
+
+@pytest.mark.slow  # ~25 s on 2 quiet cores, ~70 s when they are shared: two train.py processes start
+def test_end_to_end_on_digits_reads_back_what_train_py_logged(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = tmp_path / "store"
+    rows, code = sc.scorecard([*SHRUNK, "--store", str(store), "--models", "lenet300", "--methods", "magnitude,baseline",
+                               "--seeds", "0", "--out", str(tmp_path / "s.md")])
+    by_key = {row.spec.key: row for row in rows}
+    assert by_key["magnitude"].runs[0].status == "FINISHED"
+    assert by_key["magnitude"].runs[0].params["method.sparsity"] == "0.8"
+    assert by_key["baseline"].mean("acc_drop") == 0.0
+    assert code in (0, 1) and (tmp_path / "s.md").read_text().count("| lenet300") == 2
+    # the same store again, report only: the same rows
+    again, _ = sc.scorecard(["--report-only", "--store", str(store), "--models", "lenet300", "--methods",
+                             "magnitude,baseline", "--seeds", "0", "--out", str(tmp_path / "again.md")])
+    assert [r.mean("test_acc") for r in again] == [r.mean("test_acc") for r in rows]
+
+
+def _real(tmp_path, methods: str, models: str, seeds: str) -> dict:
+    """The scorecard on mnist5k; WORKBENCH_BASELINES_DB (an mlflow.db with the mnist5k baselines) saves training them."""
+    baselines = os.environ.get("WORKBENCH_BASELINES_DB")
+    rows, _ = sc.scorecard(["--store", str(tmp_path / "store"), "--models", models, "--methods", methods,
+                            "--seeds", seeds, "--out", str(tmp_path / "scorecard.md"),
+                            *(["--baselines-from", baselines] if baselines else [])])
+    return {(row.model, row.spec.key): row for row in rows}
+
+
+@pytest.mark.slow  # mnist5k, real epochs: 3 baselines of lenet300 (30 epochs) and agp at 0.9; a few minutes
+def test_lenet300_agp_at_09_reaches_the_sparsity_asked(tmp_path, monkeypatch):
+    # Fails on the code of 18dc01a (measured 0.10: the first and last layers were spared by default);
+    # the pruning defaults are being fixed for issue 12.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = _real(tmp_path, "agp@0.9", "lenet300", "0")[("lenet300", "agp@0.9")]
+    assert result.runs[0].status == "FINISHED"
+    assert result.mean("sparsity") == pytest.approx(0.90, abs=0.01)
+
+
+@pytest.mark.slow  # mnist5k: 3 lenet5 baselines, ptq_static and qat on hardware=cpu (Inductor compiles)
+def test_lenet5_int8_defaults_keep_accuracy(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    rows = _real(tmp_path, "ptq_static,qat", "lenet5", "0,1,2")
+    for key in ("ptq_static", "qat"):
+        result = rows[("lenet5", key)]
+        assert len(result.finished) == 3, result.reasons
+        assert result.mean("acc_drop") <= 0.3, result.reasons
+
+
+@pytest.mark.slow  # mnist5k: 3 lenet300 baselines and lowbit's 3 epochs
+def test_lenet300_lowbit_4bit_does_not_collapse(tmp_path, monkeypatch):
+    # Fails on the code of 18dc01a (test_acc 10%: training diverged); being fixed for issue 12.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = _real(tmp_path, "lowbit", "lenet300", "0,1,2")[("lenet300", "lowbit")]
+    assert len(result.finished) == 3
+    assert result.mean("acc_drop") <= 1.0, result.reasons
+    assert result.verdict == "PASS", result.reasons
+
+
+def test_readme_section_is_replaced_between_its_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n## What the defaults deliver\nintro\n{sc.README_START}\nold\n{sc.README_END}\n## next\n")
+    sc.write_readme_section(readme, "new table\n")
+    assert readme.read_text() == (f"# x\n## What the defaults deliver\nintro\n{sc.README_START}\nnew table\n"
+                                  f"{sc.README_END}\n## next\n")
+    unmarked = tmp_path / "OTHER.md"
+    unmarked.write_text("# no section\n")
+    with pytest.raises(SystemExit, match="no <!-- scorecard:start -->"):
+        sc.write_readme_section(unmarked, "x")
+
+
+def test_baselines_from_copies_then_merges_finished_baselines(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    source_uri = f"sqlite:///{tmp_path / 'source' / 'mlflow.db'}"
+    (tmp_path / "source").mkdir()
+    source = MlflowClient(tracking_uri=source_uri)
+    experiment = source.create_experiment("workbench", artifact_location=(tmp_path / "source" / "artifacts").as_uri())
+
+    def baseline(fingerprint: str, finished: bool) -> str:
+        run = source.create_run(experiment, tags={"baseline_fingerprint": fingerprint})
+        source.log_metric(run.info.run_id, "test_acc", 97.0)
+        if finished:
+            source.set_terminated(run.info.run_id, "FINISHED")
+        return run.info.run_id
+
+    done, training = baseline("a", True), baseline("b", False)
+    store = tmp_path / "store"
+    sc.seed_store(store, tmp_path / "source" / "mlflow.db")
+    target = MlflowClient(tracking_uri=sc.store_uri(store))
+    assert target.get_run(done).info.status == "FINISHED"
+    assert target.get_run(training).info.status == "FAILED"  # its claim would make jobs here wait forever
+    assert target.get_experiment_by_name("workbench").artifact_location == (store.resolve() / "artifacts").as_uri()
+
+    source.set_terminated(training, "FINISHED")  # the teacher finished there meanwhile
+    later = baseline("c", True)
+    sc.seed_store(store, tmp_path / "source" / "mlflow.db")
+    assert target.get_run(training).info.status == "FINISHED"
+    assert target.get_run(later).data.metrics == {"test_acc": 97.0}
+    assert target.get_run(later).data.tags["baseline_fingerprint"] == "c"
