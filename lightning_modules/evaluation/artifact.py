@@ -152,14 +152,18 @@ def save_deployable(model: nn.Module, path: str | Path) -> int:
     return path.stat().st_size
 
 
-def load_deployable(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the model saved by `save_deployable` (the file is trusted: it unpickles the skeleton)."""
+def load_deployable(path: str | Path, device: str | torch.device = "cpu", low_bit_as_int8: bool = False) -> nn.Module:
+    """Rebuild the model saved by `save_deployable` (the file is trusted: it unpickles the skeleton).
+
+    Packed low-bit layers are decoded once: into float Conv2d/Linear layers, or, with
+    `low_bit_as_int8` (for a runtime with int8 kernels), into int8 layers holding the codes widened to
+    8 bits, which run on those kernels with the same outputs."""
     payload = torch.load(Path(path), map_location="cpu", weights_only=False)
     if payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a workbench artifact (format {payload.get('format')!r}, expected {FORMAT!r})")
     model = payload["skeleton"].to_empty(device=device)
     model.load_state_dict({key: decode_tensor(value) for key, value in payload["state"].items()})
-    return decode_low_bit(model).eval()
+    return (model if low_bit_as_int8 else decode_low_bit(model)).eval()
 
 
 def encoding_table(model: nn.Module) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ from torch import nn
 
 from lightning_modules.data import InMemoryDataModule
 from lightning_modules.evaluation.accuracy import paired_drop_interval, predict
-from lightning_modules.compression.quantization import dequantized, is_quantized
+from lightning_modules.compression.quantization import decode_low_bit, dequantized, is_quantized
 from lightning_modules.evaluation.artifact import NARROW_ENCODINGS, encoding_table, load_deployable, save_deployable
 from lightning_modules.evaluation.complexity import count_macs, layer_table, parameter_counts
 from lightning_modules.evaluation.latency import load_per_core, measure_latency
@@ -91,11 +91,15 @@ def measure(
     is_baseline = model is baseline
     artifact = artifact_dir / "model.pt"
     size_bytes = save_deployable(model, artifact)
-    shipped = load_deployable(artifact)  # measure the file, not the object that produced it
+    # measure the file, not the object that produced it; low-bit codes are decoded once, at load:
+    # widened to int8 where the runtime has int8 kernels, else to float
+    shipped = load_deployable(artifact, low_bit_as_int8=True)
 
     test = data.split("test")
     input_shape = tuple(test.tensors[0].shape[1:])
     runtime = RUNTIMES[runtime_name(hardware, is_quantized(shipped))]  # hardware.compile may pick inductor
+    if not runtime.int8_kernels:
+        shipped = decode_low_bit(shipped)
     threads = hardware.get("threads")
     encodings = encoding_table(shipped)
     packed = (any(getattr(module, "weight_bits", 8) < 8 for module in shipped.modules())
@@ -161,7 +165,8 @@ def measure(
     metrics.update(extra)
     # what the latency is of, when it is not the deployed weights on kernels of their own width
     on_int8_kernels = runtime.int8_kernels and extra["int8_kernel_ops"] > 0
-    label = "dequantized" if packed else ("simulated" if is_quantized(shipped) and not on_int8_kernels else None)
+    # (low-bit codes that run widened on int8 kernels are real int8 latency: no label)
+    label = None if on_int8_kernels else "dequantized" if packed else "simulated" if is_quantized(shipped) else None
     for batch_size in batch_sizes:
         key = f"latency_ms_p50_bs{batch_size}"
         metrics[f"baseline_{key}"] = baseline_latency[key]
