@@ -58,6 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = "mnist5k"
 DEFAULT_MODELS = ("lenet300", "lenet5")
@@ -443,9 +445,16 @@ class Group:
         return [sys.executable, str(ROOT / "train.py"), "-m",
                 f"method={','.join(methods)}", f"model={','.join(self.models)}",
                 f"seed={','.join(map(str, self.seeds))}", f"data={data}", f"hardware={self.hardware}",
+                # the default grid teaches kd with lenet5; a scorecard judges the shipped teacher
+                f"kd_teacher={shipped_kd_teacher()}",
                 *self.overrides, *extra, f"tracking.uri={store_uri(store)}", "trainer.enable_progress_bar=false",
                 "hydra/launcher=basic",  # one job at a time: timings of one run are not disturbed by the next
                 f"hydra.sweep.dir={store / 'sweeps' / self.name(tag)}"]
+
+
+def shipped_kd_teacher() -> str:
+    """conf/config.yaml's `kd_teacher`: the teacher `method=kd` uses outside the default grid."""
+    return str(OmegaConf.load(ROOT / "conf" / "config.yaml").kd_teacher)
 
 
 def group_jobs(jobs: list[Job]) -> list[Group]:
