@@ -125,19 +125,20 @@ def as_dict(entries: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def test_search_by_tag_and_metric_finds_the_pruned_runs(server: str, digits_sweep: DigitsSweep) -> None:
-    runs = search(server, "tags.method = 'magnitude' and metrics.acc_drop < 50")
+    # (no layer is spared: a 4-batch lenet5 pruned to 80% can lose over half its accuracy)
+    runs = search(server, "tags.method = 'magnitude' and metrics.acc_drop < 95")
 
     client = MlflowClient(digits_sweep.uri)
     expected = {r.info.run_id for r in client.search_runs(
         [client.get_experiment_by_name("workbench").experiment_id], "tags.method = 'magnitude'")
-        if r.data.metrics["acc_drop"] < 50}
+        if r.data.metrics["acc_drop"] < 95}
     assert {run["info"]["run_id"] for run in runs} == expected and len(expected) == 4
     for run in runs:
         metrics, tags = as_dict(run["data"]["metrics"]), as_dict(run["data"]["tags"])
         assert [name for name in CONTRACT if name not in metrics] == []
         assert all(tags.get(tag) for tag in TAGS)
         assert tags["sweep"] == digits_sweep.name and tags["mlflow.parentRunId"] == digits_sweep.parent_run_id
-        assert metrics["acc_drop"] < 50 and metrics["sparsity"] > 0.4
+        assert metrics["acc_drop"] < 95 and metrics["sparsity"] > 0.4
         assert run["info"]["status"] == "FINISHED"
     assert {as_dict(r["data"]["tags"])["model"] for r in runs} == {"lenet300", "lenet5"}
 

@@ -180,7 +180,7 @@ def test_run_in_depth_notebook(digits_sweep: DigitsSweep, kernel: str) -> None:
     # the confusion matrices reproduce the accuracies the run logged
     assert finalized == pytest.approx(run.data.metrics["test_acc"], abs=0.01)
     assert baseline == pytest.approx(run.data.metrics["baseline_test_acc"], abs=0.01)
-    assert any("skip_layers" in table for table in outputs(notebook, "text/html"))
+    assert any("sparsity" in table for table in outputs(notebook, "text/html"))  # the method's per-layer columns
 
 
 @pytest.mark.slow

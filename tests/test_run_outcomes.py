@@ -209,6 +209,7 @@ def test_a_slower_run_says_why(speedup, tags, label, skipped, expected) -> None:
 def test_noisy_and_slower_runs_are_tagged_and_starred_in_the_grid(tmp_path, store_uri: str) -> None:
     result = run_train(["-m", *CHECKED, "model=lenet300", f"model.net._target_={__name__}.SlowWhenPrunedNet",
                         "method=magnitude", "method.fine_tune.epochs=1", "hardware=cpu_1t",
+                        "method.callbacks.prune.skip_layers=[first,last]",
                         "hardware.latency.noisy_spread=1.0"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = all_runs(store_uri)
@@ -230,7 +231,7 @@ def test_noisy_and_slower_runs_are_tagged_and_starred_in_the_grid(tmp_path, stor
 @pytest.mark.slow
 def test_kd_feature_runs_on_every_model_and_logs_figures_against_its_teacher(tmp_path, store_uri: str) -> None:
     result = run_train(["-m", *UNCHECKED, "model=lenet300,lenet5,resnet8,resnet20,mobilenetv2", "method=kd_feature",
-                        "hardware=cpu_1t"], tmp_path)
+                        "hardware=cpu_1t", "kd_teacher=resnet20"], tmp_path)  # the default grid's is lenet5
     assert result.returncode == 0, result.stderr[-3000:]
     assert "the teacher (resnet20 baseline, data digits, seed 0) is not in the store: training it first" in (
         result.stdout + result.stderr)
