@@ -15,6 +15,7 @@ import copy
 import hashlib
 import json
 import logging
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,7 +228,11 @@ def load_teacher_file(path: Path, net_cfg: DictConfig, data: InMemoryDataModule)
     try:
         return load_deployable(path)
     except ValueError:  # not a workbench artifact: weights for the architecture in method.teacher.model
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        try:  # tensors and plain containers only: nothing in the file runs when it is read
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise ValueError(f"{path}: refused, it holds objects other than tensors and plain containers "
+                             f"(a state dict or a Lightning checkpoint of tensors is allowed): {error}") from error
         state = payload.get("state_dict", payload)
         state = {key.removeprefix("model."): value for key, value in state.items()}
         model = build_model(net_cfg, data.shape)
