@@ -88,7 +88,7 @@ def _validate_model_and_layers(cfg: DictConfig) -> None:
     teacher = _config_teacher(cfg, shape, example) if any(c.requires_teacher for c in callbacks) else None
     for slot, callback in zip(_callback_slots(cfg.method), callbacks):
         try:
-            callback.check_layer_names(model, example, teacher)
+            callback.check_model(model, example, teacher)
         except ValueError as error:
             raise ConfigError(f"method.callbacks.{slot}: {error} (model={cfg.model.name}"
                               f"{f', teacher={cfg.method.teacher.model}' if teacher is not None else ''})") from error

@@ -22,10 +22,10 @@ none yet, and points the copy's experiment at the new store's own artifacts fold
 baseline runs keep reading their artifacts where they are; new runs write beside the new db);
 before each later sweep it merges in the FINISHED baselines trained there meanwhile (a teacher).
 
-Hardware: int8 methods are measured on `cpu` (compile auto: the int8 model and its fp32 baseline
-compiled by Inductor onto oneDNN's int8 kernels), ptq_static and qat also on `cpu_ort` (ONNX
-Runtime) as extra rows, ptq_dynamic on `cpu_ort` only; every other method on `cpu_1t` (one thread,
-the edge-like budget), see HARDWARE.
+Hardware: int8 methods (ptq_static, qat, qat_kd, ptq_dynamic) are measured on their shipped
+hardware, `cpu_ort` (ONNX Runtime's int8 kernels), ptq_static and qat also on `cpu` (compile auto:
+the int8 model and its fp32 baseline compiled by Inductor onto oneDNN's int8 kernels) as extra
+rows; every other method on `cpu_1t` (one thread, the edge-like budget), see HARDWARE.
 
 Statistics. Every figure in a row is the mean over its FINISHED seeds; a FAILED (or unfinished)
 run is shown with its error and never enters a mean. `acc_drop`'s interval for the mean over seeds
@@ -69,11 +69,10 @@ EXPERIMENT = "workbench"
 # ============================================================================ what is run
 
 DEFAULT_HARDWARE = "cpu_1t"  # one thread: timings of one model are least disturbed by other processes
-# int8 methods: `cpu` compiles (compile: auto) the int8 model and its baseline with Inductor onto oneDNN's
-# int8 kernels, the runtime they ship for; on cpu_1t they would run eager (simulated int8).
-# ptq_dynamic has no int8 kernel under Inductor (int8_kernel_ops 0 on `cpu`, 80-190 s of compiling per run on
-# shared cores for a 0.5x model): its int8 kernels are ONNX Runtime's (DynamicQuantizeLinear + MatMulInteger).
-HARDWARE = {"ptq_static": "cpu", "qat": "cpu", "qat_kd": "cpu", "ptq_dynamic": "cpu_ort"}
+# int8 methods: their shipped hardware (conf/method/*.yaml), ONNX Runtime's int8 kernels; on cpu_1t they
+# would run eager (simulated int8). ptq_dynamic has no int8 kernel under Inductor at all.
+INT8_HARDWARE = "cpu_ort"
+HARDWARE = {"ptq_static": INT8_HARDWARE, "qat": INT8_HARDWARE, "qat_kd": INT8_HARDWARE, "ptq_dynamic": INT8_HARDWARE}
 
 
 @dataclass(frozen=True)
@@ -87,14 +86,15 @@ class RowSpec:
     models: tuple[str, ...] | None = None  # None: the models of the run (--models)
 
 
-# Rows beyond the defaults: the sparsities issue 12 names for agp, its peer at 0.95, and int8 on ONNX Runtime.
+# Rows beyond the defaults: the sparsities issue 12 names for agp, its peer at 0.95, and int8 on Inductor
+# (`cpu`: the model and its baseline compiled onto oneDNN's kernels).
 EXTRA_ROWS = (
     # `++`: a sweep of several methods composes its primary config with method=baseline, which has no sparsity
     RowSpec("agp@0.9", "agp", DEFAULT_HARDWARE, ("++method.sparsity=0.9",)),
     RowSpec("agp@0.95", "agp", DEFAULT_HARDWARE, ("++method.sparsity=0.95",)),
     RowSpec("lightning@0.95", "lightning", DEFAULT_HARDWARE, ("++method.sparsity=0.95",)),
-    RowSpec("ptq_static@cpu_ort", "ptq_static", "cpu_ort"),
-    RowSpec("qat@cpu_ort", "qat", "cpu_ort"),
+    RowSpec("ptq_static@cpu", "ptq_static", "cpu"),
+    RowSpec("qat@cpu", "qat", "cpu"),
 )
 # Methods that factor convolutions only: outside --full they skip models without one (lenet300).
 CONV_ONLY = {"tucker", "cp"}
@@ -151,10 +151,10 @@ TARGETS: tuple[Target, ...] = (
     Target(("lowbit",), "mean_drop_max", 1.0, "issue 12 §2: lowbit 4-bit, drop <= 1.0"),
     Target(("lowbit",), "fakequant_gap_max", 0.3, "issue 12 §2: deployed lowbit within 0.3 points of its fake-quant model"),
     Target(("cluster",), "mean_drop_max", 0.5, "issue 12 §2: cluster (16 centroids), drop <= 0.5"),
-    Target(("ptq_static", "qat", "ptq_static@cpu_ort", "qat@cpu_ort"), "mean_drop_max", 0.3,
+    Target(("ptq_static", "qat", "ptq_static@cpu", "qat@cpu"), "mean_drop_max", 0.3,
            "issue 12 §2: ptq_static and qat, drop <= 0.3"),
-    Target(("ptq_static", "qat", "ptq_static@cpu_ort", "qat@cpu_ort"), "speedup_bs32_min", 1.0,
-           "issue 12 §2: int8 at least as fast as fp32 at batch 32 on cpu and cpu_ort"),
+    Target(("ptq_static", "qat", "ptq_static@cpu", "qat@cpu"), "int8_not_slower", 1.0,
+           "issue 12 §2: int8 at least as fast as fp32 at batch 32 on cpu and cpu_ort (else the model stays float)"),
     Target(("svd", "tucker", "cp"), "compression_ratio_min", 1.5, "issue 12 §2: low-rank, compression_ratio >= 1.5"),
     Target(("svd", "tucker", "cp"), "mean_drop_max", 1.0, "issue 12 §2: low-rank, drop <= 1.0"),
     Target(("svd", "tucker", "cp"), "speedup_bs32_min", 0.95, "issue 12 §2: low-rank not slower than its baseline on cpu_1t"),
@@ -329,6 +329,19 @@ def _float(text: str | None) -> float | None:
         return None
 
 
+def check_int8_not_slower(row: Row, minimum: float, rows: dict) -> tuple[bool | None, str]:
+    """speedup_bs32 >= minimum, or every run kept its model float (min_speedup found no int8 form fast
+    enough on that runtime): a float model is its baseline, not slower however the two timings wobble."""
+    if row.finished and all(is_float_model(run) for run in row.finished):
+        return True, ""
+    return _min_check("speedup_bs32")(row, minimum, rows)
+
+
+def is_float_model(run: RunRecord) -> bool:
+    return run.metrics.get("compression_ratio", 0.0) < 1.01 and any(
+        value for key, value in run.metrics.items() if key.startswith("layers_skipped_"))
+
+
 CHECKS: dict[str, Check] = {
     "finished": check_finished,
     "not_collapsed": check_not_collapsed,
@@ -336,6 +349,7 @@ CHECKS: dict[str, Check] = {
     "sparsity_within": check_sparsity_within,
     "mean_drop_max": check_mean_drop_max,
     "speedup_bs32_min": _min_check("speedup_bs32"),
+    "int8_not_slower": check_int8_not_slower,
     "compression_ratio_min": _min_check("compression_ratio"),
     "fakequant_gap_max": check_fakequant_gap_max,
     "drop_at_least_row": check_drop_at_least_row,
@@ -608,6 +622,9 @@ def notes(row: Row) -> str:
         if any(value is not None for value in vs.values()):
             parts.append(f"vs teacher: acc {_fmt(vs['teacher_test_acc'], 1)}, drop {_fmt(vs['acc_drop_vs_teacher'])}, "
                          f"{_fmt(vs['compression_ratio_vs_teacher'], 1)}x smaller, bs32 {_fmt(vs['speedup_bs32_vs_teacher'])}x")
+    float_runs = [run for run in finished if row.spec.method in HARDWARE and is_float_model(run)]
+    if float_runs:
+        parts.append(f"float model {len(float_runs)}/{len(finished)}: no int8 form as fast as fp32 on {row.spec.hardware}")
     if "lowbit" == row.spec.method and row.mean("test_acc_fakequant") is not None:
         parts.append(f"fake-quant {_fmt(row.mean('test_acc_fakequant'))}")
     skipped = {key: row.mean(key) for run in finished for key in run.metrics if key.startswith("layers_skipped_")}

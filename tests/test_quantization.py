@@ -220,11 +220,13 @@ def test_ptq_through_the_pipeline_on_onnx_runtime(tmp_path, store_uri, method) -
 
 @pytest.mark.slow
 def test_ptq_on_hardware_cpu_runs_on_pytorch_int8_kernels(tmp_path, store_uri) -> None:
-    result = run_train([*FAST, "method=ptq_static", "hardware=cpu"], tmp_path)
+    # every layer int8 (min_speedup, which on Inductor may keep the whole model float, has its own tests)
+    result = run_train([*FAST, "method=ptq_static", "hardware=cpu", "method.callbacks.quantize.min_speedup=null"],
+                       tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = next(r for r in all_runs(store_uri) if r.data.tags["method"] == "ptq_static").data.metrics
-    # compile: auto put every LeNet-5 layer on a oneDNN int8 kernel, but those min_speedup kept float
-    assert metrics["int8_kernel_ops"] == 5 - metrics["layers_skipped_ptq_static"]
+    # compile: auto put every LeNet-5 layer on a oneDNN int8 kernel
+    assert metrics["int8_kernel_ops"] == 5 and metrics.get("layers_skipped_ptq_static", 0) == 0
     assert not any(key.startswith("simulated_") for key in metrics)
     assert metrics["acc_drop"] <= 2.0
 
@@ -394,14 +396,28 @@ def test_min_speedup_keeps_slower_layers_float_and_lists_them_with_both_timings(
         assert "< min_speedup=1000000.0" in row["skipped"]
 
 
-def test_min_speedup_is_not_applied_on_inductor_where_float_layers_add_quantize_pairs() -> None:
-    # Inductor fuses quantize/dequantize into the int8 kernels beside it: a per-layer timing would
-    # miss the pairs a float layer adds, so every layer is quantized and nothing is timed
-    callback = PTQStatic(min_speedup=1e6, runtime="inductor", compile="auto", threads=1)
+def test_min_speedup_on_inductor_times_the_whole_model_and_keeps_it_float_when_no_int8_form_is_fast_enough() -> None:
+    # Inductor fuses quantize/dequantize into the int8 kernels beside them, so the candidates (every
+    # layer int8, the slow layers float) are compiled and timed whole against the float model; a
+    # threshold none meets leaves every layer float, each listed with the whole-model timings
+    callback = PTQStatic(min_speedup=1e6, runtime="torch", compile="auto", threads=1)
+    model, _ = _fit(callback, epochs=1, batches=2)
+    finalized = callback.finalize(model)
+    assert not any(isinstance(m, Int8Layer) for m in finalized.modules())
+    rows = callback.summary(finalized)
+    assert len(rows) == 5 and all(row["type"] == "float" for row in rows)
+    assert set(callback.model_timings) >= {"all int8", "float"} and all(ms > 0 for ms in callback.model_timings.values())
+    for row in rows:
+        assert "no int8 form of the model reaches min_speedup=1000000.0 on inductor at batch 32: all int8 " in row["skipped"]
+        assert row["float_ms"] > 0 and row["int8_ms"] > 0  # each layer's own timing is listed too
+
+
+def test_min_speedup_on_inductor_keeps_every_layer_int8_when_the_whole_model_is_fast_enough() -> None:
+    callback = PTQStatic(min_speedup=1e-6, runtime="inductor", compile="auto", threads=1)
     model, _ = _fit(callback, epochs=1, batches=2)
     rows = callback.summary(callback.finalize(model))
     assert len(rows) == 5 and not any(row["skipped"] for row in rows)
-    assert callback.layer_timings == {}
+    assert list(callback.model_timings) == ["all int8", "float"]  # no layer was slower alone: two candidates
 
 
 def test_min_speedup_null_quantizes_every_layer_and_times_nothing() -> None:

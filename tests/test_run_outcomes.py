@@ -145,6 +145,11 @@ def test_a_nan_loss_stops_training_at_once_and_fails_the_run(tmp_path, store_uri
          r"student_layer='penultimate' gives \(100,\) features; allowed with hint=attention: a layer with \(channels"),
         (["method=magnitude", "method.callbacks.prune.skip_layers=[first,fc9]"],
          r"method.callbacks.prune: unknown layers \['fc9'\] for LeNet5; allowed: first, last, features.0, features.3"),
+        (["method=channel", "method.callbacks.prune.sparsity=0.95"],
+         r"method.callbacks.prune: sparsity=0.95 is not valid: it removes all 6 channels of features.0; "
+         r"allowed: a fraction in \[0, 0.9167\) for this layer"),
+        (["method=channel", "method.callbacks.prune.skip_layers=[conv9]"],
+         r"method.callbacks.prune: channel pruning knows no producer layers \['conv9'\]; allowed: classifier.1"),
         (["hardware.latency.noisy_spread=0.9"], r"hardware.latency.noisy_spread=0.9 is not valid; allowed: a p95/p50 ratio >= 1"),
         (["++run_checks.chance_margin=-1"], r"run_checks.chance_margin=-1 is not valid; allowed: points above chance >= 0"),
     ],

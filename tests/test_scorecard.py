@@ -199,9 +199,25 @@ def test_a_method_name_brings_its_extra_rows_and_unknown_names_are_refused():
 
 def test_hardware_per_method():
     specs = {spec.key: spec for spec in sc.all_row_specs()}
-    assert specs["ptq_static"].hardware == "cpu" and specs["qat"].hardware == "cpu"
-    assert specs["ptq_static@cpu_ort"].hardware == "cpu_ort"
+    assert specs["ptq_static"].hardware == "cpu_ort" and specs["qat"].hardware == "cpu_ort"
+    assert specs["ptq_static@cpu"].hardware == "cpu" and specs["qat@cpu"].hardware == "cpu"
     assert specs["agp"].hardware == "cpu_1t" and specs["channel"].hardware == "cpu_1t"
+
+
+@pytest.mark.parametrize("method", sorted(sc.HARDWARE))
+def test_int8_rows_run_on_the_hardware_their_method_ships_with(method):
+    from tests.conftest import compose_config
+
+    assert compose_config([f"method={method}"]).hardware.name == sc.HARDWARE[method]
+    assert compose_config([f"method={method}", "hardware=cpu"]).hardware.name == "cpu"  # the command line wins
+
+
+def test_int8_speed_passes_when_faster_or_when_every_run_kept_the_model_float():
+    float_runs = [run(seed, compression_ratio=1.0, speedup_bs32=0.96, layers_skipped_ptq_static=5.0) for seed in (0, 1, 2)]
+    (kept_float,) = judged(row("ptq_static@cpu", float_runs, method="ptq_static"))
+    assert kept_float.verdict == "PASS" and "float model 3/3" in sc.notes(kept_float)
+    (slower,) = judged(row("ptq_static@cpu", three(compression_ratio=3.9, speedup_bs32=0.9), method="ptq_static"))
+    assert slower.verdict == "FAIL" and "speedup_bs32 0.90 < 1" in slower.reasons
 
 
 def test_plan_skips_conv_only_methods_on_lenet300_and_full_covers_every_model():
@@ -291,11 +307,11 @@ def test_lenet300_agp_at_09_reaches_the_sparsity_asked(tmp_path, monkeypatch):
     assert result.mean("sparsity") == pytest.approx(0.90, abs=0.01)
 
 
-@pytest.mark.slow  # mnist5k: 3 lenet5 baselines, ptq_static and qat on ONNX Runtime (on cpu, Inductor's
-def test_lenet5_int8_defaults_keep_accuracy(tmp_path, monkeypatch):  # compiles cost 3x the time)
+@pytest.mark.slow  # mnist5k: 3 lenet5 baselines, ptq_static and qat on their ONNX Runtime default
+def test_lenet5_int8_defaults_keep_accuracy(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    rows = _real(tmp_path, "ptq_static@cpu_ort,qat@cpu_ort", "lenet5", "0,1,2")
-    for key in ("ptq_static@cpu_ort", "qat@cpu_ort"):
+    rows = _real(tmp_path, "ptq_static,qat", "lenet5", "0,1,2")
+    for key in ("ptq_static", "qat"):
         result = rows[("lenet5", key)]
         assert len(result.finished) == 3, result.reasons
         assert result.mean("acc_drop") <= 0.3, result.reasons

@@ -40,9 +40,10 @@ class CompressionCallback(pl.Callback):
         alone has its reason in a `skipped` column (counted as the run's layers_skipped_<name>)."""
         return []
 
-    def check_layer_names(self, model: nn.Module, example: torch.Tensor, teacher: nn.Module | None = None) -> None:
-        """Raise ValueError when a layer this method's arguments name is not a layer of `model` (or of
-        `teacher`, for a method that learns from one). The config validation calls it on models built
+    def check_model(self, model: nn.Module, example: torch.Tensor, teacher: nn.Module | None = None) -> None:
+        """Raise ValueError when this method's arguments do not fit `model`: a layer they name that is
+        not a layer of `model` (or of `teacher`, for a method that learns from one), or a setting that
+        cannot make a model of it (channel pruning that leaves a layer no channel). The config validation calls it on models built
         from the config, before any run opens, with `example` a zero input batch of the data's shape.
         The default checks the names in `skip_layers` and the keys of `layer_sparsity`/`layer_ranks`
         (`first` and `last` stand for the ends); a method whose arguments name layers otherwise

@@ -225,7 +225,7 @@ class FeatureDistillation(KnowledgeDistillation):
         self.handles: list[Any] = []
         self.adapter: nn.Module | None = None
 
-    def check_layer_names(self, model: nn.Module, example: torch.Tensor, teacher: nn.Module | None = None) -> None:
+    def check_model(self, model: nn.Module, example: torch.Tensor, teacher: nn.Module | None = None) -> None:
         """Both layers exist (rules resolved on these models) and, for attention hints, give feature maps."""
         outputs = {"student": layer_output(model, resolve_layer(model, self.student_layer, example, "student_layer"),
                                            example)}

@@ -610,8 +610,8 @@ class ChannelPruning(CompressionCallback):
         taylor_batches: training batches the `taylor` criterion averages over at each cut.
 
     Raises ValueError when a group would keep no channel (`sparsity` or a `layer_sparsity` so close
-    to 1 that `round(fraction * channels)` is all of them), naming the key, value and allowed range,
-    as soon as the model is known (fit start), before any training step.
+    to 1 that `round(fraction * channels)` is all of them), naming the key, value and allowed range:
+    the config validation runs `check_model` on the model the config builds, before any run opens.
     """
 
     name = "channel"
@@ -659,6 +659,11 @@ class ChannelPruning(CompressionCallback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         apply_masks(pl_module.model)
+
+    def check_model(self, model: nn.Module, example: torch.Tensor, teacher: nn.Module | None = None) -> None:
+        """The layer names and every group's kept channels, checked on the model the config builds
+        (on a copy of this callback: the run's own analysis happens when fitting starts)."""
+        copy.deepcopy(self).analyse(model, example)
 
     # -- workers
     def analyse(self, model: nn.Module, example_input: torch.Tensor) -> None:

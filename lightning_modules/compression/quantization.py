@@ -1078,6 +1078,7 @@ class StaticQuantization(CompressionCallback):
         self.example: torch.Tensor | None = None  # one training image: the layers' input shapes for min_speedup
         self.layer_timings: dict[str, tuple[float, float]] = {}  # layer -> (float ms, int8 ms) at speed_batch
         self.kept_float: dict[str, str] = {}  # layer -> why min_speedup kept it float
+        self.model_timings: dict[str, float] = {}  # Inductor: candidate -> whole-model ms at speed_batch
         self.layer_schemes: dict[str, QuantScheme] = {}
         self.prepared: Prepared | None = None
         self.calibrated_images = 0
@@ -1144,14 +1145,6 @@ class StaticQuantization(CompressionCallback):
             log.info("%s: min_speedup not applied: runtime torch without compile simulates int8 (no int8 kernels "
                      "to time); every layer is quantized", self.name)
             return {}
-        if runtime == "inductor":
-            # Inductor fuses each quantize/dequantize into the int8 kernels beside it; a layer kept
-            # float between int8 layers adds a dequantize/quantize pair that a per-layer timing does
-            # not see (lenet5, cpu_1t, seed 0: 0.39x of fp32 with the slow layers kept float, 1.16x
-            # all int8). Until the timing counts those pairs, Inductor runs every layer in int8.
-            log.info("%s: min_speedup not applied on Inductor (a float layer between int8 layers adds "
-                     "quantize/dequantize pairs a per-layer timing misses); every layer is quantized", self.name)
-            return {}
         if self.example is None:
             raise RuntimeError(f"{self.name}: min_speedup={self.min_speedup} needs an example input (taken when "
                                f"fitting starts); allowed without one: min_speedup=null")
@@ -1164,8 +1157,44 @@ class StaticQuantization(CompressionCallback):
             if float_ms / int8_ms < self.min_speedup:
                 kept[name] = (f"int8 {int8_ms:.4f} ms vs float {float_ms:.4f} ms at batch {self.speed_batch} on "
                               f"{runtime} ({float_ms / int8_ms:.2f}x < min_speedup={self.min_speedup})")
-                log.info("%s keeps %s in float: %s", self.name, name, kept[name])
+        if runtime == "inductor":
+            kept = self.slower_as_a_whole(model, kept)
+        for name, reason in kept.items():
+            log.info("%s keeps %s in float: %s", self.name, name, reason)
         return kept
+
+    def slower_as_a_whole(self, model: nn.Module, slow_layers: dict[str, str]) -> dict[str, str]:
+        """Inductor fuses each quantize/dequantize into the int8 kernels beside it, so a layer kept
+        float between int8 layers adds a dequantize/quantize pair that its own timing does not see
+        (lenet5, cpu_1t: 0.39x of fp32 with its slow layers float, 1.16x all int8), and a whole
+        model of small int8 kernels can be slower than its float form although no layer is (LeNets
+        on 2 cores: 0.8-0.9x). So the candidates are compiled and timed whole, interleaved with the
+        float model: every layer int8, then the layers timed slower kept float; the first at least
+        `min_speedup` times as fast as float is kept, and if none is, every layer stays float."""
+        from lightning_modules.evaluation.latency import measure_latency
+        from lightning_modules.evaluation.runtime import deploy
+
+        every_layer = {name: "" for name in self.prepared.layers}
+        candidates = {"all int8": {}, "slow layers float": slow_layers, "float": every_layer}
+        if not slow_layers or len(slow_layers) == len(every_layer):
+            del candidates["slow layers float"]
+        shape = tuple(self.example.shape[1:])
+        deployed = {label: deploy(convert(copy.deepcopy(model), self.prepared, keep_float=keep), "inductor",
+                                  torch.device("cpu"), self.threads, shape)
+                    for label, keep in candidates.items()}
+        key = f"latency_ms_p50_bs{self.speed_batch}"
+        times = {label: figures[key] for label, figures in
+                 measure_latency(deployed, shape, [self.speed_batch], torch.device("cpu"), repeats=60).items()}
+        self.model_timings = times
+        summary = ", ".join(f"{label} {ms:.4f} ms" for label, ms in times.items())
+        for label in ("all int8", "slow layers float"):
+            if label in times and times["float"] / times[label] >= self.min_speedup:
+                log.info("%s on inductor at batch %d: %s; keeping %s", self.name, self.speed_batch, summary, label)
+                return candidates[label]
+        best = min((label for label in times if label != "float"), key=times.get)
+        reason = (f"no int8 form of the model reaches min_speedup={self.min_speedup} on inductor at batch "
+                  f"{self.speed_batch}: {summary} (best {times['float'] / times[best]:.2f}x)")
+        return {name: "; ".join(filter(None, (slow_layers.get(name), reason))) for name in every_layer}
 
     def reference_models(self) -> dict[str, nn.Module]:
         """The fake-quant training model, scored beside the deployed one as test_acc_fakequant."""
