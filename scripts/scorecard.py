@@ -716,7 +716,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--store", type=Path, default=None, help="folder of the MLflow store (default: a new /tmp folder)")
     parser.add_argument("--baselines-from", type=Path, default=None, help="an mlflow.db with trained baselines to start from")
     parser.add_argument("--tag", default="scorecard", help="names the sweeps: another tag re-measures in the same store")
-    parser.add_argument("--out", type=Path, default=Path("scorecard.md"), help="the markdown table (default ./scorecard.md)")
+    parser.add_argument("--out", type=Path, default=None, help="the markdown table (default: scorecard.md in the store)")
     parser.add_argument("--data", default=DATA, help=argparse.SUPPRESS)  # tests only: the scorecard is of mnist5k
     parser.add_argument("--override", action="append", default=[], help=argparse.SUPPRESS)  # tests only: shrunk trainer
     parser.add_argument("--readme", type=Path, default=None,
@@ -768,8 +768,9 @@ def scorecard(argv: list[str] | None = None) -> tuple[list[Row], int]:
     rows = judge(read_rows(args.store, args.tag, jobs))
     text = f"{summary(rows, wall_s, args)}\n\n{render(rows)}\n"
     print(text)
-    args.out.write_text(text)
-    print(f"written to {args.out}")
+    out = args.out or args.store / "scorecard.md"
+    out.write_text(text)
+    print(f"written to {out}")
     if args.readme is not None:
         write_readme_section(args.readme, text)
         print(f"and into {args.readme}")
