@@ -16,9 +16,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from lightning_modules.compression.base import WEIGHTED_LAYERS, CompressionCallback
+from lightning_modules.compression.base import CompressionCallback, Timer
 from lightning_modules.data import DATASETS, DataShape
 from lightning_modules.evaluation.runtime import RUNTIMES
+from lightning_modules.layers import WEIGHTED_LAYERS
 from lightning_modules.models import build_model
 
 DEVICES = ("cpu", "cuda")
@@ -222,8 +223,9 @@ def _validate_target(key: str, target: Any) -> None:
         raise ConfigError(f"{key}={target!r} cannot be imported ({error})") from error
 
 
-def build_callbacks(method: DictConfig) -> list[CompressionCallback]:
-    """Instantiate the method's compression callbacks in the order the config lists them."""
+def build_callbacks(method: DictConfig, timer: Timer | None = None) -> list[CompressionCallback]:
+    """Instantiate the method's compression callbacks in the order the config lists them, each
+    given `timer` (what min_speedup times with; the pipeline passes evaluation's LatencyTimer)."""
     callbacks = []
     for slot, entry in (method.get("callbacks") or {}).items():
         key = f"method.callbacks.{slot}"
@@ -239,5 +241,5 @@ def build_callbacks(method: DictConfig) -> list[CompressionCallback]:
             raise ConfigError(f"{key}: {cause}") from error
         if not isinstance(callback, CompressionCallback):
             raise ConfigError(f"{key}._target_={entry._target_!r} is a {type(callback).__name__}, not a CompressionCallback")
-        callbacks.append(callback)
+        callbacks.append(callback.attach_timer(timer) if timer is not None else callback)
     return callbacks

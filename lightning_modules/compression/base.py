@@ -8,15 +8,29 @@ Hybrids are several callbacks listed in order in the method config; finalize run
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
 
-# The layer types the method families act on by default.
-WEIGHTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+from lightning_modules.layers import weighted_layers
+
+
+class Timer(Protocol):
+    """What a callback's `min_speedup` times layers and models with. The pipeline hands one over
+    (`attach_timer`; evaluation/latency.py: LatencyTimer): compression/ never imports evaluation/."""
+
+    def paired(self, first: nn.Module, second: nn.Module, inputs: torch.Tensor) -> tuple[float, float, float]: ...
+
+    def int8_runtime(self, runtime: str, compile_mode: bool | str) -> str: ...
+
+    def float_and_int8(self, runtime: str, float_layer: nn.Module, int8_layer: nn.Module,
+                       input_shape: tuple[int, ...], batch: int, threads: int | None) -> tuple[float, float]: ...
+
+    def whole_models(self, models: dict[str, nn.Module], runtime: str, input_shape: tuple[int, ...], batch: int,
+                     threads: int | None) -> dict[str, float]: ...
 
 
 class CompressionCallback(pl.Callback):
@@ -27,9 +41,23 @@ class CompressionCallback(pl.Callback):
     #: set by methods that learn from a teacher; the pipeline then finds or trains the teacher
     #: and hands it over with `attach_teacher` before training starts
     requires_teacher: bool = False
+    #: what `min_speedup` times with; handed over by the pipeline (attach_timer), None until then
+    timer: Timer | None = None
 
     def attach_teacher(self, teacher: nn.Module) -> None:
         raise NotImplementedError(f"{type(self).__name__} does not use a teacher")
+
+    def attach_timer(self, timer: Timer) -> CompressionCallback:
+        self.timer = timer
+        return self
+
+    def require_timer(self) -> Timer:
+        """The attached timer; a ValueError naming min_speedup when none was handed over."""
+        if self.timer is None:
+            raise ValueError(f"{self.name}: min_speedup={getattr(self, 'min_speedup', None)} times layers with the "
+                             f"timer the pipeline hands over (attach_timer), and none was given; allowed without "
+                             f"one: min_speedup=null")
+        return self.timer
 
     def finalize(self, model: nn.Module) -> nn.Module:
         """Return the deployable model; the default keeps the model as trained."""
@@ -63,13 +91,6 @@ class CompressionCallback(pl.Callback):
 
 
 LAYER_ALIASES = ("first", "last")  # the model's first and last weighted layer, wherever a layer name is asked
-
-
-def weighted_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(qualified name, module) of every Linear/Conv2d layer, in definition order."""
-    for name, module in model.named_modules():
-        if isinstance(module, WEIGHTED_LAYERS):
-            yield name, module
 
 
 def skipped_layers(model: nn.Module, skip_layers: list[str]) -> dict[str, str]:

@@ -21,7 +21,8 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from lightning_modules.compression.base import CompressionCallback, skipped_layers, weighted_layers
+from lightning_modules.compression.base import CompressionCallback, skipped_layers
+from lightning_modules.layers import weighted_layers
 
 log = logging.getLogger(__name__)
 

@@ -37,9 +37,9 @@ from lightning_modules.compression.base import (
     CompressionCallback,
     check_choice,
     check_int,
-    weighted_layers,
 )
 from lightning_modules.data import FixedViews, InMemoryDataModule
+from lightning_modules.layers import weighted_layers
 
 log = logging.getLogger(__name__)
 

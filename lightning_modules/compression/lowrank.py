@@ -26,7 +26,6 @@ import contextlib
 import copy
 import logging
 import math
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -41,8 +40,8 @@ from lightning_modules.compression.base import (
     check_fraction,
     check_int,
     training_batches,
-    weighted_layers,
 )
+from lightning_modules.layers import weighted_layers
 
 log = logging.getLogger(__name__)
 
@@ -712,7 +711,7 @@ class LowRankDecomposition(CompressionCallback):
         `example`, an input batch of the model, gives the layers' input shapes for `min_speedup`.
 
         Raises:
-            ValueError: min_speedup is set and no example input is given.
+            ValueError: min_speedup is set and no example input or no timer (attach_timer) is given.
         """
         self.plans = self.plan(model, example)
         for name, plan in self.plans.items():
@@ -735,6 +734,8 @@ class LowRankDecomposition(CompressionCallback):
         if self.min_speedup is not None and example is None:
             raise ValueError(f"{self.name}: min_speedup={self.min_speedup} times each layer on its input shape and "
                              f"needs an example input; allowed without one: min_speedup=null")
+        if self.min_speedup is not None:
+            self.require_timer()  # before any work
         layers = list(weighted_layers(model))
         ours = [name for name, module in layers if isinstance(module, self.kind.layer_type)]
         aliases = {"first": ours[0] if ours else None, "last": ours[-1] if ours else None}
@@ -794,8 +795,8 @@ class LowRankDecomposition(CompressionCallback):
 
         The chain's shapes are what matter for time, so the factors come from the cheap start (no
         HOOI/ALS sweeps). Both run in the deployed memory layout. The speedup is the median of the
-        ratios of back-to-back pairs (see `paired_times`), steadier on a shared machine than a
-        ratio of two medians.
+        ratios of back-to-back pairs (see evaluation/latency.py: `paired_times`), steadier on a shared machine than a
+        ratio of two medians. The timer is the one the pipeline handed over (attach_timer).
         """
         factors, _ = self.kind.decompose(module.weight, ranks, 0, self.seed)
         factors["bias"] = _bias(module)
@@ -803,8 +804,8 @@ class LowRankDecomposition(CompressionCallback):
         dense = copy.deepcopy(module)
         layout = torch.channels_last if self.channels_last and len(input_shape) == 3 else torch.contiguous_format
         inputs = torch.randn((self.speed_batch, *input_shape), device=module.weight.device)
-        return paired_times(_in_layout(dense.to(memory_format=layout), layout),
-                            _in_layout(chain.to(memory_format=layout), layout), inputs)
+        return self.require_timer().paired(_in_layout(dense.to(memory_format=layout), layout),
+                                           _in_layout(chain.to(memory_format=layout), layout), inputs)
 
     @torch.no_grad()
     def reduce(self, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer] = (), step: int | None = None) -> None:
@@ -873,31 +874,6 @@ class LowRankDecomposition(CompressionCallback):
         self.step = state_dict["step"]
         self.plans = {name: LayerPlan(**{k: tuple(v) if isinstance(v, list) else v for k, v in plan.items()})
                       for name, plan in state_dict["plans"].items()}
-
-
-@torch.inference_mode()
-def paired_times(dense: nn.Module, factored: nn.Module, inputs: torch.Tensor, warmup: int = 10,
-                 pairs: int = 60) -> tuple[float, float, float]:
-    """(dense p50 ms, factored p50 ms, median of dense/factored over back-to-back pairs).
-
-    Each pair times both modules on the same input one right after the other, alternating which
-    goes first; a neighbour process that slows the core for a while then slows both halves of a
-    pair alike, so the median pair ratio moves less than the ratio of the two medians does.
-    """
-    sync = torch.cuda.synchronize if inputs.is_cuda else (lambda: None)
-    for _ in range(warmup):
-        dense(inputs)
-        factored(inputs)
-    sync()
-    dense_s, factored_s = [], []
-    for pair in range(pairs):
-        for which in ((0, 1) if pair % 2 == 0 else (1, 0)):
-            start = time.perf_counter()
-            (dense, factored)[which](inputs)
-            sync()
-            (dense_s, factored_s)[which].append(time.perf_counter() - start)
-    ratios = np.asarray(dense_s) / np.asarray(factored_s)
-    return float(np.median(dense_s)) * 1000.0, float(np.median(factored_s)) * 1000.0, float(np.median(ratios))
 
 
 def layer_input_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int, ...]]:

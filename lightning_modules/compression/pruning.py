@@ -34,9 +34,8 @@ from torch import nn
 from lightning_modules.compression import channel_surgery
 from lightning_modules.compression.base import (
     CompressionCallback, check_bool, check_choice, check_fraction, check_int, skipped_layers, training_batches,
-    weighted_layers,
 )
-from lightning_modules.evaluation.complexity import layer_table
+from lightning_modules.layers import layer_table, weighted_layers
 
 log = logging.getLogger(__name__)
 
