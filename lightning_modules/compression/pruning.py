@@ -1020,8 +1020,8 @@ def pruning_callback(method: str, **kwargs: Any) -> CompressionCallback:
 
 
 @torch.no_grad()
-def layer_sensitivity(model: nn.Module, evaluate: Callable[[nn.Module], float], sparsities: Sequence[float],
-                      criterion: str = "magnitude", layers: Sequence[str] | None = None, seed: int = 0) -> list[dict[str, Any]]:
+def sparsity_sensitivity(model: nn.Module, evaluate: Callable[[nn.Module], float], sparsities: Sequence[float],
+                         criterion: str = "magnitude", layers: Sequence[str] | None = None, seed: int = 0) -> list[dict[str, Any]]:
     """Prune each layer alone at each sparsity, without fine-tuning, and score the model.
 
     `evaluate(model) -> accuracy in percent`. Every layer gets its weights back before the next

@@ -1022,8 +1022,8 @@ class PTQDynamic(CompressionCallback):
 
 
 @torch.no_grad()
-def layer_sensitivity(model: nn.Module, layers: dict[str, nn.Module], bits: Iterable[int],
-                      batches: list[tuple[torch.Tensor, torch.Tensor]], scheme: QuantScheme) -> dict[str, dict[int, float]]:
+def bit_sensitivity(model: nn.Module, layers: dict[str, nn.Module], bits: Iterable[int],
+                    batches: list[tuple[torch.Tensor, torch.Tensor]], scheme: QuantScheme) -> dict[str, dict[int, float]]:
     """Loss increase when only one layer's weights are quantized to b bits, for every (layer, b)."""
     model = model.eval()
 
@@ -1105,7 +1105,7 @@ class MixedPrecision(LowBit):
         folded = fold_batchnorm_in_graph(trace(copy.deepcopy(model)))
         layers = {name: m for name, m in folded.named_modules()
                   if isinstance(m, (nn.Conv2d, nn.Linear)) and name not in self.skip_layers}
-        self.sensitivity = layer_sensitivity(folded, layers, self.candidate_bits, batches, self.scheme)
+        self.sensitivity = bit_sensitivity(folded, layers, self.candidate_bits, batches, self.scheme)
         bits = allocate_bits(self.sensitivity, {n: m.weight.numel() for n, m in layers.items()}, self.budget_bits)
         self.layer_schemes = {name: self.scheme.with_bits(b) for name, b in bits.items()}
         for name, b in bits.items():
