@@ -95,3 +95,43 @@ def test_the_import_check_sees_imports_inside_functions(tmp_path: Path) -> None:
     sample = tmp_path / "sample.py"
     sample.write_text("def f():\n    from lightning_modules.evaluation.latency import measure_latency\n")
     assert "lightning_modules.evaluation.latency" in _imported_modules(sample)
+
+
+# ----------------------------------------------------------------------------- the shared kit (compression/base.py)
+
+
+def test_check_number_names_key_value_and_the_allowed_range() -> None:
+    from lightning_modules.compression.base import check_number
+
+    assert check_number("bits", 4, 1, 8, integer=True) == 4 and check_number("x", None, 0, optional=True) is None
+    for value, kwargs, message in [
+        (0, {"low": 1, "high": 8, "integer": True}, "bits=0 is not valid; allowed: an integer in 1..8"),
+        (1.0, {"low": 0, "high": 1, "bounds": "[)", "noun": "a fraction"}, "bits=1.0 is not valid; allowed: a fraction in [0, 1)"),
+        (True, {"low": 0}, "bits=True is not valid; allowed: a number >= 0"),
+        (-1, {"low": 0, "integer": True, "optional": True}, "bits=-1 is not valid; allowed: an integer >= 0 or null"),
+    ]:
+        with pytest.raises(ValueError) as error:
+            check_number("bits", value, **kwargs)
+        assert str(error.value) == message
+
+
+def test_every_family_reads_skip_layers_alike_first_last_and_unknown_names() -> None:
+    from lightning_modules.compression.base import select_layers
+    from lightning_modules.models import LeNet5
+
+    targets, skipped = select_layers(LeNet5(1, 8, 10), ["first", "last"])
+    assert skipped == {"features.0": "listed in skip_layers as 'first'", "classifier.5": "listed in skip_layers as 'last'"}
+    assert [name for name, _ in targets] == ["features.3", "classifier.1", "classifier.3"]
+    with pytest.raises(ValueError, match=r"skip_layers has unknown layers \['fc9'\]; allowed: first, last, features.0, "):
+        select_layers(LeNet5(1, 8, 10), ["fc9"])
+
+
+def test_quantization_skip_layers_takes_the_aliases_and_refuses_unknown_names() -> None:
+    from lightning_modules.compression.quantization import PTQDynamic
+    from lightning_modules.models import LeNet300
+
+    callback = PTQDynamic(skip_layers=["last"])
+    callback.finalize(LeNet300(1, 8, 10))
+    assert callback.skipped["classifier.5"] == "listed in skip_layers as 'last'"
+    with pytest.raises(ValueError, match=r"skip_layers has unknown layers \['fc9'\]"):
+        PTQDynamic(skip_layers=["fc9"]).finalize(LeNet300(1, 8, 10))

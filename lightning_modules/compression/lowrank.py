@@ -37,8 +37,11 @@ from torch import nn
 
 from lightning_modules.compression.base import (
     CompressionCallback,
+    check_choice,
     check_fraction,
     check_int,
+    check_number,
+    resolve_aliases,
     training_batches,
 )
 from lightning_modules.layers import weighted_layers
@@ -112,7 +115,7 @@ def rule_rank(rule: str, value: float | int | None, singular_values: torch.Tenso
     elif rule == "vbmf":
         rank = vbmf_rank(singular_values, shape)
     else:
-        raise ValueError(f"rank_by={rule!r} is not valid; allowed: {', '.join(RANK_RULES)}")
+        check_choice("rank_by", rule, RANK_RULES)
     return max(1, min(rank, full))
 
 
@@ -641,22 +644,16 @@ class LowRankDecomposition(CompressionCallback):
         iterations: int | None = None,
         seed: int = 0,
     ) -> None:
-        if decomposition not in DECOMPOSITIONS:
-            raise ValueError(f"decomposition={decomposition!r} is not valid; allowed: {', '.join(DECOMPOSITIONS)}")
-        if rank_by not in RANK_RULES:
-            raise ValueError(f"rank_by={rank_by!r} is not valid; allowed: {', '.join(RANK_RULES)}")
-        self.kind = DECOMPOSITIONS[decomposition]
+        self.kind = DECOMPOSITIONS[check_choice("decomposition", decomposition, tuple(DECOMPOSITIONS))]
+        check_choice("rank_by", rank_by, RANK_RULES)
         _check_rank_value("rank", rank_by, rank)
         self.layer_ranks = {name: self._check_override(name, rank_by, value) for name, value in (layer_ranks or {}).items()}
         self.rank_multiple = check_int("rank_multiple", rank_multiple, 1)
         self.min_saving = check_fraction("min_saving", min_saving)
         self.gradual_epochs = check_int("gradual_epochs", gradual_epochs, 0)
-        if min_speedup is not None and (isinstance(min_speedup, bool) or not isinstance(min_speedup, (int, float))
-                                        or min_speedup <= 0):
-            raise ValueError(f"min_speedup={min_speedup!r} is not valid; allowed: null or a number > 0")
+        check_number("min_speedup", min_speedup, 0, bounds="(]", optional=True, allowed="null or a number > 0")
         self.speed_batch = check_int("speed_batch", speed_batch, 1)
-        if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0):
-            raise ValueError(f"iterations={iterations!r} is not valid; allowed: an integer >= 0 or null")
+        check_number("iterations", iterations, 0, integer=True, optional=True)
         self.name = decomposition
         self.rank = rank
         self.rank_by = rank_by
@@ -738,8 +735,7 @@ class LowRankDecomposition(CompressionCallback):
             self.require_timer()  # before any work
         layers = list(weighted_layers(model))
         ours = [name for name, module in layers if isinstance(module, self.kind.layer_type)]
-        aliases = {"first": ours[0] if ours else None, "last": ours[-1] if ours else None}
-        skip = {aliases.get(entry, entry): entry for entry in self.skip_layers}
+        skip = resolve_aliases(self.skip_layers, ours)  # first/last: of the layers this decomposition factors
         unknown = [entry for name, entry in skip.items() if name not in ours]
         unknown += [name for name in self.layer_ranks if name not in ours]
         if unknown:

@@ -35,7 +35,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.compression.base import CompressionCallback, check_bool, check_choice, check_int, training_batches
+from lightning_modules.compression.base import (
+    CompressionCallback, check_bool, check_choice, check_int, check_number, select_layers, training_batches,
+)
 from lightning_modules.deployable_int8 import (
     DynamicInt8Linear,
     FixedQuantizeDequantize,
@@ -247,16 +249,13 @@ class QuantScheme:
     WEIGHT_BITS = (8, 7, 6, 5, 4, 3, 2, "ternary", "binary")
 
     def __post_init__(self) -> None:
-        if self.weight_bits not in self.WEIGHT_BITS or isinstance(self.weight_bits, bool):
+        if isinstance(self.weight_bits, bool):  # True == 1 would pass as a choice
             raise ValueError(f"bits={self.weight_bits!r} is not valid; allowed: {', '.join(map(str, self.WEIGHT_BITS))}")
-        if isinstance(self.activation_bits, bool) or self.activation_bits not in range(2, 9):
-            raise ValueError(f"activation_bits={self.activation_bits!r} is not valid; allowed: an integer in 2..8")
-        if self.observer not in OBSERVERS:
-            raise ValueError(f"observer={self.observer!r} is not valid; allowed: {', '.join(OBSERVERS)}")
-        if not 50.0 < float(self.percentile) <= 100.0:
-            raise ValueError(f"percentile={self.percentile!r} is not valid; allowed: a number in (50, 100]")
-        if not 0.0 < float(self.momentum) <= 1.0:
-            raise ValueError(f"momentum={self.momentum!r} is not valid; allowed: a number in (0, 1]")
+        check_choice("bits", self.weight_bits, self.WEIGHT_BITS)
+        check_number("activation_bits", self.activation_bits, 2, 8, integer=True)
+        check_choice("observer", self.observer, OBSERVERS)
+        check_number("percentile", self.percentile, 50, 100, bounds="(]")
+        check_number("momentum", self.momentum, 0, 1, bounds="(]")
         if not self.symmetric_weights and self.weight_bits != 8:
             raise ValueError(f"symmetric_weights=False is not valid with bits={self.weight_bits!r}; "
                              f"allowed: asymmetric weights at 8 bits only")
@@ -519,7 +518,7 @@ BATCHNORM_MODES = ("fold", "freeze")
 
 
 def prepare(model: nn.Module, scheme: QuantScheme, layer_schemes: dict[str, QuantScheme] | None = None,
-            skip: Iterable[str] = (), batchnorm: str = "fold") -> tuple[fx.GraphModule, Prepared]:
+            skip: Iterable[str] | dict[str, str] = (), batchnorm: str = "fold") -> tuple[fx.GraphModule, Prepared]:
     """Trace, handle BatchNorm, wrap every Conv2d/Linear to fake-quantize its weights and insert an
     activation quantizer on each tensor an int8 kernel reads or writes (the model input included).
 
@@ -527,8 +526,10 @@ def prepare(model: nn.Module, scheme: QuantScheme, layer_schemes: dict[str, Quan
     which then never change; `"freeze"` keeps the BatchNorm beside its convolution with the fold
     simulated (QuantizedConvBatchNorm) until `freeze_batchnorm` and folds it at `convert`.
     ReLU after a layer (or an add) is quantized after the ReLU, so it can fold into the clamp.
-    `layer_schemes` overrides the scheme per layer (mixed precision); `skip` leaves layers in float.
+    `layer_schemes` overrides the scheme per layer (mixed precision); `skip` leaves layers in float
+    (names, or {name: reason} as select_layers gives them).
     """
+    skip = skip if isinstance(skip, dict) else {name: "listed in skip_layers" for name in skip}
     gm = trace(copy.deepcopy(model) if not isinstance(model, fx.GraphModule) else model)
     if batchnorm == "fold":
         gm = fold_batchnorm_in_graph(gm)
@@ -554,7 +555,7 @@ def prepare(model: nn.Module, scheme: QuantScheme, layer_schemes: dict[str, Quan
         module = called_module(gm, node)
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             if node.target in skip:
-                prepared.skipped[node.target] = "listed in skip_layers"
+                prepared.skipped[node.target] = skip[node.target]
                 continue
             source = node.args[0]
             if source not in quantizer_of:
@@ -714,7 +715,7 @@ def _layer_pairs(converted: fx.GraphModule, example: torch.Tensor) -> dict[str, 
     return pairs
 
 
-def convert_dynamic(model: nn.Module, skip: Iterable[str] = ()) -> tuple[nn.Module, dict[str, str]]:
+def convert_dynamic(model: nn.Module, skip: Iterable[str] | dict[str, str] = ()) -> tuple[nn.Module, dict[str, str]]:
     """Dynamic quantization: every Linear gets int8 weights and quantizes its input at run time.
 
     Convolutions stay in float (skipped with the reason): ONNX Runtime's dynamic path covers
@@ -724,7 +725,8 @@ def convert_dynamic(model: nn.Module, skip: Iterable[str] = ()) -> tuple[nn.Modu
         if isinstance(module, nn.Linear) and name not in skip:
             model.set_submodule(name, DynamicInt8Linear(module, *weight_codes(module.weight, QuantScheme())[:2]))
         elif isinstance(module, (nn.Linear, nn.Conv2d)):
-            skipped[name] = "listed in skip_layers" if name in skip else "no dynamic int8 convolution kernel"
+            skipped[name] = (skip[name] if isinstance(skip, dict) else "listed in skip_layers") if name in skip \
+                else "no dynamic int8 convolution kernel"
     for name, reason in skipped.items():
         log.info("dynamic quantization skips %s: %s", name, reason)
     return model.eval(), skipped
@@ -754,7 +756,8 @@ class StaticQuantization(CompressionCallback):
         observer, percentile, momentum, per_channel, symmetric_weights, symmetric_activations,
         learn_scales: see QuantScheme.
         calibration_batches: training batches the observers see before the scales are fixed.
-        skip_layers: Conv/Linear layer names left in float (logged).
+        skip_layers: Conv/Linear layer names left in float (logged); `first` and `last` stand for the
+            model's first and last of them, an unknown name is an error.
         min_speedup: null, or at finalize time every layer in float and in int8 on the run's
             runtime and threads (side by side, interleaved, after warm-up, at `speed_batch`) and
             keep in float each layer whose int8 form is not at least this much faster: an int8
@@ -786,7 +789,7 @@ class StaticQuantization(CompressionCallback):
         self.min_speedup = self._check_min_speedup(min_speedup)
         self.speed_batch = check_int("speed_batch", speed_batch, 1)
         self.runtime = check_choice("runtime", runtime, ("torch", "inductor", "ort"))
-        if not (isinstance(compile, bool) or compile == "auto"):
+        if not (isinstance(compile, bool) or compile == "auto"):  # not check_choice: 0 == False
             raise ValueError(f"compile={compile!r} is not valid; allowed: false, true, auto")
         self.compile = compile
         self.threads = None if threads is None else check_int("threads", threads, 1)
@@ -813,8 +816,7 @@ class StaticQuantization(CompressionCallback):
     def _check_min_speedup(self, min_speedup: float | None) -> float | None:
         if min_speedup is None:
             return None
-        if isinstance(min_speedup, bool) or not isinstance(min_speedup, (int, float)) or min_speedup <= 0:
-            raise ValueError(f"min_speedup={min_speedup!r} is not valid; allowed: null or a number > 0")
+        check_number("min_speedup", min_speedup, 0, bounds="(]", allowed="null or a number > 0")
         if self.scheme.weight_bits != 8 or self.scheme.activation_bits != 8:
             raise ValueError(f"min_speedup={min_speedup!r} is not valid with bits={self.scheme.weight_bits!r}, "
                              f"activation_bits={self.scheme.activation_bits}; allowed: null (it times int8 kernels: "
@@ -823,7 +825,8 @@ class StaticQuantization(CompressionCallback):
 
     # -- the workers
     def prepare(self, pl_module: pl.LightningModule, trainer: pl.Trainer | None = None) -> None:
-        pl_module.model, self.prepared = prepare(pl_module.model, self.scheme, self.layer_schemes, self.skip_layers,
+        _, skip = select_layers(pl_module.model, self.skip_layers)  # first/last and unknown names: as every family
+        pl_module.model, self.prepared = prepare(pl_module.model, self.scheme, self.layer_schemes, skip,
                                                  batchnorm=self.batchnorm)
         for wrapper in self.prepared.layers.values():
             wrapper.fake_quant = self.train_with_fake_quant
@@ -1008,7 +1011,8 @@ class PTQDynamic(CompressionCallback):
         self.skipped: dict[str, str] = {}
 
     def finalize(self, model: nn.Module) -> nn.Module:
-        model, self.skipped = convert_dynamic(model, self.skip_layers)
+        _, skip = select_layers(model, self.skip_layers)
+        model, self.skipped = convert_dynamic(model, skip)
         return model
 
     def summary(self, model: nn.Module) -> list[dict[str, Any]]:
@@ -1087,11 +1091,8 @@ class MixedPrecision(LowBit):
         for b in self.candidate_bits:
             if b not in range(2, 9):
                 raise ValueError(f"candidate_bits has {b!r}; allowed: integers in 2..8")
-        if isinstance(budget_bits, bool) or not isinstance(budget_bits, (int, float)) or not \
-                min(self.candidate_bits) <= budget_bits <= max(self.candidate_bits):
-            raise ValueError(f"budget_bits={budget_bits!r} is not valid; allowed: a number in "
-                             f"[{min(self.candidate_bits)}, {max(self.candidate_bits)}]")
-        self.budget_bits = float(budget_bits)
+        self.budget_bits = float(check_number("budget_bits", budget_bits, min(self.candidate_bits),
+                                              max(self.candidate_bits)))
         self.sensitivity_batches = check_int("sensitivity_batches", sensitivity_batches, 1)
         self.sensitivity: dict[str, dict[int, float]] = {}
 
@@ -1102,9 +1103,10 @@ class MixedPrecision(LowBit):
 
     def choose_bits(self, model: nn.Module, trainer: pl.Trainer) -> None:
         batches = training_batches(trainer, self.sensitivity_batches, "mixed precision's sensitivity")
+        _, skipped = select_layers(model, self.skip_layers)
         folded = fold_batchnorm_in_graph(trace(copy.deepcopy(model)))
         layers = {name: m for name, m in folded.named_modules()
-                  if isinstance(m, (nn.Conv2d, nn.Linear)) and name not in self.skip_layers}
+                  if isinstance(m, (nn.Conv2d, nn.Linear)) and name not in skipped}
         self.sensitivity = bit_sensitivity(folded, layers, self.candidate_bits, batches, self.scheme)
         bits = allocate_bits(self.sensitivity, {n: m.weight.numel() for n, m in layers.items()}, self.budget_bits)
         self.layer_schemes = {name: self.scheme.with_bits(b) for name, b in bits.items()}
