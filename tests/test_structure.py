@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import ROOT
 
@@ -135,3 +136,12 @@ def test_quantization_skip_layers_takes_the_aliases_and_refuses_unknown_names() 
     assert callback.skipped["classifier.5"] == "listed in skip_layers as 'last'"
     with pytest.raises(ValueError, match=r"skip_layers has unknown layers \['fc9'\]"):
         PTQDynamic(skip_layers=["fc9"]).finalize(LeNet300(1, 8, 10))
+
+
+def test_channel_pruning_takes_first_and_last_among_its_producer_layers() -> None:
+    from lightning_modules.compression.pruning import ChannelPruning
+    from lightning_modules.models import LeNet5
+
+    callback = ChannelPruning(0.5, skip_layers=["first"])
+    callback.analyse(LeNet5(1, 8, 10), torch.zeros(1, 1, 8, 8))
+    assert "listed in skip_layers as 'first'" in callback.skipped.values()

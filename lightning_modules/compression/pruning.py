@@ -34,7 +34,7 @@ from torch import nn
 from lightning_modules.compression import channel_surgery
 from lightning_modules.compression.base import (
     CompressionCallback, MaskedTraining, check_bool, check_choice, check_fraction, check_int, check_number,
-    MASKED_PARAMETERS, apply_masks, register_or_update_buffer, select_layers, training_batches,
+    MASKED_PARAMETERS, apply_masks, register_or_update_buffer, resolve_aliases, select_layers, training_batches,
 )
 from lightning_modules.layers import layer_table, weighted_layers
 
@@ -561,7 +561,8 @@ class ChannelPruning(MaskedTraining, CompressionCallback):
             `taylor` (Molchanov et al. 2019: the squared first-order estimate of the loss change
             when a whole channel goes, from `taylor_batches` training batches at each cut).
         mode: `oneshot` (cut when fine-tuning starts) or `gradual` (AGP's ramp over channels).
-        skip_layers: producer layers whose output channels stay (their groups are skipped);
+        skip_layers: producer layers whose output channels stay (their groups are skipped); `first` and
+            `last` stand for the first and last of them;
             the model's input channels and classes are never pruned.
         layer_sparsity: per-group overrides, keyed by any producer of the group.
         round_to: the channels a group keeps are rounded up to a multiple of this (1: exact);
@@ -625,14 +626,17 @@ class ChannelPruning(MaskedTraining, CompressionCallback):
         self.groups = channel_surgery.channel_groups(model, example_input)
         modules = dict(model.named_modules())
         producers = {p for g in self.groups for p in g.producers}
-        unknown = [n for n in [*self.skip_layers, *self.layer_sparsity] if n not in producers]
+        # first/last: the model's first and last layer whose output channels can be pruned
+        skip = resolve_aliases(self.skip_layers, [name for name, _ in weighted_layers(model) if name in producers])
+        unknown = [entry for name, entry in skip.items() if name not in producers]
+        unknown += [n for n in self.layer_sparsity if n not in producers]
         if unknown:
-            raise ValueError(f"channel pruning knows no producer layers {unknown}; allowed: {', '.join(sorted(producers))}")
+            raise ValueError(f"channel pruning knows no producer layers {unknown}; allowed: {', '.join(sorted(producers))}, first, last")
         self.skipped = {}
         for i, group in enumerate(self.groups):
             if not group.producers:
                 continue
-            listed = [p for p in group.producers if p in self.skip_layers]
+            listed = [skip[p] for p in group.producers if p in skip]
             if group.frozen:
                 self.skipped[i] = group.frozen
             elif listed:
