@@ -967,9 +967,7 @@ REGISTRY: dict[str, type[CompressionCallback]] = {
 
 def pruning_callback(method: str, **kwargs: Any) -> CompressionCallback:
     """Build a registered pruning callback by name."""
-    if method not in REGISTRY:
-        raise ValueError(f"method={method!r} is not valid; allowed: {', '.join(REGISTRY)}")
-    return REGISTRY[method](**kwargs)
+    return REGISTRY[check_choice("method", method, tuple(REGISTRY))](**kwargs)
 
 
 # ----------------------------------------------------------------------------- sensitivity analysis
