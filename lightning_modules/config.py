@@ -7,7 +7,6 @@ job of a sweep before the first one starts (sweep.py), and again at the start of
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +15,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from lightning_modules.compression.base import WEIGHTED_LAYERS, CompressionCallback
+from lightning_modules.compression.base import CompressionCallback, Timer, check_choice, check_number
 from lightning_modules.data import DATASETS, DataShape
 from lightning_modules.evaluation.runtime import RUNTIMES
+from lightning_modules.layers import WEIGHTED_LAYERS
 from lightning_modules.models import build_model
 
 DEVICES = ("cpu", "cuda")
@@ -40,25 +40,12 @@ def _fail(key: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"{key}={value!r} is not valid; allowed: {allowed}")
 
 
-def _check_choice(key: str, value: Any, allowed: Iterable[str]) -> None:
-    allowed = list(allowed)
-    if value not in allowed:
-        _fail(key, value, ", ".join(allowed))
-
-
-def _check_int(key: str, value: Any, minimum: int, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        _fail(key, value, f"an integer >= {minimum}" + (" or null" if optional else ""))
-
-
 def validate(cfg: DictConfig) -> None:
     """Check the whole config; raises ConfigError on the first bad value."""
-    _check_int("seed", cfg.seed, 0)
+    check_number("seed", cfg.seed, 0, integer=True, error=ConfigError)
     _validate_hardware(cfg.hardware)
-    _check_choice("data.name", cfg.data.name, DATASETS)
-    _check_int("data.batch_size", cfg.data.batch_size, 1)
+    check_choice("data.name", cfg.data.name, DATASETS, error=ConfigError)
+    check_number("data.batch_size", cfg.data.batch_size, 1, integer=True, error=ConfigError)
     _validate_recipe("baseline", cfg.baseline, minimum_epochs=1)
     _validate_target("model.net._target_", cfg.model.net._target_)
     _validate_method(cfg.method, cfg.paths.root)
@@ -69,8 +56,8 @@ def validate(cfg: DictConfig) -> None:
 
 def _validate_run_checks(cfg: DictConfig) -> None:
     margin = OmegaConf.select(cfg, "run_checks.chance_margin", default=None)
-    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, int | float) or margin < 0):
-        _fail("run_checks.chance_margin", margin, "points above chance >= 0, or null (no collapse check)")
+    check_number("run_checks.chance_margin", margin, 0, optional=True, error=ConfigError,
+                 allowed="points above chance >= 0, or null (no collapse check)")
 
 
 def _validate_model_and_layers(cfg: DictConfig) -> None:
@@ -79,8 +66,8 @@ def _validate_model_and_layers(cfg: DictConfig) -> None:
     against this model (and its teacher's; a layer rule may run them once on a zero input)."""
     net = cfg.model.net
     width = net.get("width_multiplier")
-    if width is not None and (isinstance(width, bool) or not isinstance(width, int | float) or width <= 0):
-        _fail("model.net.width_multiplier", width, "a number > 0 (1.0: the published widths; 0.5 halves every layer)")
+    check_number("model.net.width_multiplier", width, 0, bounds="(]", optional=True, error=ConfigError,
+                 allowed="a number > 0 (1.0: the published widths; 0.5 halves every layer)")
     shape = data_shape(cfg)
     example = torch.zeros(1, shape.in_channels, shape.image_size, shape.image_size)
     model = _build_checked("model.net", net, shape, example)
@@ -144,21 +131,20 @@ def _callback_slots(method: DictConfig) -> list[str]:
 
 def _validate_tracking(tracking: DictConfig) -> None:
     wait = tracking.get("baseline_wait_s", 0)
-    if isinstance(wait, bool) or not isinstance(wait, int | float) or wait < 0:
-        _fail("tracking.baseline_wait_s", wait, "a number of seconds >= 0")
+    check_number("tracking.baseline_wait_s", wait, 0, noun="a number of seconds", error=ConfigError)
     if not isinstance(tracking.get("experiment"), str) or not tracking.experiment:
         _fail("tracking.experiment", tracking.get("experiment"), "a non-empty MLflow experiment name")
 
 
 def _validate_hardware(hardware: DictConfig) -> None:
-    _check_choice("hardware.device", hardware.device, DEVICES)
+    check_choice("hardware.device", hardware.device, DEVICES, error=ConfigError)
     if hardware.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             f"hardware={hardware.name} needs a CUDA GPU, but torch.cuda.is_available() is False on this "
             f"machine (torch {torch.__version__}); choose hardware=cpu or hardware=cpu_1t"
         )
-    _check_int("hardware.threads", hardware.threads, 1, optional=True)
-    _check_choice("hardware.runtime", hardware.runtime, RUNTIMES)
+    check_number("hardware.threads", hardware.threads, 1, integer=True, optional=True, error=ConfigError)
+    check_choice("hardware.runtime", hardware.runtime, RUNTIMES, error=ConfigError)
     compile_mode = hardware.get("compile", False)
     if not (isinstance(compile_mode, bool) or compile_mode == "auto"):
         _fail("hardware.compile", compile_mode, "false, true, auto")
@@ -166,16 +152,15 @@ def _validate_hardware(hardware: DictConfig) -> None:
     if not OmegaConf.is_list(sizes) or len(sizes) == 0:
         _fail("hardware.latency.batch_sizes", sizes, "a non-empty list of integers >= 1, e.g. [1, 32]")
     for i, size in enumerate(sizes):
-        _check_int(f"hardware.latency.batch_sizes[{i}]", size, 1)
-    _check_int("hardware.latency.warmup", hardware.latency.warmup, 0)
-    _check_int("hardware.latency.repeats", hardware.latency.repeats, 1)
+        check_number(f"hardware.latency.batch_sizes[{i}]", size, 1, integer=True, error=ConfigError)
+    check_number("hardware.latency.warmup", hardware.latency.warmup, 0, integer=True, error=ConfigError)
+    check_number("hardware.latency.repeats", hardware.latency.repeats, 1, integer=True, error=ConfigError)
     spread = hardware.latency.get("noisy_spread", 1.5)
-    if isinstance(spread, bool) or not isinstance(spread, int | float) or spread < 1:
-        _fail("hardware.latency.noisy_spread", spread, "a p95/p50 ratio >= 1 (e.g. 1.5)")
+    check_number("hardware.latency.noisy_spread", spread, 1, error=ConfigError, allowed="a p95/p50 ratio >= 1 (e.g. 1.5)")
 
 
 def _validate_recipe(key: str, recipe: DictConfig, minimum_epochs: int) -> None:
-    _check_int(f"{key}.epochs", recipe.epochs, minimum_epochs)
+    check_number(f"{key}.epochs", recipe.epochs, minimum_epochs, integer=True, error=ConfigError)
     _validate_target(f"{key}.optimizer._target_", recipe.optimizer._target_)
     if recipe.get("scheduler") is not None:
         _validate_target(f"{key}.scheduler._target_", recipe.scheduler._target_)
@@ -186,7 +171,7 @@ def _validate_method(method: DictConfig, root: str) -> None:
         _fail("method.name", method.get("name"), "a string naming the method (it tags the run)")
     if method.get("fine_tune") is not None:
         _validate_recipe("method.fine_tune", method.fine_tune, minimum_epochs=0)
-    _check_choice("method.student_init", method.get("student_init", "baseline"), STUDENT_INITS)
+    check_choice("method.student_init", method.get("student_init", "baseline"), STUDENT_INITS, error=ConfigError)
     callbacks = build_callbacks(method)  # constructors validate their own arguments
     if any(callback.requires_teacher for callback in callbacks):
         _validate_teacher(method.get("teacher"), root)
@@ -222,8 +207,9 @@ def _validate_target(key: str, target: Any) -> None:
         raise ConfigError(f"{key}={target!r} cannot be imported ({error})") from error
 
 
-def build_callbacks(method: DictConfig) -> list[CompressionCallback]:
-    """Instantiate the method's compression callbacks in the order the config lists them."""
+def build_callbacks(method: DictConfig, timer: Timer | None = None) -> list[CompressionCallback]:
+    """Instantiate the method's compression callbacks in the order the config lists them, each
+    given `timer` (what min_speedup times with; the pipeline passes evaluation's LatencyTimer)."""
     callbacks = []
     for slot, entry in (method.get("callbacks") or {}).items():
         key = f"method.callbacks.{slot}"
@@ -239,5 +225,5 @@ def build_callbacks(method: DictConfig) -> list[CompressionCallback]:
             raise ConfigError(f"{key}: {cause}") from error
         if not isinstance(callback, CompressionCallback):
             raise ConfigError(f"{key}._target_={entry._target_!r} is a {type(callback).__name__}, not a CompressionCallback")
-        callbacks.append(callback)
+        callbacks.append(callback.attach_timer(timer) if timer is not None else callback)
     return callbacks

@@ -33,7 +33,7 @@ from lightning_modules.config import build_callbacks, model_config, validate
 from lightning_modules.data import InMemoryDataModule
 from lightning_modules.evaluation.artifact import load_deployable
 from lightning_modules.evaluation.complexity import count_macs
-from lightning_modules.evaluation.latency import available_cores
+from lightning_modules.evaluation.latency import LatencyTimer, available_cores
 from lightning_modules.evaluation.report import NOISY_TAG, Report, measure
 from lightning_modules.models import build_model
 from lightning_modules.task import ClassificationTask
@@ -85,7 +85,7 @@ def run_experiment(cfg: DictConfig) -> dict[str, float]:
                                job_tags if cfg.method.name == "baseline" else {})
     if cfg.method.name == "baseline" and baseline.metrics is not None:
         return baseline.metrics  # this run trained the baseline: it is the method=baseline run
-    callbacks = build_callbacks(cfg.method)
+    callbacks = build_callbacks(cfg.method, timer=LatencyTimer())
     teacher = obtain_teacher(cfg, store, data, device, sweep, data_seconds) if needs_teacher(callbacks) else None
     baseline_seconds = time.perf_counter() - started
 

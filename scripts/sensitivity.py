@@ -27,7 +27,7 @@ from omegaconf import DictConfig  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lightning_modules.compression.pruning import layer_sensitivity  # noqa: E402
+from lightning_modules.compression.pruning import sparsity_sensitivity  # noqa: E402
 from lightning_modules.config import validate  # noqa: E402
 from lightning_modules.evaluation.accuracy import predict  # noqa: E402
 from lightning_modules.experiment import configure_hardware, obtain_baseline  # noqa: E402
@@ -45,7 +45,7 @@ def sensitivity(cfg: DictConfig, sparsities: list[float]) -> pd.DataFrame:
     baseline = obtain_baseline(cfg, store, data, device, None, data_seconds=0.0)
     model = baseline.model.to(device).eval()
     test = data.split("test")
-    rows = layer_sensitivity(model, lambda m: 100.0 * predict(m, test, device).accuracy, sparsities)
+    rows = sparsity_sensitivity(model, lambda m: 100.0 * predict(m, test, device).accuracy, sparsities)
     table = pd.DataFrame(rows)
     tags = {**run_tags(cfg, None), "role": "sensitivity", "method": "sensitivity", "baseline_run_id": baseline.run_id}
     with tracked_run(store, f"sensitivity-{cfg.model.name}-{cfg.data.name}-s{cfg.seed}", tags, None) as run:

@@ -7,8 +7,9 @@ import torch
 from lightning_modules.compression.pruning import MagnitudePruning
 from lightning_modules.evaluation.accuracy import paired_drop_interval
 from lightning_modules.evaluation.artifact import decode_tensor, encode_tensor, load_deployable, save_deployable
-from lightning_modules.evaluation.complexity import count_macs, parameter_counts
+from lightning_modules.evaluation.complexity import count_macs
 from lightning_modules.evaluation.latency import measure_latency
+from lightning_modules.layers import parameter_counts
 from lightning_modules.models import LeNet5, LeNet300, resnet20
 
 

@@ -12,9 +12,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from lightning_modules.compression.quantization import (
-    ActivationQuantizer, FixedQuantizeDequantize, Int8Layer, LowBit, MixedPrecision, QuantScheme,
-)
+from lightning_modules.compression.quantization import ActivationQuantizer, LowBit, MixedPrecision, QuantScheme
+from lightning_modules.deployable_int8 import FixedQuantizeDequantize, Int8Layer
 from lightning_modules.data import InMemoryDataModule
 from lightning_modules.evaluation.artifact import encoding_table, load_deployable, save_deployable
 from lightning_modules.evaluation.report import measure

@@ -22,7 +22,6 @@ from lightning_modules.compression.lowrank import (
     energy_rank,
     layer_input_shapes,
     one_thread,
-    paired_times,
     rule_rank,
     scheduled_rank,
     svd_factors,
@@ -33,6 +32,7 @@ from lightning_modules.compression.lowrank import (
 from lightning_modules.config import build_callbacks
 from lightning_modules.data import InMemoryDataModule
 from lightning_modules.evaluation.complexity import count_macs
+from lightning_modules.evaluation.latency import LatencyTimer, paired_times
 from lightning_modules.models import LeNet5, LeNet300, resnet20
 from lightning_modules.task import ClassificationTask
 from tests.conftest import FAST, all_runs, compose_config, run_train
@@ -244,7 +244,7 @@ def test_layer_input_shapes_reads_each_layer_without_moving_batchnorm_statistics
 def test_min_speedup_factors_only_layers_timed_fast_enough_and_gives_the_times(kind: str) -> None:
     def factored(min_speedup: float) -> tuple[LowRankDecomposition, nn.Module]:
         model = LeNet5(1, 8, 10)
-        callback = LowRankDecomposition(kind, 0.5, min_speedup=min_speedup, speed_batch=4)
+        callback = LowRankDecomposition(kind, 0.5, min_speedup=min_speedup, speed_batch=4).attach_timer(LatencyTimer())
         callback.decompose(model, torch.zeros(1, 1, 8, 8))
         return callback, model
 
@@ -267,6 +267,7 @@ def test_a_layer_slower_when_factored_stays_dense_and_is_listed_with_both_times(
     model = LeNet300(1, 8, 10)
     original = copy.deepcopy(model)
     callback = LowRankDecomposition("svd", 0.25, skip_layers=["last"], min_speedup=1e6, speed_batch=4)
+    callback.attach_timer(LatencyTimer())  # the pipeline hands its timer over; a test passes one itself
     callback.decompose(model, torch.zeros(1, 1, 8, 8))
     model = callback.finalize(model)
     rows = {row["layer"]: row for row in callback.summary(model)}
@@ -314,6 +315,12 @@ def test_shipped_lowrank_methods_time_every_layer_and_factor_linear_layers_too(m
 def test_min_speedup_without_an_example_input_says_what_it_needs() -> None:
     with pytest.raises(ValueError, match=r"tucker: min_speedup=1.0 times each layer on its input shape and needs an example input"):
         LowRankDecomposition("tucker", 0.5, min_speedup=1.0).decompose(LeNet5(1, 8, 10))
+
+
+def test_min_speedup_without_a_timer_says_what_it_needs() -> None:
+    # compression/ imports no timing: the pipeline hands a timer over (attach_timer), a test passes one
+    with pytest.raises(ValueError, match=r"svd: min_speedup=1.0 times layers with the timer the pipeline hands over"):
+        LowRankDecomposition("svd", 0.5, min_speedup=1.0).decompose(LeNet300(1, 8, 10), torch.zeros(1, 1, 8, 8))
 
 
 def test_rank_multiple_rounds_up_and_stops_at_full_rank() -> None:
@@ -390,7 +397,7 @@ def test_the_optimizer_trains_the_factors(kind: str) -> None:
 
 
 def test_min_speedup_in_a_trainer_reads_the_input_shapes_from_the_training_data() -> None:
-    callback = LowRankDecomposition("tucker", 0.5, min_speedup=1e-6, speed_batch=2)
+    callback = LowRankDecomposition("tucker", 0.5, min_speedup=1e-6, speed_batch=2).attach_timer(LatencyTimer())
     trained, _ = _train(callback, LeNet5(1, 8, 10), epochs=1)
     assert all(plan.measured_speedup is not None for plan in callback.plans.values() if plan.type == "Conv2d")
     assert isinstance(trained.features[0], nn.Sequential) and isinstance(trained.features[3], nn.Sequential)

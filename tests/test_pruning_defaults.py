@@ -14,12 +14,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lightning_modules.compression.base import weighted_layers
 from lightning_modules.compression.pruning import (
     IterativePruning, LightningReference, LotteryTicket, MagnitudePruning, NMPruning, iterative_sparsities,
 )
 from lightning_modules.config import build_callbacks, validate
-from lightning_modules.evaluation.complexity import parameter_counts
+from lightning_modules.layers import parameter_counts, weighted_layers
 from lightning_modules.models import LeNet5, LeNet300
 from tests.conftest import all_runs, compose_config, run_train
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from lightning_modules.compression.pruning import layer_sensitivity
+from lightning_modules.compression.pruning import sparsity_sensitivity
 from lightning_modules.models import LeNet300
 from tests.conftest import FAST, ROOT, all_runs
 
@@ -24,7 +24,7 @@ def test_each_layer_is_pruned_alone_and_restored() -> None:
         seen.append(100.0 * sum(int((w != 0).sum()) for w in weights) / sum(w.numel() for w in weights))
         return seen[-1]
 
-    rows = layer_sensitivity(model, evaluate, [0.5, 0.9], layers=["classifier.1", "classifier.3"])
+    rows = sparsity_sensitivity(model, evaluate, [0.5, 0.9], layers=["classifier.1", "classifier.3"])
     assert [(r["layer"], r["sparsity"]) for r in rows] == [("classifier.1", 0.5), ("classifier.1", 0.9),
                                                           ("classifier.3", 0.5), ("classifier.3", 0.9)]
     assert rows[1]["acc_drop"] == pytest.approx(100.0 * 0.9 * 64 * 300 / (64 * 300 + 300 * 100 + 100 * 10), abs=0.01)
@@ -40,12 +40,12 @@ def test_each_layer_is_pruned_alone_and_restored() -> None:
 )
 def test_sensitivity_rejects_bad_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        layer_sensitivity(LeNet300(1, 8, 10), lambda m: 0.0, [0.5], **kwargs)
+        sparsity_sensitivity(LeNet300(1, 8, 10), lambda m: 0.0, [0.5], **kwargs)
 
 
 def test_sensitivity_rejects_a_bad_sparsity() -> None:
     with pytest.raises(ValueError, match=r"sparsities=1.2 is not valid; allowed: a fraction in \[0, 1\)"):
-        layer_sensitivity(LeNet300(1, 8, 10), lambda m: 0.0, [1.2])
+        sparsity_sensitivity(LeNet300(1, 8, 10), lambda m: 0.0, [1.2])
 
 
 @pytest.mark.slow

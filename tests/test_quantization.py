@@ -8,13 +8,15 @@ import torch
 from torch import nn
 
 from lightning_modules.compression.quantization import (
-    Int8Layer, PTQStatic, QAT, LowBit, HistogramObserver, MinMaxObserver, MovingAverageObserver, QuantScheme,
-    calibrate, convert, convert_dynamic, dequantized, fake_quantize, prepare, quant_params, quant_range, set_mode,
+    PTQStatic, QAT, LowBit, HistogramObserver, MinMaxObserver, MovingAverageObserver, QuantScheme,
+    calibrate, convert, convert_dynamic, fake_quantize, prepare, quant_params, quant_range, set_mode,
     weight_codes,
 )
+from lightning_modules.deployable_int8 import Int8Layer, dequantized, int8_layers
 from lightning_modules.evaluation.artifact import (
     decode_tensor, encode_tensor, load_deployable, pack_bits, save_deployable, unpack_bits,
 )
+from lightning_modules.evaluation.latency import LatencyTimer
 from lightning_modules.evaluation.runtime import INT8_OPS, export_onnx, optimized_ops, ort_load
 from lightning_modules.models import LeNet5, resnet20
 from tests.conftest import FAST, all_runs, run_train
@@ -262,7 +264,7 @@ def test_qat_trains_fake_quant_and_converts_to_integer_codes(tmp_path, callback,
     reference = callback.reference_models()["fakequant"]
     rows = callback.summary(deployed)
     assert [row["weight_bits"] for row in rows] == [bits] * 5
-    layers = [m for _, m in __import__("lightning_modules.compression.quantization", fromlist=["int8_layers"]).int8_layers(deployed)]
+    layers = [m for _, m in int8_layers(deployed)]
     assert all(int(m.weight_codes.abs().max()) <= code_bound for m in layers)
     test = data.split("test")
     x = test.tensors[0][:200]
@@ -384,7 +386,7 @@ def test_a_layer_kept_float_reads_and_writes_float_tensors_in_onnx_runtime(tmp_p
 def test_min_speedup_keeps_slower_layers_float_and_lists_them_with_both_timings() -> None:
     runtime = "ort"
     # a threshold no int8 kernel meets: every layer is timed, found slower, kept float and listed
-    strict = PTQStatic(min_speedup=1e6, runtime=runtime, compile="auto", threads=1)
+    strict = PTQStatic(min_speedup=1e6, runtime=runtime, compile="auto", threads=1).attach_timer(LatencyTimer())
     model, _ = _fit(strict, epochs=1, batches=2)
     finalized = strict.finalize(model)
     assert not any(isinstance(m, Int8Layer) for m in finalized.modules())
@@ -400,7 +402,7 @@ def test_min_speedup_on_inductor_times_the_whole_model_and_keeps_it_float_when_n
     # Inductor fuses quantize/dequantize into the int8 kernels beside them, so the candidates (every
     # layer int8, the slow layers float) are compiled and timed whole against the float model; a
     # threshold none meets leaves every layer float, each listed with the whole-model timings
-    callback = PTQStatic(min_speedup=1e6, runtime="torch", compile="auto", threads=1)
+    callback = PTQStatic(min_speedup=1e6, runtime="torch", compile="auto", threads=1).attach_timer(LatencyTimer())
     model, _ = _fit(callback, epochs=1, batches=2)
     finalized = callback.finalize(model)
     assert not any(isinstance(m, Int8Layer) for m in finalized.modules())
@@ -413,11 +415,18 @@ def test_min_speedup_on_inductor_times_the_whole_model_and_keeps_it_float_when_n
 
 
 def test_min_speedup_on_inductor_keeps_every_layer_int8_when_the_whole_model_is_fast_enough() -> None:
-    callback = PTQStatic(min_speedup=1e-6, runtime="inductor", compile="auto", threads=1)
+    callback = PTQStatic(min_speedup=1e-6, runtime="inductor", compile="auto", threads=1).attach_timer(LatencyTimer())
     model, _ = _fit(callback, epochs=1, batches=2)
     rows = callback.summary(callback.finalize(model))
     assert len(rows) == 5 and not any(row["skipped"] for row in rows)
     assert list(callback.model_timings) == ["all int8", "float"]  # no layer was slower alone: two candidates
+
+
+def test_min_speedup_without_a_timer_says_what_it_needs() -> None:
+    callback = PTQStatic(min_speedup=1.0, runtime="ort")  # built directly: no pipeline handed a timer over
+    model, _ = _fit(callback, epochs=1, batches=2)
+    with pytest.raises(ValueError, match=r"ptq_static: min_speedup=1.0 times layers with the timer the pipeline"):
+        callback.finalize(model)
 
 
 def test_min_speedup_null_quantizes_every_layer_and_times_nothing() -> None:

@@ -1,7 +1,6 @@
-"""Compression methods, one module per family; each method is a Lightning callback (base.py)."""
+"""Compression methods, one module per family; each method is a Lightning callback (base.py).
 
-from lightning_modules.compression.base import CompressionCallback
-from lightning_modules.compression.pruning import MagnitudePruning
-from lightning_modules.compression.lowrank import LowRankDecomposition as LowRankDecomposition
-
-__all__ = ["CompressionCallback", "MagnitudePruning"]
+Import the module you need (`lightning_modules.compression.pruning`, ...): this package re-exports
+nothing, so importing one family never imports the others. No module here imports evaluation/,
+tracking, experiment or sweep (tests/test_structure.py checks it).
+"""

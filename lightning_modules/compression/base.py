@@ -8,15 +8,29 @@ Hybrids are several callbacks listed in order in the method config; finalize run
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
 
-# The layer types the method families act on by default.
-WEIGHTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+from lightning_modules.layers import WEIGHTED_LAYERS, weighted_layers
+
+
+class Timer(Protocol):
+    """What a callback's `min_speedup` times layers and models with. The pipeline hands one over
+    (`attach_timer`; evaluation/latency.py: LatencyTimer): compression/ never imports evaluation/."""
+
+    def paired(self, first: nn.Module, second: nn.Module, inputs: torch.Tensor) -> tuple[float, float, float]: ...
+
+    def int8_runtime(self, runtime: str, compile_mode: bool | str) -> str: ...
+
+    def float_and_int8(self, runtime: str, float_layer: nn.Module, int8_layer: nn.Module,
+                       input_shape: tuple[int, ...], batch: int, threads: int | None) -> tuple[float, float]: ...
+
+    def whole_models(self, models: dict[str, nn.Module], runtime: str, input_shape: tuple[int, ...], batch: int,
+                     threads: int | None) -> dict[str, float]: ...
 
 
 class CompressionCallback(pl.Callback):
@@ -27,9 +41,23 @@ class CompressionCallback(pl.Callback):
     #: set by methods that learn from a teacher; the pipeline then finds or trains the teacher
     #: and hands it over with `attach_teacher` before training starts
     requires_teacher: bool = False
+    #: what `min_speedup` times with; handed over by the pipeline (attach_timer), None until then
+    timer: Timer | None = None
 
     def attach_teacher(self, teacher: nn.Module) -> None:
         raise NotImplementedError(f"{type(self).__name__} does not use a teacher")
+
+    def attach_timer(self, timer: Timer) -> CompressionCallback:
+        self.timer = timer
+        return self
+
+    def require_timer(self) -> Timer:
+        """The attached timer; a ValueError naming min_speedup when none was handed over."""
+        if self.timer is None:
+            raise ValueError(f"{self.name}: min_speedup={getattr(self, 'min_speedup', None)} times layers with the "
+                             f"timer the pipeline hands over (attach_timer), and none was given; allowed without "
+                             f"one: min_speedup=null")
+        return self.timer
 
     def finalize(self, model: nn.Module) -> nn.Module:
         """Return the deployable model; the default keeps the model as trained."""
@@ -65,27 +93,77 @@ class CompressionCallback(pl.Callback):
 LAYER_ALIASES = ("first", "last")  # the model's first and last weighted layer, wherever a layer name is asked
 
 
-def weighted_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(qualified name, module) of every Linear/Conv2d layer, in definition order."""
-    for name, module in model.named_modules():
-        if isinstance(module, WEIGHTED_LAYERS):
-            yield name, module
+def resolve_aliases(entries: Sequence[str], names: Sequence[str]) -> dict[str, str]:
+    """{layer name: entry as given}: `first` and `last` become the first and last of `names`,
+    every other entry stays as it is (an unknown one is for the caller to report)."""
+    ends = {"first": names[0], "last": names[-1]} if names else {}
+    return {ends.get(entry, entry): entry for entry in entries}
 
 
-def skipped_layers(model: nn.Module, skip_layers: list[str]) -> dict[str, str]:
-    """{layer name: reason} for the Linear/Conv layers named in `skip_layers`, where `first` and
-    `last` stand for the model's first and last weighted layer.
+def select_layers(model: nn.Module, skip_layers: Sequence[str], types: tuple[type[nn.Module], ...] = WEIGHTED_LAYERS,
+                  key: str = "skip_layers") -> tuple[list[tuple[str, nn.Module]], dict[str, str]]:
+    """(targets, skipped): the layers of `types` a method acts on, in definition order, and
+    {layer name: reason} for those named in `skip_layers` (`first`/`last`: the first/last of them).
 
     Raises:
-        ValueError: an entry names no weighted layer of the model (the message lists them).
+        ValueError: an entry names no layer of `types` (the message lists the model's layer names).
     """
-    names = [name for name, _ in weighted_layers(model)]
-    aliases = {"first": names[0] if names else None, "last": names[-1] if names else None}
-    skip = {aliases.get(entry, entry): entry for entry in skip_layers}
+    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, types)]
+    names = [name for name, _ in layers]
+    skip = resolve_aliases(skip_layers, names)
     unknown = [entry for name, entry in skip.items() if name not in names]
     if unknown:
-        raise ValueError(f"skip_layers has unknown layers {unknown}; allowed: first, last, {', '.join(names)}")
-    return {name: f"listed in skip_layers as {entry!r}" for name, entry in skip.items()}
+        raise ValueError(f"{key} has unknown layers {unknown}; allowed: {', '.join([*LAYER_ALIASES, *names])}")
+    skipped = {name: f"listed in skip_layers as {entry!r}" for name, entry in skip.items()}
+    return [(name, module) for name, module in layers if name not in skipped], skipped
+
+
+def register_or_update_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """`value` as buffer `name` of `module`: copied into the buffer already there (in place, so
+    whatever holds that tensor sees the new value), else registered."""
+    if hasattr(module, name):
+        getattr(module, name).copy_(value)
+    else:
+        module.register_buffer(name, value)
+
+
+# ----------------------------------------------------------------------------- masks
+# A masked method keeps a `<parameter>_mask` buffer (1 kept, 0 pruned) beside each parameter it prunes.
+
+MASKED_PARAMETERS = ("weight", "bias")
+
+
+def _masks_of(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [(p, getattr(module, f"{p}_mask")) for p in MASKED_PARAMETERS
+            if hasattr(module, f"{p}_mask") and getattr(module, p, None) is not None]
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module) -> None:
+    for module in model.modules():
+        for parameter, mask in _masks_of(module):
+            getattr(module, parameter).mul_(mask)
+
+
+def mask_gradients(model: nn.Module) -> None:
+    """Zero the gradients of pruned weights, so optimizer state never moves them off zero."""
+    for module in model.modules():
+        for parameter, mask in _masks_of(module):
+            grad = getattr(module, parameter).grad
+            if grad is not None:
+                grad.mul_(mask)
+
+
+class MaskedTraining:
+    """Mixin of a callback whose masks must hold while the model trains (unstructured and channel
+    pruning): gradients of pruned entries are zeroed before each optimizer step, and the weights
+    masked again after each batch (weight decay and momentum move them otherwise)."""
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        mask_gradients(pl_module.model)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        apply_masks(pl_module.model)
 
 
 def training_batches(trainer: pl.Trainer, count: int, purpose: str) -> list[tuple]:
@@ -103,25 +181,54 @@ def training_batches(trainer: pl.Trainer, count: int, purpose: str) -> list[tupl
 
 
 # ----------------------------------------------------------------------------- argument checks
-# Shared by the callbacks' constructors: a ValueError naming the argument, the value and what is
-# allowed (the pipeline prefixes it with the config key, method.callbacks.<slot>).
+# Shared by the callbacks' constructors and config.py: a ValueError (or `error`) naming the key, the
+# value and what is allowed (the pipeline prefixes a callback's with its key, method.callbacks.<slot>).
 
 
-def check_fraction(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{key}={value!r} is not valid; allowed: a fraction in [0, 1)")
-    return float(value)
-
-
-def check_choice(key: str, value: Any, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{key}={value!r} is not valid; allowed: {', '.join(allowed)}")
+def check_number(key: str, value: Any, low: float | None = None, high: float | None = None, *, bounds: str = "[]",
+                 integer: bool = False, optional: bool = False, noun: str | None = None, allowed: str | None = None,
+                 error: type[ValueError] = ValueError) -> Any:
+    """`value` when it is a number (an int with `integer`) between `low` and `high`, each end
+    included or not as `bounds` says ("[]", "[)", "(]", "()"); None passes when `optional`.
+    The message says what is allowed: `allowed` when given, else built from the bounds and
+    `noun` ("a number", "an integer", "a fraction" ...)."""
+    if value is None and optional:
+        return None
+    kinds = int if integer else (int, float)
+    fits = not isinstance(value, bool) and isinstance(value, kinds)
+    if fits and low is not None:
+        fits = value >= low if bounds[0] == "[" else value > low
+    if fits and high is not None:
+        fits = value <= high if bounds[1] == "]" else value < high
+    if not fits:
+        raise error(f"{key}={value!r} is not valid; allowed: "
+                    f"{allowed or _range_text(low, high, bounds, integer, noun) + (' or null' if optional else '')}")
     return value
 
 
+def _range_text(low: float | None, high: float | None, bounds: str, integer: bool, noun: str | None) -> str:
+    noun = noun or ("an integer" if integer else "a number")
+    if low is not None and high is not None:
+        return f"{noun} in {low}..{high}" if integer and bounds == "[]" else f"{noun} in {bounds[0]}{low}, {high}{bounds[1]}"
+    if low is not None:
+        return f"{noun} {'>=' if bounds[0] == '[' else '>'} {low}"
+    if high is not None:
+        return f"{noun} {'<=' if bounds[1] == ']' else '<'} {high}"
+    return noun
+
+
+def check_fraction(key: str, value: Any) -> float:
+    """A fraction in [0, 1): a sparsity, a share of parameters."""
+    return float(check_number(key, value, 0, 1, bounds="[)", noun="a fraction"))
+
+
 def check_int(key: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{key}={value!r} is not valid; allowed: an integer >= {minimum}")
+    return check_number(key, value, minimum, integer=True)
+
+
+def check_choice(key: str, value: Any, allowed: Sequence[Any], error: type[ValueError] = ValueError) -> Any:
+    if value not in allowed:
+        raise error(f"{key}={value!r} is not valid; allowed: {', '.join(map(str, allowed))}")
     return value
 
 

@@ -21,7 +21,10 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from lightning_modules.compression.base import CompressionCallback, skipped_layers, weighted_layers
+from lightning_modules.compression.base import (
+    CompressionCallback, check_choice, check_number, register_or_update_buffer, select_layers,
+)
+from lightning_modules.layers import weighted_layers
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +88,9 @@ class WeightClustering(CompressionCallback):
 
     def __init__(self, bits: int = 4, init: str = "linear", iterations: int = 30,
                  skip_layers: Sequence[str] = (), seed: int = 0) -> None:
-        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-            raise ValueError(f"bits={bits!r} is not valid; allowed: an integer in 1..8")
-        if init not in INITS:
-            raise ValueError(f"init={init!r} is not valid; allowed: {', '.join(INITS)}")
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-            raise ValueError(f"iterations={iterations!r} is not valid; allowed: an integer >= 1")
-        self.bits, self.init, self.iterations = bits, init, iterations
+        self.bits = check_number("bits", bits, 1, 8, integer=True)
+        self.init = check_choice("init", init, INITS)
+        self.iterations = check_number("iterations", iterations, 1, integer=True)
         self.skip_layers = list(skip_layers)
         self.skipped: dict[str, str] = {}
         self.clustered = False
@@ -106,22 +105,19 @@ class WeightClustering(CompressionCallback):
         self.share(pl_module.model)
 
     # -- the workers
-    def select_layers(self, model: nn.Module) -> dict[str, nn.Module]:
-        self.skipped = skipped_layers(model, self.skip_layers)
+    def target_layers(self, model: nn.Module) -> dict[str, nn.Module]:
+        targets, self.skipped = select_layers(model, self.skip_layers)
         for name, reason in self.skipped.items():
             log.info("clustering skips %s: %s", name, reason)
-        return {name: module for name, module in weighted_layers(model) if name not in self.skipped}
+        return dict(targets)
 
     @torch.no_grad()
     def cluster(self, model: nn.Module) -> None:
-        for name, module in self.select_layers(model).items():
+        for name, module in self.target_layers(model).items():
             centroids, indices = kmeans_1d(module.weight.cpu(), 2**self.bits, self.iterations, self.init, self._generator)
             module.weight.copy_(centroids[indices].to(module.weight))
             indices = indices.to(module.weight.device)
-            if hasattr(module, CLUSTERS):
-                getattr(module, CLUSTERS).copy_(indices)
-            else:
-                module.register_buffer(CLUSTERS, indices)
+            register_or_update_buffer(module, CLUSTERS, indices)
         self.clustered = True
 
     def share(self, model: nn.Module) -> None:

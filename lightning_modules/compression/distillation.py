@@ -37,9 +37,10 @@ from lightning_modules.compression.base import (
     CompressionCallback,
     check_choice,
     check_int,
-    weighted_layers,
+    check_number,
 )
 from lightning_modules.data import FixedViews, InMemoryDataModule
+from lightning_modules.layers import weighted_layers
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +110,8 @@ class KnowledgeDistillation(CompressionCallback):
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9, teacher_logits: str = "auto",
                  views: int = 8, cache_dir: str | None = None) -> None:
-        if not temperature > 0:
-            raise ValueError(f"temperature={temperature!r} is not valid; allowed: a number > 0")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha={alpha!r} is not valid; allowed: a weight in [0, 1]")
-        self.temperature = float(temperature)
-        self.alpha = float(alpha)
+        self.temperature = float(check_number("temperature", temperature, 0, bounds="(]"))
+        self.alpha = float(check_number("alpha", alpha, 0, 1, noun="a weight"))
         self.teacher_logits = check_choice("teacher_logits", teacher_logits, TEACHER_LOGITS)
         self.views = check_int("views", views, minimum=1)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
@@ -213,8 +210,7 @@ class FeatureDistillation(KnowledgeDistillation):
     def __init__(self, student_layer: str = "penultimate", teacher_layer: str = "penultimate", beta: float = 1.0, temperature: float = 4.0,
                  alpha: float = 0.9, hint: str = "fitnets") -> None:
         super().__init__(temperature=temperature, alpha=alpha, teacher_logits="online")
-        if not beta >= 0:
-            raise ValueError(f"beta={beta!r} is not valid; allowed: a number >= 0")
+        check_number("beta", beta, 0)
         self.hint = check_choice("hint", hint, HINTS)
         self.student_layer = student_layer
         self.teacher_layer = teacher_layer

@@ -26,7 +26,6 @@ import contextlib
 import copy
 import logging
 import math
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -38,11 +37,14 @@ from torch import nn
 
 from lightning_modules.compression.base import (
     CompressionCallback,
+    check_choice,
     check_fraction,
     check_int,
+    check_number,
+    resolve_aliases,
     training_batches,
-    weighted_layers,
 )
+from lightning_modules.layers import weighted_layers
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +115,7 @@ def rule_rank(rule: str, value: float | int | None, singular_values: torch.Tenso
     elif rule == "vbmf":
         rank = vbmf_rank(singular_values, shape)
     else:
-        raise ValueError(f"rank_by={rule!r} is not valid; allowed: {', '.join(RANK_RULES)}")
+        check_choice("rank_by", rule, RANK_RULES)
     return max(1, min(rank, full))
 
 
@@ -642,22 +644,16 @@ class LowRankDecomposition(CompressionCallback):
         iterations: int | None = None,
         seed: int = 0,
     ) -> None:
-        if decomposition not in DECOMPOSITIONS:
-            raise ValueError(f"decomposition={decomposition!r} is not valid; allowed: {', '.join(DECOMPOSITIONS)}")
-        if rank_by not in RANK_RULES:
-            raise ValueError(f"rank_by={rank_by!r} is not valid; allowed: {', '.join(RANK_RULES)}")
-        self.kind = DECOMPOSITIONS[decomposition]
+        self.kind = DECOMPOSITIONS[check_choice("decomposition", decomposition, tuple(DECOMPOSITIONS))]
+        check_choice("rank_by", rank_by, RANK_RULES)
         _check_rank_value("rank", rank_by, rank)
         self.layer_ranks = {name: self._check_override(name, rank_by, value) for name, value in (layer_ranks or {}).items()}
         self.rank_multiple = check_int("rank_multiple", rank_multiple, 1)
         self.min_saving = check_fraction("min_saving", min_saving)
         self.gradual_epochs = check_int("gradual_epochs", gradual_epochs, 0)
-        if min_speedup is not None and (isinstance(min_speedup, bool) or not isinstance(min_speedup, (int, float))
-                                        or min_speedup <= 0):
-            raise ValueError(f"min_speedup={min_speedup!r} is not valid; allowed: null or a number > 0")
+        check_number("min_speedup", min_speedup, 0, bounds="(]", optional=True, allowed="null or a number > 0")
         self.speed_batch = check_int("speed_batch", speed_batch, 1)
-        if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0):
-            raise ValueError(f"iterations={iterations!r} is not valid; allowed: an integer >= 0 or null")
+        check_number("iterations", iterations, 0, integer=True, optional=True)
         self.name = decomposition
         self.rank = rank
         self.rank_by = rank_by
@@ -712,7 +708,7 @@ class LowRankDecomposition(CompressionCallback):
         `example`, an input batch of the model, gives the layers' input shapes for `min_speedup`.
 
         Raises:
-            ValueError: min_speedup is set and no example input is given.
+            ValueError: min_speedup is set and no example input or no timer (attach_timer) is given.
         """
         self.plans = self.plan(model, example)
         for name, plan in self.plans.items():
@@ -735,10 +731,11 @@ class LowRankDecomposition(CompressionCallback):
         if self.min_speedup is not None and example is None:
             raise ValueError(f"{self.name}: min_speedup={self.min_speedup} times each layer on its input shape and "
                              f"needs an example input; allowed without one: min_speedup=null")
+        if self.min_speedup is not None:
+            self.require_timer()  # before any work
         layers = list(weighted_layers(model))
         ours = [name for name, module in layers if isinstance(module, self.kind.layer_type)]
-        aliases = {"first": ours[0] if ours else None, "last": ours[-1] if ours else None}
-        skip = {aliases.get(entry, entry): entry for entry in self.skip_layers}
+        skip = resolve_aliases(self.skip_layers, ours)  # first/last: of the layers this decomposition factors
         unknown = [entry for name, entry in skip.items() if name not in ours]
         unknown += [name for name in self.layer_ranks if name not in ours]
         if unknown:
@@ -794,8 +791,8 @@ class LowRankDecomposition(CompressionCallback):
 
         The chain's shapes are what matter for time, so the factors come from the cheap start (no
         HOOI/ALS sweeps). Both run in the deployed memory layout. The speedup is the median of the
-        ratios of back-to-back pairs (see `paired_times`), steadier on a shared machine than a
-        ratio of two medians.
+        ratios of back-to-back pairs (see evaluation/latency.py: `paired_times`), steadier on a shared machine than a
+        ratio of two medians. The timer is the one the pipeline handed over (attach_timer).
         """
         factors, _ = self.kind.decompose(module.weight, ranks, 0, self.seed)
         factors["bias"] = _bias(module)
@@ -803,8 +800,8 @@ class LowRankDecomposition(CompressionCallback):
         dense = copy.deepcopy(module)
         layout = torch.channels_last if self.channels_last and len(input_shape) == 3 else torch.contiguous_format
         inputs = torch.randn((self.speed_batch, *input_shape), device=module.weight.device)
-        return paired_times(_in_layout(dense.to(memory_format=layout), layout),
-                            _in_layout(chain.to(memory_format=layout), layout), inputs)
+        return self.require_timer().paired(_in_layout(dense.to(memory_format=layout), layout),
+                                           _in_layout(chain.to(memory_format=layout), layout), inputs)
 
     @torch.no_grad()
     def reduce(self, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer] = (), step: int | None = None) -> None:
@@ -873,31 +870,6 @@ class LowRankDecomposition(CompressionCallback):
         self.step = state_dict["step"]
         self.plans = {name: LayerPlan(**{k: tuple(v) if isinstance(v, list) else v for k, v in plan.items()})
                       for name, plan in state_dict["plans"].items()}
-
-
-@torch.inference_mode()
-def paired_times(dense: nn.Module, factored: nn.Module, inputs: torch.Tensor, warmup: int = 10,
-                 pairs: int = 60) -> tuple[float, float, float]:
-    """(dense p50 ms, factored p50 ms, median of dense/factored over back-to-back pairs).
-
-    Each pair times both modules on the same input one right after the other, alternating which
-    goes first; a neighbour process that slows the core for a while then slows both halves of a
-    pair alike, so the median pair ratio moves less than the ratio of the two medians does.
-    """
-    sync = torch.cuda.synchronize if inputs.is_cuda else (lambda: None)
-    for _ in range(warmup):
-        dense(inputs)
-        factored(inputs)
-    sync()
-    dense_s, factored_s = [], []
-    for pair in range(pairs):
-        for which in ((0, 1) if pair % 2 == 0 else (1, 0)):
-            start = time.perf_counter()
-            (dense, factored)[which](inputs)
-            sync()
-            (dense_s, factored_s)[which].append(time.perf_counter() - start)
-    ratios = np.asarray(dense_s) / np.asarray(factored_s)
-    return float(np.median(dense_s)) * 1000.0, float(np.median(factored_s)) * 1000.0, float(np.median(ratios))
 
 
 def layer_input_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int, ...]]:

@@ -33,15 +33,14 @@ from torch import nn
 
 from lightning_modules.compression import channel_surgery
 from lightning_modules.compression.base import (
-    CompressionCallback, check_bool, check_choice, check_fraction, check_int, skipped_layers, training_batches,
-    weighted_layers,
+    CompressionCallback, MaskedTraining, check_bool, check_choice, check_fraction, check_int, check_number,
+    MASKED_PARAMETERS, apply_masks, register_or_update_buffer, resolve_aliases, select_layers, training_batches,
 )
-from lightning_modules.evaluation.complexity import layer_table
+from lightning_modules.layers import layer_table, weighted_layers
 
 log = logging.getLogger(__name__)
 
 MASK = "weight_mask"
-MASKED_PARAMETERS = ("weight", "bias")
 
 # A schedule is a value, or a function of the training step that returns the value at that step.
 Schedule = float | Callable[[int], float]
@@ -171,39 +170,14 @@ def iterative_sparsities(target: float, fraction_per_cycle: float) -> list[float
 # ----------------------------------------------------------------------------- module surgery
 
 
-def _masks_of(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    return [(p, getattr(module, f"{p}_mask")) for p in MASKED_PARAMETERS
-            if hasattr(module, f"{p}_mask") and getattr(module, p, None) is not None]
-
-
 def attach_masks(model: nn.Module, masks: dict[str, torch.Tensor], parameter: str = "weight") -> None:
     """Register each mask as a `<parameter>_mask` buffer beside its layer's parameter and zero the pruned entries."""
     modules = dict(model.named_modules())
     for name, mask in masks.items():
         module = modules[name]
         buffer = f"{parameter}_mask"
-        mask = mask.to(getattr(module, parameter).device, torch.float32)
-        if hasattr(module, buffer):
-            getattr(module, buffer).copy_(mask)
-        else:
-            module.register_buffer(buffer, mask)
+        register_or_update_buffer(module, buffer, mask.to(getattr(module, parameter).device, torch.float32))
     apply_masks(model)
-
-
-@torch.no_grad()
-def apply_masks(model: nn.Module) -> None:
-    for module in model.modules():
-        for parameter, mask in _masks_of(module):
-            getattr(module, parameter).mul_(mask)
-
-
-def mask_gradients(model: nn.Module) -> None:
-    """Zero the gradients of pruned weights, so optimizer state never moves them off zero."""
-    for module in model.modules():
-        for parameter, mask in _masks_of(module):
-            grad = getattr(module, parameter).grad
-            if grad is not None:
-                grad.mul_(mask)
 
 
 def fold_masks(model: nn.Module) -> nn.Module:
@@ -241,7 +215,7 @@ def _check_schedule(key: str, value: Schedule) -> Schedule:
 # ----------------------------------------------------------------------------- the shared base
 
 
-class MaskedPruning(CompressionCallback):
+class MaskedPruning(MaskedTraining, CompressionCallback):
     """What every unstructured pruning callback shares: which layers, how to score, how to cut,
     masks honoured by the optimizer, finalize, summary and checkpointed state.
 
@@ -286,18 +260,11 @@ class MaskedPruning(CompressionCallback):
     def pruned(self) -> bool:
         return self.cuts > 0
 
-    # -- hooks shared by every masked method: keep pruned weights at zero
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        mask_gradients(pl_module.model)
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        apply_masks(pl_module.model)
-
     # -- the worker
     def cut(self, model: nn.Module, sparsity: float, trainer: pl.Trainer | None = None) -> None:
         """Prune `model` to `sparsity` (of the selected layers); weights pruned before stay pruned."""
         sparsity = check_fraction("sparsity (scheduled)", sparsity)
-        targets = self.select_layers(model)
+        targets = self.target_layers(model)
         scores = {}
         for name, score in self.scores(model, targets, trainer).items():
             old = getattr(targets[name], MASK, None)
@@ -327,9 +294,9 @@ class MaskedPruning(CompressionCallback):
             return sparsity
         return min(self.layer_sparsity[name] * sparsity / self.sparsity, self.layer_sparsity[name])
 
-    def select_layers(self, model: nn.Module) -> dict[str, nn.Module]:
+    def target_layers(self, model: nn.Module) -> dict[str, nn.Module]:
         """The one filter deciding which layers are pruned; records why the others are not."""
-        skipped = skipped_layers(model, self.skip_layers)
+        targets, skipped = select_layers(model, self.skip_layers)
         names = [name for name, _ in weighted_layers(model)]
         unknown = [name for name in self.layer_sparsity if name not in names]
         if unknown:
@@ -338,7 +305,7 @@ class MaskedPruning(CompressionCallback):
             for name, reason in skipped.items():
                 log.info("%s pruning skips %s: %s", self.name, name, reason)
         self.skipped = skipped
-        return {name: module for name, module in weighted_layers(model) if name not in self.skipped}
+        return dict(targets)
 
     # -- protocol
     def finalize(self, model: nn.Module) -> nn.Module:
@@ -448,9 +415,7 @@ class LotteryTicket(IterativePruning):
                  **kwargs: Any) -> None:
         kwargs.setdefault("scope", "global")
         super().__init__(sparsity, **kwargs)
-        if isinstance(rewind_to, bool) or not isinstance(rewind_to, (int, float)) or rewind_to < 0:
-            raise ValueError(f"rewind_to={rewind_to!r} is not valid; allowed: a number >= 0")
-        self.rewind_to = rewind_to
+        self.rewind_to = check_number("rewind_to", rewind_to, 0)
         self.unit = check_choice("unit", unit, UNITS)
         self.reinit = check_bool("reinit", reinit)
         self.rewind_step: int | None = None  # rewind_to in steps, known once training starts
@@ -526,15 +491,10 @@ class _Ramp:
         if not callable(final) and self.initial > final:
             raise ValueError(f"initial_sparsity={initial!r} is not valid; allowed: <= sparsity={final!r}")
         self.unit = check_choice("unit", unit, UNITS)
-        if isinstance(begin, bool) or not isinstance(begin, (int, float)) or begin < 0:
-            raise ValueError(f"begin={begin!r} is not valid; allowed: a number >= 0")
-        if isinstance(end, bool) or not isinstance(end, (int, float)) or end <= begin:
-            raise ValueError(f"end={end!r} is not valid; allowed: a number > begin={begin!r}")
-        self.begin, self.end = begin, end
+        self.begin = check_number("begin", begin, 0)
+        self.end = check_number("end", end, begin, bounds="(]", allowed=f"a number > begin={begin!r}")
         self.frequency = check_int("frequency", frequency, 1)
-        if isinstance(power, bool) or not isinstance(power, (int, float)) or power <= 0:
-            raise ValueError(f"power={power!r} is not valid; allowed: a number > 0")
-        self.power = float(power)
+        self.power = float(check_number("power", power, 0, bounds="(]"))
         self.schedule: Callable[[int], float] | None = final if callable(final) else None
 
     def build(self, trainer: pl.Trainer, who: str) -> Callable[[int], float]:
@@ -585,7 +545,7 @@ class AGP(MaskedPruning):
 # ----------------------------------------------------------------------------- structured: channels
 
 
-class ChannelPruning(CompressionCallback):
+class ChannelPruning(MaskedTraining, CompressionCallback):
     """Structured pruning of conv filters and linear neurons, physically removed at finalize.
 
     Channels that must go together (a residual block's output and its shortcut, a conv and its
@@ -601,7 +561,8 @@ class ChannelPruning(CompressionCallback):
             `taylor` (Molchanov et al. 2019: the squared first-order estimate of the loss change
             when a whole channel goes, from `taylor_batches` training batches at each cut).
         mode: `oneshot` (cut when fine-tuning starts) or `gradual` (AGP's ramp over channels).
-        skip_layers: producer layers whose output channels stay (their groups are skipped);
+        skip_layers: producer layers whose output channels stay (their groups are skipped); `first` and
+            `last` stand for the first and last of them;
             the model's input channels and classes are never pruned.
         layer_sparsity: per-group overrides, keyed by any producer of the group.
         round_to: the channels a group keeps are rounded up to a multiple of this (1: exact);
@@ -654,12 +615,6 @@ class ChannelPruning(CompressionCallback):
             if target > self.current_sparsity + 1e-9:
                 self.cut(pl_module.model, target, trainer)
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        mask_gradients(pl_module.model)
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        apply_masks(pl_module.model)
-
     def check_model(self, model: nn.Module, example: torch.Tensor, teacher: nn.Module | None = None) -> None:
         """The layer names and every group's kept channels, checked on the model the config builds
         (on a copy of this callback: the run's own analysis happens when fitting starts)."""
@@ -671,14 +626,17 @@ class ChannelPruning(CompressionCallback):
         self.groups = channel_surgery.channel_groups(model, example_input)
         modules = dict(model.named_modules())
         producers = {p for g in self.groups for p in g.producers}
-        unknown = [n for n in [*self.skip_layers, *self.layer_sparsity] if n not in producers]
+        # first/last: the model's first and last layer whose output channels can be pruned
+        skip = resolve_aliases(self.skip_layers, [name for name, _ in weighted_layers(model) if name in producers])
+        unknown = [entry for name, entry in skip.items() if name not in producers]
+        unknown += [n for n in self.layer_sparsity if n not in producers]
         if unknown:
-            raise ValueError(f"channel pruning knows no producer layers {unknown}; allowed: {', '.join(sorted(producers))}")
+            raise ValueError(f"channel pruning knows no producer layers {unknown}; allowed: {', '.join(sorted(producers))}, first, last")
         self.skipped = {}
         for i, group in enumerate(self.groups):
             if not group.producers:
                 continue
-            listed = [p for p in group.producers if p in self.skip_layers]
+            listed = [skip[p] for p in group.producers if p in skip]
             if group.frozen:
                 self.skipped[i] = group.frozen
             elif listed:
@@ -810,10 +768,7 @@ def _attach_row_mask(module: nn.Module, parameter: str, keep: torch.Tensor) -> N
         return
     mask = keep.to(tensor.device, torch.float32).view(-1, *([1] * (tensor.dim() - 1))).expand_as(tensor).clone()
     buffer = f"{parameter}_mask"
-    if hasattr(module, buffer):
-        getattr(module, buffer).mul_(mask)
-    else:
-        module.register_buffer(buffer, mask)
+    register_or_update_buffer(module, buffer, getattr(module, buffer) * mask if hasattr(module, buffer) else mask)
 
 
 def _example_input(trainer: pl.Trainer) -> torch.Tensor:
@@ -910,13 +865,13 @@ class NMPruning(MaskedPruning):
             self.prune(pl_module.model, trainer)
 
     def prune(self, model: nn.Module, trainer: pl.Trainer | None = None) -> None:
-        targets = self.select_layers(model)
+        targets = self.target_layers(model)
         masks = {name: nm_mask(score, self.n, self.m) for name, score in self.scores(model, targets, trainer).items()}
         attach_masks(model, masks)
         self.current_sparsity, self.cuts = self.sparsity, self.cuts + 1
 
-    def select_layers(self, model: nn.Module) -> dict[str, nn.Module]:
-        targets = super().select_layers(model)
+    def target_layers(self, model: nn.Module) -> dict[str, nn.Module]:
+        targets = super().target_layers(model)
         for name, module in list(targets.items()):
             inputs = module.weight[0].numel()
             if inputs % self.m != 0:
@@ -988,7 +943,7 @@ class LightningReference(ModelPruning, CompressionCallback):
             raise ValueError(f"lightning: ramp_epochs={self.ramp_epochs} does not reach sparsity={self.sparsity} within "
                              f"fine_tune.epochs={trainer.max_epochs}; allowed: ramp_epochs <= {trainer.max_epochs}")
         self._model_layers = list(weighted_layers(pl_module.model))
-        self.skipped = skipped_layers(pl_module.model, self.skip_layers)  # the same names and reasons as AGP's
+        _, self.skipped = select_layers(pl_module.model, self.skip_layers)  # the same names and reasons as AGP's
         super().setup(trainer, pl_module, stage)
 
     def finalize(self, model: nn.Module) -> nn.Module:
@@ -1012,17 +967,15 @@ REGISTRY: dict[str, type[CompressionCallback]] = {
 
 def pruning_callback(method: str, **kwargs: Any) -> CompressionCallback:
     """Build a registered pruning callback by name."""
-    if method not in REGISTRY:
-        raise ValueError(f"method={method!r} is not valid; allowed: {', '.join(REGISTRY)}")
-    return REGISTRY[method](**kwargs)
+    return REGISTRY[check_choice("method", method, tuple(REGISTRY))](**kwargs)
 
 
 # ----------------------------------------------------------------------------- sensitivity analysis
 
 
 @torch.no_grad()
-def layer_sensitivity(model: nn.Module, evaluate: Callable[[nn.Module], float], sparsities: Sequence[float],
-                      criterion: str = "magnitude", layers: Sequence[str] | None = None, seed: int = 0) -> list[dict[str, Any]]:
+def sparsity_sensitivity(model: nn.Module, evaluate: Callable[[nn.Module], float], sparsities: Sequence[float],
+                         criterion: str = "magnitude", layers: Sequence[str] | None = None, seed: int = 0) -> list[dict[str, Any]]:
     """Prune each layer alone at each sparsity, without fine-tuning, and score the model.
 
     `evaluate(model) -> accuracy in percent`. Every layer gets its weights back before the next

@@ -10,15 +10,13 @@ Three layers, as in pruning.py:
 - the math: pure functions on tensors (`quant_range`, `quant_params`, `fake_quantize`,
   `lsq_quantize`) and observers that track a tensor's range (`minmax`, `moving_average`,
   `histogram` with a percentile);
-- module surgery on a torch.fx graph: `fold_batchnorm`, `prepare` (quantizers inserted after the
-  model input and every Conv/Linear/add/pool output, Conv/Linear wrapped to fake-quantize their
-  weights), `convert` (the deployable form: int8 weights and biases in int32 as buffers, fixed
-  activation scales, ReLU folded into the clamp of the next quantizer);
-- the deployable form is an ordinary nn.Module calling two custom ops,
-  `workbench::quantize_dequantize` and `workbench::dequantize`, that PyTorch runs as exact
-  integer simulation and the ONNX exporter translates to QuantizeLinear/DequantizeLinear
-  (`ONNX_TRANSLATIONS`). ONNX Runtime fuses that QDQ form into QLinearConv/QGemm/QLinearAdd int8
-  kernels: the scales the callbacks computed are the scales the int8 kernels use.
+- module surgery on a torch.fx graph: `prepare` (BatchNorm folded or wrapped, quantizers inserted
+  after the model input and every Conv/Linear/add/pool output, Conv/Linear wrapped to
+  fake-quantize their weights), `convert` (the deployable form: int8 weights and biases in int32
+  as buffers, fixed activation scales, ReLU folded into the clamp of the next quantizer);
+- the callbacks.
+The deployable form itself (the custom ops, Int8Layer, their ONNX translations and PT2E rewrite)
+lives in ../deployable_int8.py, which evaluation imports to run it.
 """
 
 from __future__ import annotations
@@ -37,7 +35,18 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.compression.base import CompressionCallback, check_bool, check_choice, check_int, training_batches
+from lightning_modules.compression.base import (
+    CompressionCallback, check_bool, check_choice, check_int, check_number, select_layers, training_batches,
+)
+from lightning_modules.deployable_int8 import (
+    DynamicInt8Linear,
+    FixedQuantizeDequantize,
+    Int8Layer,
+    broadcast_along,
+    float_layer,
+    int8_layers,
+)
+from lightning_modules.layers import called_module, fold_batchnorm_in_graph, trace
 
 log = logging.getLogger(__name__)
 
@@ -73,18 +82,10 @@ def quant_params(min_val: torch.Tensor, max_val: torch.Tensor, qmin: int, qmax: 
     return scale, zero_point
 
 
-def _broadcast(values: torch.Tensor, like: torch.Tensor, axis: int) -> torch.Tensor:
-    if values.numel() == 1:
-        return values.reshape(())
-    shape = [1] * like.dim()
-    shape[axis] = -1
-    return values.reshape(shape)
-
-
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
              axis: int = 0) -> torch.Tensor:
     """The integer codes of `x` (as int64), rounded half to even like ONNX QuantizeLinear."""
-    scale, zero_point = _broadcast(scale, x, axis), _broadcast(zero_point, x, axis)
+    scale, zero_point = broadcast_along(scale, x, axis), broadcast_along(zero_point, x, axis)
     return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax).to(torch.int64)
 
 
@@ -92,7 +93,7 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
                   axis: int = 0) -> torch.Tensor:
     """Quantize then dequantize, with a straight-through estimator: the gradient passes unchanged
     inside the range and is zero where the value was clipped (Bengio et al. 2013; Jacob et al. 2018)."""
-    s, z = _broadcast(scale, x, axis), _broadcast(zero_point, x, axis).to(x.dtype)
+    s, z = broadcast_along(scale, x, axis), broadcast_along(zero_point, x, axis).to(x.dtype)
     low, high = (qmin - z) * s, (qmax - z) * s
     clipped = torch.minimum(torch.maximum(x, low), high)
     exact = (torch.clamp(torch.round(x / s) + z, qmin, qmax) - z) * s
@@ -104,7 +105,7 @@ def lsq_quantize(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, axis
     straight-through estimator, and the step `s` learned by backprop with its gradient scaled by
     1/sqrt(numel * qmax) so it moves at the pace of the weights."""
     grad_scale = 1.0 / math.sqrt(max(x.numel() // max(step.numel(), 1), 1) * max(qmax, 1))
-    s = _broadcast(step, x, axis)
+    s = broadcast_along(step, x, axis)
     s = (s - s * grad_scale).detach() + s * grad_scale
     codes = torch.clamp(x / s, qmin, qmax)
     codes = codes + (torch.round(codes) - codes).detach()
@@ -248,16 +249,13 @@ class QuantScheme:
     WEIGHT_BITS = (8, 7, 6, 5, 4, 3, 2, "ternary", "binary")
 
     def __post_init__(self) -> None:
-        if self.weight_bits not in self.WEIGHT_BITS or isinstance(self.weight_bits, bool):
+        if isinstance(self.weight_bits, bool):  # True == 1 would pass as a choice
             raise ValueError(f"bits={self.weight_bits!r} is not valid; allowed: {', '.join(map(str, self.WEIGHT_BITS))}")
-        if isinstance(self.activation_bits, bool) or self.activation_bits not in range(2, 9):
-            raise ValueError(f"activation_bits={self.activation_bits!r} is not valid; allowed: an integer in 2..8")
-        if self.observer not in OBSERVERS:
-            raise ValueError(f"observer={self.observer!r} is not valid; allowed: {', '.join(OBSERVERS)}")
-        if not 50.0 < float(self.percentile) <= 100.0:
-            raise ValueError(f"percentile={self.percentile!r} is not valid; allowed: a number in (50, 100]")
-        if not 0.0 < float(self.momentum) <= 1.0:
-            raise ValueError(f"momentum={self.momentum!r} is not valid; allowed: a number in (0, 1]")
+        check_choice("bits", self.weight_bits, self.WEIGHT_BITS)
+        check_number("activation_bits", self.activation_bits, 2, 8, integer=True)
+        check_choice("observer", self.observer, OBSERVERS)
+        check_number("percentile", self.percentile, 50, 100, bounds="(]")
+        check_number("momentum", self.momentum, 0, 1, bounds="(]")
         if not self.symmetric_weights and self.weight_bits != 8:
             raise ValueError(f"symmetric_weights=False is not valid with bits={self.weight_bits!r}; "
                              f"allowed: asymmetric weights at 8 bits only")
@@ -391,7 +389,7 @@ class QuantizedWeightLayer(nn.Module):
             return lsq_quantize(weight, self.step, qmin, qmax, axis=0)
         codes, scale, zero_point = weight_codes(weight, self.scheme)
         if self.scheme.weight_bits == "binary":
-            s = _broadcast(scale, weight, 0)
+            s = broadcast_along(scale, weight, 0)
             return weight + ((codes.to(weight) * s) - weight).detach()  # STE through sign()
         return fake_quantize(weight, scale.to(weight), zero_point.to(weight), qmin, qmax, axis=0)
 
@@ -451,136 +449,12 @@ class QuantizedConvBatchNorm(QuantizedWeightLayer):
         return wrapper
 
 
-# ----------------------------------------------------------------------------- the deployable form: custom ops
-
-
-@torch.library.custom_op("workbench::quantize_dequantize", mutates_args=())
-def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-    """Per-tensor QuantizeLinear then DequantizeLinear; the code type is zero_point's dtype."""
-    info = torch.iinfo(zero_point.dtype)
-    codes = torch.clamp(torch.round(x / scale) + zero_point.to(torch.float32), info.min, info.max)
-    return (codes - zero_point.to(torch.float32)) * scale
-
-
-@quantize_dequantize.register_fake
-def _(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("workbench::dequantize", mutates_args=())
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int) -> torch.Tensor:
-    """DequantizeLinear of integer codes stored in the model (per channel along `axis`)."""
-    scale_b = _broadcast(scale, codes, axis)
-    return (codes.to(torch.float32) - _broadcast(zero_point, codes, axis).to(torch.float32)) * scale_b
-
-
-@dequantize.register_fake
-def _(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int) -> torch.Tensor:
-    return torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
-
-
-@torch.library.custom_op("workbench::dynamic_linear", mutates_args=())
-def dynamic_linear(x: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Tensor,
-                   bias: torch.Tensor) -> torch.Tensor:
-    """y = x W^T + b with x quantized to uint8 from its own range at run time (DynamicQuantizeLinear)
-    and W stored as int8 codes (`weight_t` is W^T, per-column scales): ONNX's MatMulInteger."""
-    low, high = torch.clamp(x.min(), max=0.0), torch.clamp(x.max(), min=0.0)
-    scale = torch.clamp((high - low) / 255.0, min=torch.finfo(torch.float32).eps)
-    zero_point = torch.clamp(torch.round(-low / scale), 0, 255)
-    codes = torch.clamp(torch.round(x / scale) + zero_point, 0, 255) - zero_point
-    return (codes @ weight_t.to(torch.float32)) * (scale * weight_scale) + bias
-
-
-@dynamic_linear.register_fake
-def _(x: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
-
-
-def _onnx_translations() -> dict[Callable, Callable]:
-    """onnxscript functions the ONNX exporter uses for the custom ops above."""
-    from onnxscript import opset18 as op  # imported only when exporting
-
-    def qdq(x, scale, zero_point):
-        return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero_point), scale, zero_point)
-
-    def dq(codes, scale, zero_point, axis: int):
-        return op.DequantizeLinear(codes, scale, zero_point, axis=axis)
-
-    def dyn_linear(x, weight_t, weight_scale, bias):
-        codes, scale, zero_point = op.DynamicQuantizeLinear(x)
-        accumulated = op.MatMulInteger(codes, weight_t, zero_point)
-        return op.Add(op.Mul(op.Cast(accumulated, to=1), op.Mul(scale, weight_scale)), bias)
-
-    return {torch.ops.workbench.quantize_dequantize.default: qdq, torch.ops.workbench.dequantize.default: dq,
-            torch.ops.workbench.dynamic_linear.default: dyn_linear}
-
-
-ONNX_TRANSLATIONS: Callable[[], dict[Callable, Callable]] = _onnx_translations
-
-def _code_dtype(qmin: int) -> torch.dtype:
-    """int8 holds every signed code of 8 bits or fewer, uint8 every unsigned one."""
-    return torch.int8 if qmin < 0 else torch.uint8
-
-
-class FixedQuantizeDequantize(nn.Module):
-    """A frozen activation quantizer of the deployable model (scale and zero point as buffers)."""
-
-    def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int) -> None:
-        super().__init__()
-        self.register_buffer("scale", scale.detach().float().reshape(()).clone())
-        self.register_buffer("zero_point", zero_point.detach().reshape(()).to(_code_dtype(qmin)).clone())
-
-    def forward(self, x: torch.Tensor, observe: bool = True) -> torch.Tensor:
-        return torch.ops.workbench.quantize_dequantize(x, self.scale, self.zero_point)
-
-
-class Int8Layer(nn.Module):
-    """The deployable Conv2d/Linear: integer weight codes, their scales, the bias in int32 at the
-    scale input_scale x weight_scale (what an int8 kernel accumulates into), dequantized in the
-    graph so that ONNX Runtime fuses DQ -> Conv -> Q into QLinearConv (QGemm for Linear)."""
-
-    def __init__(self, wrapper: QuantizedWeightLayer, input_scale: torch.Tensor) -> None:
-        super().__init__()
-        layer, scheme = wrapper.layer, wrapper.scheme
-        qmin, _ = scheme.weight_range()
-        codes, scale, zero_point = weight_codes(layer.weight, scheme, wrapper.step)
-        self.kind = "conv" if isinstance(layer, nn.Conv2d) else "linear"
-        self.conv_args = ((layer.stride, layer.padding, layer.dilation, layer.groups)
-                          if isinstance(layer, nn.Conv2d) else None)
-        self.weight_bits = scheme.bits
-        self.register_buffer("weight_codes", codes.to(_code_dtype(qmin)))
-        self.register_buffer("weight_scale", scale.float().clone())
-        self.register_buffer("weight_zero_point", zero_point.to(_code_dtype(qmin)))
-        bias = layer.bias.detach() if layer.bias is not None else torch.zeros(codes.shape[0])
-        bias_scale = (input_scale.float() * scale.float()).expand(codes.shape[0]).clone()
-        self.register_buffer("bias_codes", torch.round(bias.float() / bias_scale).to(torch.int32))
-        self.register_buffer("bias_scale", bias_scale)
-        self.register_buffer("bias_zero_point", torch.zeros(codes.shape[0], dtype=torch.int32))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = torch.ops.workbench.dequantize(self.weight_codes, self.weight_scale, self.weight_zero_point, 0)
-        bias = torch.ops.workbench.dequantize(self.bias_codes, self.bias_scale, self.bias_zero_point, 0)
-        if self.kind == "conv":
-            stride, padding, dilation, groups = self.conv_args
-            return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-        return F.linear(x, weight, bias)
-
-
-class DynamicInt8Linear(nn.Module):
-    """Linear with int8 weights whose input is quantized from its own range at run time."""
-
-    def __init__(self, layer: nn.Linear) -> None:
-        super().__init__()
-        scheme = QuantScheme()
-        codes, scale, _ = weight_codes(layer.weight, scheme)
-        self.weight_bits = 8
-        self.register_buffer("weight_t_codes", codes.t().contiguous().to(torch.int8))
-        self.register_buffer("weight_scale", scale.float().clone())
-        self.register_buffer("bias", layer.bias.detach().clone() if layer.bias is not None
-                             else torch.zeros(codes.shape[0]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.workbench.dynamic_linear(x, self.weight_t_codes, self.weight_scale, self.bias)
+def int8_layer(wrapper: QuantizedWeightLayer, input_scale: torch.Tensor) -> Int8Layer:
+    """The deployable form of a trained wrapper: its weight as integer codes under its scheme
+    (and learned step), the bias at input_scale x weight_scale."""
+    qmin, _ = wrapper.scheme.weight_range()
+    codes, scale, zero_point = weight_codes(wrapper.layer.weight, wrapper.scheme, wrapper.step)
+    return Int8Layer(wrapper.layer, codes, scale, zero_point, qmin, wrapper.scheme.bits, input_scale)
 
 
 # ----------------------------------------------------------------------------- module surgery (torch.fx)
@@ -594,13 +468,9 @@ SHARED_METHODS = ("view", "reshape", "flatten")
 OWN_SCALE_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)
 
 
-def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    return gm.get_submodule(node.target) if node.op == "call_module" else None
-
-
 def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
-        return isinstance(_module(gm, node), nn.ReLU)
+        return isinstance(called_module(gm, node), nn.ReLU)
     if node.op == "call_function":
         return node.target in (F.relu, torch.relu)
     return node.op == "call_method" and node.target == "relu"
@@ -608,45 +478,10 @@ def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def _is_shared(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
-        return isinstance(_module(gm, node), SHARED_MODULES)
+        return isinstance(called_module(gm, node), SHARED_MODULES)
     if node.op == "call_function":
         return node.target in SHARED_FUNCTIONS
     return node.op == "call_method" and node.target in SHARED_METHODS
-
-
-def trace(model: nn.Module) -> fx.GraphModule:
-    """The model as a torch.fx graph (every model of the workbench traces symbolically)."""
-    if isinstance(model, fx.GraphModule):
-        return model
-    try:
-        return fx.symbolic_trace(model)
-    except Exception as error:
-        raise ValueError(f"quantization needs a model torch.fx can trace; {type(model).__name__} fails: {error}") from error
-
-
-@torch.no_grad()
-def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
-    """Fold every BatchNorm2d that directly follows a Conv2d into the convolution (with the
-    running statistics), the way inference engines and QAT with frozen statistics do:
-    w' = w gamma / sqrt(var + eps), b' = (b - mean) gamma / sqrt(var + eps) + beta."""
-    for node in list(gm.graph.nodes):
-        bn = _module(gm, node)
-        if not isinstance(bn, nn.BatchNorm2d) or not node.args or not isinstance(node.args[0], fx.Node):
-            continue
-        source = node.args[0]
-        conv = _module(gm, source)
-        if not isinstance(conv, nn.Conv2d) or len(source.users) != 1:
-            continue
-        factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        conv.weight.mul_(factor.reshape(-1, 1, 1, 1))
-        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-        conv.bias = nn.Parameter((bias - bn.running_mean) * factor + bn.bias)
-        node.replace_all_uses_with(source)
-        gm.graph.erase_node(node)
-    gm.graph.eliminate_dead_code()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-    return gm
 
 
 @dataclass
@@ -667,13 +502,13 @@ def _insert_quantizer(gm: fx.GraphModule, after: fx.Node, name: str, shared: boo
 
 def _batchnorm_after(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     users = list(node.users)
-    return users[0] if len(users) == 1 and isinstance(_module(gm, users[0]), nn.BatchNorm2d) else None
+    return users[0] if len(users) == 1 and isinstance(called_module(gm, users[0]), nn.BatchNorm2d) else None
 
 
 def _wrap_conv_batchnorm(gm: fx.GraphModule, node: fx.Node, conv: nn.Conv2d, bn_node: fx.Node,
                          scheme: QuantScheme) -> QuantizedConvBatchNorm:
     """Take the BatchNorm node out of the graph: the wrapper of its convolution now applies it."""
-    wrapper = QuantizedConvBatchNorm(conv, _module(gm, bn_node), scheme)
+    wrapper = QuantizedConvBatchNorm(conv, called_module(gm, bn_node), scheme)
     bn_node.replace_all_uses_with(node)
     gm.graph.erase_node(bn_node)
     return wrapper
@@ -683,7 +518,7 @@ BATCHNORM_MODES = ("fold", "freeze")
 
 
 def prepare(model: nn.Module, scheme: QuantScheme, layer_schemes: dict[str, QuantScheme] | None = None,
-            skip: Iterable[str] = (), batchnorm: str = "fold") -> tuple[fx.GraphModule, Prepared]:
+            skip: Iterable[str] | dict[str, str] = (), batchnorm: str = "fold") -> tuple[fx.GraphModule, Prepared]:
     """Trace, handle BatchNorm, wrap every Conv2d/Linear to fake-quantize its weights and insert an
     activation quantizer on each tensor an int8 kernel reads or writes (the model input included).
 
@@ -691,11 +526,13 @@ def prepare(model: nn.Module, scheme: QuantScheme, layer_schemes: dict[str, Quan
     which then never change; `"freeze"` keeps the BatchNorm beside its convolution with the fold
     simulated (QuantizedConvBatchNorm) until `freeze_batchnorm` and folds it at `convert`.
     ReLU after a layer (or an add) is quantized after the ReLU, so it can fold into the clamp.
-    `layer_schemes` overrides the scheme per layer (mixed precision); `skip` leaves layers in float.
+    `layer_schemes` overrides the scheme per layer (mixed precision); `skip` leaves layers in float
+    (names, or {name: reason} as select_layers gives them).
     """
+    skip = skip if isinstance(skip, dict) else {name: "listed in skip_layers" for name in skip}
     gm = trace(copy.deepcopy(model) if not isinstance(model, fx.GraphModule) else model)
     if batchnorm == "fold":
-        gm = fold_batchnorm(gm)
+        gm = fold_batchnorm_in_graph(gm)
     layer_schemes = layer_schemes or {}
     prepared = Prepared({}, {}, {})
     quantizer_of: dict[fx.Node, str] = {}  # node -> quantizer quantizing its output
@@ -715,10 +552,10 @@ def prepare(model: nn.Module, scheme: QuantScheme, layer_schemes: dict[str, Quan
     # the model input is quantized where an int8 layer first reads it (not at the placeholder): a
     # first layer left in float then reads the float input, without a quantize-dequantize pair
     for node in list(gm.graph.nodes):
-        module = _module(gm, node)
+        module = called_module(gm, node)
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             if node.target in skip:
-                prepared.skipped[node.target] = "listed in skip_layers"
+                prepared.skipped[node.target] = skip[node.target]
                 continue
             source = node.args[0]
             if source not in quantizer_of:
@@ -796,13 +633,13 @@ def convert(gm: fx.GraphModule, prepared: Prepared, keep_float: Iterable[str] = 
             input_scale = fixed[source.target].scale if source.op == "call_module" and source.target in fixed else None
             if input_scale is None:
                 raise RuntimeError(f"layer {node.target} reads an unquantized tensor; prepare() should have quantized it")
-            gm.set_submodule(node.target, Int8Layer(wrapper, input_scale))
+            gm.set_submodule(node.target, int8_layer(wrapper, input_scale))
     _drop_float_quantizers(gm, set(fixed))
     for node in list(gm.graph.nodes):
         users = list(node.users)
         # a float layer keeps its ReLU: the runtime fuses it into the float kernel
         if _is_relu(gm, node) and len(users) == 1 and users[0].op == "call_module" and users[0].target in fixed \
-                and not _is_float_layer(gm, node.args[0]):
+                and not _isfloat_layer(gm, node.args[0]):
             q = fixed[users[0].target]
             if int(q.zero_point) == torch.iinfo(q.zero_point.dtype).min:
                 node.replace_all_uses_with(node.args[0])
@@ -813,8 +650,8 @@ def convert(gm: fx.GraphModule, prepared: Prepared, keep_float: Iterable[str] = 
     return gm.eval()
 
 
-def _is_float_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return type(_module(gm, node)) in (nn.Conv2d, nn.Linear)
+def _isfloat_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return type(called_module(gm, node)) in (nn.Conv2d, nn.Linear)
 
 
 def _drop_float_quantizers(gm: fx.GraphModule, quantizers: set[str]) -> None:
@@ -829,13 +666,13 @@ def _drop_float_quantizers(gm: fx.GraphModule, quantizers: set[str]) -> None:
         source = node.args[0]
         while _is_relu(gm, source) or _is_shared(gm, source):
             source = source.args[0]
-        return source.op == "placeholder" or _is_float_layer(gm, source)
+        return source.op == "placeholder" or _isfloat_layer(gm, source)
 
     def read_by_int8(node: fx.Node) -> bool:
         # directly: a float tensor is quantized at the last shared call before the int8 layer, so
         # pooling and flatten after a float layer run in float (ONNX Runtime's uint8 NCHW MaxPool
         # is 20x slower than its float NCHWc one on LeNet-5's second pooling)
-        return any(isinstance(_module(gm, user), (Int8Layer, *OWN_SCALE_MODULES)) or
+        return any(isinstance(called_module(gm, user), (Int8Layer, *OWN_SCALE_MODULES)) or
                    (user.op == "call_function" and user.target in ADDS) for user in node.users)
 
     for node in list(gm.graph.nodes):
@@ -865,20 +702,20 @@ def _layer_pairs(converted: fx.GraphModule, example: torch.Tensor) -> dict[str, 
             hook.remove()
     pairs = {}
     for node in converted.graph.nodes:
-        layer = _module(converted, node)
+        layer = called_module(converted, node)
         if not isinstance(layer, Int8Layer) or node.target not in shapes:
             continue
-        source = _module(converted, node.args[0])
-        targets = [_module(converted, user) for user in node.users]
+        source = called_module(converted, node.args[0])
+        targets = [called_module(converted, user) for user in node.users]
         if not isinstance(source, FixedQuantizeDequantize) or len(targets) != 1 or \
                 not isinstance(targets[0], FixedQuantizeDequantize):
             continue
-        pairs[node.target] = (_float_layer(layer).eval(), nn.Sequential(source, layer, targets[0]).eval(),
+        pairs[node.target] = (float_layer(layer).eval(), nn.Sequential(source, layer, targets[0]).eval(),
                               shapes[node.target])
     return pairs
 
 
-def convert_dynamic(model: nn.Module, skip: Iterable[str] = ()) -> tuple[nn.Module, dict[str, str]]:
+def convert_dynamic(model: nn.Module, skip: Iterable[str] | dict[str, str] = ()) -> tuple[nn.Module, dict[str, str]]:
     """Dynamic quantization: every Linear gets int8 weights and quantizes its input at run time.
 
     Convolutions stay in float (skipped with the reason): ONNX Runtime's dynamic path covers
@@ -886,133 +723,13 @@ def convert_dynamic(model: nn.Module, skip: Iterable[str] = ()) -> tuple[nn.Modu
     skipped: dict[str, str] = {}
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and name not in skip:
-            model.set_submodule(name, DynamicInt8Linear(module))
+            model.set_submodule(name, DynamicInt8Linear(module, *weight_codes(module.weight, QuantScheme())[:2]))
         elif isinstance(module, (nn.Linear, nn.Conv2d)):
-            skipped[name] = "listed in skip_layers" if name in skip else "no dynamic int8 convolution kernel"
+            skipped[name] = (skip[name] if isinstance(skip, dict) else "listed in skip_layers") if name in skip \
+                else "no dynamic int8 convolution kernel"
     for name, reason in skipped.items():
         log.info("dynamic quantization skips %s: %s", name, reason)
     return model.eval(), skipped
-
-
-def int8_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, (Int8Layer, DynamicInt8Linear))]
-
-
-def is_quantized(model: nn.Module) -> bool:
-    return any(True for _ in int8_layers(model))
-
-
-@torch.no_grad()
-def _float_layer(module: Int8Layer | DynamicInt8Linear) -> nn.Module:
-    if isinstance(module, DynamicInt8Linear):
-        weight = module.weight_t_codes.t().float() * module.weight_scale.reshape(-1, 1)
-        layer = nn.Linear(weight.shape[1], weight.shape[0])
-        layer.bias.copy_(module.bias)
-    else:
-        weight = dequantize(module.weight_codes, module.weight_scale, module.weight_zero_point, 0)
-        bias = dequantize(module.bias_codes, module.bias_scale, module.bias_zero_point, 0)
-        if module.kind == "conv":
-            stride, padding, dilation, groups = module.conv_args
-            layer = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride, padding,
-                              dilation, groups)
-        else:
-            layer = nn.Linear(weight.shape[1], weight.shape[0])
-        layer.bias.copy_(bias)
-    layer.weight.copy_(weight)
-    return layer
-
-
-def decode_low_bit(model: nn.Module) -> nn.Module:
-    """Each layer whose codes are narrower than 8 bits (stored packed) as the plain Conv2d/Linear
-    holding its dequantized weights, in place: decoded once, when the file is loaded, instead of
-    at every call. No CPU kernel reads 2..7-bit codes, so this float form is what runs. The
-    outputs are unchanged (the same weights and bias in the same float kernels); the activation
-    quantizers stay. The layer keeps `weight_bits`, the width its weights are stored at (the
-    report reads it to name the latency `dequantized`)."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, Int8Layer) and module.weight_bits < 8:
-            layer = _float_layer(module).to(module.weight_scale.device)
-            layer.weight_bits = module.weight_bits
-            model.set_submodule(name, layer)
-    return model
-
-
-def dequantized(model: nn.Module) -> nn.Module:
-    """A float copy of a quantized model: each int8 layer becomes the Conv2d/Linear holding its
-    dequantized weights (for counting parameters and MACs, and for runtimes without int8 kernels)."""
-    model = copy.deepcopy(model)
-    for name, module in int8_layers(model):
-        model.set_submodule(name, _float_layer(module))
-    return model
-
-
-
-# ----------------------------------------------------------------------------- PT2E form (PyTorch int8 kernels)
-
-
-def pt2e_reference_graph(model: nn.Module) -> fx.GraphModule:
-    """The workbench's int8 model rewritten in the form torchao's PT2E `convert_pt2e` produces:
-    `quantized_decomposed` quantize/dequantize ops around float Conv2d/Linear whose weights are
-    int8 codes dequantized per channel. Inductor's x86 passes (registered by torchao's
-    X86InductorQuantizer module) fuse that form into oneDNN qconv/qlinear int8 kernels.
-
-    The scales, zero points and codes are the ones this workbench calibrated or trained, copied
-    as they are: the model PyTorch runs is the model ptq_static/qat built, not a recalibration.
-    Dynamic int8 Linear layers (ptq_dynamic) keep their custom op and run simulated.
-    """
-    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401  (ops and Inductor passes)
-
-    gm = copy.deepcopy(trace(model)).cpu().eval()
-    for node in list(gm.graph.nodes):
-        module = _module(gm, node)
-        if isinstance(module, FixedQuantizeDequantize):
-            _replace(gm, node, _pt2e_quantize_dequantize(gm, node, module))
-        elif isinstance(module, Int8Layer):
-            _replace(gm, node, _pt2e_layer(gm, node, module))
-    gm.graph.eliminate_dead_code()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-    return gm
-
-
-def _replace(gm: fx.GraphModule, node: fx.Node, replacement: fx.Node) -> None:
-    node.replace_all_uses_with(replacement)
-    gm.graph.erase_node(node)
-
-
-def _pt2e_quantize_dequantize(gm: fx.GraphModule, node: fx.Node, module: FixedQuantizeDequantize) -> fx.Node:
-    ops = torch.ops.quantized_decomposed
-    info = torch.iinfo(module.zero_point.dtype)
-    qparams = (float(module.scale), int(module.zero_point), info.min, info.max, module.zero_point.dtype)
-    with gm.graph.inserting_before(node):
-        codes = gm.graph.call_function(ops.quantize_per_tensor.default, (node.args[0], *qparams))
-        return gm.graph.call_function(ops.dequantize_per_tensor.default, (codes, *qparams))
-
-
-def _pt2e_layer(gm: fx.GraphModule, node: fx.Node, module: Int8Layer) -> fx.Node:
-    """dequantize_per_channel(int8 codes) -> conv2d/linear with the float bias (the int32 bias
-    times its scale: the value the int8 kernel adds). oneDNN takes signed int8 weights only:
-    asymmetric uint8 weights are stored dequantized, and that layer runs in float."""
-    channels = module.weight_codes.shape[0]
-    prefix = node.target.replace(".", "_")
-    signed = module.weight_codes.dtype == torch.int8
-    constants = {  # a per-tensor scale is the same scale in every channel
-        "weight": module.weight_codes if signed else _float_layer(module).weight.detach(),
-        "scale": module.weight_scale.float().expand(channels).contiguous(),
-        "zero_point": module.weight_zero_point.to(torch.int64).expand(channels).contiguous(),
-        "bias": module.bias_codes.float() * module.bias_scale,
-    }
-    for name, value in constants.items():
-        gm.register_buffer(f"{prefix}_{name}", value)
-    with gm.graph.inserting_before(node):
-        weight, scale, zero_point, bias = (gm.graph.get_attr(f"{prefix}_{name}") for name in constants)
-        if signed:
-            weight = gm.graph.call_function(torch.ops.quantized_decomposed.dequantize_per_channel.default,
-                                            (weight, scale, zero_point, 0, -128, 127, torch.int8))
-        if module.kind == "conv":
-            stride, padding, dilation, groups = module.conv_args
-            return gm.graph.call_function(F.conv2d, (node.args[0], weight, bias, stride, padding, dilation, groups))
-        return gm.graph.call_function(F.linear, (node.args[0], weight, bias))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -1039,7 +756,8 @@ class StaticQuantization(CompressionCallback):
         observer, percentile, momentum, per_channel, symmetric_weights, symmetric_activations,
         learn_scales: see QuantScheme.
         calibration_batches: training batches the observers see before the scales are fixed.
-        skip_layers: Conv/Linear layer names left in float (logged).
+        skip_layers: Conv/Linear layer names left in float (logged); `first` and `last` stand for the
+            model's first and last of them, an unknown name is an error.
         min_speedup: null, or at finalize time every layer in float and in int8 on the run's
             runtime and threads (side by side, interleaved, after warm-up, at `speed_batch`) and
             keep in float each layer whose int8 form is not at least this much faster: an int8
@@ -1071,7 +789,7 @@ class StaticQuantization(CompressionCallback):
         self.min_speedup = self._check_min_speedup(min_speedup)
         self.speed_batch = check_int("speed_batch", speed_batch, 1)
         self.runtime = check_choice("runtime", runtime, ("torch", "inductor", "ort"))
-        if not (isinstance(compile, bool) or compile == "auto"):
+        if not (isinstance(compile, bool) or compile == "auto"):  # not check_choice: 0 == False
             raise ValueError(f"compile={compile!r} is not valid; allowed: false, true, auto")
         self.compile = compile
         self.threads = None if threads is None else check_int("threads", threads, 1)
@@ -1098,8 +816,7 @@ class StaticQuantization(CompressionCallback):
     def _check_min_speedup(self, min_speedup: float | None) -> float | None:
         if min_speedup is None:
             return None
-        if isinstance(min_speedup, bool) or not isinstance(min_speedup, (int, float)) or min_speedup <= 0:
-            raise ValueError(f"min_speedup={min_speedup!r} is not valid; allowed: null or a number > 0")
+        check_number("min_speedup", min_speedup, 0, bounds="(]", allowed="null or a number > 0")
         if self.scheme.weight_bits != 8 or self.scheme.activation_bits != 8:
             raise ValueError(f"min_speedup={min_speedup!r} is not valid with bits={self.scheme.weight_bits!r}, "
                              f"activation_bits={self.scheme.activation_bits}; allowed: null (it times int8 kernels: "
@@ -1108,7 +825,8 @@ class StaticQuantization(CompressionCallback):
 
     # -- the workers
     def prepare(self, pl_module: pl.LightningModule, trainer: pl.Trainer | None = None) -> None:
-        pl_module.model, self.prepared = prepare(pl_module.model, self.scheme, self.layer_schemes, self.skip_layers,
+        _, skip = select_layers(pl_module.model, self.skip_layers)  # first/last and unknown names: as every family
+        pl_module.model, self.prepared = prepare(pl_module.model, self.scheme, self.layer_schemes, skip,
                                                  batchnorm=self.batchnorm)
         for wrapper in self.prepared.layers.values():
             wrapper.fake_quant = self.train_with_fake_quant
@@ -1138,9 +856,8 @@ class StaticQuantization(CompressionCallback):
     def slower_in_int8(self, model: nn.Module) -> dict[str, str]:
         """{layer: reason} for each layer whose int8 form runs less than `min_speedup` times as fast
         as its float form on the run's runtime (each timed alone, float and int8 interleaved)."""
-        from lightning_modules.evaluation.runtime import measured_runtime, time_int8_layer
-
-        runtime = measured_runtime(self.runtime, self.compile, quantized=True)
+        timer = self.require_timer()
+        runtime = timer.int8_runtime(self.runtime, self.compile)
         if runtime == "torch":
             log.info("%s: min_speedup not applied: runtime torch without compile simulates int8 (no int8 kernels "
                      "to time); every layer is quantized", self.name)
@@ -1151,8 +868,8 @@ class StaticQuantization(CompressionCallback):
         trial = convert(copy.deepcopy(model), self.prepared)
         kept: dict[str, str] = {}
         for name, (float_layer, int8_layer, input_shape) in _layer_pairs(trial, self.example).items():
-            float_ms, int8_ms = time_int8_layer(runtime, float_layer, int8_layer, input_shape, self.speed_batch,
-                                                self.threads)
+            float_ms, int8_ms = timer.float_and_int8(runtime, float_layer, int8_layer, input_shape, self.speed_batch,
+                                                     self.threads)
             self.layer_timings[name] = (float_ms, int8_ms)
             if float_ms / int8_ms < self.min_speedup:
                 kept[name] = (f"int8 {int8_ms:.4f} ms vs float {float_ms:.4f} ms at batch {self.speed_batch} on "
@@ -1171,20 +888,14 @@ class StaticQuantization(CompressionCallback):
         on 2 cores: 0.8-0.9x). So the candidates are compiled and timed whole, interleaved with the
         float model: every layer int8, then the layers timed slower kept float; the first at least
         `min_speedup` times as fast as float is kept, and if none is, every layer stays float."""
-        from lightning_modules.evaluation.latency import measure_latency
-        from lightning_modules.evaluation.runtime import deploy
-
         every_layer = {name: "" for name in self.prepared.layers}
         candidates = {"all int8": {}, "slow layers float": slow_layers, "float": every_layer}
         if not slow_layers or len(slow_layers) == len(every_layer):
             del candidates["slow layers float"]
         shape = tuple(self.example.shape[1:])
-        deployed = {label: deploy(convert(copy.deepcopy(model), self.prepared, keep_float=keep), "inductor",
-                                  torch.device("cpu"), self.threads, shape)
-                    for label, keep in candidates.items()}
-        key = f"latency_ms_p50_bs{self.speed_batch}"
-        times = {label: figures[key] for label, figures in
-                 measure_latency(deployed, shape, [self.speed_batch], torch.device("cpu"), repeats=60).items()}
+        models = {label: convert(copy.deepcopy(model), self.prepared, keep_float=keep)
+                  for label, keep in candidates.items()}
+        times = self.require_timer().whole_models(models, "inductor", shape, self.speed_batch, self.threads)
         self.model_timings = times
         summary = ", ".join(f"{label} {ms:.4f} ms" for label, ms in times.items())
         for label in ("all int8", "slow layers float"):
@@ -1300,7 +1011,8 @@ class PTQDynamic(CompressionCallback):
         self.skipped: dict[str, str] = {}
 
     def finalize(self, model: nn.Module) -> nn.Module:
-        model, self.skipped = convert_dynamic(model, self.skip_layers)
+        _, skip = select_layers(model, self.skip_layers)
+        model, self.skipped = convert_dynamic(model, skip)
         return model
 
     def summary(self, model: nn.Module) -> list[dict[str, Any]]:
@@ -1314,8 +1026,8 @@ class PTQDynamic(CompressionCallback):
 
 
 @torch.no_grad()
-def layer_sensitivity(model: nn.Module, layers: dict[str, nn.Module], bits: Iterable[int],
-                      batches: list[tuple[torch.Tensor, torch.Tensor]], scheme: QuantScheme) -> dict[str, dict[int, float]]:
+def bit_sensitivity(model: nn.Module, layers: dict[str, nn.Module], bits: Iterable[int],
+                    batches: list[tuple[torch.Tensor, torch.Tensor]], scheme: QuantScheme) -> dict[str, dict[int, float]]:
     """Loss increase when only one layer's weights are quantized to b bits, for every (layer, b)."""
     model = model.eval()
 
@@ -1329,7 +1041,7 @@ def layer_sensitivity(model: nn.Module, layers: dict[str, nn.Module], bits: Iter
         table[name] = {}
         for b in bits:
             codes, scale, _ = weight_codes(original, scheme.with_bits(b))
-            layer.weight.copy_(codes.to(original) * _broadcast(scale, original, 0))
+            layer.weight.copy_(codes.to(original) * broadcast_along(scale, original, 0))
             table[name][b] = max(loss() - base, 0.0)
         layer.weight.copy_(original)
     return table
@@ -1379,11 +1091,8 @@ class MixedPrecision(LowBit):
         for b in self.candidate_bits:
             if b not in range(2, 9):
                 raise ValueError(f"candidate_bits has {b!r}; allowed: integers in 2..8")
-        if isinstance(budget_bits, bool) or not isinstance(budget_bits, (int, float)) or not \
-                min(self.candidate_bits) <= budget_bits <= max(self.candidate_bits):
-            raise ValueError(f"budget_bits={budget_bits!r} is not valid; allowed: a number in "
-                             f"[{min(self.candidate_bits)}, {max(self.candidate_bits)}]")
-        self.budget_bits = float(budget_bits)
+        self.budget_bits = float(check_number("budget_bits", budget_bits, min(self.candidate_bits),
+                                              max(self.candidate_bits)))
         self.sensitivity_batches = check_int("sensitivity_batches", sensitivity_batches, 1)
         self.sensitivity: dict[str, dict[int, float]] = {}
 
@@ -1394,10 +1103,11 @@ class MixedPrecision(LowBit):
 
     def choose_bits(self, model: nn.Module, trainer: pl.Trainer) -> None:
         batches = training_batches(trainer, self.sensitivity_batches, "mixed precision's sensitivity")
-        folded = fold_batchnorm(trace(copy.deepcopy(model)))
+        _, skipped = select_layers(model, self.skip_layers)
+        folded = fold_batchnorm_in_graph(trace(copy.deepcopy(model)))
         layers = {name: m for name, m in folded.named_modules()
-                  if isinstance(m, (nn.Conv2d, nn.Linear)) and name not in self.skip_layers}
-        self.sensitivity = layer_sensitivity(folded, layers, self.candidate_bits, batches, self.scheme)
+                  if isinstance(m, (nn.Conv2d, nn.Linear)) and name not in skipped}
+        self.sensitivity = bit_sensitivity(folded, layers, self.candidate_bits, batches, self.scheme)
         bits = allocate_bits(self.sensitivity, {n: m.weight.numel() for n, m in layers.items()}, self.budget_bits)
         self.layer_schemes = {name: self.scheme.with_bits(b) for name, b in bits.items()}
         for name, b in bits.items():

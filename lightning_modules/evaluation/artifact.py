@@ -9,7 +9,7 @@ weights) and the weights, each tensor in the smallest of the registered encoding
     codebook  a float tensor with at most 256 distinct values (weight clustering): the distinct
               values, then each entry's index packed at ceil(log2(values)) bits
 `load_deployable` rebuilds the model and decodes what no kernel reads once, at load: layers of
-packed low-bit codes become plain Conv2d/Linear layers of float weights (quantization.py:
+packed low-bit codes become plain Conv2d/Linear layers of float weights (deployable_int8.py:
 decode_low_bit), a codebook tensor becomes its float values; the outputs are those of the saved
 model, the file keeps the narrow encodings (its size is unchanged). Methods that store weights differently add an
 encoding here and touch nothing else.
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_modules.compression.quantization import decode_low_bit
+from lightning_modules.deployable_int8 import decode_low_bit
 
 FORMAT = "compression-workbench/deployable-v1"
 

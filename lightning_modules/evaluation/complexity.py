@@ -1,27 +1,11 @@
-"""Parameters, sparsity and multiply-accumulates (MACs) of a model."""
+"""Multiply-accumulates (MACs) of a model (parameter counts and the per-layer table: ../layers.py)."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_modules.compression.base import weighted_layers
-
-
-def parameter_counts(model: nn.Module) -> dict[str, float]:
-    """params_total/params_nonzero over all parameters; sparsity over Linear/Conv weights."""
-    total = sum(p.numel() for p in model.parameters())
-    nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
-    prunable = [module.weight for _, module in weighted_layers(model)]
-    prunable_total = sum(w.numel() for w in prunable)
-    prunable_zero = sum(w.numel() - int(torch.count_nonzero(w)) for w in prunable)
-    return {
-        "params_total": total,
-        "params_nonzero": nonzero,
-        "sparsity": prunable_zero / prunable_total if prunable_total else 0.0,
-    }
+from lightning_modules.layers import weighted_layers
 
 
 @torch.no_grad()
@@ -54,14 +38,3 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, floa
             handle.remove()
         model.train(was_training)
     return {"macs_dense": dense, "macs_nonzero": nonzero}
-
-
-def layer_table(model: nn.Module) -> list[dict[str, Any]]:
-    """Per Linear/Conv layer: type, weight shape, weights, nonzero weights, sparsity."""
-    rows = []
-    for name, module in weighted_layers(model):
-        weight = module.weight
-        nonzero = int(torch.count_nonzero(weight))
-        rows.append({"layer": name, "type": type(module).__name__, "shape": "x".join(map(str, weight.shape)),
-                     "weights": weight.numel(), "nonzero": nonzero, "sparsity": 1 - nonzero / weight.numel()})
-    return rows

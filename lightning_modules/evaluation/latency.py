@@ -13,8 +13,9 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from torch import nn
 
-from lightning_modules.evaluation.runtime import Deployed
+from lightning_modules.evaluation.runtime import Deployed, deploy, measured_runtime, time_int8_layer
 
 
 def _synchronizer(device: torch.device) -> Callable[[], None]:
@@ -78,3 +79,56 @@ def load_per_core() -> float:
         return os.getloadavg()[0] / available_cores()
     except OSError:  # no load average on this platform
         return float("nan")
+
+
+@torch.inference_mode()
+def paired_times(dense: nn.Module, factored: nn.Module, inputs: torch.Tensor, warmup: int = 10,
+                 pairs: int = 60) -> tuple[float, float, float]:
+    """(dense p50 ms, factored p50 ms, median of dense/factored over back-to-back pairs).
+
+    Each pair times both modules on the same input one right after the other, alternating which
+    goes first; a neighbour process that slows the core for a while then slows both halves of a
+    pair alike, so the median pair ratio moves less than the ratio of the two medians does.
+    """
+    sync = torch.cuda.synchronize if inputs.is_cuda else (lambda: None)
+    for _ in range(warmup):
+        dense(inputs)
+        factored(inputs)
+    sync()
+    dense_s, factored_s = [], []
+    for pair in range(pairs):
+        for which in ((0, 1) if pair % 2 == 0 else (1, 0)):
+            start = time.perf_counter()
+            (dense, factored)[which](inputs)
+            sync()
+            (dense_s, factored_s)[which].append(time.perf_counter() - start)
+    ratios = np.asarray(dense_s) / np.asarray(factored_s)
+    return float(np.median(dense_s)) * 1000.0, float(np.median(factored_s)) * 1000.0, float(np.median(ratios))
+
+
+class LatencyTimer:
+    """The timings a callback's `min_speedup` decides from (compression/base.py: Timer). The
+    pipeline hands one to every callback (config.build_callbacks): compression/ imports nothing of
+    evaluation/, so what times a layer on a runtime is received, not imported."""
+
+    def paired(self, first: nn.Module, second: nn.Module, inputs: torch.Tensor) -> tuple[float, float, float]:
+        """(first p50 ms, second p50 ms, median first/second over back-to-back pairs): see paired_times."""
+        return paired_times(first, second, inputs)
+
+    def int8_runtime(self, runtime: str, compile_mode: bool | str) -> str:
+        """The runtime an int8 model runs on for hardware.runtime and hardware.compile."""
+        return measured_runtime(runtime, compile_mode, quantized=True)
+
+    def float_and_int8(self, runtime: str, float_layer: nn.Module, int8_layer: nn.Module,
+                       input_shape: tuple[int, ...], batch: int, threads: int | None) -> tuple[float, float]:
+        """p50 ms of one layer in float and in int8 on `runtime`: see runtime.time_int8_layer."""
+        return time_int8_layer(runtime, float_layer, int8_layer, input_shape, batch, threads)
+
+    def whole_models(self, models: dict[str, nn.Module], runtime: str, input_shape: tuple[int, ...], batch: int,
+                     threads: int | None) -> dict[str, float]:
+        """{label: p50 ms at `batch`} of whole models deployed on `runtime`, timed interleaved."""
+        cpu = torch.device("cpu")
+        deployed = {label: deploy(model, runtime, cpu, threads, input_shape) for label, model in models.items()}
+        key = f"latency_ms_p50_bs{batch}"
+        return {label: figures[key] for label, figures in
+                measure_latency(deployed, input_shape, [batch], cpu, repeats=60).items()}

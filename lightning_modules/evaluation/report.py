@@ -16,11 +16,12 @@ from torch import nn
 
 from lightning_modules.data import InMemoryDataModule
 from lightning_modules.evaluation.accuracy import paired_drop_interval, predict
-from lightning_modules.compression.quantization import decode_low_bit, dequantized, is_quantized
 from lightning_modules.evaluation.artifact import NARROW_ENCODINGS, encoding_table, load_deployable, save_deployable
-from lightning_modules.evaluation.complexity import count_macs, layer_table, parameter_counts
+from lightning_modules.deployable_int8 import decode_low_bit, dequantized, is_quantized
+from lightning_modules.evaluation.complexity import count_macs
 from lightning_modules.evaluation.latency import load_per_core, measure_latency
 from lightning_modules.evaluation.runtime import INT8_OPS, RUNTIMES, Deployed, optimized_ops, runtime_name
+from lightning_modules.layers import layer_table, parameter_counts
 
 
 # A timing is judged noisy (tag `latency_noisy`) when the machine had more runnable threads than

@@ -2,11 +2,11 @@
 
 A runtime turns an nn.Module into the callable that is scored and timed. Three are registered:
     torch   PyTorch eager, each BatchNorm that follows a convolution folded into it (as ONNX
-            Runtime and Inductor fold it on load). A quantized model (quantization.py) runs as an exact integer
+            Runtime and Inductor fold it on load). A quantized model (../deployable_int8.py) runs as an exact integer
             simulation in float kernels: its accuracy is the int8 model's, its latency is not an
             int8 kernel's (the report names that latency `simulated`).
     inductor  PyTorch compiled: torch.export, then torch.compile (Inductor, weights frozen). A
-            quantized model is first rewritten in torchao's PT2E form (quantization.py:
+            quantized model is first rewritten in torchao's PT2E form (deployable_int8.py:
             pt2e_reference_graph), which Inductor's x86 passes lower to oneDNN int8 kernels
             (qconv/qlinear); an fp32 model is compiled the same way, so the two compare fairly.
             `hardware.compile` picks it for runtime torch: true (always), auto (when the measured
@@ -38,6 +38,9 @@ import torch
 import torch.fx
 from torch import nn
 
+from lightning_modules.deployable_int8 import ONNX_TRANSLATIONS, is_quantized, pt2e_reference_graph
+from lightning_modules.layers import fold_batchnorm_in_graph
+
 Deployed = Callable[[torch.Tensor], torch.Tensor]
 log = logging.getLogger(__name__)
 
@@ -48,19 +51,17 @@ INT8_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "QLinearAdd", "QLinearGloba
 
 def torch_eager(model: nn.Module, device: torch.device, threads: int | None = None,
                 input_shape: tuple[int, ...] | None = None) -> Deployed:
-    return fold_batchnorm(model.eval()).to(device)
+    return with_batchnorm_folded(model.eval()).to(device)
 
 
-def fold_batchnorm(model: nn.Module) -> nn.Module:
+def with_batchnorm_folded(model: nn.Module) -> nn.Module:
     """A copy of the eval model with each BatchNorm that directly follows a convolution folded into
-    it (quantization.fold_batchnorm, the fold QAT uses): what a deployed eval model computes,
+    it (layers.fold_batchnorm_in_graph, the fold QAT uses): what a deployed eval model computes,
     without BatchNorm's own pass over the activations, so eager timings are those of the model one
     would ship (ONNX Runtime and Inductor fold it too). A model torch.fx cannot trace is returned as
     it is, and said so."""
     if not any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules()):
         return model
-    from lightning_modules.compression.quantization import fold_batchnorm as fold_into_convolutions
-
     copied = copy.deepcopy(model)
     try:
         graph = LayerTracer().trace(copied)
@@ -68,7 +69,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         log.warning("BatchNorm left unfolded in the eager runtime: %s cannot be traced (%s: %s)",
                     type(model).__name__, type(error).__name__, error)
         return model
-    return fold_into_convolutions(torch.fx.GraphModule(copied, graph))
+    return fold_batchnorm_in_graph(torch.fx.GraphModule(copied, graph))
 
 
 class LayerTracer(torch.fx.Tracer):
@@ -99,8 +100,6 @@ class CompiledModel:
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
         from torch._inductor import config as inductor_config
         from torch._inductor.utils import run_and_get_code
-
-        from lightning_modules.compression.quantization import is_quantized, pt2e_reference_graph
 
         # weights as constants: Inductor's int8 weight prepacking needs them. Set for the process
         # (not patched per call) because every later batch size compiles on its first call.
@@ -136,10 +135,8 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...]
     """Export `model` to ONNX with a dynamic batch axis; return the file's size in bytes.
 
     Quantized models carry the workbench's custom ops; their ONNX translations come from
-    quantization.py.
+    deployable_int8.py.
     """
-    from lightning_modules.compression.quantization import ONNX_TRANSLATIONS, is_quantized
-
     path = Path(path)
     model = model.eval().cpu()
     example = torch.zeros((2, *input_shape))
