@@ -14,6 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from lightning_modules.contract import latency_ms_p50, latency_ms_p95, latency_spread, throughput
 from lightning_modules.evaluation.runtime import Deployed
 
 
@@ -53,11 +54,11 @@ def measure_latency(
         for name, samples in times.items():
             ms = np.asarray(samples) * 1000.0
             p50 = float(np.percentile(ms, 50))
-            results[name][f"latency_ms_p50_bs{batch_size}"] = p50
+            results[name][latency_ms_p50(batch_size)] = p50
             p95 = float(np.percentile(ms, 95))
-            results[name][f"latency_ms_p95_bs{batch_size}"] = p95
-            results[name][f"latency_spread_bs{batch_size}"] = p95 / p50
-            results[name][f"throughput_bs{batch_size}"] = batch_size * 1000.0 / p50
+            results[name][latency_ms_p95(batch_size)] = p95
+            results[name][latency_spread(batch_size)] = p95 / p50
+            results[name][throughput(batch_size)] = batch_size * 1000.0 / p50
     return results
 
 
