@@ -48,7 +48,7 @@ from lightning_modules.task import ClassificationTask
 from lightning_modules.tracking import (
     EpochMetricsLogger, RunRejected, Store, SweepInfo, TrackedRun, claim_tags, closing_run, config_params, csv_text,
     download_model_file, download_uri, find_baseline_run, live_claims, open_run, run_name, run_tags, scratch_dir,
-    tracked_run, wait_for_baseline, won_claim,
+    wait_for_baseline, won_claim,
 )
 
 log = logging.getLogger(__name__)
@@ -122,14 +122,11 @@ def run_experiment(cfg: DictConfig) -> dict[str, float]:
     teacher = obtain_teacher(ctx) if needs_teacher(callbacks) else None
     ctx.timings[TIME_BASELINE_S] = time.perf_counter() - started
 
-    with tracked_run(ctx.store, run_name(cfg), ctx.run_tags(), ctx.parent_run_id) as run:
+    with closing_run(ctx.open_run()) as run:
         run.set_tags({BASELINE_RUN_TAG: baseline.run_id, **({TEACHER_TAG: teacher.source} if teacher else {})})
-        for callback in callbacks:
-            if callback.requires_teacher:
-                callback.attach_teacher(teacher.model)
-        model = compress(ctx, run, starting_model(cfg, baseline, ctx.data), callbacks)            # 2. compress
+        model = compress(ctx, run, starting_model(cfg, baseline, ctx.data), callbacks, teacher)    # 2. compress
         model = finalize(model, callbacks)                                                         # 3. finalize
-        report = evaluate(ctx, model, baseline.model, callbacks, teacher.model if teacher else None)  # 4. evaluate
+        report = evaluate(ctx, model, baseline.model, callbacks, teacher and teacher.model)        # 4. evaluate
         return track(ctx, run, report)                                                             # 5. track
 
 
@@ -278,8 +275,13 @@ def load_teacher_file(path: Path, net_cfg: DictConfig, data: InMemoryDataModule)
 # ----------------------------------------------------------------------------- steps 2 and 3
 
 
-def compress(ctx: RunContext, run: TrackedRun, model: nn.Module, callbacks: list[CompressionCallback]) -> nn.Module:
-    """Step 2: fine-tune `model` with the method's recipe and callbacks (train_time_s into the timings)."""
+def compress(ctx: RunContext, run: TrackedRun, model: nn.Module, callbacks: list[CompressionCallback],
+             teacher: Teacher | None = None) -> nn.Module:
+    """Step 2: fine-tune `model` with the method's recipe and callbacks, those that distil learning from
+    `teacher` (train_time_s into the timings)."""
+    for callback in callbacks:
+        if callback.requires_teacher:
+            callback.attach_teacher(teacher.model)
     model, ctx.timings[TRAIN_TIME_S] = fit(ctx.cfg, ctx.cfg.method.fine_tune, model, ctx.data, callbacks, run)
     return model
 
