@@ -40,12 +40,12 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from scipy import stats
 
 from lightning_modules.contract import (
-    ACC_DROP, ACC_DROP_CI95_HIGH, ACC_DROP_CI95_LOW, ACCURACY_VS_COMPRESSION, ACCURACY_VS_LATENCY, BASELINE_METHOD,
-    BASELINE_RUN_TAG, COMPRESSION_RATIO, CONFIG_ARTIFACT, CONFIGURATIONS_ARTIFACT, ERROR_TAG, EXPERIMENT,
-    HEATMAPS, JOB_TAG, LAYERS_TABLE, MODEL_ARTIFACT, NOISY_REASON_COLUMN, NOISY_TAG, ROLE_RUN, ROLE_SENSITIVITY, ROLE_SWEEP, ROLE_TAG,
-    RUN_TAGS, SENSITIVITY_ARTIFACT, SIZE_BYTES, SLOWER_TAG, SPARSITY, SUMMARY_SUFFIX, SWEEP_TAG, TEACHER_METRICS,
-    TEACHER_TAG, TEST_ACC, best_artifact, figure_artifact, latency_ms_p50, pareto_artifact,
-    resolve_store_uri, speedup, sqlite_path,
+    ACCURACY_VS_COMPRESSION, ACCURACY_VS_LATENCY, ACC_DROP, ACC_DROP_CI95_HIGH, ACC_DROP_CI95_LOW, BASELINE_METHOD,
+    BASELINE_RUN_TAG, COMPRESSION_RATIO, CONFIGURATIONS_ARTIFACT, CONFIG_ARTIFACT, ERROR_TAG, EXPERIMENT, HEATMAPS,
+    JOB_TAG, LAYERS_TABLE, MODEL_ARTIFACT, NOISY_REASON_COLUMN, NOISY_TAG, ROLE_RUN, ROLE_SENSITIVITY, ROLE_SWEEP,
+    ROLE_TAG, RUN_TAGS, SENSITIVITY_ARTIFACT, SIZE_BYTES, SLOWER_TAG, SPARSITY, SUMMARY_SUFFIX, SWEEP_TAG,
+    TEACHER_METRICS, TEACHER_TAG, TEACHER_TEST_ACC, TEST_ACC, best_artifact, figure_artifact, latency_ms_p50,
+    pareto_artifact, resolve_store_uri, speedup, sqlite_path,
 )
 
 if TYPE_CHECKING:  # torch and Lightning load only for the per-run views, not to read the store
@@ -84,7 +84,7 @@ GRID_COLUMNS = ["run_name", "data", "model", "method", "knobs", "hardware", "see
 HEATMAP_METRICS = (ACC_DROP, COMPRESSION_RATIO, speedup(1))
 LAYER_FACTS = ("sparsity", "bits", "rank")
 PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-SENSITIVITY_COLUMNS = ["run_id", "data", "model", "method", "seed", "layer", "sparsity", "test_acc"]
+SENSITIVITY_COLUMNS = ["run_id", "data", "model", "method", "seed", "layer", "sparsity", TEST_ACC]
 NO_SENSITIVITY_MESSAGE = (
     "**No sensitivity analysis in this store yet.** The per-layer sensitivity tables come from runs "
     f"tagged `role=sensitivity` that log a `{SENSITIVITY_ARTIFACT}` artifact (columns layer, sparsity, "
@@ -455,10 +455,10 @@ def grid_overview(runs: pd.DataFrame, budget: float = 1.0, latency_batch: int = 
     overview.configs = config_summary(runs, mark_noisy=False)
     overview.figures[ACCURACY_VS_COMPRESSION] = accuracy_vs_compression(runs)
     overview.fronts[ACCURACY_VS_COMPRESSION] = _front_table(
-        pareto_front(runs, "compression_ratio", "test_acc", x_larger_better=True, by=["data"]))
+        pareto_front(runs, COMPRESSION_RATIO, TEST_ACC, x_larger_better=True, by=["data"]))
     overview.figures[ACCURACY_VS_LATENCY] = accuracy_vs_latency(runs, latency)
     overview.fronts[ACCURACY_VS_LATENCY] = _front_table(
-        pareto_front(runs, latency, "test_acc", x_larger_better=False, by=["data", "hardware"]), latency,
+        pareto_front(runs, latency, TEST_ACC, x_larger_better=False, by=["data", "hardware"]), latency,
         LATENCY_NOISY_TAG)
     overview.figures[HEATMAPS] = metric_heatmaps(runs, (*HEATMAP_METRICS[:2], speedup(latency_batch)))
     overview.best = best_under_budget(runs, budget, conservative=conservative, mark_noisy=True)
@@ -466,8 +466,8 @@ def grid_overview(runs: pd.DataFrame, budget: float = 1.0, latency_batch: int = 
 
 
 def _front_table(front: pd.DataFrame, *extra: str) -> pd.DataFrame:
-    columns = ["run_name", "data", "model", "method", "knobs", "hardware", "seed", "test_acc", "acc_drop",
-               "compression_ratio", *extra, "run_id"]
+    columns = ["run_name", "data", "model", "method", "knobs", "hardware", "seed", TEST_ACC, ACC_DROP,
+               COMPRESSION_RATIO, *extra, "run_id"]
     return front[[c for c in dict.fromkeys(columns) if c in front]]
 
 
@@ -539,9 +539,9 @@ def _draw_panel(ax: Axes, panel: pd.DataFrame, x: str, y: str, x_larger_better: 
         sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1), frameon=False, fontsize=8)
 
 
-def accuracy_vs_compression(runs: pd.DataFrame, accuracy: str = "test_acc") -> Figure:
+def accuracy_vs_compression(runs: pd.DataFrame, accuracy: str = TEST_ACC) -> Figure:
     """Accuracy vs compression ratio (log scale), one panel per dataset, with the Pareto front."""
-    return scatter_with_front(runs, "compression_ratio", accuracy, x_larger_better=True, col="data", log_x=True,
+    return scatter_with_front(runs, COMPRESSION_RATIO, accuracy, x_larger_better=True, col="data", log_x=True,
                               title=f"{accuracy} vs compression ratio (dashed: Pareto front)")
 
 
@@ -620,7 +620,7 @@ def _annotated_grid(ax: Axes, values: pd.DataFrame, text: list[list[str]], cmap:
         spine.set_visible(False)
 
 
-def best_under_budget(runs: pd.DataFrame, budget: float, objective: str = "compression_ratio",
+def best_under_budget(runs: pd.DataFrame, budget: float, objective: str = COMPRESSION_RATIO,
                       larger_better: bool = True, by: Sequence[str] = ("data", "model", "hardware"),
                       conservative: bool = False, mark_noisy: bool = False) -> pd.DataFrame:
     """The best FINISHED run by `objective` per group among those within the accuracy-drop budget (points).
@@ -628,14 +628,14 @@ def best_under_budget(runs: pd.DataFrame, budget: float, objective: str = "compr
     `conservative` judges a run by the upper end of its paired 95% interval instead of its drop; with
     `mark_noisy` a speedup timed under contention reads "1.5*".
     """
-    drop = "acc_drop_ci95_high" if conservative else "acc_drop"
+    drop = ACC_DROP_CI95_HIGH if conservative else ACC_DROP
     if runs.empty or drop not in runs or objective not in runs:
-        return pd.DataFrame(columns=[*by, "method", "knobs", "seed", objective, "acc_drop", "run_name", "run_id"])
+        return pd.DataFrame(columns=[*by, "method", "knobs", "seed", objective, ACC_DROP, "run_name", "run_id"])
     runs = _configured(counted(runs))
     within = runs[(runs[drop] <= budget) & runs[objective].notna()]
-    ranked = within.sort_values([objective, "acc_drop"], ascending=[not larger_better, True])
+    ranked = within.sort_values([objective, ACC_DROP], ascending=[not larger_better, True])
     best = ranked.groupby(list(by), sort=True).head(1).sort_values(list(by))
-    columns = [*by, "method", "knobs", "seed", objective, "test_acc", "acc_drop", "acc_drop_ci95_high", "speedup_bs1",
+    columns = [*by, "method", "knobs", "seed", objective, TEST_ACC, ACC_DROP, ACC_DROP_CI95_HIGH, speedup(1),
                LATENCY_NOISY_TAG, "run_name", "run_id"]
     best = best[[c for c in dict.fromkeys(columns) if c in best]].reset_index(drop=True)
     return mark_noisy_speedups(best, best.get(LATENCY_NOISY_TAG)) if mark_noisy else best
@@ -693,7 +693,7 @@ def pick_run(runs: pd.DataFrame) -> str:
         raise ValueError("no runs to pick from")
     compressed = runs[runs["method"] != BASELINE_METHOD]
     pool = compressed if not compressed.empty else runs
-    ranked = pool.sort_values(["compression_ratio", "acc_drop"], ascending=[False, True], na_position="last")
+    ranked = pool.sort_values([COMPRESSION_RATIO, ACC_DROP], ascending=[False, True], na_position="last")
     return str(ranked.iloc[0]["run_id"])
 
 
@@ -883,7 +883,7 @@ def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, 
     return mean, mean - half, mean + half
 
 
-def seed_summary(runs: pd.DataFrame, metric: str = "test_acc",
+def seed_summary(runs: pd.DataFrame, metric: str = TEST_ACC,
                  by: Sequence[str] = ("data", "model", "hardware", "method", "knobs"),
                  level: float = 0.95) -> pd.DataFrame:
     """Per configuration (FINISHED runs): seeds, mean, standard deviation and t-interval of `metric` over them.
@@ -938,10 +938,10 @@ def config_summary(runs: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS,
 def teacher_table(runs: pd.DataFrame, mark_noisy: bool = True) -> pd.DataFrame:
     """The configurations distilled from a teacher, with the student against it (empty when no run logged
     `teacher_test_acc`: the runs predate those metrics, or no method had a teacher)."""
-    if "teacher_test_acc" not in runs:
+    if TEACHER_TEST_ACC not in runs:
         return pd.DataFrame(columns=["data", "model", "hardware", "method", "knobs", "n", *TEACHER_METRICS])
-    taught = counted(runs)[lambda f: f["teacher_test_acc"].notna()]
-    metrics = ["test_acc", *TEACHER_METRICS, "acc_drop", "compression_ratio", "speedup_bs32"]
+    taught = counted(runs)[lambda f: f[TEACHER_TEST_ACC].notna()]
+    metrics = [TEST_ACC, *TEACHER_METRICS, ACC_DROP, COMPRESSION_RATIO, speedup(32)]
     return config_summary(taught, metrics, mark_noisy)
 
 
@@ -953,7 +953,7 @@ def _seed_text(seeds: pd.Series) -> str:
     return ",".join(str(s) for s in sorted(seeds.dropna().unique()))
 
 
-def seed_spread(runs: pd.DataFrame, x: str = "sparsity", y: str = "test_acc",
+def seed_spread(runs: pd.DataFrame, x: str = SPARSITY, y: str = TEST_ACC,
                 by: Sequence[str] = ("data", "model", "method"), x_decimals: int = 3,
                 level: float = 0.95) -> pd.DataFrame:
     """Points of a curve: y's mean and interval over seeds at each x (rounded, so seeds line up), per
@@ -990,7 +990,7 @@ def difference_test(values: pd.Series, reference: pd.Series, level: float = 0.95
             "ci_high": mean + half, "p_value": p_value}
 
 
-def compare_methods(runs: pd.DataFrame, metric: str = "test_acc", reference: str = "baseline",
+def compare_methods(runs: pd.DataFrame, metric: str = TEST_ACC, reference: str = BASELINE_METHOD,
                     by: Sequence[str] = ("data", "model", "hardware"), level: float = 0.95) -> pd.DataFrame:
     """Each configuration against `reference` within each group: is the difference larger than the noise?
 
@@ -1045,7 +1045,7 @@ def _verdict(result: dict[str, Any]) -> str:
     return "larger than the noise" if result["ci_low"] > 0 or result["ci_high"] < 0 else "within the noise"
 
 
-def plot_seed_intervals(summary: pd.DataFrame, metric: str = "test_acc") -> Figure:
+def plot_seed_intervals(summary: pd.DataFrame, metric: str = TEST_ACC) -> Figure:
     """Mean and interval over seeds per configuration, one panel per (data, model, hardware)."""
     keys = [c for c in ("data", "model", "hardware") if c in summary]
     groups = list(summary.groupby(keys, sort=True)) if not summary.empty else []
@@ -1066,7 +1066,7 @@ def plot_seed_intervals(summary: pd.DataFrame, metric: str = "test_acc") -> Figu
 # ----------------------------------------------------------------------------- pruning curves, sensitivity
 
 
-def plot_pruning_curves(runs: pd.DataFrame, x: str = "sparsity", y: str = "test_acc", x_decimals: int = 3) -> Figure:
+def plot_pruning_curves(runs: pd.DataFrame, x: str = SPARSITY, y: str = TEST_ACC, x_decimals: int = 3) -> Figure:
     """y vs x per configuration (a method and its knobs other than x), one panel per (data, model): each FINISHED
     run a dot, the mean over seeds a line, shaded (and barred) +- one standard deviation over seeds."""
     runs = with_configs(counted(runs), leave_out=[x])
@@ -1122,13 +1122,13 @@ def load_sensitivity(tracking_uri: str | None = None, experiment: str = EXPERIME
     return frame[[*SENSITIVITY_COLUMNS, *[c for c in frame.columns if c not in SENSITIVITY_COLUMNS]]]
 
 
-def sensitivity_table(sensitivity: pd.DataFrame, value: str = "test_acc") -> pd.DataFrame:
+def sensitivity_table(sensitivity: pd.DataFrame, value: str = TEST_ACC) -> pd.DataFrame:
     """Layers as rows, sparsities as columns, `value` averaged over runs (seeds); one block per model."""
     return sensitivity.pivot_table(index=["data", "model", "layer"], columns="sparsity", values=value,
                                    aggfunc="mean", sort=True)
 
 
-def plot_sensitivity(sensitivity: pd.DataFrame, value: str = "test_acc") -> Figure:
+def plot_sensitivity(sensitivity: pd.DataFrame, value: str = TEST_ACC) -> Figure:
     """value vs sparsity, one line per layer, one panel per (data, model)."""
     panels = list(sensitivity.groupby(["data", "model"], sort=True))
     figure, axes = _facet_grid(1, max(len(panels), 1), width=4.5, height=3.5)
