@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import logging
@@ -20,7 +19,7 @@ import pickle
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import hydra.utils
@@ -94,7 +93,7 @@ class RunContext:
 
     def with_cfg(self, cfg: DictConfig, job_tags: dict[str, str] | None = None) -> RunContext:
         """The same context for another config (a baseline's, a teacher's), with its own timings."""
-        return dataclasses.replace(self, cfg=cfg, job_tags=job_tags or {}, timings=dict(self.timings))
+        return replace(self, cfg=cfg, job_tags=job_tags or {}, timings=dict(self.timings))
 
 
 @dataclass

@@ -7,6 +7,7 @@ accuracy, size, MACs and latency are all taken on exactly what a user would ship
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,7 @@ class Shipped:
     encodings: list[dict[str, Any]]  # per tensor: how the file stores it
     figures: dict[str, float]  # the file sizes per format and the int8 kernel ops that ran
 
-    @property
+    @cached_property
     def counted(self) -> nn.Module:
         """The model whose parameters and MACs are counted: int8 layers as their float shapes."""
         return dequantized(self.model) if is_quantized(self.model) else self.model
