@@ -39,6 +39,15 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from scipy import stats
 
+from lightning_modules.contract import (
+    ACCURACY_VS_COMPRESSION, ACCURACY_VS_LATENCY, ACC_DROP, ACC_DROP_CI95_HIGH, ACC_DROP_CI95_LOW, BASELINE_METHOD,
+    BASELINE_RUN_TAG, COMPRESSION_RATIO, CONFIGURATIONS_ARTIFACT, CONFIG_ARTIFACT, ERROR_TAG, EXPERIMENT, HEATMAPS,
+    JOB_TAG, LAYERS_TABLE, MODEL_ARTIFACT, NOISY_REASON_COLUMN, NOISY_TAG, ROLE_RUN, ROLE_SENSITIVITY, ROLE_SWEEP,
+    ROLE_TAG, RUN_TAGS, SENSITIVITY_ARTIFACT, SIZE_BYTES, SLOWER_TAG, SPARSITY, SUMMARY_SUFFIX, SWEEP_TAG,
+    TEACHER_METRICS, TEACHER_TAG, TEACHER_TEST_ACC, TEST_ACC, best_artifact, figure_artifact, latency_ms_p50,
+    pareto_artifact, resolve_store_uri, speedup, sqlite_path,
+)
+
 if TYPE_CHECKING:  # torch and Lightning load only for the per-run views, not to read the store
     import torch
     from torch import nn
@@ -47,14 +56,12 @@ if TYPE_CHECKING:  # torch and Lightning load only for the per-run views, not to
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_EXPERIMENT = "workbench"
-#: tags that identify a run; they become plain columns of the tidy frame
-ID_TAGS = ("data", "model", "method", "hardware", "seed", "sweep", "role", "baseline_run_id", "git_commit", "error",
-           "teacher")
+#: tags that identify or explain a run; they become plain columns of the tidy frame
+ID_TAGS = (*RUN_TAGS, ROLE_TAG, BASELINE_RUN_TAG, ERROR_TAG, TEACHER_TAG, JOB_TAG, SLOWER_TAG)
 FINISHED = "FINISHED"
-#: tag of a run whose latency was timed under contention (its speedups are to be measured again)
-LATENCY_NOISY_TAG = "latency_noisy"
+#: tag of a run whose latency was timed under contention (its speedups are to be measured again): the
+#: frame's LATENCY_NOISY_TAG column is a flag, NOISY_REASON_COLUMN (contract) keeps the tag's text
+LATENCY_NOISY_TAG = NOISY_TAG
 NOISY_MARK = "*"
 #: a configuration is compared only within one of these; seeds are the only thing averaged over
 GROUP_KEYS = ("data", "model", "hardware", "method")
@@ -66,21 +73,18 @@ UNSET = "unset"
 NOT_COUNTED_COLUMNS = ["run_name", "status", "data", "model", "method", "knobs", "hardware", "seed", "error",
                        "start_time", "run_id"]
 NUMBER = re.compile(r"(-?\d+(?:\.\d+)?(?:e[-+]?\d+)?)")
-#: distillation: the student against its teacher (logged when the run had one)
-TEACHER_METRICS = ("teacher_test_acc", "acc_drop_vs_teacher", "compression_ratio_vs_teacher", "speedup_bs32_vs_teacher")
-#: the means a configuration's row shows (those the runs have)
-SUMMARY_METRICS = ("test_acc", "acc_drop", "compression_ratio", "sparsity", "speedup_bs1", "speedup_bs32",
-                   *TEACHER_METRICS)
-RUN_COLUMNS = ("run_id", "run_name", "status", "start_time", "end_time", "parent_run_id", *ID_TAGS, LATENCY_NOISY_TAG)
+#: the means a configuration's row shows (those the runs have); TEACHER_METRICS: the student against its teacher
+SUMMARY_METRICS = (TEST_ACC, ACC_DROP, COMPRESSION_RATIO, SPARSITY, speedup(1), speedup(32), *TEACHER_METRICS)
+RUN_COLUMNS = ("run_id", "run_name", "status", "start_time", "end_time", "parent_run_id", *ID_TAGS, LATENCY_NOISY_TAG,
+               NOISY_REASON_COLUMN)
 #: the columns most tables show
-GRID_COLUMNS = ["run_name", "data", "model", "method", "knobs", "hardware", "seed", "test_acc", "acc_drop",
-                "acc_drop_ci95_low", "acc_drop_ci95_high", "compression_ratio", "size_bytes", "sparsity",
-                "latency_ms_p50_bs1", "speedup_bs1", "speedup_bs32", *TEACHER_METRICS]
-HEATMAP_METRICS = ("acc_drop", "compression_ratio", "speedup_bs1")
+GRID_COLUMNS = ["run_name", "data", "model", "method", "knobs", "hardware", "seed", TEST_ACC, ACC_DROP,
+                ACC_DROP_CI95_LOW, ACC_DROP_CI95_HIGH, COMPRESSION_RATIO, SIZE_BYTES, SPARSITY,
+                latency_ms_p50(1), speedup(1), speedup(32), *TEACHER_METRICS]
+HEATMAP_METRICS = (ACC_DROP, COMPRESSION_RATIO, speedup(1))
 LAYER_FACTS = ("sparsity", "bits", "rank")
 PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-SENSITIVITY_ARTIFACT = "sensitivity.csv"
-SENSITIVITY_COLUMNS = ["run_id", "data", "model", "method", "seed", "layer", "sparsity", "test_acc"]
+SENSITIVITY_COLUMNS = ["run_id", "data", "model", "method", "seed", "layer", "sparsity", TEST_ACC]
 NO_SENSITIVITY_MESSAGE = (
     "**No sensitivity analysis in this store yet.** The per-layer sensitivity tables come from runs "
     f"tagged `role=sensitivity` that log a `{SENSITIVITY_ARTIFACT}` artifact (columns layer, sparsity, "
@@ -91,16 +95,12 @@ NO_SENSITIVITY_MESSAGE = (
 # ----------------------------------------------------------------------------- loading
 
 
-def default_tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI when set, else the project's store `mlruns/mlflow.db` (as train.py)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'mlruns' / 'mlflow.db'}"
-
-
 def open_client(tracking_uri: str | None = None) -> MlflowClient:
-    """A client on `tracking_uri` (None: the default store); a missing SQLite file is an error, not a new store."""
-    uri = tracking_uri if tracking_uri is not None else default_tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        raise FileNotFoundError(f"No MLflow store at {uri.removeprefix('sqlite:///')}: run `python train.py -m` "
+    """A client on `tracking_uri` (None: MLFLOW_TRACKING_URI when set, else the checkout's store
+    `mlruns/mlflow.db`, as train.py); a missing SQLite file is an error, not a new store."""
+    uri = resolve_store_uri(tracking_uri)
+    if (database := sqlite_path(uri)) is not None and not database.exists():
+        raise FileNotFoundError(f"No MLflow store at {database}: run `python train.py -m` "
                                 f"first, or pass tracking_uri / set MLFLOW_TRACKING_URI")
     return MlflowClient(tracking_uri=uri)
 
@@ -130,11 +130,11 @@ def resolve_sweep(client: MlflowClient, exp_id: str, sweep: str | None) -> str |
     """`sweep` as given; "latest" names the newest sweep of the experiment; None means all runs."""
     if sweep != "latest":
         return sweep
-    parents = client.search_runs([exp_id], "tags.role = 'sweep'", order_by=["attributes.start_time DESC"],
+    parents = client.search_runs([exp_id], f"tags.{ROLE_TAG} = '{ROLE_SWEEP}'", order_by=["attributes.start_time DESC"],
                                  max_results=1)
     if not parents:
         raise ValueError("sweep='latest': the experiment has no sweep (no run tagged role=sweep)")
-    return parents[0].data.tags["sweep"]
+    return parents[0].data.tags[SWEEP_TAG]
 
 
 def tidy_runs(runs: Iterable[Run], params: bool = True) -> pd.DataFrame:
@@ -162,9 +162,10 @@ def _run_row(run: Run, params: bool) -> dict[str, Any]:
         "parent_run_id": tags.get(MLFLOW_PARENT_RUN_ID, ""),
         **{tag: tags.get(tag, "") for tag in ID_TAGS},
     }
-    row["role"] = row["role"] or "run"
+    row[ROLE_TAG] = row[ROLE_TAG] or ROLE_RUN
     row.update(run.data.metrics)
     row[LATENCY_NOISY_TAG] = _says_yes(tags.get(LATENCY_NOISY_TAG)) or bool(run.data.metrics.get(LATENCY_NOISY_TAG))
+    row[NOISY_REASON_COLUMN] = tags.get(LATENCY_NOISY_TAG, "")
     if params:
         row.update({f"params.{key}": value for key, value in run.data.params.items()})
     return row
@@ -182,10 +183,10 @@ def _numeric_if_possible(column: pd.Series) -> pd.Series:
 
 def load_runs(
     tracking_uri: str | None = None,
-    experiment: str = DEFAULT_EXPERIMENT,
+    experiment: str = EXPERIMENT,
     sweep: str | None = None,
     statuses: Sequence[str] | None = ("FINISHED",),
-    exclude_roles: Sequence[str] = ("sweep", "sensitivity"),
+    exclude_roles: Sequence[str] = (ROLE_SWEEP, ROLE_SENSITIVITY),
     params: bool = True,
 ) -> pd.DataFrame:
     """The runs of `experiment` (or of one `sweep`, "latest" for the newest) as a tidy DataFrame.
@@ -201,8 +202,8 @@ def load_runs(
     client = open_client(tracking_uri)
     exp_id = experiment_id(client, experiment)
     sweep = resolve_sweep(client, exp_id, sweep)
-    runs = tidy_runs(search_all(client, [exp_id], f"tags.sweep = '{sweep}'" if sweep else ""), params)
-    keep = ~runs["role"].isin(list(exclude_roles))
+    runs = tidy_runs(search_all(client, [exp_id], f"tags.{SWEEP_TAG} = '{sweep}'" if sweep else ""), params)
+    keep = ~runs[ROLE_TAG].isin(list(exclude_roles))
     if statuses is not None:
         keep &= runs["status"].isin(list(statuses))
     return with_configs(runs[keep].reset_index(drop=True))
@@ -217,22 +218,33 @@ def not_counted(runs: pd.DataFrame) -> pd.DataFrame:
         [c for c in NOT_COUNTED_COLUMNS if c in left_out]].reset_index(drop=True)
 
 
-def unfinished_runs(tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
+def unfinished_runs(tracking_uri: str | None = None, experiment: str = EXPERIMENT,
                     sweep: str | None = None) -> pd.DataFrame:
     """`not_counted` of the grid's runs in the store (or one sweep): what failed, was killed or still runs."""
     return not_counted(load_runs(tracking_uri, experiment, sweep, statuses=None))
 
 
-def grid_table(runs: pd.DataFrame, mark_noisy: bool = True) -> pd.DataFrame:
-    """The GRID_COLUMNS the frame has (a distillation column only when some run logged it), sorted by data,
-    model, method, configuration, hardware, seed. With `mark_noisy` a speedup timed under contention reads
-    "1.23*" (text, for showing)."""
+def grid_table(runs: pd.DataFrame, mark_noisy: bool = True, columns: Sequence[str] = GRID_COLUMNS) -> pd.DataFrame:
+    """The grid: one row per run, the `columns` the frame has (a distillation column only when some run
+    logged it), sorted by data, model, method, configuration, hardware, seed. With `mark_noisy` a speedup
+    timed under contention reads "1.23*" (text, for showing). The notebooks show it; the sweep prints it
+    (sweep.SWEEP_COLUMNS) and logs it on its parent run."""
     runs = _configured(runs)
     keys = [c for c in ("data", "model", "method", "config", "hardware", "seed") if c in runs]
-    shown = [c for c in GRID_COLUMNS if c in runs and (c not in TEACHER_METRICS or runs[c].notna().any())]
+    shown = [c for c in columns if c in runs and (not c.endswith("_vs_teacher") and not c.startswith("teacher_")
+                                                  or runs[c].notna().any())]
     table = runs.sort_values(keys).reset_index(drop=True)
     marked = mark_noisy_speedups(table, table.get(LATENCY_NOISY_TAG)) if mark_noisy else table
     return marked[shown]
+
+
+def last_attempts(runs: pd.DataFrame) -> pd.DataFrame:
+    """One run per sweep job (tag sweep_job): a job run more than once (a resumed sweep) keeps its last attempt."""
+    if runs.empty or JOB_TAG not in runs:
+        return runs
+    job = runs[JOB_TAG].where(runs[JOB_TAG].astype(bool), runs["run_id"])  # a run with no job tag is its own
+    latest = runs.assign(_job=job).sort_values(["start_time", "run_id"]).drop_duplicates("_job", keep="last")
+    return latest.drop(columns="_job").sort_index()
 
 
 def mark_noisy_speedups(table: pd.DataFrame, noisy: pd.Series | None) -> pd.DataFrame:
@@ -438,24 +450,24 @@ def grid_overview(runs: pd.DataFrame, budget: float = 1.0, latency_batch: int = 
                   conservative: bool = False) -> GridOverview:
     """Every figure and table of the grid overview for the FINISHED runs of a frame (see notebooks/01)."""
     runs = _configured(counted(runs))
-    latency = f"latency_ms_p50_bs{latency_batch}"
+    latency = latency_ms_p50(latency_batch)
     overview = GridOverview()
     overview.configs = config_summary(runs, mark_noisy=False)
-    overview.figures["accuracy_vs_compression"] = accuracy_vs_compression(runs)
-    overview.fronts["accuracy_vs_compression"] = _front_table(
-        pareto_front(runs, "compression_ratio", "test_acc", x_larger_better=True, by=["data"]))
-    overview.figures["accuracy_vs_latency"] = accuracy_vs_latency(runs, latency)
-    overview.fronts["accuracy_vs_latency"] = _front_table(
-        pareto_front(runs, latency, "test_acc", x_larger_better=False, by=["data", "hardware"]), latency,
+    overview.figures[ACCURACY_VS_COMPRESSION] = accuracy_vs_compression(runs)
+    overview.fronts[ACCURACY_VS_COMPRESSION] = _front_table(
+        pareto_front(runs, COMPRESSION_RATIO, TEST_ACC, x_larger_better=True, by=["data"]))
+    overview.figures[ACCURACY_VS_LATENCY] = accuracy_vs_latency(runs, latency)
+    overview.fronts[ACCURACY_VS_LATENCY] = _front_table(
+        pareto_front(runs, latency, TEST_ACC, x_larger_better=False, by=["data", "hardware"]), latency,
         LATENCY_NOISY_TAG)
-    overview.figures["heatmaps"] = metric_heatmaps(runs, (*HEATMAP_METRICS[:2], f"speedup_bs{latency_batch}"))
+    overview.figures[HEATMAPS] = metric_heatmaps(runs, (*HEATMAP_METRICS[:2], speedup(latency_batch)))
     overview.best = best_under_budget(runs, budget, conservative=conservative, mark_noisy=True)
     return overview
 
 
 def _front_table(front: pd.DataFrame, *extra: str) -> pd.DataFrame:
-    columns = ["run_name", "data", "model", "method", "knobs", "hardware", "seed", "test_acc", "acc_drop",
-               "compression_ratio", *extra, "run_id"]
+    columns = ["run_name", "data", "model", "method", "knobs", "hardware", "seed", TEST_ACC, ACC_DROP,
+               COMPRESSION_RATIO, *extra, "run_id"]
     return front[[c for c in dict.fromkeys(columns) if c in front]]
 
 
@@ -527,13 +539,13 @@ def _draw_panel(ax: Axes, panel: pd.DataFrame, x: str, y: str, x_larger_better: 
         sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1), frameon=False, fontsize=8)
 
 
-def accuracy_vs_compression(runs: pd.DataFrame, accuracy: str = "test_acc") -> Figure:
+def accuracy_vs_compression(runs: pd.DataFrame, accuracy: str = TEST_ACC) -> Figure:
     """Accuracy vs compression ratio (log scale), one panel per dataset, with the Pareto front."""
-    return scatter_with_front(runs, "compression_ratio", accuracy, x_larger_better=True, col="data", log_x=True,
+    return scatter_with_front(runs, COMPRESSION_RATIO, accuracy, x_larger_better=True, col="data", log_x=True,
                               title=f"{accuracy} vs compression ratio (dashed: Pareto front)")
 
 
-def accuracy_vs_latency(runs: pd.DataFrame, latency: str = "latency_ms_p50_bs1", accuracy: str = "test_acc") -> Figure:
+def accuracy_vs_latency(runs: pd.DataFrame, latency: str = latency_ms_p50(1), accuracy: str = TEST_ACC) -> Figure:
     """Accuracy vs latency, one panel per hardware (and dataset), with the Pareto front of each."""
     return scatter_with_front(runs, latency, accuracy, x_larger_better=False, row="data", col="hardware",
                               title=f"{accuracy} vs {latency} per hardware (dashed: Pareto front)", mark_noisy=True)
@@ -608,7 +620,7 @@ def _annotated_grid(ax: Axes, values: pd.DataFrame, text: list[list[str]], cmap:
         spine.set_visible(False)
 
 
-def best_under_budget(runs: pd.DataFrame, budget: float, objective: str = "compression_ratio",
+def best_under_budget(runs: pd.DataFrame, budget: float, objective: str = COMPRESSION_RATIO,
                       larger_better: bool = True, by: Sequence[str] = ("data", "model", "hardware"),
                       conservative: bool = False, mark_noisy: bool = False) -> pd.DataFrame:
     """The best FINISHED run by `objective` per group among those within the accuracy-drop budget (points).
@@ -616,14 +628,14 @@ def best_under_budget(runs: pd.DataFrame, budget: float, objective: str = "compr
     `conservative` judges a run by the upper end of its paired 95% interval instead of its drop; with
     `mark_noisy` a speedup timed under contention reads "1.5*".
     """
-    drop = "acc_drop_ci95_high" if conservative else "acc_drop"
+    drop = ACC_DROP_CI95_HIGH if conservative else ACC_DROP
     if runs.empty or drop not in runs or objective not in runs:
-        return pd.DataFrame(columns=[*by, "method", "knobs", "seed", objective, "acc_drop", "run_name", "run_id"])
+        return pd.DataFrame(columns=[*by, "method", "knobs", "seed", objective, ACC_DROP, "run_name", "run_id"])
     runs = _configured(counted(runs))
     within = runs[(runs[drop] <= budget) & runs[objective].notna()]
-    ranked = within.sort_values([objective, "acc_drop"], ascending=[not larger_better, True])
+    ranked = within.sort_values([objective, ACC_DROP], ascending=[not larger_better, True])
     best = ranked.groupby(list(by), sort=True).head(1).sort_values(list(by))
-    columns = [*by, "method", "knobs", "seed", objective, "test_acc", "acc_drop", "acc_drop_ci95_high", "speedup_bs1",
+    columns = [*by, "method", "knobs", "seed", objective, TEST_ACC, ACC_DROP, ACC_DROP_CI95_HIGH, speedup(1),
                LATENCY_NOISY_TAG, "run_name", "run_id"]
     best = best[[c for c in dict.fromkeys(columns) if c in best]].reset_index(drop=True)
     return mark_noisy_speedups(best, best.get(LATENCY_NOISY_TAG)) if mark_noisy else best
@@ -659,12 +671,12 @@ def log_sweep_figures(info: SweepInfo, budget: float = 1.0) -> list[str]:
 def _log_overview(client: MlflowClient, run_id: str, overview: GridOverview, budget: float) -> list[str]:
     logged = []
     for name, figure in overview.figures.items():
-        path = f"figures/{name}.png"
+        path = figure_artifact(name)
         client.log_figure(run_id, figure, path, save_kwargs={"dpi": 100})
         logged.append(path)
-    tables = {f"figures/pareto_{name}.csv": table for name, table in overview.fronts.items()}
-    tables[f"figures/best_within_{budget:g}pt_drop.csv"] = overview.best
-    tables["figures/configurations.csv"] = overview.configs
+    tables = {pareto_artifact(name): table for name, table in overview.fronts.items()}
+    tables[best_artifact(budget)] = overview.best
+    tables[CONFIGURATIONS_ARTIFACT] = overview.configs
     for path, table in tables.items():
         client.log_text(run_id, table.to_csv(index=False), path)
         logged.append(path)
@@ -679,9 +691,9 @@ def pick_run(runs: pd.DataFrame) -> str:
     """A run worth a look when none is named: the most compressed non-baseline run (lowest drop on ties)."""
     if runs.empty:
         raise ValueError("no runs to pick from")
-    compressed = runs[runs["method"] != "baseline"]
+    compressed = runs[runs["method"] != BASELINE_METHOD]
     pool = compressed if not compressed.empty else runs
-    ranked = pool.sort_values(["compression_ratio", "acc_drop"], ascending=[False, True], na_position="last")
+    ranked = pool.sort_values([COMPRESSION_RATIO, ACC_DROP], ascending=[False, True], na_position="last")
     return str(ranked.iloc[0]["run_id"])
 
 
@@ -714,8 +726,8 @@ def layer_facts(run_id: str, tracking_uri: str | None = None) -> pd.DataFrame:
     A column a summary repeats keeps the value of layers.csv; new ones join under their own name.
     """
     client = open_client(tracking_uri)
-    table = read_csv_artifact(client, run_id, "layers.csv")
-    summaries = [a.path for a in client.list_artifacts(run_id) if a.path.endswith("_summary.csv")]
+    table = read_csv_artifact(client, run_id, LAYERS_TABLE)
+    summaries = [a.path for a in client.list_artifacts(run_id) if a.path.endswith(SUMMARY_SUFFIX)]
     for artifact in sorted(summaries):
         summary = read_csv_artifact(client, run_id, artifact)
         if summary is None or "layer" not in summary:
@@ -765,12 +777,11 @@ def load_run_models(run_id: str, tracking_uri: str | None = None) -> RunModels:
     from omegaconf import OmegaConf
 
     from lightning_modules.evaluation.artifact import load_deployable
-    from lightning_modules.tracking import MODEL_ARTIFACT
 
     client = open_client(tracking_uri)
-    baseline_id = client.get_run(run_id).data.tags.get("baseline_run_id") or run_id
+    baseline_id = client.get_run(run_id).data.tags.get(BASELINE_RUN_TAG) or run_id
     with tempfile.TemporaryDirectory(prefix="workbench-analysis-") as scratch, _quiet_downloads():
-        config = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", scratch))
+        config = OmegaConf.load(client.download_artifacts(run_id, CONFIG_ARTIFACT, scratch))
         model = load_deployable(client.download_artifacts(run_id, MODEL_ARTIFACT, f"{scratch}/run"))
         baseline = model if baseline_id == run_id else \
             load_deployable(client.download_artifacts(baseline_id, MODEL_ARTIFACT, f"{scratch}/baseline"))
@@ -779,7 +790,7 @@ def load_run_models(run_id: str, tracking_uri: str | None = None) -> RunModels:
 
 def weight_histograms(model: nn.Module, baseline: nn.Module, max_layers: int = 8, bins: int = 60) -> Figure:
     """Per Linear/Conv layer (by name, first `max_layers`): baseline weights vs the finalized model's nonzero ones."""
-    from lightning_modules.compression.base import weighted_layers
+    from lightning_modules.layers import weighted_layers
 
     after = dict(weighted_layers(model))
     layers = [(name, module) for name, module in weighted_layers(baseline) if name in after][:max_layers]
@@ -872,7 +883,7 @@ def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, 
     return mean, mean - half, mean + half
 
 
-def seed_summary(runs: pd.DataFrame, metric: str = "test_acc",
+def seed_summary(runs: pd.DataFrame, metric: str = TEST_ACC,
                  by: Sequence[str] = ("data", "model", "hardware", "method", "knobs"),
                  level: float = 0.95) -> pd.DataFrame:
     """Per configuration (FINISHED runs): seeds, mean, standard deviation and t-interval of `metric` over them.
@@ -927,10 +938,10 @@ def config_summary(runs: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS,
 def teacher_table(runs: pd.DataFrame, mark_noisy: bool = True) -> pd.DataFrame:
     """The configurations distilled from a teacher, with the student against it (empty when no run logged
     `teacher_test_acc`: the runs predate those metrics, or no method had a teacher)."""
-    if "teacher_test_acc" not in runs:
+    if TEACHER_TEST_ACC not in runs:
         return pd.DataFrame(columns=["data", "model", "hardware", "method", "knobs", "n", *TEACHER_METRICS])
-    taught = counted(runs)[lambda f: f["teacher_test_acc"].notna()]
-    metrics = ["test_acc", *TEACHER_METRICS, "acc_drop", "compression_ratio", "speedup_bs32"]
+    taught = counted(runs)[lambda f: f[TEACHER_TEST_ACC].notna()]
+    metrics = [TEST_ACC, *TEACHER_METRICS, ACC_DROP, COMPRESSION_RATIO, speedup(32)]
     return config_summary(taught, metrics, mark_noisy)
 
 
@@ -942,7 +953,7 @@ def _seed_text(seeds: pd.Series) -> str:
     return ",".join(str(s) for s in sorted(seeds.dropna().unique()))
 
 
-def seed_spread(runs: pd.DataFrame, x: str = "sparsity", y: str = "test_acc",
+def seed_spread(runs: pd.DataFrame, x: str = SPARSITY, y: str = TEST_ACC,
                 by: Sequence[str] = ("data", "model", "method"), x_decimals: int = 3,
                 level: float = 0.95) -> pd.DataFrame:
     """Points of a curve: y's mean and interval over seeds at each x (rounded, so seeds line up), per
@@ -979,7 +990,7 @@ def difference_test(values: pd.Series, reference: pd.Series, level: float = 0.95
             "ci_high": mean + half, "p_value": p_value}
 
 
-def compare_methods(runs: pd.DataFrame, metric: str = "test_acc", reference: str = "baseline",
+def compare_methods(runs: pd.DataFrame, metric: str = TEST_ACC, reference: str = BASELINE_METHOD,
                     by: Sequence[str] = ("data", "model", "hardware"), level: float = 0.95) -> pd.DataFrame:
     """Each configuration against `reference` within each group: is the difference larger than the noise?
 
@@ -1034,7 +1045,7 @@ def _verdict(result: dict[str, Any]) -> str:
     return "larger than the noise" if result["ci_low"] > 0 or result["ci_high"] < 0 else "within the noise"
 
 
-def plot_seed_intervals(summary: pd.DataFrame, metric: str = "test_acc") -> Figure:
+def plot_seed_intervals(summary: pd.DataFrame, metric: str = TEST_ACC) -> Figure:
     """Mean and interval over seeds per configuration, one panel per (data, model, hardware)."""
     keys = [c for c in ("data", "model", "hardware") if c in summary]
     groups = list(summary.groupby(keys, sort=True)) if not summary.empty else []
@@ -1055,7 +1066,7 @@ def plot_seed_intervals(summary: pd.DataFrame, metric: str = "test_acc") -> Figu
 # ----------------------------------------------------------------------------- pruning curves, sensitivity
 
 
-def plot_pruning_curves(runs: pd.DataFrame, x: str = "sparsity", y: str = "test_acc", x_decimals: int = 3) -> Figure:
+def plot_pruning_curves(runs: pd.DataFrame, x: str = SPARSITY, y: str = TEST_ACC, x_decimals: int = 3) -> Figure:
     """y vs x per configuration (a method and its knobs other than x), one panel per (data, model): each FINISHED
     run a dot, the mean over seeds a line, shaded (and barred) +- one standard deviation over seeds."""
     runs = with_configs(counted(runs), leave_out=[x])
@@ -1085,7 +1096,7 @@ def _draw_spread(ax: Axes, points: pd.DataFrame, runs: pd.DataFrame, x: str, y: 
     ax.fill_between(points[x], points[y] - spread, points[y] + spread, color=color, alpha=0.15)
 
 
-def load_sensitivity(tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
+def load_sensitivity(tracking_uri: str | None = None, experiment: str = EXPERIMENT,
                      sweep: str | None = None) -> pd.DataFrame:
     """Every `sensitivity.csv` of the runs tagged role=sensitivity, with the run's identity columns.
 
@@ -1095,7 +1106,7 @@ def load_sensitivity(tracking_uri: str | None = None, experiment: str = DEFAULT_
     client = open_client(tracking_uri)
     exp_id = experiment_id(client, experiment)
     sweep = resolve_sweep(client, exp_id, sweep)
-    query = "tags.role = 'sensitivity'" + (f" and tags.sweep = '{sweep}'" if sweep else "")
+    query = f"tags.{ROLE_TAG} = '{ROLE_SENSITIVITY}'" + (f" and tags.{SWEEP_TAG} = '{sweep}'" if sweep else "")
     tables = []
     for run in search_all(client, [exp_id], query):
         table = read_csv_artifact(client, run.info.run_id, SENSITIVITY_ARTIFACT)
@@ -1111,13 +1122,13 @@ def load_sensitivity(tracking_uri: str | None = None, experiment: str = DEFAULT_
     return frame[[*SENSITIVITY_COLUMNS, *[c for c in frame.columns if c not in SENSITIVITY_COLUMNS]]]
 
 
-def sensitivity_table(sensitivity: pd.DataFrame, value: str = "test_acc") -> pd.DataFrame:
+def sensitivity_table(sensitivity: pd.DataFrame, value: str = TEST_ACC) -> pd.DataFrame:
     """Layers as rows, sparsities as columns, `value` averaged over runs (seeds); one block per model."""
     return sensitivity.pivot_table(index=["data", "model", "layer"], columns="sparsity", values=value,
                                    aggfunc="mean", sort=True)
 
 
-def plot_sensitivity(sensitivity: pd.DataFrame, value: str = "test_acc") -> Figure:
+def plot_sensitivity(sensitivity: pd.DataFrame, value: str = TEST_ACC) -> Figure:
     """value vs sparsity, one line per layer, one panel per (data, model)."""
     panels = list(sensitivity.groupby(["data", "model"], sort=True))
     figure, axes = _facet_grid(1, max(len(panels), 1), width=4.5, height=3.5)

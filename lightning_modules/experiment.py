@@ -16,31 +16,38 @@ import hashlib
 import json
 import logging
 import pickle
+import shutil
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import hydra.utils
 import pytorch_lightning as pl
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lightning_modules.compression.base import CompressionCallback
 from lightning_modules.config import build_callbacks, model_config, validate
+from lightning_modules.contract import (
+    ACC_DROP, ACC_DROP_CI95_HIGH, ACC_DROP_CI95_LOW, BASELINE_METHOD, BASELINE_RUN_TAG, COMPRESSION_RATIO,
+    CONFIG_ARTIFACT, DEQUANTIZED, FINGERPRINT_TAG, JOB_TAG, MODEL_FOLDER, NOISY_TAG, RUN_TIME_S, SIMULATED,
+    SLOWER_TAG, TEACHER_TAG, TEST_ACC, TIME_BASELINE_S, TIME_DATA_S, TIME_EVALUATE_S, TIME_TRACK_S, TRAIN_TIME_S,
+    layers_skipped, run_model_uri, speedup, summary_table,
+)
 from lightning_modules.data import InMemoryDataModule
 from lightning_modules.evaluation.artifact import load_deployable
 from lightning_modules.evaluation.complexity import count_macs
 from lightning_modules.evaluation.latency import LatencyTimer, available_cores
-from lightning_modules.evaluation.report import NOISY_TAG, Report, measure
+from lightning_modules.evaluation.report import Report, measure
 from lightning_modules.models import build_model
+from lightning_modules.sweep import finished_job_run, where_to_log
 from lightning_modules.task import ClassificationTask
 from lightning_modules.tracking import (
-    FINGERPRINT_TAG, JOB_TAG, EpochMetricsLogger, RunRejected, Store, SweepInfo, TrackedRun, claim_tags, closing_run,
-    config_params, csv_text, download_model_file, download_uri, find_baseline_run, finished_job_run, job_key,
-    live_claims, open_run, read_sweep_info, run_name, run_tags, scratch_dir, tracked_run, wait_for_baseline, won_claim,
+    EpochMetricsLogger, RunRejected, Store, SweepInfo, TrackedRun, claim_tags, closing_run, config_params, csv_text,
+    download_model_file, download_uri, find_baseline_run, live_claims, open_run, run_name, run_tags, scratch_dir,
+    wait_for_baseline, won_claim,
 )
 
 log = logging.getLogger(__name__)
@@ -50,11 +57,43 @@ log = logging.getLogger(__name__)
 # a few batches only).
 CHANCE_MARGIN_POINTS = 2.0
 SLOWER_SPEEDUP = 0.95  # below this at the largest batch (32 where timed) a run says why, tag slower_reason
-SLOWER_TAG = "slower_reason"
 # Training throughput used only to announce a teacher's rough cost: on this project's 2-core
 # machines a resnet20 baseline (31M MACs per 28x28 image) trains at ~10 GMAC/s (forward + backward
 # = 3x the forward MACs): a 30-epoch resnet20 teacher took about 18 minutes on 2 busy cores.
 TRAINING_MACS_PER_CORE_S = 5e9
+
+
+@dataclass
+class RunContext:
+    """What every step of one run needs: its config, where it logs, its data and device, the sweep
+    (and job) it belongs to, and where its wall time went so far."""
+
+    cfg: DictConfig
+    store: Store
+    data: InMemoryDataModule
+    device: torch.device
+    sweep: SweepInfo | None = None
+    job_tags: dict[str, str] = field(default_factory=dict)  # {sweep_job: key} in a multirun
+    timings: dict[str, float] = field(default_factory=dict)  # time_data_s, time_baseline_s, train_time_s
+
+    @property
+    def sweep_name(self) -> str | None:
+        return self.sweep.name if self.sweep else None
+
+    @property
+    def parent_run_id(self) -> str | None:
+        return self.sweep.parent_run_id if self.sweep else None
+
+    def run_tags(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """The tags of a run of this context's config: what it is, its sweep and job, and `extra`."""
+        return {**run_tags(self.cfg, self.sweep_name), **self.job_tags, **(extra or {})}
+
+    def open_run(self, tags: dict[str, str] | None = None) -> TrackedRun:
+        return open_run(self.store, run_name(self.cfg), self.run_tags(tags), self.parent_run_id)
+
+    def with_cfg(self, cfg: DictConfig, job_tags: dict[str, str] | None = None) -> RunContext:
+        """The same context for another config (a baseline's, a teacher's), with its own timings."""
+        return replace(self, cfg=cfg, job_tags=job_tags or {}, timings=dict(self.timings))
 
 
 @dataclass
@@ -67,86 +106,76 @@ class Baseline:
 def run_experiment(cfg: DictConfig) -> dict[str, float]:
     """Run one (data, model, method, hardware, seed) and return its logged metrics."""
     validate(cfg)
-    device = configure_hardware(cfg.hardware)
-    sweep = current_sweep()
-    store = Store(sweep.tracking_uri, sweep.experiment) if sweep else Store.from_config(cfg.tracking)
-    job = current_job() if sweep else None
-    if job is not None and (done := finished_job_run(store, sweep.parent_run_id, job)) is not None:
+    store, sweep, job = where_to_log(cfg.tracking)
+    if (done := finished_job_run(store, sweep, job)) is not None:
         log.info("%s: already FINISHED in this sweep (run %s), skipped", run_name(cfg), done.info.run_id)
         return dict(done.data.metrics)
-    job_tags = {JOB_TAG: job} if job else {}
+    ctx = open_context(cfg, store, sweep, job)
+
+    is_baseline = cfg.method.name == BASELINE_METHOD
+    started = time.perf_counter()
+    baseline = obtain_baseline(ctx, ctx.job_tags if is_baseline else {})                           # 1. baseline
+    if is_baseline and baseline.metrics is not None:
+        return baseline.metrics  # this run trained the baseline: it is the method=baseline run
+from lightning_modules.evaluation.latency import LatencyTimer, available_cores
+from lightning_modules.evaluation.report import Report, measure
+
+    with closing_run(ctx.open_run()) as run:
+        run.set_tags({BASELINE_RUN_TAG: baseline.run_id, **({TEACHER_TAG: teacher.source} if teacher else {})})
+        model = compress(ctx, run, starting_model(cfg, baseline, ctx.data), callbacks, teacher)    # 2. compress
+        model = finalize(model, callbacks)                                                         # 3. finalize
+        report = evaluate(ctx, model, baseline.model, callbacks, teacher and teacher.model)        # 4. evaluate
+        return track(ctx, run, report)                                                             # 5. track
+
+
+def open_context(cfg: DictConfig, store: Store, sweep: SweepInfo | None, job: str | None) -> RunContext:
+    """The run's context: the hardware set up, the data read (once per process, cached)."""
+    device = configure_hardware(cfg.hardware)
     started = time.perf_counter()
     data: InMemoryDataModule = hydra.utils.instantiate(cfg.data)
-    data.setup()  # read once per process (cached), before any run opens
-    data_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-
-    baseline = obtain_baseline(cfg, store, data, device, sweep, data_seconds,                 # 1
-                               job_tags if cfg.method.name == "baseline" else {})
-    if cfg.method.name == "baseline" and baseline.metrics is not None:
-        return baseline.metrics  # this run trained the baseline: it is the method=baseline run
-    callbacks = build_callbacks(cfg.method, timer=LatencyTimer())
-    teacher = obtain_teacher(cfg, store, data, device, sweep, data_seconds) if needs_teacher(callbacks) else None
-    baseline_seconds = time.perf_counter() - started
-
-    tags = {**run_tags(cfg, sweep and sweep.name), **job_tags}
-    with tracked_run(store, run_name(cfg), tags, sweep and sweep.parent_run_id) as run:
-        run.set_tags({"baseline_run_id": baseline.run_id, **({"teacher": teacher.source} if teacher else {})})
-        for callback in callbacks:
-            if callback.requires_teacher:
-                callback.attach_teacher(teacher.model)
-        start = starting_model(cfg, baseline, data)
-        model, train_seconds = fit(cfg, cfg.method.fine_tune, start, data, callbacks, run)     # 2
-        model = finalize(model, callbacks)                                                    # 3
-        return evaluate_and_track(cfg, run, model, baseline.model, data, device, callbacks,  # 4, 5
-                                  timings={"time_data_s": data_seconds, "time_baseline_s": baseline_seconds,
-                                           "train_time_s": train_seconds},
-                                  teacher=teacher.model if teacher else None)
+    data.setup()  # before any run opens
+    return RunContext(cfg, store, data, device, sweep, {JOB_TAG: job} if job else {},
+                      {TIME_DATA_S: time.perf_counter() - started})
 
 
 # ----------------------------------------------------------------------------- step 1: baseline
 
 
-def obtain_baseline(cfg: DictConfig, store: Store, data: InMemoryDataModule, device: torch.device,
-                    sweep: SweepInfo | None, data_seconds: float, tags: dict[str, str] | None = None) -> Baseline:
-    """The baseline from the store, waiting while a parallel job trains it; else trained here.
+def obtain_baseline(ctx: RunContext, tags: dict[str, str] | None = None) -> Baseline:
+    """The baseline of ctx.cfg from the store, waiting while a parallel job trains it; else trained here.
 
     `tags` go on the run if this call trains the baseline (the sweep job's tag for method=baseline).
     """
-    fingerprint = baseline_fingerprint(cfg)
+    fingerprint = baseline_fingerprint(ctx.cfg)
     while True:
-        run_id = wait_for_baseline(store, fingerprint, cfg.tracking.get("baseline_wait_s", 7200))
+        run_id = wait_for_baseline(ctx.store, fingerprint, ctx.cfg.tracking.get("baseline_wait_s", 7200))
         if run_id is not None:
             log.info("baseline %s found in the store: run %s", fingerprint, run_id)
             with scratch_dir() as folder:
-                return Baseline(load_deployable(download_model_file(store, run_id, Path(folder))), run_id)
-        trained = train_baseline(cfg, store, data, device, sweep, data_seconds, fingerprint, tags or {})
+                return Baseline(load_deployable(download_model_file(ctx.store, run_id, Path(folder))), run_id)
+        trained = train_baseline(ctx, fingerprint, tags or {})
         if trained is not None:
             return trained
         # another job claimed it first: wait for that one
 
 
-def train_baseline(cfg: DictConfig, store: Store, data: InMemoryDataModule, device: torch.device,
-                   sweep: SweepInfo | None, data_seconds: float, fingerprint: str,
-                   tags: dict[str, str]) -> Baseline | None:
+def train_baseline(ctx: RunContext, fingerprint: str, tags: dict[str, str]) -> Baseline | None:
     """Train and log the baseline, or None when a parallel job claimed the same baseline first."""
-    baseline_cfg = copy.deepcopy(cfg)
-    OmegaConf.update(baseline_cfg, "method", {"name": "baseline", "callbacks": {}, "fine_tune": None}, merge=False)
-    claim = open_run(store, run_name(baseline_cfg),
-                     {**run_tags(baseline_cfg, sweep and sweep.name), **tags, **claim_tags(), FINGERPRINT_TAG: fingerprint},
-                     sweep and sweep.parent_run_id)
-    if not won_claim(store, fingerprint, claim.run_id):
-        store.client.delete_run(claim.run_id)
+    baseline_cfg = copy.deepcopy(ctx.cfg)
+    OmegaConf.update(baseline_cfg, "method", {"name": BASELINE_METHOD, "callbacks": {}, "fine_tune": None}, merge=False)
+    baseline_ctx = ctx.with_cfg(baseline_cfg, tags)
+    baseline_ctx.timings[TIME_BASELINE_S] = 0.0
+    claim = baseline_ctx.open_run({**claim_tags(), FINGERPRINT_TAG: fingerprint})
+    if not won_claim(ctx.store, fingerprint, claim.run_id):
+        ctx.store.client.delete_run(claim.run_id)
         return None
     log.info("baseline %s not in the store: training it (run %s)", fingerprint, claim.run_id)
     with closing_run(claim) as run:
-        run.set_tags({"baseline_run_id": run.run_id})
-        pl.seed_everything(cfg.seed, workers=True, verbose=False)
-        model = build_model(cfg.model.net, data.shape)
-        model, train_seconds = fit(baseline_cfg, cfg.baseline, model, data, [], run)
-        metrics = evaluate_and_track(baseline_cfg, run, model, model, data, device, [],
-                                     timings={"time_data_s": data_seconds, "time_baseline_s": 0.0,
-                                               "train_time_s": train_seconds})
+        run.set_tags({BASELINE_RUN_TAG: run.run_id})
+        pl.seed_everything(ctx.cfg.seed, workers=True, verbose=False)
+        model = build_model(ctx.cfg.model.net, ctx.data.shape)
+        model, baseline_ctx.timings[TRAIN_TIME_S] = fit(baseline_cfg, ctx.cfg.baseline, model, ctx.data, [], run)
+        metrics = track(baseline_ctx, run, evaluate(baseline_ctx, model, model, []))
     return Baseline(model, run.run_id, metrics)
 
 
@@ -188,24 +217,25 @@ def needs_teacher(callbacks: list[CompressionCallback]) -> bool:
     return any(callback.requires_teacher for callback in callbacks)
 
 
-def obtain_teacher(cfg: DictConfig, store: Store, data: InMemoryDataModule, device: torch.device,
-                   sweep: SweepInfo | None, data_seconds: float) -> Teacher:
+def obtain_teacher(ctx: RunContext) -> Teacher:
     """The teacher named by method.teacher: a file, an MLflow URI, or else the baseline of the
     model config `method.teacher.model` on the same data and seed (found in the store or trained once)."""
+    cfg, data = ctx.cfg, ctx.data
     spec = cfg.method.teacher
     teacher_model = model_config(spec.model, cfg.paths.root)
     if spec.get("checkpoint") is not None:
         return Teacher(load_teacher_file(Path(spec.checkpoint), teacher_model.net, data), f"file:{spec.checkpoint}")
     if spec.get("uri") is not None:
         with scratch_dir() as folder:
-            return Teacher(load_teacher_file(download_uri(store, spec.uri, Path(folder)), teacher_model.net, data), spec.uri)
+            return Teacher(load_teacher_file(download_uri(ctx.store, spec.uri, Path(folder)), teacher_model.net, data),
+                           spec.uri)
     teacher_cfg = copy.deepcopy(cfg)
     teacher_cfg.model = teacher_model
     fingerprint = baseline_fingerprint(teacher_cfg)
-    if find_baseline_run(store, fingerprint) is None and not live_claims(store, fingerprint):
+    if find_baseline_run(ctx.store, fingerprint) is None and not live_claims(ctx.store, fingerprint):
         log.info(teacher_training_notice(teacher_cfg, data))
-    teacher = obtain_baseline(teacher_cfg, store, data, device, sweep, data_seconds)
-    return Teacher(teacher.model, f"runs:/{teacher.run_id}/model/model.pt")
+    teacher = obtain_baseline(ctx.with_cfg(teacher_cfg))
+    return Teacher(teacher.model, run_model_uri(teacher.run_id))
 
 
 def teacher_training_notice(teacher_cfg: DictConfig, data: InMemoryDataModule) -> str:
@@ -243,6 +273,17 @@ def load_teacher_file(path: Path, net_cfg: DictConfig, data: InMemoryDataModule)
 # ----------------------------------------------------------------------------- steps 2 and 3
 
 
+def compress(ctx: RunContext, run: TrackedRun, model: nn.Module, callbacks: list[CompressionCallback],
+             teacher: Teacher | None = None) -> nn.Module:
+    """Step 2: fine-tune `model` with the method's recipe and callbacks, those that distil learning from
+    `teacher` (train_time_s into the timings)."""
+    for callback in callbacks:
+        if callback.requires_teacher:
+            callback.attach_teacher(teacher.model)
+    model, ctx.timings[TRAIN_TIME_S] = fit(ctx.cfg, ctx.cfg.method.fine_tune, model, ctx.data, callbacks, run)
+    return model
+
+
 def fit(cfg: DictConfig, recipe: DictConfig | None, model: nn.Module, data: InMemoryDataModule,
         callbacks: list[CompressionCallback], run: TrackedRun) -> tuple[nn.Module, float]:
     """Train `model` with `recipe` (epochs, optimizer, scheduler) and the callbacks; return it and the seconds.
@@ -267,55 +308,75 @@ def fit(cfg: DictConfig, recipe: DictConfig | None, model: nn.Module, data: InMe
 
 
 def finalize(model: nn.Module, callbacks: list[CompressionCallback]) -> nn.Module:
-    for callback in callbacks:  # in config order: prune, then quantize
+    """Step 3: each callback's deployable form, in config order (prune, then quantize)."""
+    for callback in callbacks:
         model = callback.finalize(model)
     return model.eval()
 
 
-# ----------------------------------------------------------------------------- steps 4 and 5
+# ----------------------------------------------------------------------------- step 4: evaluate
 
 
-def evaluate_and_track(cfg: DictConfig, run: TrackedRun, model: nn.Module, baseline: nn.Module,
-                       data: InMemoryDataModule, device: torch.device, callbacks: list[CompressionCallback],
-                       timings: dict[str, float], teacher: nn.Module | None = None) -> dict[str, float]:
-    """Measure, log, and judge: a collapsed model ends its run FAILED (RunRejected) after its
-    figures are logged, so the store shows what it scored."""
+def evaluate(ctx: RunContext, model: nn.Module, baseline: nn.Module, callbacks: list[CompressionCallback],
+             teacher: nn.Module | None = None) -> Report:
+    """Step 4: the contract's figures of the finalized model against its baseline (report.measure), each
+    method's per-layer summary, the layers it left alone, and why the model is slower when it is.
+
+    The files to log (model/, the tables) wait in `report.folder` until `track` sends them.
+    """
     started = time.perf_counter()
-    with scratch_dir() as scratch:
-        artifacts = Path(scratch) / "artifacts"  # everything in it goes to the run in one call
-        (artifacts / "model").mkdir(parents=True)
+    folder = Path(tempfile.mkdtemp(prefix="workbench-"))
+    try:
+        (folder / MODEL_FOLDER).mkdir()
         # models a callback keeps for comparison (QAT's fake-quant model), scored as test_acc_<name>
         references = {name: ref for cb in callbacks for name, ref in cb.reference_models().items()}
-        report: Report = measure(model, baseline, data, cfg.hardware, device, artifacts / "model", Path(scratch),
-                                 references, teacher)
-        timings["time_evaluate_s"] = time.perf_counter() - started
-        started = time.perf_counter()
+        with scratch_dir() as scratch:  # the baseline's (and teacher's) files, written only to be measured
+            report = measure(model, baseline, ctx.data, ctx.cfg.hardware, ctx.device, folder / MODEL_FOLDER,
+                             Path(scratch), references, teacher)
         summaries = {callback.name: callback.summary(model) for callback in callbacks}
-        tables = {**report.tables, **{f"{name}_summary.csv": rows for name, rows in summaries.items()}}
-        # every layer a method left alone is in its summary with the reason, and counted here
-        skipped = {f"layers_skipped_{name}": sum(1 for row in rows if row.get("skipped")) for name, rows in summaries.items()}
-        tags = {**report.tags}
-        reason = slower_reason(report, summaries, list(cfg.hardware.latency.batch_sizes))
-        if reason is not None:
-            tags[SLOWER_TAG] = reason
-        if tags:
-            run.set_tags(tags)
-        for artifact_file, rows in tables.items():
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    report.folder = folder
+    report.tables.update({summary_table(name): rows for name, rows in summaries.items()})
+    # every layer a method left alone is in its summary with the reason, and counted here
+    report.metrics.update({layers_skipped(name): sum(1 for row in rows if row.get("skipped"))
+                           for name, rows in summaries.items()})
+    reason = slower_reason(report, summaries, list(ctx.cfg.hardware.latency.batch_sizes))
+    if reason is not None:
+        report.tags[SLOWER_TAG] = reason
+    report.metrics[TIME_EVALUATE_S] = time.perf_counter() - started
+    return report
+
+
+# ----------------------------------------------------------------------------- step 5: track
+
+
+def track(ctx: RunContext, run: TrackedRun, report: Report) -> dict[str, float]:
+    """Step 5: tags, tables, config, params, the artifact and the metrics into the run; then judge it:
+    a collapsed model ends its run FAILED (RunRejected) after its figures are logged, so the store
+    shows what it scored. Returns the metrics logged."""
+    started = time.perf_counter()
+    try:
+        if report.tags:
+            run.set_tags(report.tags)
+        for artifact_file, rows in report.tables.items():
             if rows:
-                (artifacts / artifact_file).write_text(csv_text(rows))
-        (artifacts / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        run.log_params(config_params(cfg))
-        run.log_folder(artifacts)
-        timings["time_track_s"] = time.perf_counter() - started
-    timings["run_time_s"] = time.perf_counter() - run.started
-    metrics = {**report.metrics, **skipped, **timings}
+                (report.folder / artifact_file).write_text(csv_text(rows))
+        (report.folder / CONFIG_ARTIFACT).write_text(OmegaConf.to_yaml(ctx.cfg, resolve=True))
+        run.log_params(config_params(ctx.cfg))
+        run.log_folder(report.folder)
+    finally:
+        shutil.rmtree(report.folder, ignore_errors=True)
+    metrics = {**report.metrics, **ctx.timings, TIME_TRACK_S: time.perf_counter() - started,
+               RUN_TIME_S: time.perf_counter() - run.started}
     run.log_metrics(metrics)
     log.info("%s: test_acc %.2f%% (drop %.2f, 95%% CI %.2f..%.2f), %.1fx smaller, speedup bs1 %.2fx",
-             run_name(cfg), metrics["test_acc"], metrics["acc_drop"], metrics["acc_drop_ci95_low"],
-             metrics["acc_drop_ci95_high"], metrics["compression_ratio"], metrics.get("speedup_bs1", float("nan")))
-    for tag, text in tags.items():
-        log.warning("%s: %s: %s", run_name(cfg), tag, text)
-    check_not_collapsed(metrics["test_acc"], data.num_classes, chance_margin(cfg))
+             run_name(ctx.cfg), metrics[TEST_ACC], metrics[ACC_DROP], metrics[ACC_DROP_CI95_LOW],
+             metrics[ACC_DROP_CI95_HIGH], metrics[COMPRESSION_RATIO], metrics.get(speedup(1), float("nan")))
+    for tag, text in report.tags.items():
+        log.warning("%s: %s: %s", run_name(ctx.cfg), tag, text)
+    check_not_collapsed(metrics[TEST_ACC], ctx.data.num_classes, chance_margin(ctx.cfg))
     return metrics
 
 
@@ -337,26 +398,26 @@ def slower_reason(report: Report, summaries: dict[str, list[dict]], batch_sizes:
     """Why the model is slower than its baseline at the largest batch timed (32 where timed), from what
     the run knows; None when it is not slower than SLOWER_SPEEDUP."""
     batch = 32 if 32 in batch_sizes else max(batch_sizes)
-    speedup = report.metrics.get(f"speedup_bs{batch}", 1.0)
-    if not speedup < SLOWER_SPEEDUP:
+    ratio = report.metrics.get(speedup(batch), 1.0)
+    if not ratio < SLOWER_SPEEDUP:
         return None
     causes = []
     if NOISY_TAG in report.tags:
         causes.append(f"timed under contention ({NOISY_TAG}: {report.tags[NOISY_TAG]})")
-    if report.latency_label == "dequantized":
+    if report.latency_label == DEQUANTIZED:
         causes.append("weights decoded to float at load (dequantized): the runtime runs float32 layers "
                       "plus the decoding, not narrow kernels")
-    if report.latency_label == "simulated":
+    if report.latency_label == SIMULATED:
         causes.append("int8 simulated in float kernels (no int8 kernel ran on this runtime; "
                       "hardware=cpu with compile=auto, or cpu_ort, runs real int8)")
     for name, rows in summaries.items():
         left = [str(row.get("layer", "?")) for row in rows if row.get("skipped")]
         if left:
             causes.append(f"{name} left {len(left)} layer(s) unconverted ({', '.join(left[:4])}"
-                          f"{', ...' if len(left) > 4 else ''}; see {name}_summary.csv)")
+                          f"{', ...' if len(left) > 4 else ''}; see {summary_table(name)})")
     if not causes:
         causes.append("no known cause: re-measure")
-    return f"speedup_bs{batch} {speedup:.2f}: " + "; ".join(causes)
+    return f"{speedup(batch)} {ratio:.2f}: " + "; ".join(causes)
 
 
 # ----------------------------------------------------------------------------- context
@@ -366,17 +427,3 @@ def configure_hardware(hardware: DictConfig) -> torch.device:
     if hardware.threads is not None:
         torch.set_num_threads(hardware.threads)
     return torch.device(hardware.device)
-
-
-def current_job() -> str | None:
-    """The key of this sweep job (its overrides), or None outside a multirun."""
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return None
-    return job_key(list(HydraConfig.get().overrides.task))
-
-
-def current_sweep() -> SweepInfo | None:
-    """The sweep this job belongs to (written by sweep.SweepCallback), or None for a single run."""
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return None
-    return read_sweep_info(HydraConfig.get().sweep.dir)

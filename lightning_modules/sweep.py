@@ -5,10 +5,14 @@ before anything is trained or written), the MLflow store, experiment and the swe
 are created once in the launching process (SQLite dislikes several processes creating its schema
 at once), and `mlflow_sweep.json` in the sweep folder tells each job where to log.
 After the last job: the parent run is closed and the grid is printed as a table.
+
+Each job asks here which sweep it belongs to (`current_sweep`), which job it is (`current_job`), and
+whether an earlier launch of the same sweep already finished it (`finished_job_run`: the resume check).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 from pathlib import Path
@@ -16,25 +20,76 @@ from typing import Any
 
 import pandas as pd
 from hydra import compose
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from hydra.utils import get_class
-from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+from mlflow.entities import Run
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from omegaconf import DictConfig
 
-from lightning_modules.analysis import log_sweep_figures
 from lightning_modules.config import validate
-from lightning_modules.tracking import (
-    JOB_TAG, Store, SweepInfo, TrackedRun, child_runs, read_sweep_info, write_sweep_info,
+from lightning_modules.contract import (
+    ACC_DROP, ACC_DROP_VS_TEACHER, COMPRESSION_RATIO, COMPRESSION_RATIO_VS_TEACHER, ERROR_ARTIFACT, ERROR_TAG,
+    FAILED_RUNS_TAG, GRID_ARTIFACT, JOB_TAG, JOBS_ARTIFACT, JOBS_TAG, NOISY_REASON_COLUMN, NOISY_TAG, ROLE_SWEEP, ROLE_TAG, SLOWER_TAG,
+    SWEEP_TAG, TEACHER_TEST_ACC, TEST_ACC, speedup, vs_teacher,
 )
+from lightning_modules.tracking import Store, SweepInfo, TrackedRun, read_sweep_info, write_sweep_info
 
 log = logging.getLogger(__name__)
 
-TABLE_COLUMNS = ["model", "method", "hardware", "seed", "status", "test_acc", "acc_drop", "compression_ratio", "speedup_bs1"]
+TABLE_COLUMNS = ["model", "method", "hardware", "seed", "status", TEST_ACC, ACC_DROP, COMPRESSION_RATIO, speedup(1)]
 # runs that learned from a teacher (kd, kd_feature, agp_kd, qat_kd): their figures against it
-TEACHER_COLUMNS = ["teacher_test_acc", "acc_drop_vs_teacher", "compression_ratio_vs_teacher", "speedup_bs1_vs_teacher"]
-NOTE_TAGS = ["latency_noisy", "slower_reason", "error"]  # tags shown as footnotes (and kept in grid.csv)
+TEACHER_COLUMNS = [TEACHER_TEST_ACC, ACC_DROP_VS_TEACHER, COMPRESSION_RATIO_VS_TEACHER, vs_teacher(speedup(1))]
 NOISY_MARK = "*"
+
+
+# ----------------------------------------------------------------------------- a job of the sweep
+
+
+def current_sweep() -> SweepInfo | None:
+    """The sweep this job belongs to (written by SweepCallback), or None for a single run."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return read_sweep_info(HydraConfig.get().sweep.dir)
+
+
+def current_job() -> str | None:
+    """The key of this sweep job (its overrides), or None outside a multirun."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return job_key(list(HydraConfig.get().overrides.task))
+
+
+def job_key(overrides: list[str]) -> str:
+    """A job of a sweep is known by its overrides (tag sweep_job): relaunching the sweep into the same
+    folder (hydra.sweep.dir=...) skips the jobs that already have a FINISHED run and reruns the others."""
+    return hashlib.sha256("\n".join(sorted(overrides)).encode()).hexdigest()[:16]
+
+
+def where_to_log(tracking: DictConfig) -> tuple[Store, SweepInfo | None, str | None]:
+    """The store a run logs to (its sweep's, else tracking's), and the sweep and job it belongs to
+    (None, None for a single run)."""
+    sweep = current_sweep()
+    store = Store(sweep.tracking_uri, sweep.experiment) if sweep else Store.from_config(tracking)
+    return store, sweep, current_job() if sweep else None
+
+
+def finished_job_run(store: Store, sweep: SweepInfo | None, job: str | None) -> Run | None:
+    """The FINISHED run of this job under the sweep's parent run, if any (a resumed sweep skips the job)."""
+    if sweep is None or job is None:
+        return None
+    runs = store.client.search_runs(
+        [store.experiment_id],
+        filter_string=(f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{sweep.parent_run_id}' and tags.{JOB_TAG} = '{job}' "
+                       "and attributes.status = 'FINISHED'"),
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+# ----------------------------------------------------------------------------- the callback
 
 
 class SweepCallback(Callback):
@@ -61,8 +116,8 @@ class SweepCallback(Callback):
         store = Store.from_config(config.tracking)
         name = sweep_dir.name
         run = store.client.create_run(store.experiment_id, run_name=f"sweep-{name}",
-                                      tags={"sweep": name, "role": "sweep", "jobs": str(len(jobs))})
-        TrackedRun(store, run.info.run_id).log_text("\n".join(" ".join(job) for job in jobs), "jobs.txt")
+                                      tags={SWEEP_TAG: name, ROLE_TAG: ROLE_SWEEP, JOBS_TAG: str(len(jobs))})
+        TrackedRun(store, run.info.run_id).log_text("\n".join(" ".join(job) for job in jobs), JOBS_ARTIFACT)
         write_sweep_info(sweep_dir, SweepInfo(name, store.uri, store.experiment, run.info.run_id))
         log.info("sweep %s: parent run %s in %s", name, run.info.run_id, store.uri)
 
@@ -70,18 +125,20 @@ class SweepCallback(Callback):
         info = read_sweep_info(config.hydra.sweep.dir)
         if info is None:
             return
+        from lightning_modules.analysis import log_sweep_figures  # pandas, seaborn: only once the sweep is over
+
         store = Store(info.tracking_uri, info.experiment)
-        table = grid_table(store, info.parent_run_id)
+        table = sweep_table(info)
         parent = TrackedRun(store, info.parent_run_id)
         if not table.empty:
-            parent.log_table(table.to_dict("records"), "grid.csv")
+            parent.log_table(table.to_dict("records"), GRID_ARTIFACT)
         failed = int((table["status"] == "FAILED").sum()) if not table.empty else 0
-        parent.set_tags({"failed_runs": failed})
+        parent.set_tags({FAILED_RUNS_TAG: failed})
         log_sweep_figures(info)  # the grid's figures on the parent run, for the UI; warns, never raises
         store.client.set_terminated(info.parent_run_id, "FAILED" if failed else "FINISHED")
         print_grid(table, info)
         if failed:
-            print(f"{failed} of {len(table)} runs FAILED; their errors are in the runs' `error` tag and error.txt",
+            print(f"{failed} of {len(table)} runs FAILED; their errors are in the runs' `{ERROR_TAG}` tag and {ERROR_ARTIFACT}",
                   file=sys.stderr)
             sys.exit(1)
 
@@ -98,23 +155,14 @@ def expand_sweep(config: DictConfig) -> list[list[str]]:
     return [job for batch in sweeper_cls.split_arguments(overrides, None) for job in batch]
 
 
-def grid_table(store: Store, parent_run_id: str) -> pd.DataFrame:
-    """One row per run of the sweep; a job run more than once (a resumed sweep) shows its last attempt."""
-    latest_by_job = {}
-    for run in child_runs(store, parent_run_id):  # oldest first: a later attempt replaces an earlier one
-        latest_by_job[run.data.tags.get(JOB_TAG) or run.info.run_id] = run
-    rows = []
-    for run in latest_by_job.values():
-        tags, metrics = run.data.tags, run.data.metrics
-        rows.append({
-            "run": tags.get(MLFLOW_RUN_NAME, run.info.run_id),
-            "model": tags.get("model"), "method": tags.get("method"), "hardware": tags.get("hardware"),
-            "seed": tags.get("seed"), "status": run.info.status,
-            **{key: metrics.get(key) for key in TABLE_COLUMNS[5:]},
-            **{key: metrics.get(key) for key in TEACHER_COLUMNS},
-            **{key: tags.get(key) for key in NOTE_TAGS},
-        })
-    return pd.DataFrame(rows, columns=["run", *TABLE_COLUMNS, *TEACHER_COLUMNS, *NOTE_TAGS])
+def sweep_table(info: SweepInfo) -> pd.DataFrame:
+    """analysis.grid_table of the sweep's runs, FAILED ones included: a job run more than once (a resumed
+    sweep) shows its last attempt; the columns printed, the teacher's and the notes' (NOTE_TAGS)."""
+    from lightning_modules.analysis import grid_table, last_attempts, load_runs
+
+    runs = last_attempts(load_runs(info.tracking_uri, info.experiment, sweep=info.name, statuses=None))
+    columns = ["run_name", *TABLE_COLUMNS, *TEACHER_COLUMNS, NOISY_TAG, NOISY_REASON_COLUMN, SLOWER_TAG, ERROR_TAG]
+    return grid_table(runs, mark_noisy=False, columns=columns)
 
 
 def print_grid(table: pd.DataFrame, info: SweepInfo) -> None:
@@ -129,19 +177,20 @@ def print_grid(table: pd.DataFrame, info: SweepInfo) -> None:
         view.add_column(column, justify="right" if column not in ("model", "method", "hardware", "status") else "left")
     for row in table.itertuples(index=False):
         cells = [_cell(getattr(row, column)) for column in TABLE_COLUMNS]
-        if _present(row.latency_noisy):
+        if bool(getattr(row, NOISY_TAG)):
             cells[-1] += NOISY_MARK
         view.add_row(*cells)
     console.print(view)
     for line in grid_notes(table):
         console.print(line, highlight=False, soft_wrap=True)
-    taught = table[table["teacher_test_acc"].notna()] if not table.empty else table
+    taught = table[table[TEACHER_TEST_ACC].notna()] if TEACHER_TEST_ACC in table else table.iloc[0:0]
     if not taught.empty:
         teachers = Table(title="runs with a teacher: the student against its teacher (timed side by side)")
-        for column in ["run", *TEACHER_COLUMNS]:
-            teachers.add_column(column, justify="left" if column == "run" else "right")
+        shown = ["run_name", *[column for column in TEACHER_COLUMNS if column in table]]
+        for column in shown:
+            teachers.add_column(column, justify="left" if column == "run_name" else "right")
         for row in taught.itertuples(index=False):
-            teachers.add_row(*[_cell(getattr(row, column)) for column in ["run", *TEACHER_COLUMNS]])
+            teachers.add_row(*[_cell(getattr(row, column)) for column in shown])
         console.print(teachers)
     print(f"Browse them: scripts/mlflow_ui.sh   (store: {info.tracking_uri})")
 
@@ -151,14 +200,14 @@ def grid_notes(table: pd.DataFrame) -> list[str]:
     notes = []
     if table.empty:
         return notes
-    noisy = table[table["latency_noisy"].map(_present)]
+    noisy = table[table[NOISY_TAG].astype(bool)]
     if not noisy.empty:
-        notes.append(f"{NOISY_MARK} timed under contention (tag latency_noisy); re-measure before trusting the speedup:")
-        notes += [f"    {row.run}: {row.latency_noisy}" for row in noisy.itertuples(index=False)]
-    slower = table[table["slower_reason"].map(_present)]
+        notes.append(f"{NOISY_MARK} timed under contention (tag {NOISY_TAG}); re-measure before trusting the speedup:")
+        notes += [f"    {row.run_name}: {getattr(row, NOISY_REASON_COLUMN)}" for row in noisy.itertuples(index=False)]
+    slower = table[table[SLOWER_TAG].map(_present)]
     if not slower.empty:
-        notes.append("slower than the baseline (tag slower_reason):")
-        notes += [f"    {row.run}: {row.slower_reason}" for row in slower.itertuples(index=False)]
+        notes.append(f"slower than the baseline (tag {SLOWER_TAG}):")
+        notes += [f"    {row.run_name}: {getattr(row, SLOWER_TAG)}" for row in slower.itertuples(index=False)]
     return notes
 
 

@@ -8,7 +8,6 @@ one process (a multirun, a baseline trained on demand) never step on each other.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -31,12 +30,13 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from omegaconf import DictConfig, OmegaConf
 
-log = logging.getLogger(__name__)
+from lightning_modules.contract import (
+    CLAIM_HOST_TAG, CLAIM_PID_TAG, DATA_TAG, ERROR_ARTIFACT, ERROR_TAG, FINGERPRINT_TAG, GIT_COMMIT_TAG, GIT_DIRTY_TAG,
+    HARDWARE_TAG, METHOD_TAG, MODEL_ARTIFACT, MODEL_FILE, MODEL_TAG, SEED_TAG, STORE_ARTIFACTS, SWEEP_FILE,
+    SWEEP_TAG, resolve_store_uri, sqlite_path,
+)
 
-SWEEP_FILE = "mlflow_sweep.json"
-MODEL_ARTIFACT = "model/model.pt"
-FINGERPRINT_TAG = "baseline_fingerprint"  # only on runs that trained a baseline
-ERROR_TAG = "error"
+log = logging.getLogger(__name__)
 
 
 class RunRejected(RuntimeError):
@@ -54,22 +54,18 @@ class Store:
     @classmethod
     def from_config(cls, tracking: DictConfig) -> Store:
         """MLFLOW_TRACKING_URI wins when set; else tracking.uri; else the SQLite file in store_dir."""
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.get("uri")
-        if uri is None:
-            uri = f"sqlite:///{Path(tracking.store_dir).resolve() / 'mlflow.db'}"
-        return cls(uri, tracking.experiment)
+        return cls(resolve_store_uri(configured=tracking.get("uri"), store_dir=tracking.store_dir), tracking.experiment)
 
     @property
     def artifact_root(self) -> str | None:
         """A local SQLite store keeps its artifacts beside the database; a server decides for itself."""
-        if self.uri.startswith("sqlite:///"):
-            return (Path(self.uri.removeprefix("sqlite:///")).resolve().parent / "artifacts").as_uri()
-        return None
+        database = sqlite_path(self.uri)
+        return (database.resolve().parent / STORE_ARTIFACTS).as_uri() if database is not None else None
 
     @cached_property
     def client(self) -> MlflowClient:
-        if self.uri.startswith("sqlite:///"):
-            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        if (database := sqlite_path(self.uri)) is not None:
+            database.parent.mkdir(parents=True, exist_ok=True)
         if self.uri.startswith(("http://", "https://")):
             self.check_server()
         return MlflowClient(tracking_uri=self.uri)
@@ -178,7 +174,7 @@ def record_failure(run: TrackedRun, error: BaseException) -> None:
     message = str(error) if isinstance(error, RunRejected) else f"{type(error).__name__}: {error}"
     try:
         run.set_tags({ERROR_TAG: message[:5000]})
-        run.log_text("".join(traceback.format_exception(error)), "error.txt")
+        run.log_text("".join(traceback.format_exception(error)), ERROR_ARTIFACT)
     finally:
         run.store.client.set_terminated(run.run_id, "FAILED")
 
@@ -190,9 +186,9 @@ def run_name(cfg: DictConfig) -> str:
 def run_tags(cfg: DictConfig, sweep: str | None) -> dict[str, str]:
     commit, dirty = git_state(str(Path(cfg.paths.root).resolve()))
     return {
-        "data": cfg.data.name, "model": cfg.model.name, "method": cfg.method.name,
-        "hardware": cfg.hardware.name, "seed": str(cfg.seed), "sweep": sweep or "",
-        "git_commit": commit, "git_dirty": str(dirty).lower(),
+        DATA_TAG: cfg.data.name, MODEL_TAG: cfg.model.name, METHOD_TAG: cfg.method.name,
+        HARDWARE_TAG: cfg.hardware.name, SEED_TAG: str(cfg.seed), SWEEP_TAG: sweep or "",
+        GIT_COMMIT_TAG: commit, GIT_DIRTY_TAG: str(dirty).lower(),
     }
 
 
@@ -260,7 +256,6 @@ def baseline_runs(store: Store, fingerprint: str, status: str) -> list:
 # arbiter, so it works across machines: a job that trains a baseline opens its run (tagged with the
 # fingerprint) first, as a claim; the oldest RUNNING claim wins, the others delete theirs and wait
 # for it to finish. A claim whose process is gone (same host, dead pid) is marked FAILED and retaken.
-CLAIM_HOST_TAG, CLAIM_PID_TAG = "claim_host", "claim_pid"
 CLAIM_POLL_SECONDS = 2.0
 
 
@@ -313,7 +308,7 @@ def abandon_if_dead(store: Store, run) -> bool:
     pid = int(tags[CLAIM_PID_TAG])
     if pid == os.getpid() or _process_alive(pid):
         return False
-    store.client.set_tag(run.info.run_id, "error", f"abandoned: process {pid} on this host is gone")
+    store.client.set_tag(run.info.run_id, ERROR_TAG, f"abandoned: process {pid} on this host is gone")
     store.client.set_terminated(run.info.run_id, "FAILED")
     return True
 
@@ -341,7 +336,7 @@ def download_uri(store: Store, uri: str, destination: Path) -> Path:
 
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(destination), tracking_uri=store.uri))
     if local.is_dir():
-        candidates = [local / MODEL_ARTIFACT, local / "model.pt"]
+        candidates = [local / MODEL_ARTIFACT, local / MODEL_FILE]
         local = next((path for path in candidates if path.is_file()), None)
         if local is None:
             raise FileNotFoundError(f"{uri} holds no workbench model file ({MODEL_ARTIFACT} or model.pt)")
@@ -370,35 +365,6 @@ def write_sweep_info(sweep_dir: str | Path, info: SweepInfo) -> None:
 def read_sweep_info(sweep_dir: str | Path) -> SweepInfo | None:
     path = Path(sweep_dir) / SWEEP_FILE
     return SweepInfo(**json.loads(path.read_text())) if path.exists() else None
-
-
-# A job of a sweep is known by its overrides: relaunching the sweep into the same folder
-# (hydra.sweep.dir=...) skips the jobs that already have a FINISHED run and reruns the others.
-JOB_TAG = "sweep_job"
-
-
-def job_key(overrides: list[str]) -> str:
-    return hashlib.sha256("\n".join(sorted(overrides)).encode()).hexdigest()[:16]
-
-
-def finished_job_run(store: Store, parent_run_id: str, job: str):
-    """The FINISHED run of this job under the sweep's parent run, if any."""
-    runs = store.client.search_runs(
-        [store.experiment_id],
-        filter_string=(f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}' and tags.{JOB_TAG} = '{job}' "
-                       "and attributes.status = 'FINISHED'"),
-        max_results=1,
-    )
-    return runs[0] if runs else None
-
-
-def child_runs(store: Store, parent_run_id: str) -> list:
-    return store.client.search_runs(
-        [store.experiment_id],
-        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'",
-        order_by=["attributes.start_time ASC"],
-        max_results=50000,
-    )
 
 
 def scratch_dir() -> tempfile.TemporaryDirectory:

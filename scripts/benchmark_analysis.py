@@ -38,6 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere, installed or not
 
 from lightning_modules import analysis  # noqa: E402
+from lightning_modules.contract import (  # noqa: E402
+    EXPERIMENT, MACS_DENSE, MACS_EFFECTIVE, MACS_EFFECTIVE_THEORETICAL, ROLE_SWEEP, ROLE_TAG, SWEEP_TAG, sqlite_uri,
+)
 
 SWEEP = "benchmark"
 MODELS = {"lenet300": 1.0, "lenet5": 1.6, "resnet20": 4.0, "mobilenetv2": 6.0}  # model -> relative latency
@@ -80,8 +83,8 @@ def fake_metrics(model: str, method: str, hardware: str, rng: np.random.Generato
         "acc_drop": drop, "acc_drop_ci95_low": drop - 0.6, "acc_drop_ci95_high": drop + 0.6,
         "params_total": 60000.0 * MODELS[model], "params_nonzero": 60000.0 * MODELS[model] * (1 - sparsity),
         "sparsity": sparsity, "size_bytes": 240000.0 * MODELS[model] / ratio, "compression_ratio": ratio,
-        "flops_dense": 4.0e5 * MODELS[model], "flops_effective": 4.0e5 * MODELS[model],
-        "flops_effective_theoretical": 4.0e5 * MODELS[model] * (1 - sparsity), "train_time_s": 30 * rng.random(),
+        MACS_DENSE: 4.0e5 * MODELS[model], MACS_EFFECTIVE: 4.0e5 * MODELS[model],
+        MACS_EFFECTIVE_THEORETICAL: 4.0e5 * MODELS[model] * (1 - sparsity), "train_time_s": 30 * rng.random(),
     }
     for batch in (1, 32):
         latency = baseline_latency * batch ** 0.5 / speedup * rng.lognormal(0, 0.05)
@@ -92,14 +95,14 @@ def fake_metrics(model: str, method: str, hardware: str, rng: np.random.Generato
 
 def write_store(root: Path, count: int) -> tuple[str, bool]:
     """A store holding one sweep of `count` fake runs: (its URI, whether it was written now or reused)."""
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = sqlite_uri(root)
     client = MlflowClient(uri)
-    found = client.get_experiment_by_name(analysis.DEFAULT_EXPERIMENT)
+    found = client.get_experiment_by_name(EXPERIMENT)
     if found is not None and len(client.search_runs([found.experiment_id], max_results=count + 1)) > count:
         return uri, False
     exp_id = found.experiment_id if found is not None else client.create_experiment(
-        analysis.DEFAULT_EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
-    parent = client.create_run(exp_id, run_name=f"sweep-{SWEEP}", tags={"sweep": SWEEP, "role": "sweep"}).info.run_id
+        EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
+    parent = client.create_run(exp_id, run_name=f"sweep-{SWEEP}", tags={SWEEP_TAG: SWEEP, ROLE_TAG: ROLE_SWEEP}).info.run_id
     rng = np.random.default_rng(0)
     now = int(time.time() * 1000)
     for index, (model, method, hardware, seed) in enumerate(grid(count)):

@@ -54,6 +54,7 @@ from lightning_modules.compression.distillation import (
     KnowledgeDistillation,
     view_outputs,
 )
+from lightning_modules.contract import EXPERIMENT, SWEEP_TAG, run_model_uri, sqlite_uri
 from lightning_modules.data import FixedViews, InMemoryDataModule
 from lightning_modules.models import LeNet5, resnet20
 from lightning_modules.task import ClassificationTask
@@ -74,7 +75,7 @@ def train(uri: str, folder: Path, *overrides: str) -> None:
 
 def runs(uri: str, **tags: str) -> list:
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("workbench")
+    experiment = client.get_experiment_by_name(EXPERIMENT)
     found = client.search_runs([experiment.experiment_id], max_results=1000)
     return [r for r in found if all(r.data.tags.get(k) == v for k, v in tags.items())]
 
@@ -86,12 +87,12 @@ def accuracy(args: argparse.Namespace) -> None:
     kd += args.kd_set
     with tempfile.TemporaryDirectory(prefix="workbench-kd-") as temporary:
         scratch = args.store or temporary  # a kept store: its baselines and teacher logits serve later calls
-        uri = f"sqlite:///{scratch}/mlflow.db"
+        uri = sqlite_uri(scratch)
         if args.teacher_checkpoint is None:
             train(uri, Path(scratch) / f"teacher-{os.getpid()}", "model=resnet20", "method=baseline",
                   f"data.augment={args.teacher_augment}", f"baseline.epochs={args.teacher_epochs}")
             found = sorted(runs(uri, model="resnet20"), key=lambda r: r.info.start_time)[-1]
-            teacher = [f"method.teacher.uri=runs:/{found.info.run_id}/model/model.pt"]
+            teacher = [f"method.teacher.uri={run_model_uri(found.info.run_id)}"]
             print(f"teacher: resnet20 trained here, test_acc {found.data.metrics['test_acc']:.2f}% "
                   f"({args.teacher_epochs} epochs, data.augment={args.teacher_augment})")
         else:
@@ -115,7 +116,7 @@ def print_gains(uri: str, args: argparse.Namespace, augment: str, kd_sweep: str,
     student_runs = [r for r in student_runs if r.data.params.get("model.net.width_multiplier") == str(args.width)
                     and r.data.params.get("data.augment") == ("None" if augment == "null" else augment)]
     baselines = {r.data.tags["seed"]: r.data.metrics for r in student_runs if r.data.tags["method"] == "baseline"}
-    distilled = {r.data.tags["seed"]: r.data.metrics for r in student_runs if r.data.tags.get("sweep") == kd_sweep}
+    distilled = {r.data.tags["seed"]: r.data.metrics for r in student_runs if r.data.tags.get(SWEEP_TAG) == kd_sweep}
     print(f"\n== student lenet5 x{args.width}: {baselines[str(args.first_seed)]['params_total']:.0f} params, "
           f"{args.epochs} epochs from scratch, data.augment={augment}, the same recipe with and without KD; "
           f"KD {' '.join(kd) or 'defaults'}")

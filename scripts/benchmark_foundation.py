@@ -21,10 +21,13 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from anywhere, installed or not
+
+from lightning_modules.contract import EXPERIMENT, ROLE_SWEEP, ROLE_TAG, sqlite_uri  # noqa: E402
 
 
 def run_sweep(overrides: list[str], folder: Path) -> tuple[float, str]:
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = sqlite_uri(folder)
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     command = [sys.executable, str(ROOT / "train.py"), "-m", *overrides,
                f"hydra.sweep.dir={folder / 'sweep'}", "trainer.enable_progress_bar=false"]
@@ -38,11 +41,11 @@ def run_sweep(overrides: list[str], folder: Path) -> tuple[float, str]:
 
 def runs_table(uri: str) -> pd.DataFrame:
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("workbench")
+    experiment = client.get_experiment_by_name(EXPERIMENT)
     rows = []
     for run in client.search_runs([experiment.experiment_id]):
         tags, m = run.data.tags, run.data.metrics
-        if tags.get("role") == "sweep":
+        if tags.get(ROLE_TAG) == ROLE_SWEEP:
             continue
         tracked = m["run_time_s"] + m["time_baseline_s"]  # the run, plus fetching its baseline
         rows.append({

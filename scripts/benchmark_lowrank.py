@@ -48,6 +48,9 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch.profiler import ProfilerActivity, profile
 
+from lightning_modules.contract import (
+    BASELINE_MACS_DENSE, BASELINE_METHOD, BASELINE_RUN_TAG, EXPERIMENT, MACS_DENSE, MODEL_ARTIFACT, sqlite_uri,
+)
 from lightning_modules.evaluation.artifact import load_deployable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +77,7 @@ COLUMNS = ["model", "method", "seed", "rank", "rank_multiple", "channels_last", 
 
 def run_grid(out: Path, baseline_epochs: int | None, fine_tune_epochs: int | None, seeds: str,
              models: list[str] | None = None) -> None:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}",
+    env = {**os.environ, "MLFLOW_TRACKING_URI": sqlite_uri(out),
            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
     for number, (model, method, sweep) in enumerate(GRID):
         if models is not None and model not in models:
@@ -92,15 +95,15 @@ def run_grid(out: Path, baseline_epochs: int | None, fine_tune_epochs: int | Non
 
 
 def read_rows(out: Path) -> list[dict[str, object]]:
-    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("workbench")
+    client = MlflowClient(sqlite_uri(out))
+    experiment = client.get_experiment_by_name(EXPERIMENT)
     rows = []
     for run in client.search_runs([experiment.experiment_id], max_results=1000, order_by=["attributes.start_time ASC"]):
         tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
-        if tags.get("method") in (None, "baseline") or "flops_dense" not in metrics:
+        if tags.get("method") in (None, BASELINE_METHOD) or MACS_DENSE not in metrics:
             continue
-        theoretical = metrics["baseline_flops_dense"] / metrics["flops_dense"]
-        baseline_params = client.get_run(tags["baseline_run_id"]).data.metrics["params_total"]
+        theoretical = metrics[BASELINE_MACS_DENSE] / metrics[MACS_DENSE]
+        baseline_params = client.get_run(tags[BASELINE_RUN_TAG]).data.metrics["params_total"]
         rows.append({
             "model": tags["model"], "method": tags["method"] + ("+svd" if "method.callbacks.linear.decomposition" in params else ""),
             "seed": tags.get("seed"),
@@ -134,17 +137,17 @@ def print_profile(out: Path, model_name: str, top: int = 6) -> None:
     """The top operators of the model's baseline and of each of its low-rank runs, one thread, batch 32."""
     torch.set_num_threads(1)  # cpu_1t, as the grid ran
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("workbench")
+    client = MlflowClient(sqlite_uri(out))
+    experiment = client.get_experiment_by_name(EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id], f"tags.model = '{model_name}'", max_results=1000,
                               order_by=["attributes.start_time ASC"])
     for run in runs:
-        if "flops_dense" not in run.data.metrics:
+        if MACS_DENSE not in run.data.metrics:
             continue
         params = run.data.params
         label = (f"{run.data.tags['method']} rank={params.get('method.rank')} min_speedup={params.get('method.min_speedup')} "
                  f"channels_last={params.get('method.callbacks.factor.channels_last')}")
-        model = load_deployable(client.download_artifacts(run.info.run_id, "model/model.pt", str(out / "profile")))
+        model = load_deployable(client.download_artifacts(run.info.run_id, MODEL_ARTIFACT, str(out / "profile")))
         times = operator_times(model, (1, 28, 28))
         ranked = sorted(times.items(), key=lambda item: -item[1])[:top]
         print(f"{label}: {sum(times.values()):.3f} ms/forward; " + ", ".join(f"{op} {ms:.3f}" for op, ms in ranked))

@@ -62,6 +62,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lightning_modules.contract import BASELINE_MACS_DENSE, EXPERIMENT, MACS_DENSE, sqlite_uri  # noqa: E402
 from lightning_modules.compression.pruning import ChannelPruning, iterative_sparsities  # noqa: E402
 from lightning_modules.evaluation.complexity import count_macs  # noqa: E402
 from lightning_modules.evaluation.latency import measure_latency  # noqa: E402
@@ -73,7 +74,7 @@ SHORT_LATENCY = ["hardware.latency.warmup=2", "hardware.latency.repeats=5"]
 
 
 def train(args: list[str], store: Path) -> None:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}",
+    env = {**os.environ, "MLFLOW_TRACKING_URI": sqlite_uri(store),
            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
     command = [sys.executable, str(ROOT / "train.py"), "-m", *args, "trainer.enable_progress_bar=false",
                f"hydra.sweep.dir={store / 'sweeps' / str(time.time_ns())}"]
@@ -84,8 +85,8 @@ def train(args: list[str], store: Path) -> None:
 
 
 def runs_table(store: Path) -> pd.DataFrame:
-    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("workbench")
+    client = MlflowClient(sqlite_uri(store))
+    experiment = client.get_experiment_by_name(EXPERIMENT)
     rows = []
     for run in client.search_runs([experiment.experiment_id], max_results=5000):
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
@@ -358,8 +359,8 @@ def main() -> None:
                "hardware=cpu_1t", f"seed={args.seeds}"], store)
         channel_run = runs_table(store).query("method == 'channel'")
         print("\n== channel 50% (the shipped default) through the pipeline on cpu_1t")
-        columns = ["model", "seed", "baseline_test_acc", "test_acc", "acc_drop", "params_total", "flops_dense",
-                   "baseline_flops_dense", "speedup_bs1", "speedup_bs32", "train_time_s"]
+        columns = ["model", "seed", "baseline_test_acc", "test_acc", "acc_drop", "params_total", MACS_DENSE,
+                   BASELINE_MACS_DENSE, "speedup_bs1", "speedup_bs32", "train_time_s"]
         print(channel_run[[c for c in columns if c in channel_run]].round(3).to_string(index=False))
         print("mean acc_drop by model:\n" + channel_run.groupby("model")["acc_drop"].mean().round(2).to_string())
     print(f"\nbenchmark wall time: {time.perf_counter() - started:.0f} s; store: {store}")

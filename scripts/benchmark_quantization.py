@@ -48,6 +48,7 @@ from lightning_modules.evaluation.latency import measure_latency  # noqa: E402
 from lightning_modules.evaluation.runtime import (  # noqa: E402
     INT8_OPS, CompiledModel, export_onnx, optimized_ops, ort_load, torch_eager,
 )
+from lightning_modules.contract import sqlite_uri  # noqa: E402
 from lightning_modules.experiment import baseline_fingerprint, run_experiment  # noqa: E402
 from lightning_modules.evaluation.artifact import load_deployable  # noqa: E402
 from lightning_modules.tracking import Store, download_model_file, find_baseline_run  # noqa: E402
@@ -176,7 +177,7 @@ def main() -> None:
     epochs = dict(item.split("=") for item in args.baseline_epochs.split(","))
     folder = Path(args.store or tempfile.mkdtemp(prefix="workbench-quant-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = sqlite_uri(folder)
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     rows, started = [], time.perf_counter()
     for model in args.models.split(","):

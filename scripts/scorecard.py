@@ -61,10 +61,15 @@ from typing import Any
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from anywhere, installed or not
+
+from lightning_modules.contract import (  # noqa: E402
+    ERROR_TAG, EXPERIMENT, NOISY_TAG, SLOWER_TAG, STORE_DB, TEACHER_METRICS, speedup, sqlite_uri,
+)
+
 DATA = "mnist5k"
 DEFAULT_MODELS = ("lenet300", "lenet5")
 DEFAULT_SEEDS = (0, 1, 2)
-EXPERIMENT = "workbench"
 
 # ============================================================================ what is run
 
@@ -123,7 +128,7 @@ def phase(spec: RowSpec) -> int:
 CHANCE_ACC = 10.0  # ten classes
 COLLAPSE_MARGIN = 2.0  # within 2 points of chance: collapsed (issue 12)
 UNSTRUCTURED = ("magnitude", "agp", "iterative", "taylor", "lottery")
-KD_METRICS = ("teacher_test_acc", "acc_drop_vs_teacher", "compression_ratio_vs_teacher", "speedup_bs32_vs_teacher")
+KD_METRICS = TEACHER_METRICS
 
 
 @dataclass(frozen=True)
@@ -234,7 +239,7 @@ def check_finished(row: Row, _value: Any, _rows: dict) -> tuple[bool | None, str
         return True, ""
     parts = []
     for run in bad:
-        error = run.tags.get("error", "")
+        error = run.tags.get(ERROR_TAG, "")
         parts.append(f"seed {run.seed} {run.status}" + (f" ({error[:160]})" if error else ""))
     if len(bad) > 1 and len({part.split(" ", 2)[2] for part in parts}) == 1:  # the same status and error: say it once
         seeds = ",".join(str(run.seed) for run in bad)
@@ -252,7 +257,7 @@ def check_not_collapsed(row: Row, threshold: float, _rows: dict) -> tuple[bool |
 
 def check_slower_has_reason(row: Row, threshold: float, _rows: dict) -> tuple[bool | None, str]:
     untold = [run for run in row.finished
-              if run.metrics.get("speedup_bs32", 1.0) < threshold and not run.tags.get("slower_reason")]
+              if run.metrics.get(speedup(32), 1.0) < threshold and not run.tags.get(SLOWER_TAG)]
     if not untold:
         return True, ""
     return False, ("slower with no slower_reason tag: "
@@ -495,14 +500,14 @@ def _model_order() -> list[str]:
 
 
 def store_uri(store: Path) -> str:
-    return f"sqlite:///{store.resolve() / 'mlflow.db'}"
+    return sqlite_uri(store)
 
 
 def seed_store(store: Path, source: Path) -> None:
     """Baselines from another SQLite store: the whole file copied into a store that has none (its
     experiment's new artifacts then go to `store`), else the FINISHED baseline runs `store` lacks
     merged in (rows copied with their tags, params and metrics; their artifacts stay where they are)."""
-    database = store / "mlflow.db"
+    database = store / STORE_DB
     if not database.exists():
         store.mkdir(parents=True, exist_ok=True)
         shutil.copy(source, database)
@@ -561,7 +566,7 @@ def read_rows(store: Path, tag: str, jobs: list[Job]) -> list[Row]:
     """One Row per job; each seed's last attempt in its group's sweep (MISSING when none)."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=store_uri(store)) if (store / "mlflow.db").exists() else None
+    client = MlflowClient(tracking_uri=store_uri(store)) if (store / STORE_DB).exists() else None
     experiment = client.get_experiment_by_name(EXPERIMENT) if client is not None else None  # none: nothing run yet
     sweeps = {(spec, model): group.name(tag) for group in group_jobs(jobs) for spec in group.specs
               for model in group.models}
@@ -612,11 +617,11 @@ def asked(row: Row) -> str:
 def notes(row: Row) -> str:
     parts = []
     finished = row.finished
-    for tag in ("latency_noisy", "slower_reason"):
+    for tag in (NOISY_TAG, SLOWER_TAG):
         tagged = [run for run in finished if run.tags.get(tag) not in (None, "", "false", "False")]
         if tagged:
             value = tagged[0].tags[tag]
-            parts.append(f"{tag} {len(tagged)}/{len(finished)}" + (f": {value[:60]}" if tag == "slower_reason" else ""))
+            parts.append(f"{tag} {len(tagged)}/{len(finished)}" + (f": {value[:60]}" if tag == SLOWER_TAG else ""))
     if row.spec.method == "kd" and finished:
         vs = {name: row.mean(name) for name in KD_METRICS}
         if any(value is not None for value in vs.values()):

@@ -15,7 +15,6 @@ import os
 import sys
 from pathlib import Path
 
-import hydra
 import matplotlib
 
 matplotlib.use("Agg")
@@ -30,7 +29,10 @@ sys.path.insert(0, str(ROOT))
 from lightning_modules.compression.pruning import sparsity_sensitivity  # noqa: E402
 from lightning_modules.config import validate  # noqa: E402
 from lightning_modules.evaluation.accuracy import predict  # noqa: E402
-from lightning_modules.experiment import configure_hardware, obtain_baseline  # noqa: E402
+from lightning_modules.contract import (  # noqa: E402
+    BASELINE_RUN_TAG, METHOD_TAG, ROLE_SENSITIVITY, ROLE_TAG, SENSITIVITY_ARTIFACT,
+)
+from lightning_modules.experiment import obtain_baseline, open_context  # noqa: E402
 from lightning_modules.tracking import Store, run_tags, scratch_dir, tracked_run  # noqa: E402
 
 DEFAULT_SPARSITIES = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
@@ -39,17 +41,17 @@ DEFAULT_SPARSITIES = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
 def sensitivity(cfg: DictConfig, sparsities: list[float]) -> pd.DataFrame:
     """Run the analysis for `cfg` (a composed workbench config) and log it; returns the table."""
     validate(cfg)
-    device = configure_hardware(cfg.hardware)
-    store = Store.from_config(cfg.tracking)
-    data = hydra.utils.instantiate(cfg.data)
-    baseline = obtain_baseline(cfg, store, data, device, None, data_seconds=0.0)
+    ctx = open_context(cfg, Store.from_config(cfg.tracking), sweep=None, job=None)
+    baseline = obtain_baseline(ctx)
+    device = ctx.device
     model = baseline.model.to(device).eval()
-    test = data.split("test")
+    test = ctx.data.split("test")
     rows = sparsity_sensitivity(model, lambda m: 100.0 * predict(m, test, device).accuracy, sparsities)
     table = pd.DataFrame(rows)
-    tags = {**run_tags(cfg, None), "role": "sensitivity", "method": "sensitivity", "baseline_run_id": baseline.run_id}
-    with tracked_run(store, f"sensitivity-{cfg.model.name}-{cfg.data.name}-s{cfg.seed}", tags, None) as run:
-        run.log_table(rows, "sensitivity.csv")
+    tags = {**run_tags(cfg, None), ROLE_TAG: ROLE_SENSITIVITY, METHOD_TAG: ROLE_SENSITIVITY,
+            BASELINE_RUN_TAG: baseline.run_id}
+    with tracked_run(ctx.store, f"sensitivity-{cfg.model.name}-{cfg.data.name}-s{cfg.seed}", tags, None) as run:
+        run.log_table(rows, SENSITIVITY_ARTIFACT)
         run.log_metrics({f"acc_drop_{row['layer']}_s{int(round(100 * row['sparsity']))}": row["acc_drop"] for row in rows})
         with scratch_dir() as folder:
             figure = plot(table, f"{cfg.model.name} on {cfg.data.name}: each layer pruned alone, no fine-tuning")

@@ -12,6 +12,8 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
+from lightning_modules.contract import EXPERIMENT
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
@@ -51,7 +53,7 @@ def run_train(args: list[str], tmp_path: Path, timeout: int = 600) -> subprocess
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
 
 
-def all_runs(uri: str, experiment: str = "workbench") -> list:
+def all_runs(uri: str, experiment: str = EXPERIMENT) -> list:
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
     return [] if found is None else client.search_runs([found.experiment_id], max_results=1000)

@@ -24,9 +24,10 @@ from scipy import stats
 from torch import nn
 
 from lightning_modules import analysis
+from lightning_modules.contract import EXPERIMENT, resolve_store_uri
 from lightning_modules.models import LeNet300
 from lightning_modules.tracking import SweepInfo
-from tests.conftest import FAST, compose_config
+from tests.conftest import FAST, ROOT, compose_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -37,7 +38,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 class FakeStore:
     """A SQLite store whose runs are written directly with log_batch (no training)."""
 
-    def __init__(self, root: Path, experiment: str = "workbench") -> None:
+    def __init__(self, root: Path, experiment: str = EXPERIMENT) -> None:
         self.uri = f"sqlite:///{root / 'mlflow.db'}"
         self.client = MlflowClient(self.uri)
         self.experiment = experiment
@@ -111,9 +112,9 @@ def grid_store(fake_store: FakeStore) -> FakeStore:
 
 def test_default_tracking_uri_prefers_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////somewhere/mlflow.db")
-    assert analysis.default_tracking_uri() == "sqlite:////somewhere/mlflow.db"
+    assert resolve_store_uri() == "sqlite:////somewhere/mlflow.db"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    assert analysis.default_tracking_uri() == f"sqlite:///{analysis.ROOT / 'mlruns' / 'mlflow.db'}"
+    assert resolve_store_uri() == f"sqlite:///{ROOT / 'mlruns' / 'mlflow.db'}"
 
 
 def test_load_runs_of_one_sweep_is_tidy(grid_store: FakeStore) -> None:
@@ -283,7 +284,7 @@ def test_scatter_survives_runs_without_the_metric() -> None:
 
 
 def test_log_sweep_figures_puts_the_overview_on_the_parent_run(grid_store: FakeStore) -> None:
-    info = SweepInfo("s1", grid_store.uri, "workbench", grid_store.parent)
+    info = SweepInfo("s1", grid_store.uri, EXPERIMENT, grid_store.parent)
     logged = analysis.log_sweep_figures(info, budget=1.0)
 
     assert "figures/accuracy_vs_compression.png" in logged and "figures/best_within_1pt_drop.csv" in logged
@@ -299,7 +300,7 @@ def test_log_sweep_figures_warns_and_never_raises(grid_store: FakeStore, monkeyp
         raise RuntimeError("no fonts today")
 
     monkeypatch.setattr(analysis, "grid_overview", broken)
-    info = SweepInfo("s1", grid_store.uri, "workbench", grid_store.parent)
+    info = SweepInfo("s1", grid_store.uri, EXPERIMENT, grid_store.parent)
     with caplog.at_level(logging.WARNING, logger="lightning_modules.analysis"):
         assert analysis.log_sweep_figures(info) == []
     assert "could not log the figures of sweep s1 (RuntimeError: no fonts today)" in caplog.text
@@ -308,7 +309,7 @@ def test_log_sweep_figures_warns_and_never_raises(grid_store: FakeStore, monkeyp
 
 def test_log_sweep_figures_of_an_empty_sweep_logs_nothing(fake_store: FakeStore) -> None:
     parent = fake_store.add_run({"sweep": "empty", "role": "sweep"})
-    assert analysis.log_sweep_figures(SweepInfo("empty", fake_store.uri, "workbench", parent)) == []
+    assert analysis.log_sweep_figures(SweepInfo("empty", fake_store.uri, EXPERIMENT, parent)) == []
 
 
 # ----------------------------------------------------------------------------- one run in depth
@@ -643,7 +644,7 @@ def test_pruning_curves_keep_other_knobs_apart() -> None:
 
 def test_the_sweep_logs_its_configurations(agp_store: FakeStore) -> None:
     parent = agp_store.add_run({"sweep": "s1", "role": "sweep"})
-    logged = analysis.log_sweep_figures(SweepInfo("s1", agp_store.uri, "workbench", parent))
+    logged = analysis.log_sweep_figures(SweepInfo("s1", agp_store.uri, EXPERIMENT, parent))
     assert "figures/configurations.csv" in logged
     table = pd.read_csv(agp_store.client.download_artifacts(parent, "figures/configurations.csv"))
     assert table["n"].tolist() == [3, 3, 3, 3] and table["latency_noisy"].sum() == 1

@@ -14,6 +14,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
+from lightning_modules.contract import BASELINE_MACS_DENSE, MACS_DENSE
 from lightning_modules.compression.lowrank import (
     DECOMPOSITIONS,
     LowRankDecomposition,
@@ -455,7 +456,7 @@ def test_tucker_with_svd_run_end_to_end_is_smaller_and_logs_its_tables(tmp_path:
     [run] = [r for r in all_runs(store_uri) if r.data.tags.get("method") == "tucker"]
     assert run.info.status == "FINISHED"
     metrics = run.data.metrics
-    assert metrics["flops_dense"] < metrics["baseline_flops_dense"]
+    assert metrics[MACS_DENSE] < metrics[BASELINE_MACS_DENSE]
     assert metrics["compression_ratio"] > 1.0
     client = MlflowClient(store_uri)
     text = Path(client.download_artifacts(run.info.run_id, "tucker_summary.csv", str(tmp_path))).read_text()
@@ -477,7 +478,7 @@ def test_cp_runs_end_to_end_finite_smaller_and_fine_tuned(model: str, tmp_path: 
     assert run.info.status == "FINISHED"
     metrics = run.data.metrics
     assert all(math.isfinite(metrics[key]) for key in ("test_loss", "test_acc", "latency_ms_p50_bs1"))
-    assert metrics["flops_dense"] < metrics["baseline_flops_dense"]
+    assert metrics[MACS_DENSE] < metrics[BASELINE_MACS_DENSE]
     assert metrics["train_time_s"] > 0  # the factors were fine-tuned, not only cut
     client = MlflowClient(store_uri)
     rows = list(csv.DictReader(io.StringIO(

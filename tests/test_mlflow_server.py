@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
+from lightning_modules.contract import EXPERIMENT
 from tests.conftest import ROOT
 from tests.test_notebooks import DigitsSweep, build_digits_sweep
 from tests.test_workbench import CONTRACT, TAGS
@@ -114,7 +115,7 @@ def api(url: str, endpoint: str, body: dict[str, Any] | None = None, **query: An
 
 
 def search(url: str, filter_string: str) -> list[dict[str, Any]]:
-    experiment = api(url, "experiments/get-by-name", experiment_name="workbench")["experiment"]
+    experiment = api(url, "experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]
     found = api(url, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "filter": filter_string,
                                      "max_results": 1000})
     return found.get("runs", [])
@@ -130,7 +131,7 @@ def test_search_by_tag_and_metric_finds_the_pruned_runs(server: str, digits_swee
 
     client = MlflowClient(digits_sweep.uri)
     expected = {r.info.run_id for r in client.search_runs(
-        [client.get_experiment_by_name("workbench").experiment_id], "tags.method = 'magnitude'")
+        [client.get_experiment_by_name(EXPERIMENT).experiment_id], "tags.method = 'magnitude'")
         if r.data.metrics["acc_drop"] < 95}
     assert {run["info"]["run_id"] for run in runs} == expected and len(expected) == 4
     for run in runs:

@@ -22,7 +22,7 @@ from nbclient import NotebookClient
 from nbformat import NotebookNode
 
 from lightning_modules.analysis import NO_SENSITIVITY_MESSAGE
-from lightning_modules.tracking import SWEEP_FILE
+from lightning_modules.contract import ROLE_SWEEP, ROLE_TAG, SWEEP_FILE
 from tests.conftest import FAST, ROOT, all_runs, run_train
 
 NOTEBOOKS = ROOT / "notebooks"
@@ -204,5 +204,5 @@ def test_seeds_notebook_reads_the_default_store(digits_sweep: DigitsSweep, kerne
     assert summary.count("0,1") == 4  # 2 models x 2 methods, each over seeds 0 and 1
     assert comparison.count("paired t") == 2
     assert noise.count("acc_drop_ci95_low") == 1
-    finished = [r for r in all_runs(digits_sweep.uri) if r.data.tags.get("role") != "sweep"]
+    finished = [r for r in all_runs(digits_sweep.uri) if r.data.tags.get(ROLE_TAG) != ROLE_SWEEP]
     assert len(finished) == 8

@@ -15,7 +15,8 @@ from lightning_modules.config import ConfigError, validate
 from lightning_modules.evaluation.report import Report, noisy_timing_reason
 from lightning_modules.experiment import check_not_collapsed, slower_reason
 from lightning_modules.models import LeNet300
-from lightning_modules.tracking import FINGERPRINT_TAG, RunRejected
+from lightning_modules.contract import FINGERPRINT_TAG
+from lightning_modules.tracking import RunRejected
 from tests.conftest import FAST, all_runs, compose_config, run_train
 
 TEACHER_METRICS = ["teacher_test_acc", "acc_drop_vs_teacher", "compression_ratio_vs_teacher",

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from lightning_modules.contract import EXPERIMENT
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -345,7 +347,7 @@ def test_baselines_from_copies_then_merges_finished_baselines(tmp_path):
     source_uri = f"sqlite:///{tmp_path / 'source' / 'mlflow.db'}"
     (tmp_path / "source").mkdir()
     source = MlflowClient(tracking_uri=source_uri)
-    experiment = source.create_experiment("workbench", artifact_location=(tmp_path / "source" / "artifacts").as_uri())
+    experiment = source.create_experiment(EXPERIMENT, artifact_location=(tmp_path / "source" / "artifacts").as_uri())
 
     def baseline(fingerprint: str, finished: bool) -> str:
         run = source.create_run(experiment, tags={"baseline_fingerprint": fingerprint})
@@ -360,7 +362,7 @@ def test_baselines_from_copies_then_merges_finished_baselines(tmp_path):
     target = MlflowClient(tracking_uri=sc.store_uri(store))
     assert target.get_run(done).info.status == "FINISHED"
     assert target.get_run(training).info.status == "FAILED"  # its claim would make jobs here wait forever
-    assert target.get_experiment_by_name("workbench").artifact_location == (store.resolve() / "artifacts").as_uri()
+    assert target.get_experiment_by_name(EXPERIMENT).artifact_location == (store.resolve() / "artifacts").as_uri()
 
     source.set_terminated(training, "FINISHED")  # the teacher finished there meanwhile
     later = baseline("c", True)

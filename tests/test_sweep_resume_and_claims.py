@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from lightning_modules.tracking import (
-    CLAIM_HOST_TAG, CLAIM_PID_TAG, FINGERPRINT_TAG, JOB_TAG, Store, claim_tags, open_run, wait_for_baseline, won_claim,
+from lightning_modules.contract import (
+    BASELINE_RUN_TAG, CLAIM_HOST_TAG, CLAIM_PID_TAG, FINGERPRINT_TAG, JOB_TAG, ROLE_SWEEP, ROLE_TAG,
 )
+from lightning_modules.tracking import Store, claim_tags, open_run, wait_for_baseline, won_claim
 from tests.conftest import FAST, all_runs, run_train
 
 
@@ -67,7 +68,7 @@ def test_parallel_jobs_train_a_missing_baseline_once(tmp_path: Path, store_uri: 
     assert [run.info.status for run in baselines] == ["FINISHED"]
     pruned = [run for run in runs if run.data.tags.get("method") == "magnitude"]
     assert len(pruned) == 2
-    assert {run.data.tags["baseline_run_id"] for run in pruned} == {baselines[0].info.run_id}
+    assert {run.data.tags[BASELINE_RUN_TAG] for run in pruned} == {baselines[0].info.run_id}
 
 
 @pytest.mark.slow
@@ -89,6 +90,6 @@ def test_a_resumed_sweep_reruns_only_the_jobs_that_did_not_finish(tmp_path: Path
     for run in jobs:
         by_job.setdefault(run.data.tags[JOB_TAG], []).append(run.info.status)
     assert sorted(sorted(statuses) for statuses in by_job.values()) == [["FAILED", "FINISHED"], ["FINISHED"]]
-    parent = next(run for run in all_runs(store_uri) if run.data.tags.get("role") == "sweep")
+    parent = next(run for run in all_runs(store_uri) if run.data.tags.get(ROLE_TAG) == ROLE_SWEEP)
     assert parent.info.status == "FINISHED"
     assert "2 runs" in second.stdout  # the grid shows each job's last attempt

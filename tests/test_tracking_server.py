@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lightning_modules.tracking import FINGERPRINT_TAG, JOB_TAG
+from lightning_modules.contract import EXPERIMENT, FINGERPRINT_TAG, JOB_TAG, MODEL_ARTIFACT, MODEL_FOLDER
 from tests.conftest import FAST, ROOT, run_train
 from tests.test_mlflow_server import die_with_parent, free_port, stop, wait_until_healthy
 
@@ -93,7 +93,7 @@ def test_parallel_sweep_into_a_postgresql_server(tmp_path: Path, server_url: str
     assert result.returncode == 0, result.stderr[-3000:]
 
     client = MlflowClient(server_url)
-    experiment = client.get_experiment_by_name("workbench")
+    experiment = client.get_experiment_by_name(EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id])
     assert all(run.info.status == "FINISHED" for run in runs)
     baselines = [run for run in runs if FINGERPRINT_TAG in run.data.tags]
@@ -102,7 +102,7 @@ def test_parallel_sweep_into_a_postgresql_server(tmp_path: Path, server_url: str
     assert pruned.data.tags["baseline_run_id"] == baselines[0].info.run_id
     assert pruned.data.metrics["compression_ratio"] > 1.0
     # the artifacts went through the server (no shared disk): the model file can be fetched back
-    assert [a.path for a in client.list_artifacts(pruned.info.run_id, "model")] == ["model/model.pt"]
+    assert [a.path for a in client.list_artifacts(pruned.info.run_id, MODEL_FOLDER)] == [MODEL_ARTIFACT]
     assert (tmp_path / "artifacts").is_dir()
 
     # relaunching the same sweep folder resumes it: nothing is rerun

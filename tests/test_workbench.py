@@ -7,25 +7,21 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lightning_modules.tracking import FINGERPRINT_TAG
+from lightning_modules.contract import (
+    BASELINE_RUN_TAG, CONFIG_ARTIFACT, ENCODING_TABLE, FINGERPRINT_TAG, LAYERS_TABLE, MODEL_ARTIFACT, MODEL_FOLDER,
+    ROLE_SWEEP, ROLE_TAG, RUN_TAGS, contract_metrics,
+)
 from tests.conftest import FAST, all_runs, run_train
 
 pytestmark = pytest.mark.slow
 
-CONTRACT = [
-    "test_acc", "test_loss", "baseline_test_acc", "acc_drop", "acc_drop_ci95_low", "acc_drop_ci95_high",
-    "params_total", "params_nonzero", "sparsity", "size_bytes", "compression_ratio", "flops_dense",
-    "flops_effective", "flops_effective_theoretical", "train_time_s",
-    *[f"{name}_bs{b}" for b in (1, 32) for name in ("latency_ms_p50", "latency_ms_p95", "latency_spread", "throughput",
-                                                    "speedup")],
-    "latency_load_avg",
-]
-TAGS = ["data", "model", "method", "hardware", "seed", "sweep", "git_commit"]
+CONTRACT = contract_metrics()  # README's metric table, at batch sizes 1 and 32
+TAGS = list(RUN_TAGS)
 
 
 def _children(uri: str) -> tuple[list, list]:
     runs = all_runs(uri)
-    parents = [r for r in runs if r.data.tags.get("role") == "sweep"]
+    parents = [r for r in runs if r.data.tags.get(ROLE_TAG) == ROLE_SWEEP]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
     return parents, children
 
@@ -49,9 +45,9 @@ def test_two_run_multirun_lands_every_contract_metric_tag_and_artifact(tmp_path:
         assert run.data.tags["sweep"] == parents[0].data.tags["sweep"]
         assert run.data.metrics["acc_drop"] == 0.0 and run.data.metrics["speedup_bs1"] == 1.0
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"config.yaml", "model", "layers.csv", "encoding.csv"} <= artifacts
-        model_files = [a.path for a in client.list_artifacts(run.info.run_id, "model")]
-        assert model_files == ["model/model.pt"]
+        assert {CONFIG_ARTIFACT, MODEL_FOLDER, LAYERS_TABLE, ENCODING_TABLE} <= artifacts
+        model_files = [a.path for a in client.list_artifacts(run.info.run_id, MODEL_FOLDER)]
+        assert model_files == [MODEL_ARTIFACT]
         assert run.data.params["data.name"] == "digits"
     assert {r.data.tags["model"] for r in children} == {"lenet300", "lenet5"}
     # the compact grid at the end of the multirun
@@ -71,7 +67,7 @@ def test_baseline_is_trained_once_for_two_compression_runs(tmp_path: Path, store
     assert len(pruned) == 2
     for run in pruned:
         assert run.info.status == "FINISHED"
-        assert run.data.tags["baseline_run_id"] == baseline_id
+        assert run.data.tags[BASELINE_RUN_TAG] == baseline_id
         assert run.data.metrics["layers_skipped_magnitude"] == 0  # no layer is spared by default
         assert run.data.metrics["baseline_test_acc"] == trained_baselines[0].data.metrics["test_acc"]
         assert run.data.metrics["time_baseline_s"] < trained_baselines[0].data.metrics["train_time_s"] + 5

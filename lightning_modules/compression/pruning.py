@@ -840,7 +840,7 @@ class NMPruning(MaskedPruning):
     0.5 with m=4 is NVIDIA's 2:4. One-shot by magnitude (or taylor/random) when fine-tuning
     starts; the masks hold through fine-tuning. At finalize, 2:4 Linear layers become
     SemiStructuredLinear: on a CUDA GPU with semi-structured kernels they run sparse; elsewhere
-    they run dense and the gain is only theoretical (`flops_effective_theoretical`).
+    they run dense and the gain is only theoretical (`macs_effective_theoretical`).
     Layers whose rows do not split into groups of `m` are skipped, with the reason.
     """
 

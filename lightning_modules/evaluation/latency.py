@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightning_modules.contract import latency_ms_p50, latency_ms_p95, latency_spread, throughput
 from lightning_modules.evaluation.runtime import Deployed, deploy, measured_runtime, time_int8_layer
 
 
@@ -54,11 +55,11 @@ def measure_latency(
         for name, samples in times.items():
             ms = np.asarray(samples) * 1000.0
             p50 = float(np.percentile(ms, 50))
-            results[name][f"latency_ms_p50_bs{batch_size}"] = p50
+            results[name][latency_ms_p50(batch_size)] = p50
             p95 = float(np.percentile(ms, 95))
-            results[name][f"latency_ms_p95_bs{batch_size}"] = p95
-            results[name][f"latency_spread_bs{batch_size}"] = p95 / p50
-            results[name][f"throughput_bs{batch_size}"] = batch_size * 1000.0 / p50
+            results[name][latency_ms_p95(batch_size)] = p95
+            results[name][latency_spread(batch_size)] = p95 / p50
+            results[name][throughput(batch_size)] = batch_size * 1000.0 / p50
     return results
 
 
@@ -129,6 +130,6 @@ class LatencyTimer:
         """{label: p50 ms at `batch`} of whole models deployed on `runtime`, timed interleaved."""
         cpu = torch.device("cpu")
         deployed = {label: deploy(model, runtime, cpu, threads, input_shape) for label, model in models.items()}
-        key = f"latency_ms_p50_bs{batch}"
+        key = latency_ms_p50(batch)
         return {label: figures[key] for label, figures in
                 measure_latency(deployed, input_shape, [batch], cpu, repeats=60).items()}

@@ -7,6 +7,7 @@ accuracy, size, MACs and latency are all taken on exactly what a user would ship
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,13 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from lightning_modules.contract import (
+    ACC_DROP, ACC_DROP_CI95_HIGH, ACC_DROP_CI95_LOW, ACC_DROP_VS_TEACHER, BASELINE_MACS_DENSE, BASELINE_SIZE_BYTES,
+    BASELINE_TEST_ACC, COMPRESSION_RATIO, COMPRESSION_RATIO_VS_TEACHER, DEQUANTIZED, ENCODING_TABLE, INT8_KERNEL_OPS,
+    LATENCY_LOAD_AVG, LAYERS_TABLE, MACS_DENSE, MACS_EFFECTIVE, MACS_EFFECTIVE_THEORETICAL, MODEL_FILE, NOISY_TAG,
+    SIMULATED, SIZE_BYTES, TEACHER_SIZE_BYTES, TEACHER_TEST_ACC, TEST_ACC, TEST_LOSS, baseline_metric, labelled,
+    latency_ms_p50, latency_spread, reference_test_acc, size_bytes_of, speedup, teacher_metric, vs_teacher,
+)
 from lightning_modules.data import InMemoryDataModule
 from lightning_modules.evaluation.accuracy import paired_drop_interval, predict
 from lightning_modules.evaluation.artifact import NARROW_ENCODINGS, encoding_table, load_deployable, save_deployable
@@ -28,7 +36,6 @@ from lightning_modules.layers import layer_table, parameter_counts
 # cores while it ran, or a timed model's p95/p50 spread exceeds hardware.latency.noisy_spread.
 MAX_LOAD_PER_CORE = 1.0
 NOISY_SPREAD_DEFAULT = 1.5
-NOISY_TAG = "latency_noisy"
 
 
 @dataclass
@@ -40,6 +47,7 @@ class Report:
     # what the latency is of, when it is not the deployed weights on kernels of their own width:
     # "dequantized" (low-bit weights decoded to float at load), "simulated" (int8 run in float kernels)
     latency_label: str | None = None
+    folder: Path | None = None  # the files to log with the run (model/, the tables): experiment.evaluate's
 
 
 @dataclass
@@ -62,6 +70,31 @@ def deploy_for_measure(model: nn.Module, name: str, runtime, hardware: DictConfi
     path = folder / f"{name}{runtime.suffix}"
     runtime_size = runtime.save(model, path, input_shape)
     return Deployment(runtime.load(path, device, threads), size, runtime_size)
+
+
+@dataclass
+class Shipped:
+    """The run's finalized model as it ships (read back from its file) and as the runtime runs it."""
+
+    model: nn.Module  # loaded from the deployable file
+    runtime: Any  # runtime.Runtime: how it runs
+    deployment: Deployment
+    packed: bool  # the file stores weights narrower than the runtime's own (packed low-bit codes, codebooks)
+    encodings: list[dict[str, Any]]  # per tensor: how the file stores it
+    figures: dict[str, float]  # the file sizes per format and the int8 kernel ops that ran
+
+    @cached_property
+    def counted(self) -> nn.Module:
+        """The model whose parameters and MACs are counted: int8 layers as their float shapes."""
+        return dequantized(self.model) if is_quantized(self.model) else self.model
+
+    @property
+    def latency_label(self) -> str | None:
+        """What the latency is of, when it is not the deployed weights on kernels of their own width
+        (low-bit codes that run widened on int8 kernels are real int8 latency: no label)."""
+        if self.runtime.int8_kernels and self.figures[INT8_KERNEL_OPS] > 0:
+            return None
+        return DEQUANTIZED if self.packed else SIMULATED if is_quantized(self.model) else None
 
 
 def measure(
@@ -89,15 +122,40 @@ def measure(
     A `teacher` (distillation) is deployed on the same runtime, scored, and timed interleaved with
     the model and its baseline: the `*_vs_teacher` figures.
     """
-    is_baseline = model is baseline
-    artifact = artifact_dir / "model.pt"
-    size_bytes = save_deployable(model, artifact)
-    # measure the file, not the object that produced it; low-bit codes are decoded once, at load:
-    # widened to int8 where the runtime has int8 kernels, else to float
-    shipped = load_deployable(artifact, low_bit_as_int8=True)
-
     test = data.split("test")
     input_shape = tuple(test.tensors[0].shape[1:])
+    shipped = deploy(model, hardware, device, artifact_dir, input_shape)
+    others = {"baseline": shipped.deployment} if model is baseline else {
+        "baseline": deploy_for_measure(baseline, "baseline", shipped.runtime, hardware, device, scratch_dir, input_shape)}
+    if teacher is not None:
+        others["teacher"] = deploy_for_measure(teacher, "teacher", shipped.runtime, hardware, device, scratch_dir,
+                                               input_shape)
+    accuracy = accuracy_figures(shipped, others, references or {}, test, device)
+    sizes = {name: other.size_bytes if shipped.packed or other.runtime_size_bytes is None else other.runtime_size_bytes
+             for name, other in others.items()}
+    metrics = {**accuracy, **size_figures(shipped, sizes["baseline"]),
+               **complexity_figures(shipped.counted, None if model is baseline else baseline, input_shape)}
+    timing = time_models(shipped, others, input_shape, hardware, device)
+    metrics.update(latency_figures(timing, shipped.latency_label, list(hardware.latency.batch_sizes)))
+    metrics.update(shipped.figures)
+    if teacher is not None:
+        metrics.update(teacher_figures(metrics, metrics.pop(TEACHER_TEST_ACC), sizes["teacher"],
+                                       timing.latency["teacher"], list(hardware.latency.batch_sizes)))
+    tables = {LAYERS_TABLE: layer_table(shipped.counted), ENCODING_TABLE: shipped.encodings}
+    tags = {NOISY_TAG: timing.noise} if timing.noise else {}
+    return Report(metrics, tables, artifact_dir / MODEL_FILE, tags, shipped.latency_label)
+
+
+def deploy(model: nn.Module, hardware: DictConfig, device: torch.device, artifact_dir: Path,
+           input_shape: tuple[int, ...]) -> Shipped:
+    """Write the deployable file(s) into `artifact_dir` and load what the runtime runs from them.
+
+    The measured model is the file, not the object that produced it; low-bit codes are decoded once,
+    at load: widened to int8 where the runtime has int8 kernels, else to float.
+    """
+    artifact = artifact_dir / MODEL_FILE
+    size_bytes = save_deployable(model, artifact)
+    shipped = load_deployable(artifact, low_bit_as_int8=True)
     runtime = RUNTIMES[runtime_name(hardware, is_quantized(shipped))]  # hardware.compile may pick inductor
     if not runtime.int8_kernels:
         shipped = decode_low_bit(shipped)
@@ -105,100 +163,117 @@ def measure(
     encodings = encoding_table(shipped)
     packed = (any(getattr(module, "weight_bits", 8) < 8 for module in shipped.modules())
               or any(row["encoding"] in NARROW_ENCODINGS for row in encodings))
-    extra: dict[str, float] = {"size_bytes_pt": size_bytes}
-    if runtime.save is not None:
-        runtime_file = artifact_dir / f"model{runtime.suffix}"
-        runtime_size = runtime.save(shipped, runtime_file, input_shape)
-        deployed: Deployed = runtime.load(runtime_file, device, threads)
-        extra[f"size_bytes{runtime.suffix.replace('.', '_')}"] = runtime_size
-        extra["int8_kernel_ops"] = sum(op in INT8_OPS for op in optimized_ops(runtime_file))
-        if not packed:
-            size_bytes = runtime_size
-    else:
+    figures: dict[str, float] = {size_bytes_of(Path(MODEL_FILE).suffix): size_bytes}
+    if runtime.save is None:
         deployed = runtime.deploy(shipped, device, threads, input_shape)
-        extra["int8_kernel_ops"] = float(getattr(deployed, "int8_kernel_ops", 0))  # inductor counts its own
-    own = Deployment(deployed, size_bytes)
-    others = {"baseline": own} if is_baseline else {
-        "baseline": deploy_for_measure(baseline, "baseline", runtime, hardware, device, scratch_dir, input_shape)}
-    if teacher is not None:
-        others["teacher"] = deploy_for_measure(teacher, "teacher", runtime, hardware, device, scratch_dir, input_shape)
-    sizes = {name: other.size_bytes if packed or other.runtime_size_bytes is None else other.runtime_size_bytes
-             for name, other in others.items()}
-    baseline_size = sizes["baseline"]
-    for name, reference in (references or {}).items():
-        extra[f"test_acc_{name}"] = 100.0 * predict(reference.eval().to(device), test, device).accuracy
+        figures[INT8_KERNEL_OPS] = float(getattr(deployed, "int8_kernel_ops", 0))  # inductor counts its own
+        return Shipped(shipped, runtime, Deployment(deployed, size_bytes), packed, encodings, figures)
+    runtime_file = artifact_dir / f"{Path(MODEL_FILE).stem}{runtime.suffix}"
+    runtime_size = runtime.save(shipped, runtime_file, input_shape)
+    deployed = runtime.load(runtime_file, device, threads)
+    figures[size_bytes_of(runtime.suffix)] = runtime_size
+    figures[INT8_KERNEL_OPS] = sum(op in INT8_OPS for op in optimized_ops(runtime_file))
+    # the runtime's own file ships, unless the workbench's stores narrower weights
+    return Shipped(shipped, runtime, Deployment(deployed, runtime_size if not packed else size_bytes),
+                   packed, encodings, figures)
 
-    predictions = predict(deployed, test, device)
-    baseline_predictions = predictions if is_baseline else predict(others["baseline"].deployed, test, device)
+
+def accuracy_figures(shipped: Shipped, others: dict[str, Deployment], references: dict[str, nn.Module],
+                     test, device: torch.device) -> dict[str, float]:
+    """Accuracy of the deployed model, its baseline's, the paired interval of the drop; the teacher's
+    (TEACHER_TEST_ACC) and each reference model's (`test_acc_<name>`) when there are any."""
+    predictions = predict(shipped.deployment.deployed, test, device)
+    baseline = others["baseline"]
+    baseline_predictions = predictions if baseline is shipped.deployment else predict(baseline.deployed, test, device)
     drop_low, drop_high = paired_drop_interval(baseline_predictions.correct, predictions.correct)
+    figures = {
+        TEST_ACC: 100.0 * predictions.accuracy,
+        TEST_LOSS: predictions.loss,
+        BASELINE_TEST_ACC: 100.0 * baseline_predictions.accuracy,
+        ACC_DROP: 100.0 * (baseline_predictions.accuracy - predictions.accuracy),
+        ACC_DROP_CI95_LOW: drop_low,
+        ACC_DROP_CI95_HIGH: drop_high,
+    }
+    for name, reference in references.items():
+        figures[reference_test_acc(name)] = 100.0 * predict(reference.eval().to(device), test, device).accuracy
+    if "teacher" in others:
+        figures[TEACHER_TEST_ACC] = 100.0 * predict(others["teacher"].deployed, test, device).accuracy
+    return figures
 
-    counted = dequantized(shipped) if is_quantized(shipped) else shipped  # int8 layers counted as their float shapes
+
+def size_figures(shipped: Shipped, baseline_size: float) -> dict[str, float]:
+    """Bytes of the deployable as stored, and the ratio to its baseline deployed the same way."""
+    size = shipped.deployment.size_bytes
+    return {SIZE_BYTES: size, BASELINE_SIZE_BYTES: baseline_size, COMPRESSION_RATIO: baseline_size / size}
+
+
+def complexity_figures(counted: nn.Module, baseline: nn.Module | None, input_shape: tuple[int, ...]) -> dict[str, float]:
+    """Parameter counts and MACs at batch 1 of the finalized model (`baseline` None: it is the baseline)."""
     macs = count_macs(counted, input_shape)
-    baseline_macs = macs if is_baseline else count_macs(baseline, input_shape)
-    timed = {"model": deployed, **{name: other.deployed for name, other in others.items() if other is not own}}
+    baseline_macs = macs if baseline is None else count_macs(baseline, input_shape)
+    return {
+        **parameter_counts(counted),
+        MACS_DENSE: macs["macs_dense"],
+        # PyTorch's dense kernels multiply zeros too: effective == dense; the sparse count is theoretical.
+        MACS_EFFECTIVE: macs["macs_dense"],
+        MACS_EFFECTIVE_THEORETICAL: macs["macs_nonzero"],
+        BASELINE_MACS_DENSE: baseline_macs["macs_dense"],
+    }
+
+
+@dataclass
+class Timing:
+    """Latencies of the models timed side by side, the machine's load meanwhile, and why they are noisy."""
+
+    latency: dict[str, dict[str, float]]  # "model", "baseline" (unless it is the model), "teacher"
+    load: float
+    noise: str | None
+
+
+def time_models(shipped: Shipped, others: dict[str, Deployment], input_shape: tuple[int, ...],
+                hardware: DictConfig, device: torch.device) -> Timing:
+    """Time the model with its baseline (and teacher) interleaved, in this process, on `hardware`."""
+    timed = {"model": shipped.deployment.deployed,
+             **{name: other.deployed for name, other in others.items() if other is not shipped.deployment}}
     batch_sizes = list(hardware.latency.batch_sizes)
     load_before = load_per_core()
     latency = measure_latency(timed, input_shape, batch_sizes, device,
                               warmup=hardware.latency.warmup, repeats=hardware.latency.repeats)
     load = max(load_before, load_per_core())  # nan only where the platform has no load average
-    model_latency = latency["model"]
-    baseline_latency = latency.get("baseline", model_latency)
-
-    metrics: dict[str, float] = {
-        "test_acc": 100.0 * predictions.accuracy,
-        "test_loss": predictions.loss,
-        "baseline_test_acc": 100.0 * baseline_predictions.accuracy,
-        "acc_drop": 100.0 * (baseline_predictions.accuracy - predictions.accuracy),
-        "acc_drop_ci95_low": drop_low,
-        "acc_drop_ci95_high": drop_high,
-        **parameter_counts(counted),
-        "size_bytes": size_bytes,
-        "baseline_size_bytes": baseline_size,
-        "compression_ratio": baseline_size / size_bytes,
-        "flops_dense": macs["macs_dense"],
-        # PyTorch's dense kernels multiply zeros too: effective == dense; the sparse count is theoretical.
-        "flops_effective": macs["macs_dense"],
-        "flops_effective_theoretical": macs["macs_nonzero"],
-        "baseline_flops_dense": baseline_macs["macs_dense"],
-        **model_latency,
-        "latency_load_avg": load,
-    }
-    metrics.update(extra)
-    # what the latency is of, when it is not the deployed weights on kernels of their own width
-    on_int8_kernels = runtime.int8_kernels and extra["int8_kernel_ops"] > 0
-    # (low-bit codes that run widened on int8 kernels are real int8 latency: no label)
-    label = None if on_int8_kernels else "dequantized" if packed else "simulated" if is_quantized(shipped) else None
-    for batch_size in batch_sizes:
-        key = f"latency_ms_p50_bs{batch_size}"
-        metrics[f"baseline_{key}"] = baseline_latency[key]
-        metrics[f"speedup_bs{batch_size}"] = 1.0 if is_baseline else baseline_latency[key] / model_latency[key]
-        if label is not None:
-            metrics[f"{label}_{key}"] = model_latency[key]
-            metrics[f"{label}_speedup_bs{batch_size}"] = metrics[f"speedup_bs{batch_size}"]
-    if teacher is not None:
-        teacher_predictions = predict(others["teacher"].deployed, test, device)
-        metrics.update(teacher_figures(metrics, 100.0 * teacher_predictions.accuracy, sizes["teacher"],
-                                       latency["teacher"], batch_sizes))
     noise = noisy_timing_reason(load, {name: latency[name] for name in ("model", "baseline") if name in latency},
                                 batch_sizes, hardware.latency.get("noisy_spread", NOISY_SPREAD_DEFAULT))
-    tags = {NOISY_TAG: noise} if noise else {}
-    tables = {"layers.csv": layer_table(counted), "encoding.csv": encodings}
-    return Report(metrics, tables, artifact, tags, label)
+    return Timing(latency, load, noise)
+
+
+def latency_figures(timing: Timing, label: str | None, batch_sizes: list[int]) -> dict[str, float]:
+    """The model's latencies, its baseline's p50 and the speedups; repeated under `label` (dequantized,
+    simulated) when the latency is not of the deployed weights on kernels of their own width."""
+    model_latency = timing.latency["model"]
+    baseline_latency = timing.latency.get("baseline", model_latency)
+    figures = {**model_latency, LATENCY_LOAD_AVG: timing.load}
+    for batch_size in batch_sizes:
+        key = latency_ms_p50(batch_size)
+        figures[baseline_metric(key)] = baseline_latency[key]
+        figures[speedup(batch_size)] = baseline_latency[key] / model_latency[key] if "baseline" in timing.latency else 1.0
+        if label is not None:
+            figures[labelled(label, key)] = model_latency[key]
+            figures[labelled(label, speedup(batch_size))] = figures[speedup(batch_size)]
+    return figures
 
 
 def teacher_figures(metrics: dict[str, float], teacher_acc: float, teacher_size: float,
                     teacher_latency: dict[str, float], batch_sizes: list[int]) -> dict[str, float]:
     """The student against its teacher, beside the figures against its own baseline."""
     figures = {
-        "teacher_test_acc": teacher_acc,
-        "acc_drop_vs_teacher": teacher_acc - metrics["test_acc"],
-        "teacher_size_bytes": teacher_size,
-        "compression_ratio_vs_teacher": teacher_size / metrics["size_bytes"],
+        TEACHER_TEST_ACC: teacher_acc,
+        ACC_DROP_VS_TEACHER: teacher_acc - metrics[TEST_ACC],
+        TEACHER_SIZE_BYTES: teacher_size,
+        COMPRESSION_RATIO_VS_TEACHER: teacher_size / metrics[SIZE_BYTES],
     }
     for batch_size in batch_sizes:
-        key = f"latency_ms_p50_bs{batch_size}"
-        figures[f"teacher_{key}"] = teacher_latency[key]
-        figures[f"speedup_bs{batch_size}_vs_teacher"] = teacher_latency[key] / metrics[key]
+        key = latency_ms_p50(batch_size)
+        figures[teacher_metric(key)] = teacher_latency[key]
+        figures[vs_teacher(speedup(batch_size))] = teacher_latency[key] / metrics[key]
     return figures
 
 
@@ -212,7 +287,7 @@ def noisy_timing_reason(load_per_core: float, latencies: dict[str, dict[str, flo
                        "more runnable threads than cores)")
     for name, figures in latencies.items():
         for batch_size in batch_sizes:
-            spread = figures[f"latency_spread_bs{batch_size}"]
+            spread = figures[latency_spread(batch_size)]
             if spread > max_spread:
                 reasons.append(f"{name} p95/p50 spread {spread:.2f} at bs{batch_size} "
                                f"(over hardware.latency.noisy_spread={max_spread})")

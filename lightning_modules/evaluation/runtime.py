@@ -38,6 +38,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from lightning_modules.contract import latency_ms_p50
 from lightning_modules.deployable_int8 import ONNX_TRANSLATIONS, is_quantized, pt2e_reference_graph
 from lightning_modules.layers import fold_batchnorm_in_graph
 
@@ -390,7 +391,7 @@ def time_int8_layer(runtime: str, float_layer: nn.Module, int8_layer: nn.Module,
     else:
         raise ValueError(f"runtime={runtime!r} has no int8 kernels to time; allowed: ort, inductor")
     times = measure_latency(models, input_shape, [batch], torch.device("cpu"), warmup, repeats)
-    key = f"latency_ms_p50_bs{batch}"
+    key = latency_ms_p50(batch)
     return times["float"][key], times["int8"][key]
 
 
