@@ -117,8 +117,9 @@ def run_experiment(cfg: DictConfig) -> dict[str, float]:
     baseline = obtain_baseline(ctx, ctx.job_tags if is_baseline else {})                           # 1. baseline
     if is_baseline and baseline.metrics is not None:
         return baseline.metrics  # this run trained the baseline: it is the method=baseline run
-from lightning_modules.evaluation.latency import LatencyTimer, available_cores
-from lightning_modules.evaluation.report import Report, measure
+    callbacks = build_callbacks(cfg.method, timer=LatencyTimer())
+    teacher = obtain_teacher(ctx) if needs_teacher(callbacks) else None
+    ctx.timings[TIME_BASELINE_S] = time.perf_counter() - started
 
     with closing_run(ctx.open_run()) as run:
         run.set_tags({BASELINE_RUN_TAG: baseline.run_id, **({TEACHER_TAG: teacher.source} if teacher else {})})
