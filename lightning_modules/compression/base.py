@@ -29,8 +29,8 @@ class Timer(Protocol):
     def float_and_int8(self, runtime: str, float_layer: nn.Module, int8_layer: nn.Module,
                        input_shape: tuple[int, ...], batch: int, threads: int | None) -> tuple[float, float]: ...
 
-    def whole_models(self, models: dict[str, nn.Module], runtime: str, input_shape: tuple[int, ...], batch: int,
-                     threads: int | None) -> dict[str, float]: ...
+    def whole_models(self, models: dict[str, nn.Module], reference: str, runtime: str, input_shape: tuple[int, ...],
+                     batch: int, threads: int | None) -> dict[str, tuple[float, float]]: ...
 
 
 class CompressionCallback(pl.Callback):

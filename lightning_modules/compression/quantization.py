@@ -796,7 +796,7 @@ class StaticQuantization(CompressionCallback):
         self.example: torch.Tensor | None = None  # one training image: the layers' input shapes for min_speedup
         self.layer_timings: dict[str, tuple[float, float]] = {}  # layer -> (float ms, int8 ms) at speed_batch
         self.kept_float: dict[str, str] = {}  # layer -> why min_speedup kept it float
-        self.model_timings: dict[str, float] = {}  # Inductor: candidate -> whole-model ms at speed_batch
+        self.model_timings: dict[str, float] = {}  # candidate -> whole-model ms at speed_batch
         self.layer_schemes: dict[str, QuantScheme] = {}
         self.prepared: Prepared | None = None
         self.calibrated_images = 0
@@ -874,20 +874,21 @@ class StaticQuantization(CompressionCallback):
             if float_ms / int8_ms < self.min_speedup:
                 kept[name] = (f"int8 {int8_ms:.4f} ms vs float {float_ms:.4f} ms at batch {self.speed_batch} on "
                               f"{runtime} ({float_ms / int8_ms:.2f}x < min_speedup={self.min_speedup})")
-        if runtime == "inductor":
-            kept = self.slower_as_a_whole(model, kept)
+        kept = self.slower_as_a_whole(model, kept, runtime)
         for name, reason in kept.items():
             log.info("%s keeps %s in float: %s", self.name, name, reason)
         return kept
 
-    def slower_as_a_whole(self, model: nn.Module, slow_layers: dict[str, str]) -> dict[str, str]:
-        """Inductor fuses each quantize/dequantize into the int8 kernels beside it, so a layer kept
-        float between int8 layers adds a dequantize/quantize pair that its own timing does not see
-        (lenet5, cpu_1t: 0.39x of fp32 with its slow layers float, 1.16x all int8), and a whole
-        model of small int8 kernels can be slower than its float form although no layer is (LeNets
-        on 2 cores: 0.8-0.9x). So the candidates are compiled and timed whole, interleaved with the
-        float model: every layer int8, then the layers timed slower kept float; the first at least
-        `min_speedup` times as fast as float is kept, and if none is, every layer stays float."""
+    def slower_as_a_whole(self, model: nn.Module, slow_layers: dict[str, str], runtime: str) -> dict[str, str]:
+        """A layer's own timing misses what the model around it pays: on Inductor each
+        quantize/dequantize fuses into the int8 kernels beside it, so a float layer between int8
+        layers adds a dequantize/quantize pair (lenet5, cpu_1t: 0.39x of fp32 with its slow layers
+        float, 1.16x all int8), and a model of small int8 kernels can be slower than its float form
+        although no layer is alone (LeNets on 2 cores: 0.8-0.9x); on ONNX Runtime the layers left
+        int8 may win less than their quantize/dequantize cost. So the candidates are timed whole
+        against the float model, in back-to-back pairs: every layer int8, then the layers slower
+        alone kept float; the first at least `min_speedup` times as fast is kept (the one with
+        more int8 layers first), and if none is, every layer stays float."""
         every_layer = {name: "" for name in self.prepared.layers}
         candidates = {"all int8": {}, "slow layers float": slow_layers, "float": every_layer}
         if not slow_layers or len(slow_layers) == len(every_layer):
@@ -895,16 +896,15 @@ class StaticQuantization(CompressionCallback):
         shape = tuple(self.example.shape[1:])
         models = {label: convert(copy.deepcopy(model), self.prepared, keep_float=keep)
                   for label, keep in candidates.items()}
-        times = self.require_timer().whole_models(models, "inductor", shape, self.speed_batch, self.threads)
-        self.model_timings = times
-        summary = ", ".join(f"{label} {ms:.4f} ms" for label, ms in times.items())
+        figures = self.require_timer().whole_models(models, "float", runtime, shape, self.speed_batch, self.threads)
+        self.model_timings = {label: ms for label, (ms, _) in figures.items()}
+        summary = ", ".join(f"{label} {ms:.4f} ms ({speedup:.2f}x)" for label, (ms, speedup) in figures.items())
         for label in ("all int8", "slow layers float"):
-            if label in times and times["float"] / times[label] >= self.min_speedup:
-                log.info("%s on inductor at batch %d: %s; keeping %s", self.name, self.speed_batch, summary, label)
+            if label in figures and figures[label][1] >= self.min_speedup:
+                log.info("%s on %s at batch %d: %s; keeping %s", self.name, runtime, self.speed_batch, summary, label)
                 return candidates[label]
-        best = min((label for label in times if label != "float"), key=times.get)
-        reason = (f"no int8 form of the model reaches min_speedup={self.min_speedup} on inductor at batch "
-                  f"{self.speed_batch}: {summary} (best {times['float'] / times[best]:.2f}x)")
+        reason = (f"no int8 form of the model reaches min_speedup={self.min_speedup} on {runtime} at batch "
+                  f"{self.speed_batch}: {summary}")
         return {name: "; ".join(filter(None, (slow_layers.get(name), reason))) for name in every_layer}
 
     def reference_models(self) -> dict[str, nn.Module]:

@@ -125,11 +125,18 @@ class LatencyTimer:
         """p50 ms of one layer in float and in int8 on `runtime`: see runtime.time_int8_layer."""
         return time_int8_layer(runtime, float_layer, int8_layer, input_shape, batch, threads)
 
-    def whole_models(self, models: dict[str, nn.Module], runtime: str, input_shape: tuple[int, ...], batch: int,
-                     threads: int | None) -> dict[str, float]:
-        """{label: p50 ms at `batch`} of whole models deployed on `runtime`, timed interleaved."""
+    def whole_models(self, models: dict[str, nn.Module], reference: str, runtime: str, input_shape: tuple[int, ...],
+                     batch: int, threads: int | None) -> dict[str, tuple[float, float]]:
+        """{label: (p50 ms at `batch`, speedup over `reference`)} of whole models deployed on `runtime`,
+        each timed against the reference in back-to-back pairs (paired_times: the median pair ratio
+        moves less with a neighbour's load than a ratio of two medians does)."""
         cpu = torch.device("cpu")
         deployed = {label: deploy(model, runtime, cpu, threads, input_shape) for label, model in models.items()}
-        key = latency_ms_p50(batch)
-        return {label: figures[key] for label, figures in
-                measure_latency(deployed, input_shape, [batch], cpu, repeats=60).items()}
+        inputs = torch.randn(batch, *input_shape)
+        figures = {}
+        for label, model in deployed.items():
+            if label != reference:
+                reference_ms, model_ms, speedup = paired_times(deployed[reference], model, inputs)
+                figures[label] = (model_ms, speedup)
+        figures[reference] = (reference_ms, 1.0)
+        return figures
