@@ -93,6 +93,13 @@ TIME_DATA_S, TIME_BASELINE_S, TIME_EVALUATE_S, TIME_TRACK_S, RUN_TIME_S = (
 # distillation: the student against its teacher
 TEACHER_TEST_ACC, ACC_DROP_VS_TEACHER = "teacher_test_acc", "acc_drop_vs_teacher"
 TEACHER_SIZE_BYTES, COMPRESSION_RATIO_VS_TEACHER = "teacher_size_bytes", "compression_ratio_vs_teacher"
+# Deep Compression's stages (clustering.stage_metrics): fp32 bytes over the pruned (sparse, fp32 values), the
+# pruned+clustered (indices at their bits), the Huffman-coded payload, and the real file (baseline file / file)
+COMPRESSION_RATIO_PRUNED, COMPRESSION_RATIO_QUANTIZED = "compression_ratio_pruned", "compression_ratio_quantized"
+COMPRESSION_RATIO_HUFFMAN = "compression_ratio_huffman"
+COMPRESSION_RATIO_HUFFMAN_PAYLOAD = "compression_ratio_huffman_payload"
+# Huffman-coded bits per nonzero weight: its relative position, its shared value, both
+BITS_PER_INDEX, BITS_PER_VALUE, BITS_PER_WEIGHT = "bits_per_index", "bits_per_value", "bits_per_weight"
 
 CONTRACT_BATCHES = (1, 32)  # the batch sizes the default hardware times (hardware.latency.batch_sizes)
 # what the latency is of when it is not the deployed weights on kernels of their own width

@@ -343,6 +343,8 @@ def evaluate(ctx: RunContext, model: nn.Module, baseline: nn.Module, callbacks: 
     # every layer a method left alone is in its summary with the reason, and counted here
     report.metrics.update({layers_skipped(name): sum(1 for row in rows if row.get("skipped"))
                            for name, rows in summaries.items()})
+    for callback in callbacks:  # a method's own figures (Deep Compression's stage ratios)
+        report.metrics.update(callback.metrics(model, report.metrics))
     reason = slower_reason(report, summaries, list(ctx.cfg.hardware.latency.batch_sizes))
     if reason is not None:
         report.tags[SLOWER_TAG] = reason

@@ -68,6 +68,12 @@ class CompressionCallback(pl.Callback):
         alone has its reason in a `skipped` column (counted as the run's layers_skipped_<name>)."""
         return []
 
+    def metrics(self, model: nn.Module, measured: dict[str, float]) -> dict[str, float]:
+        """Figures of the finalized model this method adds to the run's metrics (Deep Compression's
+        stage ratios); `measured` holds the contract's figures already measured (size_bytes, ...).
+        None by default."""
+        return {}
+
     def check_model(self, model: nn.Module, example: torch.Tensor, teacher: nn.Module | None = None) -> None:
         """Raise ValueError when this method's arguments do not fit `model`: a layer they name that is
         not a layer of `model` (or of `teacher`, for a method that learns from one), or a setting that

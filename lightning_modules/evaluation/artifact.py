@@ -8,6 +8,10 @@ weights) and the weights, each tensor in the smallest of the registered encoding
               smallest code, then b bits per entry, packed (ceil(n b / 8) bytes)
     codebook  a float tensor with at most 256 distinct values (weight clustering): the distinct
               values, then each entry's index packed at ceil(log2(values)) bits
+    huffman   a pruned float tensor whose nonzeros take at most 256 distinct values (pruning then
+              clustering: Deep Compression): relative positions and codebook indices, each stream
+              Huffman-coded (compression/huffman.py documents the format), its arrays end to end
+              in one uint8 tensor (`sizes` says where each ends)
 `load_deployable` rebuilds the model and decodes what no kernel reads once, at load: layers of
 packed low-bit codes become plain Conv2d/Linear layers of float weights (deployable_int8.py:
 decode_low_bit), a codebook tensor becomes its float values; the outputs are those of the saved
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightning_modules.compression import huffman
 from lightning_modules.deployable_int8 import decode_low_bit
 
 FORMAT = "compression-workbench/deployable-v1"
@@ -101,22 +106,49 @@ def _decode_codebook(encoded: Encoded) -> torch.Tensor:
     return encoded["codebook"][indices].view(shape)
 
 
+# huffman.encode's arrays, stored end to end in one uint8 tensor: torch.save writes a tensor's bytes
+# raw (a numpy array would be pickled at protocol 2, its bytes inflated ~1.6x) and each tensor costs
+# a zip record, so one per layer
+HUFFMAN_ARRAYS = ("codebook", "positions_lengths", "positions_bits", "values_lengths", "values_bits")
+
+
+def _encode_huffman(tensor: torch.Tensor) -> Encoded:
+    encoded = huffman.encode(tensor)
+    parts = [np.ascontiguousarray(encoded.pop(key)).view(np.uint8).reshape(-1) for key in HUFFMAN_ARRAYS]
+    encoded["sizes"] = tuple(len(part) for part in parts)
+    encoded["blob"] = torch.from_numpy(np.concatenate(parts))
+    return encoded
+
+
+def _decode_huffman(encoded: Encoded) -> torch.Tensor:
+    blob, arrays, start = encoded["blob"].numpy(), {}, 0
+    for key, size in zip(HUFFMAN_ARRAYS, encoded["sizes"]):
+        arrays[key] = blob[start:start + size].copy()
+        start += size
+    arrays["codebook"] = arrays["codebook"].view(np.float32)
+    return huffman.decode({**encoded, **arrays})
+
+
 DECODERS: dict[str, Callable[[Encoded], torch.Tensor]] = {
     "dense": _decode_dense, "bitmask": _decode_bitmask, "packed": _decode_packed, "codebook": _decode_codebook,
+    "huffman": _decode_huffman,
 }
 # encodings of float weights narrower than any runtime's kernels read them
-NARROW_ENCODINGS = ("codebook",)
+NARROW_ENCODINGS = ("codebook", "huffman")
 MAX_CODEBOOK = 256
 
 
 def _payload_bytes(encoded: Encoded) -> int:
+    if encoded["encoding"] == "huffman":  # the blob plus the shape, counts and gap_bits
+        return encoded["blob"].numel() + huffman.HEADER_BYTES
     return sum(v.numel() * v.element_size() for v in encoded.values() if isinstance(v, torch.Tensor))
 
 
 def encode_tensor(tensor: torch.Tensor) -> Encoded:
     """The smallest encoding of `tensor`: bitmask+values pays off once about 1/32 of an fp32 tensor
     is zero; int8/uint8 codes that fit in fewer bits are packed; a float tensor with at most 256
-    distinct values is stored as a codebook plus packed indices."""
+    distinct values is stored as a codebook plus packed indices, or Huffman-coded when it also has
+    zeros (a pruned, clustered layer) and that is smaller."""
     tensor = tensor.detach().cpu().contiguous()
     dense = _encode_dense(tensor)
     if tensor.numel() < 64:
@@ -136,6 +168,8 @@ def encode_tensor(tensor: torch.Tensor) -> Encoded:
         codebook, indices = torch.unique(flat, return_inverse=True)
         if codebook.numel() <= MAX_CODEBOOK:
             candidates.append(_encode_codebook(tensor, codebook, indices))
+            if bool((codebook == 0).any()):  # pruned too: Huffman-coded positions and values may be smaller
+                candidates.append(_encode_huffman(tensor))
     return min(candidates, key=_payload_bytes)
 
 

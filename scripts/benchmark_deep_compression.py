@@ -1,0 +1,126 @@
+"""Benchmark of Deep Compression (Han, Mao and Dally, ICLR 2016) on the workbench: the two shipped
+experiments, `experiment=deep_compression_lenet300` and `experiment=deep_compression_lenet5`, for
+each seed through train.py (the real pipeline: the dense baseline from the store, prune -> cluster
+-> fine-tune, finalize, the Huffman-coded file evaluated as loaded), one process at a time on one
+thread, then the stages beside the paper's.
+
+    .venv/bin/python scripts/benchmark_deep_compression.py --store /tmp/dc [--seeds 0,1,2] [--models lenet300,lenet5]
+
+Copy a store that already holds the dense baselines into --store to reuse them (a baseline is
+found by its fingerprint; a missing one is trained first). Runs already FINISHED in the store for
+an (experiment, seed) are read back, not trained again.
+
+Columns: pruned / quantized / huffman are compression_ratio_pruned, _quantized and _huffman (the
+real file against the baseline's file); huffman_payload is the same stage without the file's
+container (the pickled module skeleton and torch.save's zip records, which the paper does not count);
+error is 100 - test_acc in percent, drop the accuracy drop in points.
+
+Measured 2026-11-30 (mnist5k, seeds 0,1,2, cpu_1t; mean over seeds, ratios x):
+             pruned  quantized  huffman (file)  huffman payload  error (baseline -> DC)  mean drop
+  paper      12      32         40                               1.64 -> 1.58
+  lenet300   12.22   38.72      41.12           51.84            4.17 -> 3.50            -0.67   target met
+             (classifier.1 at 6% kept; at the paper's 8%: 9.73 / 31.85 / 35.24 / 42.79, drop -0.23)
+  paper      12      33         39                               0.80 -> 0.74
+  lenet5     7.82    23.37      13.79           26.84            2.33 -> 2.47            0.13    target missed
+  lenet5's file cannot reach 39x here: the container alone is 9.3 KB (pickled skeleton 5.7 KB, zip
+  records of 10 tensors) and 39x of its 255 KB baseline file is 6.5 KB. This LeNet-5 (6/16 filters,
+  120/84 hidden: 61k weights) is not the paper's Caffe LeNet-5 (20/50 filters, 500 hidden: 431k
+  weights, 93% in fc1), so its small conv layers, 8-bit codebooks (~1 KB) and biases weigh more.
+  Tried: conv2 8%, fc1 4%, the middle fc 10% kept: payload 38.8x (the paper's 39x), file 16.2x, drop
+  0.6 / 0.3 / -0.3 (mean 0.20); not shipped (the file still misses, the paper's fractions lose less).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lightning_modules.contract import (  # noqa: E402
+    ACC_DROP, BASELINE_TEST_ACC, BITS_PER_INDEX, BITS_PER_VALUE, BITS_PER_WEIGHT, COMPRESSION_RATIO_HUFFMAN,
+    COMPRESSION_RATIO_HUFFMAN_PAYLOAD, COMPRESSION_RATIO_PRUNED, COMPRESSION_RATIO_QUANTIZED, EXPERIMENT,
+    METHOD_TAG, MODEL_TAG, SEED_TAG, SIZE_BYTES, SPARSITY, TEST_ACC, sqlite_uri,
+)
+
+# The paper's rows (its Table 1 and Figure 1 stages): ratios and top-1 error before -> after, in percent.
+PAPER = {
+    "lenet300": {"pruned": 12, "quantized": 32, "huffman": 40, "error_before": 1.64, "error_after": 1.58},
+    "lenet5": {"pruned": 12, "quantized": 33, "huffman": 39, "error_before": 0.80, "error_after": 0.74},
+}
+TARGET_DROP = 0.3  # issue 14: the paper's ratios at no loss, a mean drop of at most 0.3 points
+METHOD = "deep_compression"
+COLUMNS = {COMPRESSION_RATIO_PRUNED: "pruned", COMPRESSION_RATIO_QUANTIZED: "quantized",
+           COMPRESSION_RATIO_HUFFMAN: "huffman", COMPRESSION_RATIO_HUFFMAN_PAYLOAD: "huffman_payload",
+           BITS_PER_INDEX: "bits_index", BITS_PER_VALUE: "bits_value", BITS_PER_WEIGHT: "bits_weight",
+           SPARSITY: "sparsity", SIZE_BYTES: "size_bytes", BASELINE_TEST_ACC: "baseline_acc", TEST_ACC: "test_acc",
+           ACC_DROP: "drop"}
+
+
+def finished_run(client: MlflowClient, model: str, seed: int):
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return None
+    runs = client.search_runs([experiment.experiment_id], filter_string=(
+        f"tags.{MODEL_TAG} = '{model}' and tags.{METHOD_TAG} = '{METHOD}' and tags.{SEED_TAG} = '{seed}' "
+        "and attributes.status = 'FINISHED'"), order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def train(model: str, seed: int, store: Path) -> None:
+    command = [sys.executable, str(ROOT / "train.py"), f"experiment=deep_compression_{model}", f"seed={seed}",
+               "hardware=cpu_1t", "trainer.enable_progress_bar=false", f"hydra.run.dir={store / 'hydra' / f'{model}-s{seed}'}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WORKBENCH_ROOT": str(ROOT), "MLFLOW_TRACKING_URI": sqlite_uri(store)}
+    print("running:", " ".join(command[1:]), flush=True)
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        print(result.stdout[-3000:], result.stderr[-3000:], sep="\n")
+        raise SystemExit(f"train.py failed: {model} seed {seed}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", type=Path, required=True, help="folder of the scratch store (its mlflow.db)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--models", default="lenet300,lenet5")
+    args = parser.parse_args()
+    client = MlflowClient(tracking_uri=sqlite_uri(args.store))
+    rows = []
+    for model in args.models.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            run = finished_run(client, model, seed)
+            if run is None:
+                train(model, seed, args.store)
+                run = finished_run(client, model, seed)
+            rows.append({"model": model, "seed": seed,
+                         **{name: run.data.metrics.get(metric, float("nan")) for metric, name in COLUMNS.items()}})
+    runs = pd.DataFrame(rows)
+    runs["error"] = 100 - runs["test_acc"]
+    pd.set_option("display.width", 200)
+    print("\nPer seed:")
+    print(runs.round(3).to_string(index=False))
+    print("\nMean over seeds beside the paper (ratios: dense fp32 over each stage; huffman = the real file):")
+    summary = []
+    for model, group in runs.groupby("model", sort=False):
+        paper = PAPER[model]
+        mean = group.mean(numeric_only=True)
+        summary.append({"model": model, "pruned": mean["pruned"], "paper_pruned": paper["pruned"],
+                        "quantized": mean["quantized"], "paper_quantized": paper["quantized"],
+                        "huffman": mean["huffman"], "huffman_payload": mean["huffman_payload"],
+                        "paper_huffman": paper["huffman"],
+                        "error": f"{100 - mean['baseline_acc']:.2f} -> {mean['error']:.2f}",
+                        "paper_error": f"{paper['error_before']:.2f} -> {paper['error_after']:.2f}",
+                        "mean_drop": mean["drop"],
+                        "target_met": bool(mean["huffman"] >= paper["huffman"] and mean["drop"] <= TARGET_DROP)})
+    print(pd.DataFrame(summary).round(2).to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
