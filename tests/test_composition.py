@@ -270,3 +270,24 @@ def test_a_pruned_int8_layer_is_stored_sparse_and_reads_back_identical(tmp_path)
     # 1 bit per weight + 8 per kept one (10%): ~0.23 of the dense int8 codes
     assert sparse_size < 0.35 * dense_size
     assert torch.equal(load_deployable(tmp_path / "sparse.pt", low_bit_as_int8=True).weight_codes, sparse.weight_codes)
+
+
+# ----------------------------------------------------------------------------- the scorecard's hybrid targets
+
+
+def test_scorecard_judges_a_hybrid_against_its_parts_and_its_last_stage() -> None:
+    from tests.test_scorecard import row, run, sc
+
+    def judged(hybrid_drop: float, hybrid_ratio: float) -> list[str]:
+        rows = [row("agp_qat", [run(s, acc_drop=hybrid_drop, compression_ratio=hybrid_ratio, sparsity=0.8,
+                                    speedup_bs32=1.2, test_acc=98.0) for s in (0, 1, 2)]),
+                row("agp", [run(s, acc_drop=-0.3, compression_ratio=4.0, test_acc=98.0) for s in (0, 1, 2)]),
+                row("qat", [run(s, acc_drop=0.1, compression_ratio=3.9, test_acc=98.0) for s in (0, 1, 2)])]
+        for r in rows[0].runs:
+            r.params["method.sparsity"] = "0.8"
+        return sc.judge(rows)[0].reasons
+
+    assert judged(0.0, 12.0) == []
+    assert any("agp 4.00x > agp_qat 3.00x" in reason for reason in judged(0.0, 3.0))
+    assert any("agp_qat drop 0.50 > qat drop 0.10" in reason for reason in judged(0.5, 12.0))
+    assert set(sc.HYBRID_PARTS) == set(HYBRIDS)
