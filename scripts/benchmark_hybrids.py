@@ -79,8 +79,10 @@ def run_group(uri: str, store: Path, name: str) -> None:
             print(f"  {method} on {models} failed (rc {result.returncode}): see {log.name}", flush=True)
 
 
-def newest_runs(uri: str) -> dict[tuple[str, str, str], dict[str, float]]:
-    """{(model, method, seed): metrics} of the newest FINISHED run of each, baselines left out."""
+def newest_runs(uri: str, store: Path) -> dict[tuple[str, str, str], dict[str, float]]:
+    """{(model, method, seed): metrics} of the newest FINISHED run of each made in `store` (not one copied in
+    with the baselines, whose artifacts stay in the source store), baselines left out."""
+    own_artifacts = (store.resolve() / "artifacts").as_uri()
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'", max_results=5000,
@@ -88,14 +90,16 @@ def newest_runs(uri: str) -> dict[tuple[str, str, str], dict[str, float]]:
     found = {}
     for run in runs:
         tags = run.data.tags
+        if not run.info.artifact_uri.startswith(own_artifacts):
+            continue
         if tags.get("method") not in {method for group in GROUPS.values() for _, method, _, _ in group}:
             continue
         found[(tags["model"], tags["method"], tags["seed"])] = dict(run.data.metrics)
     return found
 
 
-def print_table(uri: str, groups: list[str]) -> None:
-    found = newest_runs(uri)
+def print_table(uri: str, store: Path, groups: list[str]) -> None:
+    found = newest_runs(uri, store)
     header = f"{'model':<9} {'method':<11} {'hw':<8} {'seeds':<5} " + " ".join(f"{c:>17}" for c, _ in COLUMNS) + "  drops per seed"
     print(header)
     for name in groups:
@@ -132,7 +136,7 @@ def main() -> None:
     if not args.report_only:
         for name in groups:
             run_group(uri, args.store, name)
-    print_table(uri, groups)
+    print_table(uri, args.store, groups)
 
 
 if __name__ == "__main__":
