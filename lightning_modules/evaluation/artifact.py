@@ -140,15 +140,18 @@ def _payload_bytes(encoded: Encoded) -> int:
 
 def encode_tensor(tensor: torch.Tensor) -> Encoded:
     """The smallest encoding of `tensor`: bitmask+values pays off once about 1/32 of an fp32 tensor
-    is zero; int8/uint8 codes that fit in fewer bits are packed, and stored without their zero codes
-    (sparse_codes) once about 1/8 of them are zero; a float tensor with at most 256
+    is zero; int8/uint8 codes that fit in fewer bits are packed, full 8-bit ones stored without their
+    zero codes (sparse_codes) once about 1/8 of them are zero; a float tensor with at most 256
     distinct values is stored as a codebook plus packed indices."""
     tensor = tensor.detach().cpu().contiguous()
     dense = _encode_dense(tensor)
     if tensor.numel() < 64:
         return dense
     if tensor.dtype in (torch.int8, torch.uint8):
-        candidates = [dense, _encode_packed(tensor), _encode_sparse_codes(tensor)]
+        packed = _encode_packed(tensor)
+        candidates = [dense, packed]
+        if packed["bits"] == 8:  # full-width int8 codes; low-bit ones stay packed at their width (lowbit's file)
+            candidates.append(_encode_sparse_codes(tensor))
         codebook, indices = torch.unique(tensor.flatten(), return_inverse=True)
         if codebook.numel() <= 2:  # binary codes -1, +1: one bit each (packing their range takes two)
             candidates.append(_encode_codebook(tensor, codebook, indices))
