@@ -7,6 +7,8 @@ job of a sweep before the first one starts (sweep.py), and again at the start of
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lightning_modules.compression.base import CompressionCallback, Timer, check_choice, check_number
+from lightning_modules.compression.clustering import WeightClustering
+from lightning_modules.compression.distillation import KnowledgeDistillation
+from lightning_modules.compression.lowrank import LowRankDecomposition
+from lightning_modules.compression.pruning import ChannelPruning, LightningReference, MaskedPruning, NMPruning
+from lightning_modules.compression.quantization import PTQDynamic, StaticQuantization
 from lightning_modules.data import DATASETS, DataShape
 from lightning_modules.evaluation.runtime import RUNTIMES
 from lightning_modules.layers import WEIGHTED_LAYERS
@@ -173,8 +180,102 @@ def _validate_method(method: DictConfig, root: str) -> None:
         _validate_recipe("method.fine_tune", method.fine_tune, minimum_epochs=0)
     check_choice("method.student_init", method.get("student_init", "baseline"), STUDENT_INITS, error=ConfigError)
     callbacks = build_callbacks(method)  # constructors validate their own arguments
+    validate_composition(method, callbacks)
     if any(callback.requires_teacher for callback in callbacks):
         _validate_teacher(method.get("teacher"), root)
+
+
+# ----------------------------------------------------------------------------- composition
+# A method is an ordered list of compression callbacks active in one Trainer.fit (a hybrid: agp_qat
+# is AGP then QAT); `finalize` runs in that order. What each callback does to the model is its stage:
+STAGES: tuple[tuple[str, tuple[type, ...]], ...] = (  # the first class that matches names the stage
+    ("quantize", (StaticQuantization, PTQDynamic)),  # converts to int8 (static: wraps the layers when fit starts)
+    ("cluster", (WeightClustering,)),                # shares each layer's weights among 2**bits values
+    ("factor", (LowRankDecomposition,)),             # replaces layers by chains of smaller ones when fit starts
+    ("channel", (ChannelPruning,)),                  # removes whole channels
+    ("nm", (NMPruning,)),                            # N:M semi-structured masks, float 2:4 layers at finalize
+    ("prune", (MaskedPruning, LightningReference)),  # unstructured masks
+    ("distill", (KnowledgeDistillation,)),           # a loss only: composes with anything, anywhere
+)
+WEIGHT_STAGES = ("cluster", "factor", "channel", "nm", "prune")  # stages that change float weights or shapes
+
+
+def stage_of(callback: CompressionCallback) -> str:
+    for stage, classes in STAGES:
+        if isinstance(callback, classes):
+            return stage
+    return "other"  # a callback the rules do not know: nothing is refused for it
+
+
+def _wraps_for_qat(callback: CompressionCallback) -> bool:
+    return getattr(callback, "train_with_fake_quant", False)
+
+
+def _names_layers(callback: CompressionCallback) -> bool:
+    named = [*getattr(callback, "skip_layers", ()), *(getattr(callback, "layer_sparsity", None) or {})]
+    return any(name not in ("first", "last") for name in named)
+
+
+@dataclass(frozen=True)
+class CompositionRule:
+    """`earlier` listed before `later` cannot work (when `applies` to the pair): `why`, and what to do."""
+
+    earlier: str
+    later: str
+    why: str
+    allowed: str
+    applies: Callable[[CompressionCallback, CompressionCallback], bool] = lambda earlier, later: True
+
+
+# The one table of combinations that cannot work; tests/test_composition.py has a case for each row.
+COMPOSITION_RULES: tuple[CompositionRule, ...] = (
+    CompositionRule("quantize", "quantize", "two quantizers: the second would quantize layers already converted to int8",
+                    "one quantizer per method"),
+    *(CompositionRule("quantize", stage, f"{stage} after an int8 conversion: no float weights are left to change",
+                      f"the {stage} stage listed before the quantizer") for stage in WEIGHT_STAGES),
+    CompositionRule("cluster", "quantize", "int8 after clustering re-rounds the shared values per channel: the codes no "
+                    "longer share 2**bits values", "clustering alone (its codebook is already the narrow storage), or the "
+                    "quantizer alone"),
+    *(CompositionRule("cluster", stage, f"{stage} after clustering moves weights off the shared values",
+                      f"clustering as the last stage that changes weights") for stage in ("factor", "channel", "nm", "prune")),
+    CompositionRule("prune", "factor", "factoring a pruned layer makes dense factors: the zeros are lost",
+                    "factoring before pruning, or either alone"),
+    CompositionRule("nm", "factor", "factoring an N:M-pruned layer makes dense factors: the pattern is lost",
+                    "factoring before pruning, or either alone"),
+    CompositionRule("prune", "prune", "two unstructured pruners: each would set its own mask on the same weights",
+                    "one pruner (AGP's schedule covers gradual pruning)"),
+    CompositionRule("nm", "prune", "two unstructured pruners: each would set its own mask on the same weights",
+                    "one pruner"),
+    CompositionRule("prune", "nm", "two unstructured pruners: each would set its own mask on the same weights",
+                    "one pruner"),
+    CompositionRule("nm", "quantize", "N:M's 2:4 layers run on float semi-structured kernels: an int8 conversion after "
+                    "them has no 2:4 int8 kernel and drops the pattern", "N:M alone, or unstructured pruning (agp_qat)"),
+    CompositionRule("channel", "quantize", "a static quantizer wraps the layers before channel pruning slices them, so "
+                    "the channels could not be removed from the int8 model", "remove_at=setup on the channel stage "
+                    "(the channels are sliced before the quantizer wraps the smaller layers; conf/method/channel_qat.yaml)",
+                    lambda channel, quantizer: isinstance(quantizer, StaticQuantization) and channel.remove_at != "setup"),
+    CompositionRule("factor", "quantize", "a gradual factoring steps the ranks down during training, after QAT has "
+                    "wrapped the factors", "gradual_epochs=0 on the factor stage (one cut when fitting starts)",
+                    lambda factor, quantizer: _wraps_for_qat(quantizer) and getattr(factor, "gradual_epochs", 0) > 0),
+    CompositionRule("prune", "quantize", "QAT wraps every layer (<name>.layer) when fitting starts, so the layer names "
+                    "the pruner's skip_layers/layer_sparsity give are not found when it cuts",
+                    "first/last only in skip_layers, no layer_sparsity, or the quantizer's own skip_layers",
+                    lambda pruner, quantizer: _wraps_for_qat(quantizer) and _names_layers(pruner)),
+)
+
+
+def validate_composition(method: DictConfig, callbacks: list[CompressionCallback]) -> None:
+    """Refuse an order of callbacks that cannot work (COMPOSITION_RULES), naming both and the rule."""
+    slots = _callback_slots(method)
+    staged = [(slot, callback, stage_of(callback)) for slot, callback in zip(slots, callbacks)]
+    for i, (slot_a, first, stage_a) in enumerate(staged):
+        for slot_b, second, stage_b in staged[i + 1:]:
+            for rule in COMPOSITION_RULES:
+                if (rule.earlier, rule.later) == (stage_a, stage_b) and rule.applies(first, second):
+                    raise ConfigError(
+                        f"method={method.get('name')}: method.callbacks.{slot_a} ({type(first).__name__}, {stage_a}) "
+                        f"then method.callbacks.{slot_b} ({type(second).__name__}, {stage_b}) cannot work: {rule.why}; "
+                        f"allowed: {rule.allowed}")
 
 
 def model_config(name: str, root: str | Path) -> DictConfig:

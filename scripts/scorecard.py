@@ -22,8 +22,8 @@ none yet, and points the copy's experiment at the new store's own artifacts fold
 baseline runs keep reading their artifacts where they are; new runs write beside the new db);
 before each later sweep it merges in the FINISHED baselines trained there meanwhile (a teacher).
 
-Hardware: int8 methods (ptq_static, qat, qat_kd, ptq_dynamic) are measured on their shipped
-hardware, `cpu_ort` (ONNX Runtime's int8 kernels), ptq_static and qat also on `cpu` (compile auto:
+Hardware: int8 methods (ptq_static, qat, qat_kd, ptq_dynamic, and the hybrids agp_qat, agp_ptq,
+channel_qat, svd_qat) are measured on their shipped hardware, `cpu_ort` (ONNX Runtime's int8 kernels), ptq_static and qat also on `cpu` (compile auto:
 the int8 model and its fp32 baseline compiled by Inductor onto oneDNN's int8 kernels) as extra
 rows; every other method on `cpu_1t` (one thread, the edge-like budget), see HARDWARE.
 
@@ -77,7 +77,9 @@ DEFAULT_HARDWARE = "cpu_1t"  # one thread: timings of one model are least distur
 # int8 methods: their shipped hardware (conf/method/*.yaml), ONNX Runtime's int8 kernels; on cpu_1t they
 # would run eager (simulated int8). ptq_dynamic has no int8 kernel under Inductor at all.
 INT8_HARDWARE = "cpu_ort"
-HARDWARE = {"ptq_static": INT8_HARDWARE, "qat": INT8_HARDWARE, "qat_kd": INT8_HARDWARE, "ptq_dynamic": INT8_HARDWARE}
+HARDWARE = {"ptq_static": INT8_HARDWARE, "qat": INT8_HARDWARE, "qat_kd": INT8_HARDWARE, "ptq_dynamic": INT8_HARDWARE,
+            # the hybrids that end in int8 (issue 14), on the int8 methods' hardware
+            "agp_qat": INT8_HARDWARE, "agp_ptq": INT8_HARDWARE, "channel_qat": INT8_HARDWARE, "svd_qat": INT8_HARDWARE}
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ CONV_METHODS = ("channel", "tucker", "cp")
 # Expensive rows run last, so a partial store already holds every cheap row (seconds per job on 2 cores):
 # the ones that train 30-40 epochs, then those measured on `cpu`, where Inductor compiles the int8 model and
 # its baseline (1-3 minutes per run on 2 shared cores).
-EXPENSIVE = {"kd", "kd_feature", "lottery", "lottery_reinit", "agp_kd"}
+EXPENSIVE = {"kd", "kd_feature", "lottery", "lottery_reinit", "agp_kd", "agp_qat", "agp_ptq", "agp_cluster"}
 
 
 def phase(spec: RowSpec) -> int:
@@ -129,6 +131,9 @@ CHANCE_ACC = 10.0  # ten classes
 COLLAPSE_MARGIN = 2.0  # within 2 points of chance: collapsed (issue 12)
 UNSTRUCTURED = ("magnitude", "agp", "iterative", "taylor", "lottery")
 KD_METRICS = TEACHER_METRICS
+# hybrid -> the methods it composes, last stage last (the rows its targets compare with)
+HYBRID_PARTS = {"agp_qat": ("agp", "qat"), "agp_ptq": ("agp", "ptq_static"), "agp_cluster": ("agp", "cluster"),
+                "channel_qat": ("channel", "qat"), "channel_kd": ("channel",), "svd_qat": ("svd", "qat")}
 
 
 @dataclass(frozen=True)
@@ -165,6 +170,14 @@ TARGETS: tuple[Target, ...] = (
     Target(("svd", "tucker", "cp"), "speedup_bs32_min", 0.95, "issue 12 §2: low-rank not slower than its baseline on cpu_1t"),
     Target(("kd",), "mean_drop_max", 0.0, "issue 12 §2: kd at least as accurate as the student trained alone (mean)"),
     Target(("kd",), "metrics_present", KD_METRICS, "issue 12 §2: kd logs its figures against the teacher"),
+    # Hybrids (issue 14): at least the compression of each of their parts, no worse accuracy (mean drop) than
+    # their last stage alone (channel_kd: than channel alone, its distillation compresses nothing)
+    *(Target((hybrid,), "compression_at_least_rows", parts, f"issue 14: {hybrid} at least as small as {' and '.join(parts)}")
+      for hybrid, parts in HYBRID_PARTS.items()),
+    *(Target((hybrid,), "drop_at_most_row", parts[-1], f"issue 14: {hybrid} no worse than {parts[-1]} alone")
+      for hybrid, parts in HYBRID_PARTS.items()),
+    Target(("agp_qat", "agp_ptq", "agp_cluster"), "sparsity_within", 0.01,
+           "issue 14: each stage keeps the pruned zeros (sparsity measured on the final int8 / clustered weights)"),
 )
 
 # ============================================================================ runs read back
@@ -320,6 +333,30 @@ def check_drop_at_least_row(row: Row, other_key: str, rows: dict[tuple[str, str]
     return False, f"{other_key} drop {theirs:.2f} > {row.spec.key} drop {mine:.2f}: {other.spec.method} worse than its peer"
 
 
+def check_drop_at_most_row(row: Row, other_key: str, rows: dict[tuple[str, str], Row]) -> tuple[bool | None, str]:
+    """This row's mean drop no larger than the other row's (a hybrid against its last stage alone)."""
+    other = rows.get((row.model, other_key))
+    mine, theirs = row.mean("acc_drop"), other.mean("acc_drop") if other is not None else None
+    if mine is None or theirs is None:
+        return None, ""
+    if mine <= theirs:
+        return True, ""
+    return False, f"{row.spec.key} drop {mine:.2f} > {other_key} drop {theirs:.2f} (its last stage alone)"
+
+
+def check_compression_at_least_rows(row: Row, other_keys: tuple[str, ...],
+                                    rows: dict[tuple[str, str], Row]) -> tuple[bool | None, str]:
+    """This row's mean compression_ratio at least each other row's (a hybrid against its parts)."""
+    mine = row.mean("compression_ratio")
+    if mine is None:
+        return None, ""
+    larger = [(key, theirs) for key in other_keys if (other := rows.get((row.model, key))) is not None
+              and (theirs := other.mean("compression_ratio")) is not None and theirs > mine]
+    if not larger:
+        return True, ""
+    return False, "; ".join(f"{key} {theirs:.2f}x > {row.spec.key} {mine:.2f}x" for key, theirs in larger)
+
+
 def check_metrics_present(row: Row, names: tuple[str, ...], _rows: dict) -> tuple[bool | None, str]:
     missing = [name for name in names if any(name not in run.metrics for run in row.finished)]
     if not missing:
@@ -358,6 +395,8 @@ CHECKS: dict[str, Check] = {
     "compression_ratio_min": _min_check("compression_ratio"),
     "fakequant_gap_max": check_fakequant_gap_max,
     "drop_at_least_row": check_drop_at_least_row,
+    "drop_at_most_row": check_drop_at_most_row,
+    "compression_at_least_rows": check_compression_at_least_rows,
     "metrics_present": check_metrics_present,
 }
 

@@ -569,6 +569,10 @@ class ChannelPruning(MaskedTraining, CompressionCallback):
             8 or 16 suit oneDNN's blocked convolutions.
         initial_sparsity, begin, end, unit, frequency, power: the gradual ramp (see AGP).
         taylor_batches: training batches the `taylor` criterion averages over at each cut.
+        remove_at: `finalize` (the removed channels are masked to zero while the model fine-tunes, then
+            sliced away at finalize) or `setup` (oneshot only: cut and slice when fitting is set up,
+            before the optimizer exists, so the smaller network fine-tunes; a later stage of a
+            hybrid, a quantizer, then sees the pruned shapes).
 
     Raises ValueError when a group would keep no channel (`sparsity` or a `layer_sparsity` so close
     to 1 that `round(fraction * channels)` is all of them), naming the key, value and allowed range:
@@ -578,14 +582,21 @@ class ChannelPruning(MaskedTraining, CompressionCallback):
     name = "channel"
     CRITERIA = ("l1", "l2", "bn_scale", "taylor")
     MODES = ("oneshot", "gradual")
+    REMOVE_AT = ("finalize", "setup")
 
     def __init__(self, sparsity: float, criterion: str = "l1", mode: str = "oneshot",
                  skip_layers: Sequence[str] = (), layer_sparsity: dict[str, float] | None = None,
                  round_to: int | None = None, initial_sparsity: float = 0.0, begin: float = 0, end: float = 2,
-                 unit: str = "epoch", frequency: int = 10, power: float = 3.0, taylor_batches: int = 8) -> None:
+                 unit: str = "epoch", frequency: int = 10, power: float = 3.0, taylor_batches: int = 8,
+                 remove_at: str = "finalize") -> None:
         self.sparsity = check_fraction("sparsity", sparsity)
         self.criterion = check_choice("criterion", criterion, self.CRITERIA)
         self.mode = check_choice("mode", mode, self.MODES)
+        self.remove_at = check_choice("remove_at", remove_at, self.REMOVE_AT)
+        if self.remove_at == "setup" and self.mode != "oneshot":
+            raise ValueError(f"remove_at='setup' is not valid with mode={mode!r}; allowed: remove_at='finalize', "
+                             f"or mode='oneshot' (a gradual cut keeps changing the channels while it trains)")
+        self.removed = False  # the channels were sliced away (remove_at=setup, or finalize ran)
         self.skip_layers = list(skip_layers)
         self.layer_sparsity = {k: check_fraction(f"layer_sparsity.{k}", v) for k, v in (layer_sparsity or {}).items()}
         self.round_to = check_int("round_to", round_to, 1) if round_to is not None else 1
@@ -599,7 +610,14 @@ class ChannelPruning(MaskedTraining, CompressionCallback):
         self.before: dict[str, int] = {}
 
     # -- hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.remove_at == "setup" and not self.removed:
+            self.on_fit_start(trainer, pl_module)
+            pl_module.model = self.remove(pl_module.model)
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.removed:
+            return
         if self.groups is None:
             self.analyse(pl_module.model, _example_input(trainer))
         if self.mode == "oneshot" and self.current_sparsity < self.sparsity:
@@ -704,29 +722,38 @@ class ChannelPruning(MaskedTraining, CompressionCallback):
         apply_masks(model)
         self.current_sparsity = sparsity
 
-    # -- protocol
-    def finalize(self, model: nn.Module) -> nn.Module:
+    def remove(self, model: nn.Module) -> nn.Module:
+        """The masks folded and the removed channels sliced away, once."""
+        if self.removed:
+            return model
         fold_masks(model)
         kept = {i: keep.nonzero().flatten() for i, keep in self.keep.items()}
+        self.removed = True
         return channel_surgery.remove_channels(model, self.groups or [], kept)
+
+    # -- protocol
+    def finalize(self, model: nn.Module) -> nn.Module:
+        return self.remove(model)
 
     def summary(self, model: nn.Module) -> list[dict[str, Any]]:
         modules = dict(model.named_modules())
         rows = []
         for i, group in enumerate(self.groups or []):
             for name in group.producers:
-                after = modules[name].weight.shape[0]
+                module = modules[name]  # a later quantizer leaves an int8 layer holding weight_codes
+                after = (module.weight if hasattr(module, "weight") else module.weight_codes).shape[0]
                 rows.append({"layer": name, "group": i, "channels_before": group.size, "channels_after": after,
                              "fraction_removed": 1 - after / group.size, "skipped": self.skipped.get(i, "")})
         return rows
 
     def state_dict(self) -> dict[str, Any]:
         return {"groups": self.groups, "keep": self.keep, "skipped": self.skipped,
-                "current_sparsity": self.current_sparsity}
+                "current_sparsity": self.current_sparsity, "removed": self.removed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.groups, self.keep = state_dict["groups"], state_dict["keep"]
         self.skipped, self.current_sparsity = state_dict["skipped"], state_dict["current_sparsity"]
+        self.removed = state_dict.get("removed", False)
 
 
 def channel_taylor_scores(model: nn.Module, groups: list[channel_surgery.ChannelGroup],

@@ -941,9 +941,29 @@ class StaticQuantization(CompressionCallback):
 
 class PTQStatic(StaticQuantization):
     """Post-training static quantization: calibrate, then convert; nothing is trained
-    (method.fine_tune.epochs is 0)."""
+    (method.fine_tune.epochs is 0). In a hybrid whose earlier stages train (agp_ptq: prune, then
+    quantize), it is post-training for real: the model is prepared and calibrated when training
+    ends, on the trained (pruned) weights, so the ranges are those of the model it converts."""
 
     name = "ptq_static"
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self.after_training(trainer):
+            super().setup(trainer, pl_module, stage)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.after_training(trainer):
+            super().on_fit_start(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.prepared is None:
+            self.prepare(pl_module, trainer)
+            super().on_fit_start(trainer, pl_module)
+
+    @staticmethod
+    def after_training(trainer: pl.Trainer) -> bool:
+        """Whether the fit trains at all (then the quantizer waits for its end)."""
+        return bool(trainer.max_epochs) and trainer.limit_train_batches != 0
 
 
 class QAT(StaticQuantization):

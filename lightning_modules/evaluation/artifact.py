@@ -12,6 +12,9 @@ weights) and the weights, each tensor in the smallest of the registered encoding
               clustering: Deep Compression): relative positions and codebook indices, each stream
               Huffman-coded (compression/huffman.py documents the format), its arrays end to end
               in one uint8 tensor (`sizes` says where each ends)
+    sparse_codes  int8/uint8 codes with many zero codes (a pruned model quantized: agp_qat): one
+              bit per entry saying nonzero, then the nonzero codes, packed at the fewest bits their
+              range needs (8 for int8 codes); the size reflects both the zeros and the code width
 `load_deployable` rebuilds the model and decodes what no kernel reads once, at load: layers of
 packed low-bit codes become plain Conv2d/Linear layers of float weights (deployable_int8.py:
 decode_low_bit), a codebook tensor becomes its float values; the outputs are those of the saved
@@ -93,6 +96,25 @@ def _decode_packed(encoded: Encoded) -> torch.Tensor:
     return torch.from_numpy(values).to(encoded["dtype"]).view(shape)
 
 
+def _encode_sparse_codes(tensor: torch.Tensor) -> Encoded:
+    """Integer codes as a nonzero bitmask plus the nonzero codes, packed (_encode_packed)."""
+    flat = tensor.flatten()
+    nonzero = flat != 0
+    values = flat[nonzero]
+    packed = _encode_packed(values) if values.numel() else _encode_dense(values)
+    return {"encoding": "sparse_codes", "shape": tuple(tensor.shape), "dtype": tensor.dtype,
+            "bits": torch.from_numpy(np.packbits(nonzero.numpy())), "values": packed}
+
+
+def _decode_sparse_codes(encoded: Encoded) -> torch.Tensor:
+    shape = encoded["shape"]
+    numel = int(np.prod(shape)) if shape else 1
+    nonzero = torch.from_numpy(np.unpackbits(encoded["bits"].numpy(), count=numel).astype(bool))
+    flat = torch.zeros(numel, dtype=encoded["dtype"])
+    flat[nonzero] = decode_tensor(encoded["values"]).to(encoded["dtype"])
+    return flat.view(shape)
+
+
 def _encode_codebook(tensor: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor) -> Encoded:
     bits = _bits_for(codebook.numel())
     return {"encoding": "codebook", "shape": tuple(tensor.shape), "bits": bits, "codebook": codebook,
@@ -131,22 +153,26 @@ def _decode_huffman(encoded: Encoded) -> torch.Tensor:
 
 DECODERS: dict[str, Callable[[Encoded], torch.Tensor]] = {
     "dense": _decode_dense, "bitmask": _decode_bitmask, "packed": _decode_packed, "codebook": _decode_codebook,
-    "huffman": _decode_huffman,
+    "huffman": _decode_huffman, "sparse_codes": _decode_sparse_codes,
 }
-# encodings of float weights narrower than any runtime's kernels read them
-NARROW_ENCODINGS = ("codebook", "huffman")
+# encodings narrower than any runtime's own file stores the weights (float weights as a codebook or
+# Huffman-coded; int8 codes without their zeros: ONNX Runtime's file holds every code, so model.pt is
+# what ships)
+NARROW_ENCODINGS = ("codebook", "huffman", "sparse_codes")
 MAX_CODEBOOK = 256
 
 
 def _payload_bytes(encoded: Encoded) -> int:
     if encoded["encoding"] == "huffman":  # the blob plus the shape, counts and gap_bits
         return encoded["blob"].numel() + huffman.HEADER_BYTES
-    return sum(v.numel() * v.element_size() for v in encoded.values() if isinstance(v, torch.Tensor))
+    return sum(v.numel() * v.element_size() if isinstance(v, torch.Tensor) else _payload_bytes(v)
+               for v in encoded.values() if isinstance(v, (torch.Tensor, dict)))
 
 
 def encode_tensor(tensor: torch.Tensor) -> Encoded:
     """The smallest encoding of `tensor`: bitmask+values pays off once about 1/32 of an fp32 tensor
-    is zero; int8/uint8 codes that fit in fewer bits are packed; a float tensor with at most 256
+    is zero; int8/uint8 codes that fit in fewer bits are packed, full 8-bit ones stored without their
+    zero codes (sparse_codes) once about 1/8 of them are zero; a float tensor with at most 256
     distinct values is stored as a codebook plus packed indices, or Huffman-coded when it also has
     zeros (a pruned, clustered layer) and that is smaller."""
     tensor = tensor.detach().cpu().contiguous()
@@ -154,7 +180,10 @@ def encode_tensor(tensor: torch.Tensor) -> Encoded:
     if tensor.numel() < 64:
         return dense
     if tensor.dtype in (torch.int8, torch.uint8):
-        candidates = [dense, _encode_packed(tensor)]
+        packed = _encode_packed(tensor)
+        candidates = [dense, packed]
+        if packed["bits"] == 8:  # full-width int8 codes; low-bit ones stay packed at their width (lowbit's file)
+            candidates.append(_encode_sparse_codes(tensor))
         codebook, indices = torch.unique(tensor.flatten(), return_inverse=True)
         if codebook.numel() <= 2:  # binary codes -1, +1: one bit each (packing their range takes two)
             candidates.append(_encode_codebook(tensor, codebook, indices))
