@@ -214,8 +214,6 @@ def test_ptq_after_a_training_stage_calibrates_the_trained_pruned_model() -> Non
     assert parameter_counts(dequantized(model))["sparsity"] == pytest.approx(0.8, abs=0.01)
 
 
-@pytest.mark.xfail(reason="clustering keeps pruned zeros once compression/clustering.py does (the Deep Compression "
-                          "branch, issue 14): until then a pruned weight joins its nearest centroid", strict=False)
 def test_clustering_after_pruning_keeps_the_zeros_and_shares_only_nonzero_values() -> None:
     torch.manual_seed(0)
     prune, cluster = _agp(), WeightClustering(bits=3)
