@@ -323,9 +323,14 @@ def check_fakequant_gap_max(row: Row, limit: float, _rows: dict) -> tuple[bool |
     return False, f"deployed vs fake-quant {worst[0]:.2f} points > {limit:g} (seed {worst[1]})"
 
 
-def check_drop_at_least_row(row: Row, other_key: str, rows: dict[tuple[str, str], Row]) -> tuple[bool | None, str]:
+def _mean_drops(row: Row, other_key: str, rows: dict[tuple[str, str], Row]) -> tuple[float | None, float | None, Row | None]:
+    """(this row's mean drop, the other row's on the same model, the other row)."""
     other = rows.get((row.model, other_key))
-    mine, theirs = row.mean("acc_drop"), other.mean("acc_drop") if other is not None else None
+    return row.mean("acc_drop"), other.mean("acc_drop") if other is not None else None, other
+
+
+def check_drop_at_least_row(row: Row, other_key: str, rows: dict[tuple[str, str], Row]) -> tuple[bool | None, str]:
+    mine, theirs, other = _mean_drops(row, other_key, rows)
     if mine is None or theirs is None:
         return None, ""
     if theirs <= mine:
@@ -335,8 +340,7 @@ def check_drop_at_least_row(row: Row, other_key: str, rows: dict[tuple[str, str]
 
 def check_drop_at_most_row(row: Row, other_key: str, rows: dict[tuple[str, str], Row]) -> tuple[bool | None, str]:
     """This row's mean drop no larger than the other row's (a hybrid against its last stage alone)."""
-    other = rows.get((row.model, other_key))
-    mine, theirs = row.mean("acc_drop"), other.mean("acc_drop") if other is not None else None
+    mine, theirs, _ = _mean_drops(row, other_key, rows)
     if mine is None or theirs is None:
         return None, ""
     if mine <= theirs:
