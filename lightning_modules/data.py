@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -39,6 +40,48 @@ class ArraySplits:
     y_train: np.ndarray
     x_test: np.ndarray | None = None  # None: carve the test split out of the training pool
     y_test: np.ndarray | None = None
+    pixel_max: float = 255.0  # the raw images' pixels were divided by this to reach [0, 1]
+    class_names: tuple[str, ...] | None = None  # None: the class numbers
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model trained on this data expects, stored with its artifact: a raw image (pixels as
+    the dataset gives them, 0..pixel_max) becomes its input as (pixels / pixel_max - mean) / std,
+    per channel, in the layout (N, channels, size, size)."""
+
+    channels: int
+    image_size: int
+    pixel_max: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    class_names: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"layout": "NCHW", "shape": [self.channels, self.image_size, self.image_size],
+                "pixel_max": self.pixel_max, "mean": list(self.mean), "std": list(self.std),
+                "class_names": list(self.class_names)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> InputSpec:
+        channels, size, _ = data["shape"]
+        return cls(channels, size, float(data["pixel_max"]), tuple(data["mean"]), tuple(data["std"]),
+                   tuple(data["class_names"]))
+
+    def normalise(self, raw: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Raw images, (N, H, W) or (N, C, H, W) or one (H, W) image, as the model's input batch."""
+        images = torch.as_tensor(np.asarray(raw), dtype=torch.float32)
+        if images.dim() == 2:
+            images = images[None]
+        if images.dim() == 3:
+            images = images[:, None]
+        expected = (self.channels, self.image_size, self.image_size)
+        if tuple(images.shape[1:]) != expected:
+            raise ValueError(f"raw images of shape {tuple(images.shape)}; this model takes (N, {expected[0]}, "
+                             f"{expected[1]}, {expected[2]}) with pixels in 0..{self.pixel_max:g}")
+        mean = torch.tensor(self.mean).reshape(1, -1, 1, 1)
+        std = torch.tensor(self.std).reshape(1, -1, 1, 1)
+        return (images / self.pixel_max - mean) / std
 
 
 def _load_mnist5k(root: Path) -> ArraySplits:
@@ -52,7 +95,8 @@ def _load_digits(root: Path) -> ArraySplits:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()  # 1,797 8x8 digits, values 0..16
-    return ArraySplits(bunch.images[:, None].astype(np.float32) / 16.0, bunch.target.astype(np.int64))
+    return ArraySplits(bunch.images[:, None].astype(np.float32) / 16.0, bunch.target.astype(np.int64),
+                       pixel_max=16.0)
 
 
 def _torchvision_loader(class_name: str, folder: str) -> Callable[[Path], ArraySplits]:
@@ -69,7 +113,7 @@ def _torchvision_loader(class_name: str, folder: str) -> Callable[[Path], ArrayS
                 f"Offline, put the dataset's original archives under {root / folder} (torchvision's "
                 f"layout), or point data.root at a folder that holds them."
             ) from error
-        return ArraySplits(*_to_arrays(train), *_to_arrays(test))
+        return ArraySplits(*_to_arrays(train), *_to_arrays(test), class_names=tuple(train.classes))
 
     return load
 
@@ -217,6 +261,11 @@ class InMemoryDataModule(pl.LightningDataModule):
         )
         mean = x_train.mean(axis=(0, 2, 3), keepdims=True)
         std = x_train.std(axis=(0, 2, 3), keepdims=True) + 1e-6
+        self.num_classes = int(max(y_train.max(), y_test.max()) + 1)
+        self.input_spec = InputSpec(
+            channels=x_train.shape[1], image_size=x_train.shape[2], pixel_max=arrays.pixel_max,
+            mean=tuple(float(m) for m in mean.reshape(-1)), std=tuple(float(s) for s in std.reshape(-1)),
+            class_names=arrays.class_names or tuple(str(label) for label in range(self.num_classes)))
 
         def tensors(x: np.ndarray, y: np.ndarray) -> TensorDataset:
             return TensorDataset(torch.from_numpy((x - mean) / std).float(), torch.from_numpy(y))
@@ -226,7 +275,6 @@ class InMemoryDataModule(pl.LightningDataModule):
             "val": tensors(x_val, y_val),
             "test": tensors(x_test, y_test),
         }
-        self.num_classes = int(max(y_train.max(), y_test.max()) + 1)
         log.info("data %s: %s", self.name, {k: len(v) for k, v in self._splits.items()})
 
     @property

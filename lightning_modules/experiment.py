@@ -37,11 +37,12 @@ from lightning_modules.contract import (
     layers_skipped, run_model_uri, speedup, summary_table,
 )
 from lightning_modules.data import InMemoryDataModule
-from lightning_modules.evaluation.artifact import load_deployable
+from lightning_modules.evaluation.artifact import FORMAT as ARTIFACT_FORMAT
+from lightning_modules.evaluation.artifact import NotAnArtifact, load_deployable
 from lightning_modules.evaluation.complexity import count_macs
 from lightning_modules.evaluation.latency import LatencyTimer, available_cores
 from lightning_modules.evaluation.report import Report, measure
-from lightning_modules.models import build_model
+from lightning_modules.models import build_model, model_recipe
 from lightning_modules.sweep import finished_job_run, where_to_log
 from lightning_modules.task import ClassificationTask
 from lightning_modules.tracking import (
@@ -191,6 +192,7 @@ def baseline_fingerprint(cfg: DictConfig) -> str:
         "seed": cfg.seed,
         "recipe": OmegaConf.to_container(cfg.baseline, resolve=True),
         "device": cfg.hardware.device,
+        "artifact": ARTIFACT_FORMAT,  # a baseline stored in an older file format is trained again, not unpickled
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -258,7 +260,7 @@ def load_teacher_file(path: Path, net_cfg: DictConfig, data: InMemoryDataModule)
     """A workbench artifact (model.pt), or else a Lightning checkpoint / state dict of `net_cfg`'s model."""
     try:
         return load_deployable(path)
-    except ValueError:  # not a workbench artifact: weights for the architecture in method.teacher.model
+    except NotAnArtifact:  # weights for the architecture in method.teacher.model
         try:  # tensors and plain containers only: nothing in the file runs when it is read
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
@@ -333,7 +335,7 @@ def evaluate(ctx: RunContext, model: nn.Module, baseline: nn.Module, callbacks: 
         references = {name: ref for cb in callbacks for name, ref in cb.reference_models().items()}
         with scratch_dir() as scratch:  # the baseline's (and teacher's) files, written only to be measured
             report = measure(model, baseline, ctx.data, ctx.cfg.hardware, ctx.device, folder / MODEL_FOLDER,
-                             Path(scratch), references, teacher)
+                             Path(scratch), references, teacher, model_recipe(ctx.cfg.model.net, ctx.data.shape))
         summaries = {callback.name: callback.summary(model) for callback in callbacks}
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)

@@ -1,7 +1,9 @@
 """The deployable artifact: the file a user would ship, and whose size the workbench reports.
 
-One file holds the architecture (the module pickled on the `meta` device, so it carries no
-weights) and the weights, each tensor in the smallest of the registered encodings:
+One file holds the architecture as plain data (architecture.py: the model's class and arguments,
+then what compression changed in it; no pickle, so loading runs no code from the file), the input
+the model expects (shape, normalisation, class names: `Artifact.predict` takes raw images) and
+the weights, each tensor in the smallest of the registered encodings:
     dense     the tensor as it is
     bitmask   one bit per entry saying nonzero, then the nonzero values (for sparse tensors)
     packed    integer codes that fit in b < 8 bits (low-bit quantization): the offset to the
@@ -24,8 +26,11 @@ encoding here and touch nothing else.
 
 from __future__ import annotations
 
-import copy
+import json
+import struct
+import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +38,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightning_modules.architecture import (
+    ArchitectureError, ModelRecipe, TensorSlot, build_architecture, decode_value, describe_changes, encode_value,
+    tensor_slots,
+)
 from lightning_modules.compression import huffman
+from lightning_modules.data import InputSpec
 from lightning_modules.deployable_int8 import decode_low_bit
 
-FORMAT = "compression-workbench/deployable-v1"
+FORMAT = "compression-workbench/artifact-v2"
+MAGIC = b"CWBMODEL"
 
 Encoded = dict[str, Any]
 
@@ -128,9 +139,7 @@ def _decode_codebook(encoded: Encoded) -> torch.Tensor:
     return encoded["codebook"][indices].view(shape)
 
 
-# huffman.encode's arrays, stored end to end in one uint8 tensor: torch.save writes a tensor's bytes
-# raw (a numpy array would be pickled at protocol 2, its bytes inflated ~1.6x) and each tensor costs
-# a zip record, so one per layer
+# huffman.encode's arrays, stored end to end in one uint8 tensor: one entry in the header per layer
 HUFFMAN_ARRAYS = ("codebook", "positions_lengths", "positions_bits", "values_lengths", "values_bits")
 
 
@@ -206,27 +215,151 @@ def decode_tensor(encoded: Encoded) -> torch.Tensor:
     return DECODERS[encoded["encoding"]](encoded)
 
 
-def save_deployable(model: nn.Module, path: str | Path) -> int:
-    """Write the artifact and return its size in bytes, as stored on disk."""
+# ----------------------------------------------------------------------------- the container
+
+
+class NotAnArtifact(ValueError):
+    """The file is not a workbench artifact at all (another format: a pickle, a checkpoint, ...)."""
+
+
+class ArtifactError(ValueError):
+    """A workbench artifact that is damaged, truncated, or describes something it may not build."""
+
+
+def _pack(value: Any, data: bytearray) -> Any:
+    """An encoding's fields as JSON, its tensors appended to `data` and referenced by offset."""
+    if isinstance(value, torch.Tensor):
+        raw = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        reference = {"array": [str(value.dtype).removeprefix("torch."), list(value.shape), len(data), len(raw)]}
+        data.extend(raw)
+        return reference
+    if isinstance(value, dict):
+        return {"fields": {key: _pack(item, data) for key, item in value.items()}}
+    return encode_value(value, "an encoding field")
+
+
+def _unpack(value: Any, data: memoryview) -> Any:
+    if isinstance(value, dict) and "array" in value:
+        dtype_name, shape, offset, size = value["array"]
+        dtype = decode_value({"dtype": dtype_name})
+        if offset < 0 or offset + size > len(data):
+            raise ArtifactError(f"a tensor lies at bytes {offset}..{offset + size} of a {len(data)}-byte data section")
+        flat = torch.frombuffer(bytearray(data[offset:offset + size]), dtype=torch.uint8) if size \
+            else torch.empty(0, dtype=torch.uint8)
+        return flat.view(dtype).reshape(shape)
+    if isinstance(value, dict) and "fields" in value:
+        return {key: _unpack(item, data) for key, item in value["fields"].items()}
+    return decode_value(value)
+
+
+def save_deployable(model: nn.Module, path: str | Path, recipe: ModelRecipe | None = None,
+                    input_spec: InputSpec | None = None) -> int:
+    """Write the artifact and return its size in bytes, as stored on disk.
+
+    The file (no pickle anywhere; MAGIC, then the header's length as 4 bytes little-endian, the
+    header as zlib-compressed JSON, then the tensors' bytes end to end):
+        format    FORMAT
+        recipe    the model's class and constructor arguments (architecture.ModelRecipe), or null
+        changes   what compression changed in that model (architecture.describe_changes)
+        input     the input it expects (data.InputSpec: shape, normalisation, class names), or null
+        tensors   per tensor: its key, slot (parameter, buffer, ...), and its encoding's fields, each
+                  tensor field as [dtype, shape, offset, bytes] into the data section
+        data_bytes, data_crc32   the data section's length and CRC-32, checked at load
+    `recipe` None: the whole module tree is described (a model that was not built from a config).
+    """
     path = Path(path)
-    skeleton = copy.deepcopy(model).to("meta")
-    state = {key: encode_tensor(value) for key, value in model.state_dict().items()}
-    torch.save({"format": FORMAT, "skeleton": skeleton, "state": state}, path)
+    data = bytearray()
+    tensors = [{"key": item.key, "slot": item.slot, "requires_grad": item.requires_grad,
+                "channels_last": item.channels_last, "encoded": _pack(encode_tensor(item.tensor), data)}
+               for item in tensor_slots(model)]
+    header = {
+        "format": FORMAT,
+        "recipe": recipe.to_json() if recipe is not None else None,
+        "changes": describe_changes(model, recipe),
+        "input": input_spec.to_json() if input_spec is not None else None,
+        "tensors": tensors,
+        "data_bytes": len(data),
+        "data_crc32": zlib.crc32(data),
+    }
+    packed_header = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
+    with open(path, "wb") as file:
+        file.write(MAGIC + struct.pack("<I", len(packed_header)) + packed_header + data)
     return path.stat().st_size
 
 
-def load_deployable(path: str | Path, device: str | torch.device = "cpu", low_bit_as_int8: bool = False) -> nn.Module:
-    """Rebuild the model saved by `save_deployable` (the file is trusted: it unpickles the skeleton).
+def read_header(path: str | Path) -> tuple[dict[str, Any], memoryview]:
+    """The artifact's header (checked) and its data section; NotAnArtifact / ArtifactError otherwise."""
+    path = Path(path)
+    try:
+        content = path.read_bytes()
+    except OSError as error:
+        raise ArtifactError(f"{path}: cannot be read ({error})") from error
+    if not content.startswith(MAGIC):
+        kind = ("a zip archive: torch.save's format, a pickle, which is never loaded because unpickling "
+                "runs code; re-save it with this version" if content.startswith(b"PK\x03\x04")
+                else "an unknown format")
+        raise NotAnArtifact(f"{path} is not a workbench artifact (it is {kind}; expected {FORMAT})")
+    try:
+        (length,) = struct.unpack("<I", content[len(MAGIC):len(MAGIC) + 4])
+        start = len(MAGIC) + 4
+        header = json.loads(zlib.decompress(content[start:start + length]))
+    except (struct.error, zlib.error, ValueError) as error:
+        raise ArtifactError(f"{path}: damaged or truncated workbench artifact, its header cannot be read "
+                            f"({error})") from error
+    if header.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: format {header.get('format')!r}, this version reads {FORMAT!r}")
+    data = memoryview(content)[start + length:]
+    if len(data) != header["data_bytes"] or zlib.crc32(data) != header["data_crc32"]:
+        raise ArtifactError(f"{path}: damaged or truncated workbench artifact: its tensors take {len(data)} bytes "
+                            f"with CRC-32 {zlib.crc32(data):08x}, the header says {header['data_bytes']} bytes "
+                            f"with {header['data_crc32']:08x}")
+    return header, data
+
+
+@dataclass
+class Artifact:
+    """A loaded artifact: the model, and the input it expects (None for a file saved without one)."""
+
+    model: nn.Module
+    input_spec: InputSpec | None
+
+    @torch.no_grad()
+    def predict(self, raw_images: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Class probabilities (N, classes) for raw images, pixels as the dataset gives them."""
+        if self.input_spec is None:
+            raise ValueError("this artifact was saved without its input description; call .model on normalised "
+                             "tensors instead")
+        inputs = self.input_spec.normalise(raw_images)
+        device = next(iter(self.model.buffers()), next(self.model.parameters())).device
+        return torch.softmax(self.model.eval()(inputs.to(device)).float(), dim=1).cpu().numpy()
+
+
+def load_artifact(path: str | Path, device: str | torch.device = "cpu", low_bit_as_int8: bool = False) -> Artifact:
+    """Rebuild the model saved by `save_deployable`, executing nothing the file says: the model is
+    built from its recipe's class (an nn.Module class or a workbench builder), its changes replayed
+    from plain data (architecture.py), its tensors decoded from their encodings.
 
     Packed low-bit layers are decoded once: into float Conv2d/Linear layers, or, with
     `low_bit_as_int8` (for a runtime with int8 kernels), into int8 layers holding the codes widened to
     8 bits, which run on those kernels with the same outputs."""
-    payload = torch.load(Path(path), map_location="cpu", weights_only=False)
-    if payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a workbench artifact (format {payload.get('format')!r}, expected {FORMAT!r})")
-    model = payload["skeleton"].to_empty(device=device)
-    model.load_state_dict({key: decode_tensor(value) for key, value in payload["state"].items()})
-    return (model if low_bit_as_int8 else decode_low_bit(model)).eval()
+    header, data = read_header(path)
+    try:
+        recipe = ModelRecipe.from_json(header["recipe"]) if header["recipe"] is not None else None
+        slots = [TensorSlot(item["key"], item["slot"], decode_tensor(_unpack(item["encoded"], data)),
+                            bool(item["requires_grad"]), bool(item["channels_last"])) for item in header["tensors"]]
+        model = build_architecture(recipe, header["changes"], slots)
+    except ArchitectureError as error:
+        raise ArtifactError(f"{path}: {error}") from error
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise ArtifactError(f"{path}: damaged workbench artifact ({type(error).__name__}: {error})") from error
+    model = model.to(device)
+    input_spec = InputSpec.from_json(header["input"]) if header.get("input") else None
+    return Artifact((model if low_bit_as_int8 else decode_low_bit(model)).eval(), input_spec)
+
+
+def load_deployable(path: str | Path, device: str | torch.device = "cpu", low_bit_as_int8: bool = False) -> nn.Module:
+    """The model of the artifact at `path` (load_artifact's, without its input description)."""
+    return load_artifact(path, device, low_bit_as_int8).model
 
 
 def encoding_table(model: nn.Module) -> list[dict[str, Any]]:

@@ -22,7 +22,8 @@ from lightning_modules.contract import (
     SIMULATED, SIZE_BYTES, TEACHER_SIZE_BYTES, TEACHER_TEST_ACC, TEST_ACC, TEST_LOSS, baseline_metric, labelled,
     latency_ms_p50, latency_spread, reference_test_acc, size_bytes_of, speedup, teacher_metric, vs_teacher,
 )
-from lightning_modules.data import InMemoryDataModule
+from lightning_modules.architecture import ModelRecipe
+from lightning_modules.data import InMemoryDataModule, InputSpec
 from lightning_modules.evaluation.accuracy import paired_drop_interval, predict
 from lightning_modules.evaluation.artifact import NARROW_ENCODINGS, encoding_table, load_deployable, save_deployable
 from lightning_modules.deployable_int8 import decode_low_bit, dequantized, is_quantized
@@ -60,11 +61,11 @@ class Deployment:
 
 
 def deploy_for_measure(model: nn.Module, name: str, runtime, hardware: DictConfig, device: torch.device,
-                       folder: Path, input_shape: tuple[int, ...]) -> Deployment:
+                       folder: Path, input_shape: tuple[int, ...], recipe: ModelRecipe | None = None) -> Deployment:
     """Deploy a model that is measured beside the run's own (its baseline, its teacher) the way the
     run's model is deployed: the same runtime, its file written under `folder` only to be measured."""
     threads = hardware.get("threads")
-    size = save_deployable(model, folder / f"{name}.pt")
+    size = save_deployable(model, folder / f"{name}.pt", recipe)
     if runtime.save is None:
         return Deployment(runtime.deploy(model, device, threads, input_shape), size)
     path = folder / f"{name}{runtime.suffix}"
@@ -107,6 +108,7 @@ def measure(
     scratch_dir: Path,
     references: dict[str, nn.Module] | None = None,
     teacher: nn.Module | None = None,
+    recipe: ModelRecipe | None = None,
 ) -> Report:
     """Measure `model` (finalized) against `baseline` (dense), both deployed on `hardware`.
 
@@ -120,13 +122,15 @@ def measure(
     deployable and the runtime runs its widened form (the latency keys say `dequantized`).
     `references` (e.g. the fake-quant training model) are scored too, as `test_acc_<name>`.
     A `teacher` (distillation) is deployed on the same runtime, scored, and timed interleaved with
-    the model and its baseline: the `*_vs_teacher` figures.
+    the model and its baseline: the `*_vs_teacher` figures. `recipe` is how the model and its
+    baseline were built (the artifact stores it and what compression changed, not pickled code).
     """
     test = data.split("test")
     input_shape = tuple(test.tensors[0].shape[1:])
-    shipped = deploy(model, hardware, device, artifact_dir, input_shape)
+    shipped = deploy(model, hardware, device, artifact_dir, input_shape, recipe, data.input_spec)
     others = {"baseline": shipped.deployment} if model is baseline else {
-        "baseline": deploy_for_measure(baseline, "baseline", shipped.runtime, hardware, device, scratch_dir, input_shape)}
+        "baseline": deploy_for_measure(baseline, "baseline", shipped.runtime, hardware, device, scratch_dir,
+                                       input_shape, recipe)}
     if teacher is not None:
         others["teacher"] = deploy_for_measure(teacher, "teacher", shipped.runtime, hardware, device, scratch_dir,
                                                input_shape)
@@ -147,14 +151,15 @@ def measure(
 
 
 def deploy(model: nn.Module, hardware: DictConfig, device: torch.device, artifact_dir: Path,
-           input_shape: tuple[int, ...]) -> Shipped:
+           input_shape: tuple[int, ...], recipe: ModelRecipe | None = None,
+           input_spec: InputSpec | None = None) -> Shipped:
     """Write the deployable file(s) into `artifact_dir` and load what the runtime runs from them.
 
     The measured model is the file, not the object that produced it; low-bit codes are decoded once,
     at load: widened to int8 where the runtime has int8 kernels, else to float.
     """
     artifact = artifact_dir / MODEL_FILE
-    size_bytes = save_deployable(model, artifact)
+    size_bytes = save_deployable(model, artifact, recipe, input_spec)
     shipped = load_deployable(artifact, low_bit_as_int8=True)
     runtime = RUNTIMES[runtime_name(hardware, is_quantized(shipped))]  # hardware.compile may pick inductor
     if not runtime.int8_kernels:

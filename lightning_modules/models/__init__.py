@@ -11,15 +11,19 @@ import inspect
 from typing import Any
 
 import hydra.utils
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from lightning_modules.architecture import ModelRecipe
 from lightning_modules.data import DataShape
 from lightning_modules.models.lenet import LeNet5, LeNet300
 from lightning_modules.models.mobilenet import mobilenetv2
 from lightning_modules.models.resnet import ResNetCifar, resnet20
 
-__all__ = ["LeNet300", "LeNet5", "ResNetCifar", "resnet20", "mobilenetv2", "build_model"]
+__all__ = ["LeNet300", "LeNet5", "ResNetCifar", "resnet20", "mobilenetv2", "build_model", "model_recipe"]
+
+# functions (not classes) that build a model: an artifact may name these as its model's target
+MODEL_BUILDERS = {f"{builder.__module__}.{builder.__name__}": builder for builder in (resnet20, mobilenetv2)}
 
 
 def build_model(net_cfg: DictConfig, shape: DataShape) -> nn.Module:
@@ -33,6 +37,15 @@ def build_model(net_cfg: DictConfig, shape: DataShape) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ValueError(f"model.net._target_={net_cfg._target_!r} built a {type(model).__name__}, not an nn.Module")
     return model
+
+
+def model_recipe(net_cfg: DictConfig, shape: DataShape) -> ModelRecipe:
+    """What `build_model(net_cfg, shape)` calls, as data the artifact stores to rebuild the model."""
+    kwargs = OmegaConf.to_container(net_cfg, resolve=True)
+    target = kwargs.pop("_target_")
+    accepted = _accepted_arguments(hydra.utils.get_object(target))
+    kwargs.update({key: value for key, value in vars(shape).items() if accepted is None or key in accepted})
+    return ModelRecipe(target, kwargs)
 
 
 def _accepted_arguments(target: Any) -> set[str] | None:
