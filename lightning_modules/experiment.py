@@ -113,16 +113,18 @@ def run_experiment(cfg: DictConfig) -> dict[str, float]:
         return dict(done.data.metrics)
     ctx = open_context(cfg, store, sweep, job)
 
-    is_baseline = cfg.method.name == BASELINE_METHOD
-    started = time.perf_counter()
-    baseline = obtain_baseline(ctx, ctx.job_tags if is_baseline else {})                           # 1. baseline
-    if is_baseline and baseline.metrics is not None:
-        return baseline.metrics  # this run trained the baseline: it is the method=baseline run
-    callbacks = build_callbacks(cfg.method, timer=LatencyTimer())
-    teacher = obtain_teacher(ctx) if needs_teacher(callbacks) else None
-    ctx.timings[TIME_BASELINE_S] = time.perf_counter() - started
-
+    baseline = None
+    if cfg.method.name == BASELINE_METHOD:
+        baseline = obtain_baseline(ctx, ctx.job_tags)                                              # 1. baseline
+        if baseline.metrics is not None:
+            return baseline.metrics  # this run trained the baseline: it is the method=baseline run
+    # the run is open from here: a baseline or teacher that cannot be loaded ends it FAILED, with the reason
     with closing_run(ctx.open_run()) as run:
+        started = time.perf_counter()
+        baseline = baseline or obtain_baseline(ctx)                                                # 1. baseline
+        callbacks = build_callbacks(cfg.method, timer=LatencyTimer())
+        teacher = obtain_teacher(ctx) if needs_teacher(callbacks) else None
+        ctx.timings[TIME_BASELINE_S] = time.perf_counter() - started
         run.set_tags({BASELINE_RUN_TAG: baseline.run_id, **({TEACHER_TAG: teacher.source} if teacher else {})})
         model = compress(ctx, run, starting_model(cfg, baseline, ctx.data), callbacks, teacher)    # 2. compress
         model = finalize(model, callbacks)                                                         # 3. finalize
