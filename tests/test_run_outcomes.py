@@ -103,8 +103,11 @@ def test_a_collapsed_baseline_is_failed_never_stored_and_the_sweep_goes_on(tmp_p
     assert "within 2 points of chance (10.0%)" in collapsed[0].data.tags["error"]
     assert collapsed[0].data.metrics["test_acc"] <= 12.0  # its figures are logged before it is failed
     assert len([run for run in baselines if run.info.status == "FINISHED"]) == 1  # the real LeNet300's
-    # the sweep went on: the other job's compressed run finished
-    assert [run.info.status for run in runs if run.data.tags.get("method") == "magnitude"] == ["FINISHED"]
+    # the sweep went on: the other job's compressed run finished; the one on the collapsed baseline is
+    # FAILED with the reason, not missing
+    magnitude = {run.info.status: run for run in runs if run.data.tags.get("method") == "magnitude"}
+    assert sorted(magnitude) == ["FAILED", "FINISHED"]
+    assert "collapsed: test_acc " in magnitude["FAILED"].data.tags["error"]
 
 
 @pytest.mark.slow
