@@ -3,7 +3,8 @@
 # experiment's runs table (what to open: MLflow 3's front page is made for GenAI traces).
 #   scripts/mlflow_ui.sh                 # http://127.0.0.1:5000, store mlruns/mlflow.db
 #   PORT=5001 scripts/mlflow_ui.sh       # another port
-#   HOST=0.0.0.0 scripts/mlflow_ui.sh    # reachable from other machines (no login: think first)
+#   HOST=0.0.0.0 scripts/mlflow_ui.sh --allowed-hosts "$(hostname):5000"   # from other machines
+#                                       (no login: think first; arguments go to `mlflow server`)
 #   MLFLOW_TRACKING_URI=sqlite:////path/to/mlflow.db scripts/mlflow_ui.sh   # another store
 # Search runs in the UI with e.g.  tags.method = 'magnitude' and metrics.acc_drop < 0.5
 #
@@ -23,19 +24,20 @@ if [[ "$uri" == sqlite:///* ]] && [ ! -f "${uri#sqlite:///}" ]; then
   echo "No store at ${uri#sqlite:///} yet: run 'python train.py -m' first (or set MLFLOW_TRACKING_URI)." >&2
   exit 1
 fi
-case "$host" in 0.0.0.0 | :: ) shown="$(hostname)" ;; *) shown="$host" ;; esac
+# where users open it, and where this script asks it (itself, when it listens everywhere)
+case "$host" in 0.0.0.0 | :: ) shown="$(hostname)" local=127.0.0.1 ;; *) shown="$host" local="$host" ;; esac
 address="http://$shown:$port"
 echo "MLflow UI for $uri on $address (starting)"
 
 # Once the server answers, ask it for the experiment's id and print its runs page. The server
 # keeps this script's pid (exec below); the helper, detached so that it leaves no zombie, gives
 # up when that pid is gone.
-(PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$python" - "$address" "$$" <<'EOF' &
-import json, os, sys, time, urllib.parse, urllib.request
+(PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$python" - "$address" "http://$local:$port" "$$" <<'EOF' &
+import json, os, sys, time, urllib.error, urllib.parse, urllib.request
 
 from lightning_modules.contract import EXPERIMENT
 
-address, server_pid = sys.argv[1], int(sys.argv[2])
+address, local, server_pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
 query = urllib.parse.urlencode({"experiment_name": EXPERIMENT})
 while True:
     try:
@@ -43,11 +45,12 @@ while True:
     except ProcessLookupError:
         sys.exit(0)
     try:
-        with urllib.request.urlopen(f"{address}/api/2.0/mlflow/experiments/get-by-name?{query}", timeout=5) as answer:
+        with urllib.request.urlopen(f"{local}/api/2.0/mlflow/experiments/get-by-name?{query}", timeout=5) as answer:
             experiment_id = json.load(answer)["experiment"]["experiment_id"]
         break
-    except urllib.error.HTTPError as error:  # the server is up, the experiment is not there
-        print(f"No experiment '{EXPERIMENT}' in this store yet (HTTP {error.code}): open {address}", flush=True)
+    except urllib.error.HTTPError as error:  # the server is up and says no
+        found = "is not in this store yet" if error.code == 404 else f"could not be looked up (HTTP {error.code})"
+        print(f"Experiment '{EXPERIMENT}' {found}: open {address}", flush=True)
         sys.exit(0)
     except OSError:  # not listening yet
         time.sleep(0.5)
