@@ -19,6 +19,9 @@ from pathlib import Path
 # ----------------------------------------------------------------------------- the store
 
 EXPERIMENT = "workbench"  # the MLflow experiment every run goes to
+# MLflow 3's record of what an experiment is for; without it the UI may treat the experiment as
+# a GenAI one (its overview of traces) instead of model training (the runs table)
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 STORE_DB = "mlflow.db"  # a local store: this SQLite file, with artifacts/ beside it
 STORE_ARTIFACTS = "artifacts"
 URI_ENV = "MLFLOW_TRACKING_URI"  # MLflow's own variable: set, it names the store

@@ -31,7 +31,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules.contract import (
-    CLAIM_HOST_TAG, CLAIM_PID_TAG, DATA_TAG, ERROR_ARTIFACT, ERROR_TAG, FINGERPRINT_TAG, GIT_COMMIT_TAG, GIT_DIRTY_TAG,
+    CLAIM_HOST_TAG, CLAIM_PID_TAG, DATA_TAG, ERROR_ARTIFACT, ERROR_TAG, EXPERIMENT_KIND, EXPERIMENT_KIND_TAG,
+    FINGERPRINT_TAG, GIT_COMMIT_TAG, GIT_DIRTY_TAG,
     HARDWARE_TAG, METHOD_TAG, MODEL_ARTIFACT, MODEL_FILE, MODEL_TAG, SEED_TAG, STORE_ARTIFACTS, SWEEP_FILE,
     SWEEP_TAG, resolve_store_uri, sqlite_path,
 )
@@ -87,10 +88,15 @@ class Store:
 
     @cached_property
     def experiment_id(self) -> str:
+        """The experiment, created on first use and marked as model training; an older store's
+        experiment that lacks the mark gets it (one that says otherwise is left as it is)."""
         found = self.client.get_experiment_by_name(self.experiment)
-        if found is not None:
-            return found.experiment_id
-        return self.client.create_experiment(self.experiment, artifact_location=self.artifact_root)
+        if found is None:
+            return self.client.create_experiment(self.experiment, artifact_location=self.artifact_root,
+                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        if EXPERIMENT_KIND_TAG not in found.tags:
+            self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        return found.experiment_id
 
 
 # ----------------------------------------------------------------------------- runs
