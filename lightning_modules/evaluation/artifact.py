@@ -6,14 +6,16 @@ the model expects (shape, normalisation, class names: `Artifact.predict` takes r
 the weights, each tensor in the smallest of the registered encodings:
     dense     the tensor as it is
     bitmask   one bit per entry saying nonzero, then the nonzero values (for sparse tensors)
-    packed    integer codes that fit in b < 8 bits (low-bit quantization): the offset to the
-              smallest code, then b bits per entry, packed (ceil(n b / 8) bytes)
+    packed    integer codes that fit in fewer bits than their type (low-bit quantization, int32
+              bias codes): the offset to the smallest code, then b <= 32 bits per entry, packed
+              (ceil(n b / 8) bytes)
     codebook  a float tensor with at most 256 distinct values (weight clustering): the distinct
               values, then each entry's index packed at ceil(log2(values)) bits
     huffman   a pruned float tensor whose nonzeros take at most 256 distinct values (pruning then
               clustering: Deep Compression): relative positions and codebook indices, each stream
               Huffman-coded (compression/huffman.py documents the format), its arrays end to end
               in one uint8 tensor (`sizes` says where each ends)
+    constant  every entry the same (a symmetric scheme's zero points, an all-zero bias): the value
     sparse_codes  int8/uint8 codes with many zero codes (a pruned model quantized: agp_qat): one
               bit per entry saying nonzero, then the nonzero codes, packed at the fewest bits their
               range needs (8 for int8 codes); the size reflects both the zeros and the code width
@@ -77,24 +79,29 @@ def _decode_bitmask(encoded: Encoded) -> torch.Tensor:
 
 
 def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
-    """Unsigned integers < 2**bits, `bits` each, packed little-endian into ceil(n bits / 8) bytes."""
-    planes = np.unpackbits(values.astype(np.uint8).reshape(-1, 1), axis=1, count=8, bitorder="little")[:, :bits]
+    """Unsigned integers < 2**bits (bits <= 32), `bits` each, packed little-endian into ceil(n bits / 8) bytes."""
+    as_bytes = values.astype("<u4").reshape(-1, 1).view(np.uint8)
+    planes = np.unpackbits(as_bytes, axis=1, count=32, bitorder="little")[:, :bits]
     return np.packbits(planes.reshape(-1), bitorder="little")
 
 
 def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    planes = np.unpackbits(packed, count=count * bits, bitorder="little").reshape(count, bits)
-    return np.packbits(planes, axis=1, bitorder="little").reshape(-1)
+    planes = np.zeros((count, 32), dtype=np.uint8)
+    planes[:, :bits] = np.unpackbits(packed, count=count * bits, bitorder="little").reshape(count, bits)
+    return np.packbits(planes, axis=1, bitorder="little").view("<u4").reshape(-1)
 
 
 def _bits_for(levels: int) -> int:
     return max(1, int(np.ceil(np.log2(max(levels, 2)))))
 
 
-def _encode_packed(tensor: torch.Tensor) -> Encoded:
+def _encode_packed(tensor: torch.Tensor) -> Encoded | None:
+    """None when the codes' range needs more than 32 bits."""
     flat = tensor.flatten().to(torch.int64)
     offset = int(flat.min())
     bits = _bits_for(int(flat.max()) - offset + 1)
+    if bits > 32:
+        return None
     packed = pack_bits((flat - offset).numpy(), bits)
     return {"encoding": "packed", "shape": tuple(tensor.shape), "dtype": tensor.dtype, "offset": offset,
             "bits": bits, "packed": torch.from_numpy(packed)}
@@ -124,6 +131,16 @@ def _decode_sparse_codes(encoded: Encoded) -> torch.Tensor:
     flat = torch.zeros(numel, dtype=encoded["dtype"])
     flat[nonzero] = decode_tensor(encoded["values"]).to(encoded["dtype"])
     return flat.view(shape)
+
+
+def _encode_constant(tensor: torch.Tensor) -> Encoded:
+    """Every entry the same value (zero points of a symmetric scheme, zero biases): the value once."""
+    return {"encoding": "constant", "shape": tuple(tensor.shape), "dtype": tensor.dtype,
+            "value": tensor.flatten()[0].item()}
+
+
+def _decode_constant(encoded: Encoded) -> torch.Tensor:
+    return torch.full(encoded["shape"], encoded["value"], dtype=encoded["dtype"])
 
 
 def _encode_codebook(tensor: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor) -> Encoded:
@@ -162,7 +179,7 @@ def _decode_huffman(encoded: Encoded) -> torch.Tensor:
 
 DECODERS: dict[str, Callable[[Encoded], torch.Tensor]] = {
     "dense": _decode_dense, "bitmask": _decode_bitmask, "packed": _decode_packed, "codebook": _decode_codebook,
-    "huffman": _decode_huffman, "sparse_codes": _decode_sparse_codes,
+    "huffman": _decode_huffman, "sparse_codes": _decode_sparse_codes, "constant": _decode_constant,
 }
 # encodings narrower than any runtime's own file stores the weights (float weights as a codebook or
 # Huffman-coded; int8 codes without their zeros: ONNX Runtime's file holds every code, so model.pt is
@@ -179,25 +196,32 @@ def _payload_bytes(encoded: Encoded) -> int:
 
 
 def encode_tensor(tensor: torch.Tensor) -> Encoded:
-    """The smallest encoding of `tensor`: bitmask+values pays off once about 1/32 of an fp32 tensor
-    is zero; int8/uint8 codes that fit in fewer bits are packed, full 8-bit ones stored without their
-    zero codes (sparse_codes) once about 1/8 of them are zero; a float tensor with at most 256
-    distinct values is stored as a codebook plus packed indices, or Huffman-coded when it also has
-    zeros (a pruned, clustered layer) and that is smaller."""
+    """The smallest encoding of `tensor`: one value when every entry is the same; bitmask+values pays
+    off once about 1/32 of an fp32 tensor is zero; integer codes that fit in fewer bits than their
+    type are packed (int32 bias codes at about 16 bits, 4-bit codes at 4), full 8-bit ones stored
+    without their zero codes (sparse_codes) once about 1/8 of them are zero; a float tensor with at
+    most 256 distinct values is stored as a codebook plus packed indices, or Huffman-coded when it
+    also has zeros (a pruned, clustered layer) and that is smaller."""
     tensor = tensor.detach().cpu().contiguous()
     dense = _encode_dense(tensor)
-    if tensor.numel() < 64:
+    if tensor.numel() > 1 and tensor.dtype != torch.bool and bool((tensor == tensor.flatten()[0]).all()) \
+            and not (tensor.is_floating_point() and bool(tensor.flatten()[0].isnan())):
+        return _encode_constant(tensor)
+    if tensor.numel() < 8:
         return dense
-    if tensor.dtype in (torch.int8, torch.uint8):
+    if tensor.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64):
         packed = _encode_packed(tensor)
+        if packed is None:
+            return dense
         candidates = [dense, packed]
-        if packed["bits"] == 8:  # full-width int8 codes; low-bit ones stay packed at their width (lowbit's file)
+        if packed["bits"] == 8 and tensor.element_size() == 1:  # full-width int8 codes (low-bit ones stay packed)
             candidates.append(_encode_sparse_codes(tensor))
-        codebook, indices = torch.unique(tensor.flatten(), return_inverse=True)
-        if codebook.numel() <= 2:  # binary codes -1, +1: one bit each (packing their range takes two)
-            candidates.append(_encode_codebook(tensor, codebook, indices))
+        if tensor.element_size() == 1:
+            codebook, indices = torch.unique(tensor.flatten(), return_inverse=True)
+            if codebook.numel() <= 2:  # binary codes -1, +1: one bit each (packing their range takes two)
+                candidates.append(_encode_codebook(tensor, codebook, indices))
         return min(candidates, key=_payload_bytes)
-    if not tensor.is_floating_point():
+    if not tensor.is_floating_point() or tensor.numel() < 64:
         return dense
     candidates = [dense, _encode_bitmask(tensor)]
     flat = tensor.flatten()
