@@ -3,7 +3,7 @@
 in this version's format (no pickle: the architecture as data, a compressed JSON header) and in the
 pickled format it replaced (the module skeleton pickled on the meta device plus the same tensor
 encodings, written by torch.save: rebuilt here from the loaded model), each as a ratio to the run's
-baseline file in the same format; the ONNX file's size where the run logged one; and the load time
+baseline file in the same format (both written by this version's code from the logged model); the ONNX file's size where the run logged one; and the load time
 of each format (median of --loads loads, interleaved, in this process).
 
     scripts/benchmark_artifact.py --store sqlite:////tmp/sizes/mlflow.db [--loads 20]
@@ -30,7 +30,9 @@ from lightning_modules.analysis import experiment_id, open_client, search_all  #
 from lightning_modules.contract import (  # noqa: E402
     BASELINE_RUN_TAG, EXPERIMENT, MODEL_ARTIFACT, SIZE_BYTES, baseline_metric, size_bytes_of,
 )
-from lightning_modules.evaluation.artifact import encode_tensor, load_deployable  # noqa: E402
+from lightning_modules.architecture import ModelRecipe  # noqa: E402
+from lightning_modules.data import InputSpec  # noqa: E402
+from lightning_modules.evaluation.artifact import encode_tensor, load_deployable, read_header, save_deployable  # noqa: E402
 
 
 def save_pickled(model: torch.nn.Module, path: Path) -> int:
@@ -39,6 +41,15 @@ def save_pickled(model: torch.nn.Module, path: Path) -> int:
     torch.save({"format": "compression-workbench/deployable-v1", "skeleton": copy.deepcopy(model).to("meta"),
                 "state": state}, path)
     return path.stat().st_size
+
+
+def resave(logged: Path, path: Path) -> torch.nn.Module:
+    """The logged artifact written again by this version's code (the run may predate an encoding)."""
+    header, _ = read_header(logged)
+    model = load_deployable(logged, low_bit_as_int8=True)
+    recipe = ModelRecipe.from_json(header["recipe"]) if header["recipe"] else None
+    save_deployable(model, path, recipe, InputSpec.from_json(header["input"]) if header["input"] else None)
+    return model
 
 
 def load_pickled(path: Path) -> None:
@@ -69,9 +80,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="workbench-artifact-") as scratch:
         for run in runs:
             run_id, tags, metrics = run.info.run_id, run.data.tags, run.data.metrics
-            new = Path(client.download_artifacts(run_id, MODEL_ARTIFACT, f"{scratch}/{run_id}"))
-            old = Path(scratch) / run_id / "pickled.pt"
-            sizes[run_id] = (new.stat().st_size, save_pickled(load_deployable(new, low_bit_as_int8=True), old))
+            logged = Path(client.download_artifacts(run_id, MODEL_ARTIFACT, f"{scratch}/{run_id}"))
+            new, old = Path(scratch) / run_id / "current.pt", Path(scratch) / run_id / "pickled.pt"
+            model = resave(logged, new)
+            sizes[run_id] = (new.stat().st_size, save_pickled(model, old))
             new_ms, old_ms = median_ms(load_deployable, new, args.loads), median_ms(load_pickled, old, args.loads)
             base = sizes.get(tags.get(BASELINE_RUN_TAG, run_id), (float("nan"), float("nan")))
             onnx = metrics.get(size_bytes_of(".onnx"), float("nan"))
