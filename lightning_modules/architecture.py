@@ -410,8 +410,9 @@ def tensor_slots(model: nn.Module) -> list[TensorSlot]:
             if parameter is not None:
                 slots.append(TensorSlot(prefix + name, "parameter", parameter.detach(), parameter.requires_grad,
                                         _channels_last(parameter)))
+        derived = getattr(module, "DERIVED_BUFFERS", ())  # recomputed at load from the others
         for name, buffer in module._buffers.items():
-            if buffer is not None:
+            if buffer is not None and name not in derived:
                 kind = "buffer_np" if name in module._non_persistent_buffers_set else "buffer"
                 slots.append(TensorSlot(prefix + name, kind, buffer.detach()))
         slots.extend(TensorSlot(prefix + name, "constant", vars(module)[name].detach())
@@ -438,7 +439,12 @@ def install_tensors(model: nn.Module, slots: list[TensorSlot]) -> None:
             module._buffers[name] = tensor
             if item.slot == "buffer_np":
                 module._non_persistent_buffers_set.add(name)
-    given = {item.key for item in slots}
+    for module in model.modules():
+        if getattr(module, "DERIVED_BUFFERS", ()):
+            module.derive_buffers()
+    given = {item.key for item in slots} | {
+        f"{path}.{name}" if path else name for path, module in model.named_modules()
+        for name in getattr(module, "DERIVED_BUFFERS", ())}
     missing = [key for key in dict.fromkeys([*(k for k, _ in model.named_parameters(remove_duplicate=False)),
                                              *(k for k, _ in model.named_buffers(remove_duplicate=False))])
                if key not in given]

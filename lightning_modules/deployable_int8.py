@@ -139,10 +139,18 @@ class Int8Layer(nn.Module):
         self.register_buffer("weight_scale", scale.float().clone())
         self.register_buffer("weight_zero_point", zero_point.to(code_dtype(qmin)))
         bias = layer.bias.detach() if layer.bias is not None else torch.zeros(codes.shape[0])
-        bias_scale = (input_scale.float() * scale.float()).expand(codes.shape[0]).clone()
-        self.register_buffer("bias_codes", torch.round(bias.float() / bias_scale).to(torch.int32))
-        self.register_buffer("bias_scale", bias_scale)
+        self.register_buffer("input_scale", input_scale.detach().float().reshape(()).clone())
+        self.derive_buffers()
+        self.register_buffer("bias_codes", torch.round(bias.float() / self.bias_scale).to(torch.int32))
         self.register_buffer("bias_zero_point", torch.zeros(codes.shape[0], dtype=torch.int32))
+
+    # computed from the others: the artifact does not store them (architecture.py calls derive_buffers)
+    DERIVED_BUFFERS = ("bias_scale",)
+
+    def derive_buffers(self) -> None:
+        """The bias's scale, input_scale x weight_scale per channel: what an int8 kernel accumulates in."""
+        self.register_buffer("bias_scale", (self.input_scale * self.weight_scale).expand(self.weight_codes.shape[0])
+                             .clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = torch.ops.workbench.dequantize(self.weight_codes, self.weight_scale, self.weight_zero_point, 0)

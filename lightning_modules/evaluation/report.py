@@ -25,7 +25,9 @@ from lightning_modules.contract import (
 from lightning_modules.architecture import ModelRecipe
 from lightning_modules.data import InMemoryDataModule, InputSpec
 from lightning_modules.evaluation.accuracy import paired_drop_interval, predict
-from lightning_modules.evaluation.artifact import NARROW_ENCODINGS, encoding_table, load_deployable, save_deployable
+from lightning_modules.evaluation.artifact import (
+    NARROW_ENCODINGS, ArtifactError, encoding_table, load_deployable, save_deployable,
+)
 from lightning_modules.deployable_int8 import decode_low_bit, dequantized, is_quantized
 from lightning_modules.evaluation.complexity import count_macs
 from lightning_modules.evaluation.latency import load_per_core, measure_latency
@@ -161,6 +163,7 @@ def deploy(model: nn.Module, hardware: DictConfig, device: torch.device, artifac
     artifact = artifact_dir / MODEL_FILE
     size_bytes = save_deployable(model, artifact, recipe, input_spec)
     shipped = load_deployable(artifact, low_bit_as_int8=True)
+    check_reproduces(model, shipped, input_shape, artifact)
     runtime = RUNTIMES[runtime_name(hardware, is_quantized(shipped))]  # hardware.compile may pick inductor
     if not runtime.int8_kernels:
         shipped = decode_low_bit(shipped)
@@ -181,6 +184,20 @@ def deploy(model: nn.Module, hardware: DictConfig, device: torch.device, artifac
     # the runtime's own file ships, unless the workbench's stores narrower weights
     return Shipped(shipped, runtime, Deployment(deployed, runtime_size if not packed else size_bytes),
                    packed, encodings, figures)
+
+
+@torch.no_grad()
+def check_reproduces(model: nn.Module, loaded: nn.Module, input_shape: tuple[int, ...], path: Path) -> None:
+    """The file must give back the model that was measured for it: the same outputs on a fixed random
+    batch (bit for bit in practice; a float tolerance for kernels that pick another algorithm)."""
+    inputs = torch.randn((4, *input_shape), generator=torch.Generator().manual_seed(0))
+    device = next(iter(model.buffers()), next(model.parameters(), None))
+    expected = model.eval()(inputs.to(device.device if device is not None else "cpu")).float().cpu()
+    got = loaded.eval()(inputs).float()
+    if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+        raise ArtifactError(f"{path}: the artifact does not reproduce the model it was written from (largest "
+                            f"output difference {(got - expected).abs().max():.3g}): a module or attribute the "
+                            f"artifact cannot describe")
 
 
 def accuracy_figures(shipped: Shipped, others: dict[str, Deployment], references: dict[str, nn.Module],
