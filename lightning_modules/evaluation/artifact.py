@@ -386,11 +386,32 @@ def load_deployable(path: str | Path, device: str | torch.device = "cpu", low_bi
     return load_artifact(path, device, low_bit_as_int8).model
 
 
-def encoding_table(model: nn.Module) -> list[dict[str, Any]]:
-    """Per tensor: which encoding the artifact uses and how many bytes it takes."""
+def tensor_role(key: str) -> str:
+    """What a tensor is for, by its name: the rows of the encoding table add up per role, so a file
+    far from its width's limit shows what holds it there (per-channel scales and biases of a small
+    layer weigh as much as its codes)."""
+    name = key.rpartition(".")[2]
+    if name in ("weight", "weight_codes", "weight_t_codes"):
+        return "weights"
+    if name in ("bias", "bias_codes"):
+        return "bias"
+    if "scale" in name or "zero_point" in name:
+        return "scales and zero points"
+    if name in ("running_mean", "running_var", "num_batches_tracked"):
+        return "batchnorm statistics"
+    return "other"
+
+
+def encoding_table(model: nn.Module, path: str | Path | None = None) -> list[dict[str, Any]]:
+    """Per tensor: which encoding the artifact uses, its role and how many bytes it takes; with the
+    saved file's `path`, a last row for the header (architecture, input, encodings' fields)."""
     rows = []
-    for key, value in model.state_dict().items():
-        encoded = encode_tensor(value)
-        rows.append({"tensor": key, "encoding": encoded["encoding"], "numel": value.numel(),
-                     "bytes": _payload_bytes(encoded)})
+    for item in tensor_slots(model):
+        encoded = encode_tensor(item.tensor)
+        rows.append({"tensor": item.key, "role": tensor_role(item.key), "encoding": encoded["encoding"],
+                     "numel": item.tensor.numel(), "bytes": _payload_bytes(encoded)})
+    if path is not None:
+        length = int.from_bytes(Path(path).read_bytes()[len(MAGIC):len(MAGIC) + 4], "little")
+        rows.append({"tensor": "(header)", "role": "header", "encoding": "json+zlib", "numel": 0,
+                     "bytes": len(MAGIC) + 4 + length})
     return rows

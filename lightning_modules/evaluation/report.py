@@ -168,7 +168,7 @@ def deploy(model: nn.Module, hardware: DictConfig, device: torch.device, artifac
     if not runtime.int8_kernels:
         shipped = decode_low_bit(shipped)
     threads = hardware.get("threads")
-    encodings = encoding_table(shipped)
+    encodings = encoding_table(shipped, artifact)
     packed = (any(getattr(module, "weight_bits", 8) < 8 for module in shipped.modules())
               or any(row["encoding"] in NARROW_ENCODINGS for row in encodings))
     figures: dict[str, float] = {size_bytes_of(Path(MODEL_FILE).suffix): size_bytes}

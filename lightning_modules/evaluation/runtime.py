@@ -177,6 +177,7 @@ def _store_as_int8_operators(path: Path) -> None:
         model = onnx.load(fused)
     for node in model.graph.node:
         node.name = ""
+    _drop_default_attributes(model.graph)
     _shorten_tensor_names(model.graph)  # ONNX Runtime names its shared zero point with a UUID
     used = {node.domain for node in model.graph.node}
     kept = [opset for opset in model.opset_import if opset.domain in used or opset.domain in ("", "ai.onnx")]
@@ -204,10 +205,43 @@ def _strip_metadata(path: Path) -> None:
     del model.graph.value_info[:]
     for node in model.graph.node:
         node.name = ""  # optional in ONNX; the exporter's names are long
+    _drop_default_attributes(model.graph)
     _deduplicate_initializers(model.graph)
     _shorten_tensor_names(model.graph)
     del model.graph.metadata_props[:]
     onnx.save(model, str(path))
+
+
+# convolutions' attributes whose absence means the same: unit strides and dilations, no padding, and
+# the kernel's shape, which ONNX infers from the weight (pooling needs its kernel_shape: not listed)
+CONV_OPS = ("Conv", "QLinearConv", "ConvInteger")
+NEUTRAL_CONV_ATTRIBUTES = {"strides": 1, "dilations": 1, "pads": 0}
+
+
+def _drop_default_attributes(graph) -> None:
+    """Remove attributes that state their default (the op schema's, or a convolution's neutral
+    unit strides and zero pads): about 60 bytes per convolution, 1.5% of resnet20's int8 file."""
+    import onnx
+    from onnx import helper
+
+    for node in graph.node:
+        try:
+            schema = onnx.defs.get_schema(node.op_type, domain=node.domain)
+        except onnx.defs.SchemaError:
+            schema = None  # an op ONNX does not define here: left as it is
+        keep = []
+        for attribute in node.attribute:
+            value = helper.get_attribute_value(attribute)
+            default = schema.attributes.get(attribute.name) if schema is not None else None
+            stated_default = (default is not None and default.default_value.type != 0
+                              and helper.get_attribute_value(default.default_value) == value)
+            conv_neutral = node.op_type in CONV_OPS and (
+                attribute.name == "kernel_shape" or (attribute.name in NEUTRAL_CONV_ATTRIBUTES and all(
+                    item == NEUTRAL_CONV_ATTRIBUTES[attribute.name] for item in value)))
+            if not (stated_default or conv_neutral):
+                keep.append(attribute)
+        del node.attribute[:]
+        node.attribute.extend(keep)
 
 
 def _shorten_tensor_names(graph) -> None:
