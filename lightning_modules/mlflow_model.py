@@ -173,30 +173,31 @@ def log_run_models(store_uri: str, experiment_id: str, run_id: str, model_dir: P
     (what the run is: data, model, method, ...). Returns their model ids by name.
 
     `example` is a few raw images of the test split, the input example stored with each model.
-    Each logged model is created in the run's experiment first and handed to `log_model` by id:
-    MLflow's own lookup would take the process's active experiment and run (the workbench has none).
+    Each logged model is created in the run's experiment first and handed to MLflow's logging by id
+    with the run's id: MLflow's own lookup would take the process's active experiment and run (the
+    workbench opens no active run).
     """
     import mlflow.onnx
     import mlflow.pyfunc
-    from mlflow.entities import LoggedModelOutput
+    from mlflow.models import Model
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(store_uri)
     common = {"signature": signature(spec, num_classes), "input_example": np.asarray(example, dtype=np.float32),
               "pip_requirements": pip_requirements(), "metadata": model_metadata(spec)}
-    flavours = {MLFLOW_MODEL_NAME: lambda model_id: mlflow.pyfunc.log_model(
-        name=MLFLOW_MODEL_NAME, model_id=model_id, loader_module=__name__, data_path=str(model_dir / MODEL_FILE),
-        **common)}
+    flavours = {MLFLOW_MODEL_NAME: (mlflow.pyfunc, {"loader_module": __name__,
+                                                    "data_path": str(model_dir / MODEL_FILE)})}
     if (model_dir / ONNX_FILE).is_file():
-        flavours[ONNX_MODEL_NAME] = lambda model_id: mlflow.onnx.log_model(
-            raw_pixel_graph(model_dir / ONNX_FILE, spec), name=ONNX_MODEL_NAME, model_id=model_id,
-            save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"], **common)
+        flavours[ONNX_MODEL_NAME] = (mlflow.onnx, {"onnx_model": raw_pixel_graph(model_dir / ONNX_FILE, spec),
+                                                   "save_as_external_data": False,
+                                                   "onnx_execution_providers": ["CPUExecutionProvider"]})
     model_ids = {}
     with _tracking_uri(store_uri):
-        for name, log_model in flavours.items():
+        for name, (flavour, arguments) in flavours.items():
             created = client.create_logged_model(experiment_id, name=name, source_run_id=run_id, tags=tags)
-            log_model(created.model_id)
-            client.log_outputs(run_id, [LoggedModelOutput(created.model_id, step=0)])
+            # what <flavour>.log_model(name=...) does inside an active run, for this run: the model
+            # is the run's output, the MLmodel names the run, the run's metrics are linked to it
+            Model.log(None, flavour, name=name, run_id=run_id, model_id=created.model_id, **arguments, **common)
             model_ids[name] = created.model_id
     return model_ids
 
