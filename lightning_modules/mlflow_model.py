@@ -154,8 +154,9 @@ def raw_pixel_graph(onnx_path: Path, spec: InputSpec):
 
 
 @contextlib.contextmanager
-def _tracking_uri(uri: str) -> Iterator[None]:
-    """MLflow's log_model writes through the process's tracking URI; the workbench names its store."""
+def using_store(uri: str) -> Iterator[None]:
+    """MLflow resolves `models:/` URIs and logs models through the process's tracking URI; the workbench
+    names its store: set for the block, then restored."""
     import mlflow
 
     previous = mlflow.get_tracking_uri()
@@ -192,7 +193,7 @@ def log_run_models(store_uri: str, experiment_id: str, run_id: str, model_dir: P
                                                    "save_as_external_data": False,
                                                    "onnx_execution_providers": ["CPUExecutionProvider"]})
     model_ids = {}
-    with _tracking_uri(store_uri):
+    with using_store(store_uri):
         for name, (flavour, arguments) in flavours.items():
             created = client.create_logged_model(experiment_id, name=name, source_run_id=run_id, tags=tags)
             # what <flavour>.log_model(name=...) does inside an active run, for this run: the model

@@ -23,7 +23,7 @@ from lightning_modules.contract import (
     BASELINE_TEST_ACC, COMPRESSION_RATIO, COMPRESSION_RATIO_VS_TEACHER, DEQUANTIZED, ENCODING_TABLE, INT8_KERNEL_OPS,
     LATENCY_LOAD_AVG, LAYERS_TABLE, MACS_DENSE, MACS_EFFECTIVE, MACS_EFFECTIVE_THEORETICAL, MODEL_FILE, NOISY_TAG,
     ONNX_ERROR_TAG, ONNX_FILE, SIMULATED, SIZE_BYTES, TEACHER_SIZE_BYTES, TEACHER_TEST_ACC, TEST_ACC, TEST_ACC_ONNX,
-    TEST_LOSS, TIME_ONNX_S, baseline_metric, labelled,
+    TEST_IMAGES, TEST_LOSS, TIME_ONNX_S, baseline_metric, labelled,
     latency_ms_p50, latency_spread, reference_test_acc, size_bytes_of, speedup, teacher_metric, vs_teacher,
 )
 from lightning_modules.architecture import ModelRecipe
@@ -151,6 +151,7 @@ def measure(
     metrics.update(latency_figures(timing, shipped.latency_label, list(hardware.latency.batch_sizes)))
     metrics.update(shipped.figures)
     metrics.update(onnx_accuracy(shipped, test, device, hardware.get("threads")))
+    metrics[TEST_IMAGES] = float(len(test))
     if teacher is not None:
         metrics.update(teacher_figures(metrics, metrics.pop(TEACHER_TEST_ACC), sizes["teacher"],
                                        timing.latency["teacher"], list(hardware.latency.batch_sizes)))
