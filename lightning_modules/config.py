@@ -141,6 +141,8 @@ def _validate_tracking(tracking: DictConfig) -> None:
     check_number("tracking.baseline_wait_s", wait, 0, noun="a number of seconds", error=ConfigError)
     if not isinstance(tracking.get("experiment"), str) or not tracking.experiment:
         _fail("tracking.experiment", tracking.get("experiment"), "a non-empty MLflow experiment name")
+    if not isinstance(tracking.get("log_model", True), bool):
+        _fail("tracking.log_model", tracking.log_model, "true, false")
 
 
 def _validate_hardware(hardware: DictConfig) -> None:
@@ -152,6 +154,8 @@ def _validate_hardware(hardware: DictConfig) -> None:
         )
     check_number("hardware.threads", hardware.threads, 1, integer=True, optional=True, error=ConfigError)
     check_choice("hardware.runtime", hardware.runtime, RUNTIMES, error=ConfigError)
+    if not isinstance(hardware.get("export_onnx", True), bool):
+        _fail("hardware.export_onnx", hardware.export_onnx, "true, false")
     compile_mode = hardware.get("compile", False)
     if not (isinstance(compile_mode, bool) or compile_mode == "auto"):
         _fail("hardware.compile", compile_mode, "false, true, auto")

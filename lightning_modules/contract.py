@@ -71,6 +71,7 @@ CLAIM_HOST_TAG, CLAIM_PID_TAG = "claim_host", "claim_pid"  # who is training a b
 ERROR_TAG = "error"  # why a run FAILED
 NOISY_TAG = "latency_noisy"  # why its timing cannot be trusted (contention), when it cannot
 SLOWER_TAG = "slower_reason"  # why it is slower than its baseline, when it is
+ONNX_ERROR_TAG = "onnx_export_error"  # why the finalized model has no model/model.onnx (the run still finishes)
 JOBS_TAG, FAILED_RUNS_TAG = "jobs", "failed_runs"  # on a sweep's parent run
 NOTE_TAGS = (NOISY_TAG, SLOWER_TAG, ERROR_TAG)  # the tags shown as notes under a grid
 # analysis.load_runs' frame: column NOISY_TAG is a flag (the tag or a metric says so), this one the tag's text
@@ -90,9 +91,13 @@ BASELINE_MACS_DENSE = "baseline_macs_dense"
 LATENCY_LOAD_AVG = "latency_load_avg"  # the machine's load per core while timing
 INT8_KERNEL_OPS = "int8_kernel_ops"
 TRAIN_TIME_S = "train_time_s"
+TEST_IMAGES = "test_images"  # images in the held-out test split the accuracies are measured on
+TEST_ACC_ONNX = "test_acc_onnx"  # model/model.onnx scored in ONNX Runtime on the same test split
 # where a run's wall time went
 TIME_DATA_S, TIME_BASELINE_S, TIME_EVALUATE_S, TIME_TRACK_S, RUN_TIME_S = (
     "time_data_s", "time_baseline_s", "time_evaluate_s", "time_track_s", "run_time_s")
+TIME_ONNX_S = "time_onnx_s"  # exporting model/model.onnx and scoring it (within time_evaluate_s)
+TIME_LOG_MODEL_S = "time_log_model_s"  # logging the run's MLflow models (after time_track_s)
 # distillation: the student against its teacher
 TEACHER_TEST_ACC, ACC_DROP_VS_TEACHER = "teacher_test_acc", "acc_drop_vs_teacher"
 TEACHER_SIZE_BYTES, COMPRESSION_RATIO_VS_TEACHER = "teacher_size_bytes", "compression_ratio_vs_teacher"
@@ -189,6 +194,12 @@ TEACHER_METRICS = (TEACHER_TEST_ACC, ACC_DROP_VS_TEACHER, COMPRESSION_RATIO_VS_T
 MODEL_FOLDER = "model"
 MODEL_FILE = "model.pt"  # the workbench's deployable file
 MODEL_ARTIFACT = f"{MODEL_FOLDER}/{MODEL_FILE}"
+ONNX_FILE = "model.onnx"  # the finalized model in ONNX (normalised input, logits), where it exports
+ONNX_ARTIFACT = f"{MODEL_FOLDER}/{ONNX_FILE}"
+# the run's MLflow models (MLflow 3 logged models: `models:/<model_id>`, or `runs:/<run_id>/<name>`):
+# both take raw pixels and return class probabilities; the first is a pyfunc over model.pt, the second
+# the ONNX flavour. Not named "model": runs:/<run_id>/model would mix the run's model/ folder into it.
+MLFLOW_MODEL_NAME, ONNX_MODEL_NAME = "classifier", "classifier_onnx"
 LAYERS_TABLE = "layers.csv"  # per layer: shapes, parameters, MACs of the finalized model
 ENCODING_TABLE = "encoding.csv"  # per tensor: how the deployable file stores it
 CONFIG_ARTIFACT = "config.yaml"  # the resolved config of the run

@@ -33,8 +33,8 @@ from lightning_modules.config import build_callbacks, model_config, validate
 from lightning_modules.contract import (
     ACC_DROP, ACC_DROP_CI95_HIGH, ACC_DROP_CI95_LOW, BASELINE_METHOD, BASELINE_RUN_TAG, COMPRESSION_RATIO,
     CONFIG_ARTIFACT, DEQUANTIZED, FINGERPRINT_TAG, JOB_TAG, MODEL_FOLDER, NOISY_TAG, RUN_TIME_S, SIMULATED,
-    SLOWER_TAG, TEACHER_TAG, TEST_ACC, TIME_BASELINE_S, TIME_DATA_S, TIME_EVALUATE_S, TIME_TRACK_S, TRAIN_TIME_S,
-    layers_skipped, run_model_uri, speedup, summary_table,
+    SLOWER_TAG, TEACHER_TAG, TEST_ACC, TIME_BASELINE_S, TIME_DATA_S, TIME_EVALUATE_S, TIME_LOG_MODEL_S, TIME_TRACK_S,
+    TRAIN_TIME_S, layers_skipped, run_model_uri, speedup, summary_table,
 )
 from lightning_modules.data import InMemoryDataModule
 from lightning_modules.evaluation.artifact import FORMAT as ARTIFACT_FORMAT
@@ -42,6 +42,7 @@ from lightning_modules.evaluation.artifact import NotAnArtifact, load_deployable
 from lightning_modules.evaluation.complexity import count_macs
 from lightning_modules.evaluation.latency import LatencyTimer, available_cores
 from lightning_modules.evaluation.report import Report, measure
+from lightning_modules.mlflow_model import log_run_models
 from lightning_modules.models import build_model, model_recipe
 from lightning_modules.sweep import finished_job_run, where_to_log
 from lightning_modules.task import ClassificationTask
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 # FAILED. `run_checks.chance_margin` overrides it (null: off, for tests of the plumbing that train
 # a few batches only).
 CHANCE_MARGIN_POINTS = 2.0
+INPUT_EXAMPLE_IMAGES = 2  # raw test images stored as each MLflow model's input example
 SLOWER_SPEEDUP = 0.95  # below this at the largest batch (32 where timed) a run says why, tag slower_reason
 # Training throughput used only to announce a teacher's rough cost: on this project's 2-core
 # machines a resnet20 baseline (31M MACs per 28x28 image) trains at ~10 GMAC/s (forward + backward
@@ -362,7 +364,7 @@ def evaluate(ctx: RunContext, model: nn.Module, baseline: nn.Module, callbacks: 
 def track(ctx: RunContext, run: TrackedRun, report: Report) -> dict[str, float]:
     """Step 5: tags, tables, config, params, the artifact and the metrics into the run; then judge it:
     a collapsed model ends its run FAILED (RunRejected) after its figures are logged, so the store
-    shows what it scored. Returns the metrics logged."""
+    shows what it scored. A run that passes logs its MLflow models. Returns the metrics logged."""
     started = time.perf_counter()
     try:
         if report.tags:
@@ -373,18 +375,34 @@ def track(ctx: RunContext, run: TrackedRun, report: Report) -> dict[str, float]:
         (report.folder / CONFIG_ARTIFACT).write_text(OmegaConf.to_yaml(ctx.cfg, resolve=True))
         run.log_params(config_params(ctx.cfg))
         run.log_folder(report.folder)
+        metrics = {**report.metrics, **ctx.timings, TIME_TRACK_S: time.perf_counter() - started,
+                   RUN_TIME_S: time.perf_counter() - run.started}
+        run.log_metrics(metrics)
+        log.info("%s: test_acc %.2f%% (drop %.2f, 95%% CI %.2f..%.2f), %.1fx smaller, speedup bs1 %.2fx",
+                 run_name(ctx.cfg), metrics[TEST_ACC], metrics[ACC_DROP], metrics[ACC_DROP_CI95_LOW],
+                 metrics[ACC_DROP_CI95_HIGH], metrics[COMPRESSION_RATIO], metrics.get(speedup(1), float("nan")))
+        for tag, text in report.tags.items():
+            log.warning("%s: %s: %s", run_name(ctx.cfg), tag, text)
+        check_not_collapsed(metrics[TEST_ACC], ctx.data.num_classes, chance_margin(ctx.cfg))
+        metrics.update(log_mlflow_models(ctx, run, report.folder / MODEL_FOLDER))
     finally:
         shutil.rmtree(report.folder, ignore_errors=True)
-    metrics = {**report.metrics, **ctx.timings, TIME_TRACK_S: time.perf_counter() - started,
-               RUN_TIME_S: time.perf_counter() - run.started}
-    run.log_metrics(metrics)
-    log.info("%s: test_acc %.2f%% (drop %.2f, 95%% CI %.2f..%.2f), %.1fx smaller, speedup bs1 %.2fx",
-             run_name(ctx.cfg), metrics[TEST_ACC], metrics[ACC_DROP], metrics[ACC_DROP_CI95_LOW],
-             metrics[ACC_DROP_CI95_HIGH], metrics[COMPRESSION_RATIO], metrics.get(speedup(1), float("nan")))
-    for tag, text in report.tags.items():
-        log.warning("%s: %s: %s", run_name(ctx.cfg), tag, text)
-    check_not_collapsed(metrics[TEST_ACC], ctx.data.num_classes, chance_margin(ctx.cfg))
     return metrics
+
+
+def log_mlflow_models(ctx: RunContext, run: TrackedRun, model_dir: Path) -> dict[str, float]:
+    """The run's MLflow models (mlflow_model.py: a pyfunc over model.pt, the ONNX flavour where
+    model.onnx was written), each with a signature and a few raw test images as its input example;
+    the seconds it took as TIME_LOG_MODEL_S. Off with tracking.log_model=false."""
+    if not ctx.cfg.tracking.get("log_model", True):
+        return {}
+    started = time.perf_counter()
+    raw_images, _ = ctx.data.raw_test
+    log_run_models(run.store.uri, run.store.experiment_id, run.run_id, model_dir, ctx.data.input_spec,
+                   ctx.data.num_classes, raw_images[:INPUT_EXAMPLE_IMAGES], ctx.run_tags())
+    figures = {TIME_LOG_MODEL_S: time.perf_counter() - started}
+    run.log_metrics(figures)
+    return figures
 
 
 def chance_margin(cfg: DictConfig) -> float | None:

@@ -45,3 +45,18 @@ class PreemptedNet(nn.Module):
         if os.environ.get("WORKBENCH_TEST_PREEMPT"):
             raise RuntimeError("PreemptedNet: the job was preempted")
         return self.net(x)
+
+
+class NotExportableNet(nn.Module):
+    """A LeNet-300-100 that trains and runs, but adds 0 x a Bessel function of its input, an op
+    the ONNX exporter has no translation for: it has no ONNX file (the run says why in a tag, and
+    finishes)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__()
+        from lightning_modules.models import LeNet300
+
+        self.net = LeNet300(**kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x + 0.0 * torch.special.i0e(x))

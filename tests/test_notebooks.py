@@ -151,8 +151,8 @@ def test_inject_parameters_follows_the_parameters_cell() -> None:
 
 @pytest.mark.slow
 def test_grid_overview_notebook(digits_sweep: DigitsSweep, kernel: str) -> None:
-    notebook = execute("01_grid_overview.ipynb", kernel,
-                       {"tracking_uri": digits_sweep.uri, "sweep": digits_sweep.name, "budget": 100.0})
+    notebook = execute("01_grid_overview.ipynb", kernel, {"tracking_uri": digits_sweep.uri, "sweep": digits_sweep.name,
+                                                          "budget": 100.0, "register_as": "grid-best"})
 
     assert len(outputs(notebook, "image/png")) == 3
     printed = "".join(outputs(notebook, "stream"))
@@ -165,6 +165,10 @@ def test_grid_overview_notebook(digits_sweep: DigitsSweep, kernel: str) -> None:
     best = tables[-1]
     # with a 100-point budget every run fits: the best per model is its most compressed, a magnitude run
     assert best.count("<td>magnitude</td>") == 2 and "<td>lenet300</td>" in best and "<td>lenet5</td>" in best
+    # the last cell registers the sweep's most compressed run (clear of chance) with how it was measured
+    assert "registered grid-best version 1: models:/grid-best/1" in printed
+    version = MlflowClient(digits_sweep.uri).get_model_version("grid-best", "1")
+    assert version.description in printed and version.tags["objective"] == "compression"
 
 
 @pytest.mark.slow

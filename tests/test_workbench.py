@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from lightning_modules.contract import (
     BASELINE_RUN_TAG, CONFIG_ARTIFACT, ENCODING_TABLE, FINGERPRINT_TAG, LAYERS_TABLE, MODEL_ARTIFACT, MODEL_FOLDER,
-    ROLE_SWEEP, ROLE_TAG, RUN_TAGS, contract_metrics,
+    ONNX_ARTIFACT, ROLE_SWEEP, ROLE_TAG, RUN_TAGS, contract_metrics,
 )
 from tests.conftest import FAST, all_runs, run_train
 
@@ -47,7 +47,7 @@ def test_two_run_multirun_lands_every_contract_metric_tag_and_artifact(tmp_path:
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {CONFIG_ARTIFACT, MODEL_FOLDER, LAYERS_TABLE, ENCODING_TABLE} <= artifacts
         model_files = [a.path for a in client.list_artifacts(run.info.run_id, MODEL_FOLDER)]
-        assert model_files == [MODEL_ARTIFACT]
+        assert model_files == [ONNX_ARTIFACT, MODEL_ARTIFACT]
         assert run.data.params["data.name"] == "digits"
     assert {r.data.tags["model"] for r in children} == {"lenet300", "lenet5"}
     # the compact grid at the end of the multirun

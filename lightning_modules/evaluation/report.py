@@ -6,6 +6,9 @@ accuracy, size, MACs and latency are all taken on exactly what a user would ship
 
 from __future__ import annotations
 
+import logging
+import re
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -19,7 +22,8 @@ from lightning_modules.contract import (
     ACC_DROP, ACC_DROP_CI95_HIGH, ACC_DROP_CI95_LOW, ACC_DROP_VS_TEACHER, BASELINE_MACS_DENSE, BASELINE_SIZE_BYTES,
     BASELINE_TEST_ACC, COMPRESSION_RATIO, COMPRESSION_RATIO_VS_TEACHER, DEQUANTIZED, ENCODING_TABLE, INT8_KERNEL_OPS,
     LATENCY_LOAD_AVG, LAYERS_TABLE, MACS_DENSE, MACS_EFFECTIVE, MACS_EFFECTIVE_THEORETICAL, MODEL_FILE, NOISY_TAG,
-    SIMULATED, SIZE_BYTES, TEACHER_SIZE_BYTES, TEACHER_TEST_ACC, TEST_ACC, TEST_LOSS, baseline_metric, labelled,
+    ONNX_ERROR_TAG, ONNX_FILE, SIMULATED, SIZE_BYTES, TEACHER_SIZE_BYTES, TEACHER_TEST_ACC, TEST_ACC, TEST_ACC_ONNX,
+    TEST_IMAGES, TEST_LOSS, TIME_ONNX_S, baseline_metric, labelled,
     latency_ms_p50, latency_spread, reference_test_acc, size_bytes_of, speedup, teacher_metric, vs_teacher,
 )
 from lightning_modules.architecture import ModelRecipe
@@ -31,9 +35,12 @@ from lightning_modules.evaluation.artifact import (
 from lightning_modules.deployable_int8 import decode_low_bit, dequantized, is_quantized
 from lightning_modules.evaluation.complexity import count_macs
 from lightning_modules.evaluation.latency import load_per_core, measure_latency
-from lightning_modules.evaluation.runtime import INT8_OPS, RUNTIMES, Deployed, optimized_ops, runtime_name
+from lightning_modules.evaluation.runtime import (
+    INT8_OPS, RUNTIMES, Deployed, OrtModel, export_onnx, optimized_ops, runtime_name,
+)
 from lightning_modules.layers import layer_table, parameter_counts
 
+log = logging.getLogger(__name__)
 
 # A timing is judged noisy (tag `latency_noisy`) when the machine had more runnable threads than
 # cores while it ran, or a timed model's p95/p50 spread exceeds hardware.latency.noisy_spread.
@@ -85,6 +92,7 @@ class Shipped:
     packed: bool  # the file stores weights narrower than the runtime's own (packed low-bit codes, codebooks)
     encodings: list[dict[str, Any]]  # per tensor: how the file stores it
     figures: dict[str, float]  # the file sizes per format and the int8 kernel ops that ran
+    onnx: OnnxExport  # model/model.onnx, or why there is none
 
     @cached_property
     def counted(self) -> nn.Module:
@@ -144,11 +152,15 @@ def measure(
     timing = time_models(shipped, others, input_shape, hardware, device)
     metrics.update(latency_figures(timing, shipped.latency_label, list(hardware.latency.batch_sizes)))
     metrics.update(shipped.figures)
+    metrics.update(onnx_accuracy(shipped, test, device, hardware.get("threads")))
+    metrics[TEST_IMAGES] = float(len(test))
     if teacher is not None:
         metrics.update(teacher_figures(metrics, metrics.pop(TEACHER_TEST_ACC), sizes["teacher"],
                                        timing.latency["teacher"], list(hardware.latency.batch_sizes)))
     tables = {LAYERS_TABLE: layer_table(shipped.counted), ENCODING_TABLE: shipped.encodings}
     tags = {NOISY_TAG: timing.noise} if timing.noise else {}
+    if shipped.onnx.error is not None:
+        tags[ONNX_ERROR_TAG] = shipped.onnx.error
     return Report(metrics, tables, artifact_dir / MODEL_FILE, tags, shipped.latency_label)
 
 
@@ -165,6 +177,9 @@ def deploy(model: nn.Module, hardware: DictConfig, device: torch.device, artifac
     shipped = load_deployable(artifact, low_bit_as_int8=True)
     check_reproduces(model, shipped, input_shape, artifact)
     runtime = RUNTIMES[runtime_name(hardware, is_quantized(shipped))]  # hardware.compile may pick inductor
+    onnx = OnnxExport()
+    if runtime.save is None and hardware.get("export_onnx", True):  # ort writes it below, as its own file
+        onnx = export_onnx_beside(shipped, artifact_dir / ONNX_FILE, input_shape)
     if not runtime.int8_kernels:
         shipped = decode_low_bit(shipped)
     threads = hardware.get("threads")
@@ -175,7 +190,8 @@ def deploy(model: nn.Module, hardware: DictConfig, device: torch.device, artifac
     if runtime.save is None:
         deployed = runtime.deploy(shipped, device, threads, input_shape)
         figures[INT8_KERNEL_OPS] = float(getattr(deployed, "int8_kernel_ops", 0))  # inductor counts its own
-        return Shipped(shipped, runtime, Deployment(deployed, size_bytes), packed, encodings, figures)
+        return Shipped(shipped, runtime, Deployment(deployed, size_bytes), packed, encodings,
+                       {**figures, **onnx.figures}, onnx)
     runtime_file = artifact_dir / f"{Path(MODEL_FILE).stem}{runtime.suffix}"
     runtime_size = runtime.save(shipped, runtime_file, input_shape)
     deployed = runtime.load(runtime_file, device, threads)
@@ -183,7 +199,56 @@ def deploy(model: nn.Module, hardware: DictConfig, device: torch.device, artifac
     figures[INT8_KERNEL_OPS] = sum(op in INT8_OPS for op in optimized_ops(runtime_file))
     # the runtime's own file ships, unless the workbench's stores narrower weights
     return Shipped(shipped, runtime, Deployment(deployed, runtime_size if not packed else size_bytes),
-                   packed, encodings, figures)
+                   packed, encodings, figures, OnnxExport(runtime_file if runtime.suffix == ".onnx" else None))
+
+
+@dataclass
+class OnnxExport:
+    """model/model.onnx beside model.pt: the file (None when not written), or why the model does not
+    export (the run's ONNX_ERROR_TAG), and the seconds and bytes it took."""
+
+    path: Path | None = None
+    error: str | None = None
+    figures: dict[str, float] = field(default_factory=dict)
+
+
+def export_onnx_beside(shipped: nn.Module, path: Path, input_shape: tuple[int, ...]) -> OnnxExport:
+    """Export the model as loaded from its file to ONNX (runtime.export_onnx: the form ONNX Runtime
+    runs; packed low-bit codes widened to int8, as runtime ort runs them). A model that does not
+    export is not a failed run: the reason comes back instead of the file."""
+    started = time.perf_counter()
+    try:
+        size = export_onnx(shipped, path, input_shape)
+    except Exception as error:  # the exporter's errors are of many kinds (torch.export, onnxscript, onnx)
+        path.unlink(missing_ok=True)
+        reason = export_failure(error)
+        log.warning("model.onnx not written: the finalized model does not export (%s)", reason)
+        return OnnxExport(None, reason, {TIME_ONNX_S: time.perf_counter() - started})
+    return OnnxExport(path, None, {size_bytes_of(path.suffix): size, TIME_ONNX_S: time.perf_counter() - started})
+
+
+def export_failure(error: BaseException) -> str:
+    """One line on why the export failed: the exporter's own error (its first line) and, under it,
+    the root cause it wraps (e.g. `No ONNX function found for <OpOverload(op='prims.bessel_i0e')>`)."""
+    def first_line(exception: BaseException) -> str:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exception)).strip()
+        return f"{type(exception).__name__}: {text.splitlines()[0] if text else ''}"
+
+    root = error
+    while root.__cause__ is not None:
+        root = root.__cause__
+    line = first_line(error) if root is error else f"{first_line(error)} (cause: {first_line(root)})"
+    return line[:1000]
+
+
+def onnx_accuracy(shipped: Shipped, test, device: torch.device, threads: int | None) -> dict[str, float]:
+    """TEST_ACC_ONNX: model/model.onnx in ONNX Runtime on the test split (TIME_ONNX_S includes it)."""
+    if shipped.onnx.path is None:
+        return {}
+    started = time.perf_counter()
+    accuracy = 100.0 * predict(OrtModel(shipped.onnx.path, threads), test, torch.device("cpu")).accuracy
+    return {TEST_ACC_ONNX: accuracy,
+            TIME_ONNX_S: shipped.figures.get(TIME_ONNX_S, 0.0) + time.perf_counter() - started}
 
 
 @torch.no_grad()
