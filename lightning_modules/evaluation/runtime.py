@@ -145,15 +145,17 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...]
     levels = [logger.level for logger in quiet]
     for logger in quiet:
         logger.setLevel(logging.WARNING)  # the exporter reports every pass at INFO
-    with contextlib.redirect_stdout(io.StringIO()):  # and prints its progress
-        program = torch.onnx.export(
-            model, (example,), dynamo=True, input_names=["input"], output_names=["logits"],
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
-            custom_translation_table=ONNX_TRANSLATIONS(), verbose=False,
-        )
-        program.save(str(path))
-    for logger, level in zip(quiet, levels):
-        logger.setLevel(level)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # and prints its progress
+            program = torch.onnx.export(
+                model, (example,), dynamo=True, input_names=["input"], output_names=["logits"],
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+                custom_translation_table=ONNX_TRANSLATIONS(), verbose=False,
+            )
+            program.save(str(path))
+    finally:  # a model that does not export is reported, and the loggers are as they were
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
     _strip_metadata(path)
     if is_quantized(model):
         _store_as_int8_operators(path)
