@@ -702,12 +702,12 @@ def read_csv_artifact(client: MlflowClient, run_id: str, artifact: str) -> pd.Da
     folder = str(Path(artifact).parent) if Path(artifact).parent != Path(".") else None
     if artifact not in {a.path for a in client.list_artifacts(run_id, folder)}:
         return None
-    with tempfile.TemporaryDirectory(prefix="workbench-analysis-") as scratch, _quiet_downloads():
+    with tempfile.TemporaryDirectory(prefix="workbench-analysis-") as scratch, quiet_downloads():
         return pd.read_csv(client.download_artifacts(run_id, artifact, scratch))
 
 
 @contextmanager
-def _quiet_downloads() -> Iterator[None]:
+def quiet_downloads() -> Iterator[None]:
     """No MLflow progress bar per downloaded file (they flood notebook outputs); the user's setting comes back."""
     previous = os.environ.get(PROGRESS_BAR_ENV)
     os.environ[PROGRESS_BAR_ENV] = "false"
@@ -780,7 +780,7 @@ def load_run_models(run_id: str, tracking_uri: str | None = None) -> RunModels:
 
     client = open_client(tracking_uri)
     baseline_id = client.get_run(run_id).data.tags.get(BASELINE_RUN_TAG) or run_id
-    with tempfile.TemporaryDirectory(prefix="workbench-analysis-") as scratch, _quiet_downloads():
+    with tempfile.TemporaryDirectory(prefix="workbench-analysis-") as scratch, quiet_downloads():
         config = OmegaConf.load(client.download_artifacts(run_id, CONFIG_ARTIFACT, scratch))
         model = load_deployable(client.download_artifacts(run_id, MODEL_ARTIFACT, f"{scratch}/run"))
         baseline = model if baseline_id == run_id else \

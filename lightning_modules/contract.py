@@ -91,6 +91,7 @@ BASELINE_MACS_DENSE = "baseline_macs_dense"
 LATENCY_LOAD_AVG = "latency_load_avg"  # the machine's load per core while timing
 INT8_KERNEL_OPS = "int8_kernel_ops"
 TRAIN_TIME_S = "train_time_s"
+CHANCE_MARGIN_POINTS = 2.0  # a model within this many points of chance is a collapse: FAILED, never shipped
 TEST_IMAGES = "test_images"  # images in the held-out test split the accuracies are measured on
 TEST_ACC_ONNX = "test_acc_onnx"  # model/model.onnx scored in ONNX Runtime on the same test split
 # where a run's wall time went

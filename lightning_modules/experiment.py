@@ -31,7 +31,7 @@ from torch import nn
 from lightning_modules.compression.base import CompressionCallback
 from lightning_modules.config import build_callbacks, model_config, validate
 from lightning_modules.contract import (
-    ACC_DROP, ACC_DROP_CI95_HIGH, ACC_DROP_CI95_LOW, BASELINE_METHOD, BASELINE_RUN_TAG, COMPRESSION_RATIO,
+    ACC_DROP, ACC_DROP_CI95_HIGH, ACC_DROP_CI95_LOW, BASELINE_METHOD, BASELINE_RUN_TAG, CHANCE_MARGIN_POINTS, COMPRESSION_RATIO,
     CONFIG_ARTIFACT, DEQUANTIZED, FINGERPRINT_TAG, JOB_TAG, MODEL_FOLDER, NOISY_TAG, RUN_TIME_S, SIMULATED,
     SLOWER_TAG, TEACHER_TAG, TEST_ACC, TIME_BASELINE_S, TIME_DATA_S, TIME_EVALUATE_S, TIME_LOG_MODEL_S, TIME_TRACK_S,
     TRAIN_TIME_S, layers_skipped, run_model_uri, speedup, summary_table,
@@ -57,7 +57,6 @@ log = logging.getLogger(__name__)
 # A finalized model within this many points of chance (100 / classes) is collapsed: its run ends
 # FAILED. `run_checks.chance_margin` overrides it (null: off, for tests of the plumbing that train
 # a few batches only).
-CHANCE_MARGIN_POINTS = 2.0
 INPUT_EXAMPLE_IMAGES = 2  # raw test images stored as each MLflow model's input example
 SLOWER_SPEEDUP = 0.95  # below this at the largest batch (32 where timed) a run says why, tag slower_reason
 # Training throughput used only to announce a teacher's rough cost: on this project's 2-core

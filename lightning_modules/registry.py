@@ -21,15 +21,15 @@ import pandas as pd
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
-from lightning_modules.analysis import LATENCY_NOISY_TAG, _quiet_downloads, best_under_budget, counted, open_client
+from lightning_modules.analysis import LATENCY_NOISY_TAG, quiet_downloads, best_under_budget, counted, open_client
 from lightning_modules.contract import (
-    ACC_DROP, ACC_DROP_CI95_HIGH, ACC_DROP_CI95_LOW, BASELINE_TEST_ACC, COMPRESSION_RATIO, DATA_TAG, GIT_COMMIT_TAG,
+    ACC_DROP, ACC_DROP_CI95_HIGH, ACC_DROP_CI95_LOW, BASELINE_TEST_ACC, CHANCE_MARGIN_POINTS, COMPRESSION_RATIO, DATA_TAG,
+    GIT_COMMIT_TAG,
     HARDWARE_TAG, METHOD_TAG, MLFLOW_MODEL_NAME, MODEL_TAG, NOISY_REASON_COLUMN, SEED_TAG, SIZE_BYTES, SWEEP_TAG,
     TEST_ACC, TEST_ACC_ONNX, TEST_IMAGES, latency_ms_p50, latency_ms_p95, resolve_store_uri, speedup,
 )
 from lightning_modules.mlflow_model import using_store
 
-CHANCE_MARGIN_POINTS = 2.0  # as experiment.CHANCE_MARGIN_POINTS: a model this close to chance is never shipped
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ def _output_classes(artifact_location: str, uri: str) -> int:
     import mlflow.artifacts
     from mlflow.models import Model
 
-    with tempfile.TemporaryDirectory() as folder, _quiet_downloads():
+    with tempfile.TemporaryDirectory() as folder, quiet_downloads():
         path = mlflow.artifacts.download_artifacts(artifact_uri=f"{artifact_location}/MLmodel", dst_path=folder,
                                                    tracking_uri=uri)
         (output,) = Model.load(path).signature.outputs.inputs

@@ -17,7 +17,7 @@ from lightning_modules.analysis import load_runs
 from lightning_modules.contract import (
     ACC_DROP, COMPRESSION_RATIO, HARDWARE_TAG, MLFLOW_MODEL_NAME, TEST_ACC, TEST_IMAGES, latency_ms_p50,
 )
-from lightning_modules.registry import CHANCE_MARGIN_POINTS
+from lightning_modules.contract import CHANCE_MARGIN_POINTS
 from tests.conftest import FAST, ROOT, compose_config
 from tests.test_notebooks import DigitsSweep, build_digits_sweep
 
