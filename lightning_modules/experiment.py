@@ -43,7 +43,7 @@ from lightning_modules.evaluation.complexity import count_macs
 from lightning_modules.evaluation.latency import LatencyTimer, available_cores
 from lightning_modules.evaluation.report import Report, measure
 from lightning_modules.models import build_model, model_recipe
-from lightning_modules.sweep import finished_job_run, where_to_log
+from lightning_modules.sweep import finished_job_run, trial_tags, where_to_log
 from lightning_modules.task import ClassificationTask
 from lightning_modules.tracking import (
     EpochMetricsLogger, RunRejected, Store, SweepInfo, TrackedRun, claim_tags, closing_run, config_params, csv_text,
@@ -138,7 +138,7 @@ def open_context(cfg: DictConfig, store: Store, sweep: SweepInfo | None, job: st
     started = time.perf_counter()
     data: InMemoryDataModule = hydra.utils.instantiate(cfg.data)
     data.setup()  # before any run opens
-    return RunContext(cfg, store, data, device, sweep, {JOB_TAG: job} if job else {},
+    return RunContext(cfg, store, data, device, sweep, {JOB_TAG: job, **trial_tags(sweep)} if job else {},
                       {TIME_DATA_S: time.perf_counter() - started})
 
 
