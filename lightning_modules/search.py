@@ -46,8 +46,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 METHOD_PARAM = "method"  # the study's categorical parameter: which method (family or hybrid) a trial runs
-CONSTRAINT_ATTR = "constraint"  # user attribute of a trial: [constraint metric - budget] (<= 0: feasible)
 RUN_ID_ATTR, OVERRIDES_ATTR, REUSED_ATTR = "run_id", "overrides", "same_as_trial"
+INTERRUPTED_ATTR = "interrupted_trials"  # study attribute: trials a killed search left RUNNING (rerun, not counted)
 SAMPLERS = ("tpe", "nsgaii", "random")
 DIRECTIONS = ("minimize", "maximize")
 
@@ -79,8 +79,7 @@ class Knob:
 
 def parse_knob(key: str, spec: Any) -> Knob:
     """A knob from Hydra's override grammar, as `hydra.sweeper.space` declares it:
-    interval(lo, hi) a float (ints on both ends: an int), range(lo, hi[, step]) the ints of Python's
-    range, choice(a, b, ...) one of them, tag(log, interval(...)) on a log scale; a plain value is set as is.
+    interval(lo, hi) a float, range(lo, hi[, step]) the integers of Python's range, choice(a, b, ...) one of them, tag(log, interval(...)) on a log scale; a plain value is set as is.
 
     Raises:
         ValueError: the spec does not parse, or is a sweep this search cannot sample (a float range).
@@ -97,10 +96,9 @@ def parse_knob(key: str, spec: Any) -> Knob:
     value = override.value()
     log_scale = "log" in getattr(value, "tags", set())
     if isinstance(value, IntervalSweep):
-        whole = all(isinstance(end, int) for end in (value.start, value.end)) and not log_scale
         if not value.start < value.end:
             raise ValueError(f"hydra.sweeper.space: {key}={spec!r}: interval needs lo < hi")
-        return Knob(key, "int" if whole else "float", value.start, value.end, log=log_scale)
+        return Knob(key, "float", float(value.start), float(value.end), log=log_scale)
     if isinstance(value, RangeSweep):
         numbers = (value.start, value.stop, value.step)
         if not all(float(number).is_integer() for number in numbers) or value.step <= 0:
@@ -180,9 +178,9 @@ class Objectives:
         return float(value) - self.budget if value is not None and math.isfinite(value) else math.inf
 
 
-def trial_constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
-    """Optuna's constraints_func: the violation recorded on the trial before it was told (<= 0 feasible)."""
-    return list(trial.user_attrs.get(CONSTRAINT_ATTR, [math.inf]))
+def trial_violation(trial: optuna.trial.FrozenTrial) -> float:
+    """The violation a trial was told with (Trial.set_constraint; <= 0 feasible); inf when it has none."""
+    return max(trial.constraints.values(), default=math.inf)
 
 
 # ----------------------------------------------------------------------------- the study
@@ -205,8 +203,9 @@ def study_storage(storage: str | None, tracking_uri: str) -> str:
 
 
 def make_sampler(name: str, seed: int | None, startup_trials: int) -> optuna.samplers.BaseSampler:
-    """tpe (multivariate, grouped by method: fits a conditional space), nsgaii, or random; all but random
-    keep infeasible trials and rank them behind the feasible ones (constraints_func).
+    """tpe (multivariate, grouped by method: fits a conditional space), nsgaii, or random. Optuna 5's
+    samplers read each trial's constraint (Trial.set_constraint): tpe and nsgaii keep infeasible trials
+    and rank them behind the feasible ones.
 
     Raises:
         ValueError: an unknown sampler name.
@@ -216,10 +215,9 @@ def make_sampler(name: str, seed: int | None, startup_trials: int) -> optuna.sam
     if name == "tpe":
         with warnings.catch_warnings():  # multivariate/group are marked experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=startup_trials,
-                                              constraints_func=trial_constraints)
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=startup_trials)
     if name == "nsgaii":
-        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=trial_constraints)
+        return optuna.samplers.NSGAIISampler(seed=seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise ValueError(f"hydra.sweeper.sampler={name!r}: allowed {', '.join(SAMPLERS)}")
@@ -252,6 +250,8 @@ def resume_interrupted(study: optuna.Study, store: Store | None = None) -> list[
     import optuna
 
     stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    if stale:  # they do not count toward n_trials: their rerun does
+        study.set_user_attr(INTERRUPTED_ATTR, [*study.user_attrs.get(INTERRUPTED_ATTR, []), *(t.number for t in stale)])
     for trial in stale:
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
         study.enqueue_trial(trial.params, skip_if_exists=False)
@@ -264,11 +264,13 @@ def resume_interrupted(study: optuna.Study, store: Store | None = None) -> list[
 
 
 def finished_trials(study: optuna.Study) -> int:
-    """Trials that count toward n_trials: told COMPLETE or FAIL."""
+    """Trials that count toward n_trials: told COMPLETE or FAIL, those a killed search left (and queued
+    again) left out."""
     import optuna
 
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
-    return len(study.get_trials(deepcopy=False, states=done))
+    interrupted = set(study.user_attrs.get(INTERRUPTED_ATTR, []))
+    return sum(1 for trial in study.get_trials(deepcopy=False, states=done) if trial.number not in interrupted)
 
 
 # ----------------------------------------------------------------------------- a trial's outcome
@@ -312,7 +314,7 @@ def tell(study: optuna.Study, trial: optuna.Trial, objectives: Objectives, outco
 
     trial.set_user_attr(RUN_ID_ATTR, outcome.run_id)
     values = objectives.values(outcome.metrics)
-    trial.set_user_attr(CONSTRAINT_ATTR, [objectives.violation(outcome.metrics)])
+    trial.set_constraint(objectives.constraint, objectives.violation(outcome.metrics))
     if values is None:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
     else:
@@ -359,7 +361,7 @@ def run_search(settings: SearchSettings, base_overrides: list[str], launch: Laun
             earlier = same_trial(study, overrides)
             if earlier is not None:  # nothing to train: the same run again
                 trial.set_user_attr(REUSED_ATTR, earlier.number)
-                trial.set_user_attr(CONSTRAINT_ATTR, trial_constraints(earlier))
+                trial.set_constraint(settings.objectives.constraint, trial_violation(earlier))
                 trial.set_user_attr(RUN_ID_ATTR, earlier.user_attrs.get(RUN_ID_ATTR))
                 study.tell(trial, earlier.values)
                 log.info("trial %d: %s repeats trial %d, its run reused", trial.number, " ".join(overrides), earlier.number)
@@ -397,11 +399,12 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
 
     metrics = list(study.user_attrs.get("objectives", []))
     rows = []
+    interrupted = set(study.user_attrs.get(INTERRUPTED_ATTR, []))
     for trial in study.get_trials(deepcopy=False):
-        if trial.state not in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL):
+        if trial.state not in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL) or trial.number in interrupted:
             continue
         overrides = trial.user_attrs.get(OVERRIDES_ATTR, [])
-        violation = trial_constraints(trial)[0]
+        violation = trial_violation(trial)
         row = {"trial": trial.number, "state": trial.state.name, "run_id": trial.user_attrs.get(RUN_ID_ATTR),
                "method": trial.params.get(METHOD_PARAM), "knobs": " ".join(o for o in overrides if not o.startswith("method=")),
                "feasible": trial.state == optuna.trial.TrialState.COMPLETE and violation <= 0, "violation": violation}
