@@ -181,3 +181,66 @@ def test_a_killed_study_resumes_where_it_stopped(tmp_path: Path, toy_store: Stor
     assert study.trials[3].params == study.trials[2].params
     assert len(search.trials_table(study)) == 4
 
+
+
+# ----------------------------------------------------------------------------- end to end through train.py
+
+
+SEARCH_ARGS = ["-m", "experiment=search_size", "search@hydra.sweeper.space=[lowbit,cluster]", "hydra.sweeper.startup_trials=2",
+               *FAST]
+
+
+@pytest.mark.slow
+def test_a_search_runs_trials_as_tracked_runs_and_resumes(tmp_path: Path, store_uri: str) -> None:
+    result = run_train([*SEARCH_ARGS, "hydra.sweeper.n_trials=4"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = all_runs(store_uri)
+    parent = next(r for r in runs if r.data.tags.get(ROLE_TAG) == ROLE_SWEEP)
+    study = parent.data.tags[STUDY_TAG]
+    assert study == "size-digits-lenet5-seed0"
+    trials = [r for r in runs if r.data.tags.get(STUDY_TAG) == study and r.info.run_id != parent.info.run_id]
+    table = trials_csv(store_uri, parent.info.run_id)
+    assert table["trial"].tolist() == [0, 1, 2, 3] and (table["state"] == "COMPLETE").all()
+    # every trial is a run tagged with its number, or repeats an earlier trial's overrides and reuses its run
+    tagged = {int(r.data.tags[TRIAL_TAG]): r.info.run_id for r in trials}
+    assert set(tagged) <= {0, 1, 2, 3} and 0 in tagged
+    assert set(table["run_id"]) == set(tagged.values())
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trials)
+    assert {r.data.tags["method"] for r in trials} <= {"lowbit", "cluster"}
+    # the baseline the first trial trained is a run of the sweep, not a trial
+    assert any(r.data.tags["method"] == "baseline" and TRIAL_TAG not in r.data.tags for r in runs)
+    for run in trials:  # energy, named as estimates, and the tag that says why there is no measurement
+        assert run.data.metrics[ENERGY_J_PER_IMAGE_ESTIMATE] > 0 and run.data.metrics[ENERGY_TRAIN_KJ_ESTIMATE] > 0
+        assert run.data.tags[ENERGY_SOURCE_TAG]
+    # the study beside the store; the front and its figure on the parent run
+    assert (Path(store_uri.removeprefix("sqlite:///")).parent / STUDY_DB).exists()
+    assert json.loads((tmp_path / "sweep" / SEARCH_FILE).read_text()) == {STUDY_TAG: study}
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store_uri)
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id)} | {
+        a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
+    assert {SEARCH_TRIALS_ARTIFACT, figure_artifact("search_front")} <= logged
+    assert "Pareto front within acc_drop <= 0.5" in result.stdout
+    assert client.get_run(parent.info.run_id).data.tags.get(WINNER_RUN_TAG) or "no trial within the budget" in result.stdout
+
+    # relaunched with a larger n_trials: the same study and parent run go on from trial 4
+    again = run_train([*SEARCH_ARGS, "hydra.sweeper.n_trials=5"], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    runs = all_runs(store_uri)
+    assert sum(r.data.tags.get(ROLE_TAG) == ROLE_SWEEP for r in runs) == 1
+    assert trials_csv(store_uri, parent.info.run_id)["trial"].tolist() == [0, 1, 2, 3, 4]
+
+
+def trials_csv(uri: str, run_id: str) -> pd.DataFrame:
+    from mlflow.tracking import MlflowClient
+
+    path = MlflowClient(uri).download_artifacts(run_id, SEARCH_TRIALS_ARTIFACT)
+    return pd.read_csv(path)
+
+
+def test_a_bad_search_stops_before_any_run(tmp_path: Path, store_uri: str) -> None:
+    result = run_train([*SEARCH_ARGS, "hydra.sweeper.objectives=[acc_drop,size_kb]"], tmp_path)
+    assert result.returncode == 2
+    assert "'size_kb' is not a metric every run logs" in result.stderr and "Nothing was run." in result.stderr
+    assert not [r for r in all_runs(store_uri) if r.data.tags.get(ROLE_TAG) != ROLE_SWEEP]
