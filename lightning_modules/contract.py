@@ -241,3 +241,29 @@ def pareto_artifact(key: str) -> str:
 
 def best_artifact(budget: float) -> str:
     return f"{FIGURES_FOLDER}/best_within_{budget:g}pt_drop.csv"
+
+
+# ----------------------------------------------------------------------------- searches (lightning_modules/search.py)
+
+# on every run a search launched (its trials) and on the search's parent run: the study's name, the trial's number
+STUDY_TAG, TRIAL_TAG = "study", "trial"
+SEARCH_FILE = "optuna_study.json"  # in a search's sweep folder: the study its jobs are trials of
+STUDY_DB = "optuna.db"  # a local store's studies: this SQLite file beside mlflow.db
+# on a search's parent run
+SEARCH_TRIALS_ARTIFACT = "search_trials.csv"  # one row per trial: method, knobs, objectives, feasible, on the front
+SEARCH_FRONT = "search_front"  # figure_artifact(SEARCH_FRONT): the trials, the front, the budget
+WINNER_RUN_TAG = "search_winner_run_id"  # the best trial within the budget (smallest / fastest)
+WINNER_TRIAL_TAG = "search_winner_trial"
+SEARCH_BUDGET_TAG = "search_budget"  # the accuracy budget (points of the constraint's metric)
+HYPERVOLUME = "search_hypervolume"  # of the feasible front, normalised (search.hypervolume_2d)
+
+# ----------------------------------------------------------------------------- energy (evaluation/energy.py)
+
+# estimates: measured time x cores used x the hardware config's power model (hardware.power); named as estimates
+ENERGY_J_PER_IMAGE_ESTIMATE = "energy_j_per_image_estimate"  # inference, joules per image at the largest batch timed
+ENERGY_TRAIN_KJ_ESTIMATE = "energy_train_kj_estimate"  # the compression phase's training, kilojoules
+# read from energy counters (RAPL under /sys/class/powercap, NVML on GPUs), where they can be read
+ENERGY_J_PER_IMAGE_MEASURED = "energy_j_per_image_measured"
+ENERGY_TRAIN_KJ_MEASURED = "energy_train_kj_measured"
+ENERGY_SOURCE_TAG = "energy_source"  # which counter measured (rapl:..., nvml:...), or why the figures are estimates
+ENERGY_METRICS = (ENERGY_J_PER_IMAGE_ESTIMATE, ENERGY_TRAIN_KJ_ESTIMATE)  # every finished run logs these

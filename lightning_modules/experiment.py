@@ -36,15 +36,17 @@ from lightning_modules.contract import (
     SLOWER_TAG, TEACHER_TAG, TEST_ACC, TIME_BASELINE_S, TIME_DATA_S, TIME_EVALUATE_S, TIME_LOG_MODEL_S, TIME_TRACK_S,
     TRAIN_TIME_S, layers_skipped, run_model_uri, speedup, summary_table,
 )
+from lightning_modules.contract import ENERGY_SOURCE_TAG
 from lightning_modules.data import InMemoryDataModule
 from lightning_modules.evaluation.artifact import FORMAT as ARTIFACT_FORMAT
 from lightning_modules.evaluation.artifact import NotAnArtifact, load_deployable
 from lightning_modules.evaluation.complexity import count_macs
+from lightning_modules.evaluation.energy import energy_report, energy_source, metered_training, open_counter, run_cores
 from lightning_modules.evaluation.latency import LatencyTimer, available_cores
 from lightning_modules.evaluation.report import Report, measure
 from lightning_modules.mlflow_model import log_run_models
 from lightning_modules.models import build_model, model_recipe
-from lightning_modules.sweep import finished_job_run, where_to_log
+from lightning_modules.sweep import finished_job_run, trial_tags, where_to_log
 from lightning_modules.task import ClassificationTask
 from lightning_modules.tracking import (
     EpochMetricsLogger, RunRejected, Store, SweepInfo, TrackedRun, claim_tags, closing_run, config_params, csv_text,
@@ -126,7 +128,8 @@ def run_experiment(cfg: DictConfig) -> dict[str, float]:
         callbacks = build_callbacks(cfg.method, timer=LatencyTimer())
         teacher = obtain_teacher(ctx) if needs_teacher(callbacks) else None
         ctx.timings[TIME_BASELINE_S] = time.perf_counter() - started
-        run.set_tags({BASELINE_RUN_TAG: baseline.run_id, **({TEACHER_TAG: teacher.source} if teacher else {})})
+        run.set_tags({BASELINE_RUN_TAG: baseline.run_id, **({TEACHER_TAG: teacher.source} if teacher else {}),
+                      ENERGY_SOURCE_TAG: energy_source(ctx.device)})
         model = compress(ctx, run, starting_model(cfg, baseline, ctx.data), callbacks, teacher)    # 2. compress
         model = finalize(model, callbacks)                                                         # 3. finalize
         report = evaluate(ctx, model, baseline.model, callbacks, teacher and teacher.model)        # 4. evaluate
@@ -139,7 +142,7 @@ def open_context(cfg: DictConfig, store: Store, sweep: SweepInfo | None, job: st
     started = time.perf_counter()
     data: InMemoryDataModule = hydra.utils.instantiate(cfg.data)
     data.setup()  # before any run opens
-    return RunContext(cfg, store, data, device, sweep, {JOB_TAG: job} if job else {},
+    return RunContext(cfg, store, data, device, sweep, {JOB_TAG: job, **trial_tags(sweep)} if job else {},
                       {TIME_DATA_S: time.perf_counter() - started})
 
 
@@ -176,7 +179,7 @@ def train_baseline(ctx: RunContext, fingerprint: str, tags: dict[str, str]) -> B
         return None
     log.info("baseline %s not in the store: training it (run %s)", fingerprint, claim.run_id)
     with closing_run(claim) as run:
-        run.set_tags({BASELINE_RUN_TAG: run.run_id})
+        run.set_tags({BASELINE_RUN_TAG: run.run_id, ENERGY_SOURCE_TAG: energy_source(ctx.device)})
         pl.seed_everything(ctx.cfg.seed, workers=True, verbose=False)
         model = build_model(ctx.cfg.model.net, ctx.data.shape)
         model, baseline_ctx.timings[TRAIN_TIME_S] = fit(baseline_cfg, ctx.cfg.baseline, model, ctx.data, [], run)
@@ -286,7 +289,8 @@ def compress(ctx: RunContext, run: TrackedRun, model: nn.Module, callbacks: list
     for callback in callbacks:
         if callback.requires_teacher:
             callback.attach_teacher(teacher.model)
-    model, ctx.timings[TRAIN_TIME_S] = fit(ctx.cfg, ctx.cfg.method.fine_tune, model, ctx.data, callbacks, run)
+    with metered_training(ctx.device, ctx.timings):  # energy_train_kj_measured, where a counter reads
+        model, ctx.timings[TRAIN_TIME_S] = fit(ctx.cfg, ctx.cfg.method.fine_tune, model, ctx.data, callbacks, run)
     return model
 
 
@@ -350,6 +354,9 @@ def evaluate(ctx: RunContext, model: nn.Module, baseline: nn.Module, callbacks: 
                            for name, rows in summaries.items()})
     for callback in callbacks:  # a method's own figures (Deep Compression's stage ratios)
         report.metrics.update(callback.metrics(model, report.metrics))
+    energy, _ = energy_report(report.metrics, ctx.timings, ctx.cfg.hardware, run_cores(ctx.cfg.hardware),
+                              open_counter(ctx.device), model, tuple(ctx.data.split("test").tensors[0].shape[1:]))
+    report.metrics.update(energy)  # energy_*_estimate; energy_*_measured where a counter reads (evaluation/energy.py)
     reason = slower_reason(report, summaries, list(ctx.cfg.hardware.latency.batch_sizes))
     if reason is not None:
         report.tags[SLOWER_TAG] = reason

@@ -13,6 +13,7 @@ whether an earlier launch of the same sweep already finished it (`finished_job_r
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import sys
 from pathlib import Path
@@ -35,6 +36,7 @@ from lightning_modules.contract import (
     FAILED_RUNS_TAG, GRID_ARTIFACT, JOB_TAG, JOBS_ARTIFACT, JOBS_TAG, NOISY_REASON_COLUMN, NOISY_TAG, ROLE_SWEEP, ROLE_TAG, SLOWER_TAG,
     SWEEP_TAG, TEACHER_TEST_ACC, TEST_ACC, speedup, vs_teacher,
 )
+from lightning_modules.contract import SEARCH_FILE, STUDY_TAG, TRIAL_TAG
 from lightning_modules.tracking import Store, SweepInfo, TrackedRun, read_sweep_info, write_sweep_info
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,17 @@ def job_key(overrides: list[str]) -> str:
     """A job of a sweep is known by its overrides (tag sweep_job): relaunching the sweep into the same
     folder (hydra.sweep.dir=...) skips the jobs that already have a FINISHED run and reruns the others."""
     return hashlib.sha256("\n".join(sorted(overrides)).encode()).hexdigest()[:16]
+
+
+def trial_tags(sweep: SweepInfo | None) -> dict[str, str]:
+    """{study, trial} for a job that a search launched (its sweep folder names the study; the job's
+    number is the trial's), else {} (a grid's job, a single run)."""
+    if sweep is None:
+        return {}
+    path = Path(HydraConfig.get().sweep.dir) / SEARCH_FILE
+    if not path.exists():
+        return {}
+    return {STUDY_TAG: json.loads(path.read_text())[STUDY_TAG], TRIAL_TAG: str(HydraConfig.get().job.num)}
 
 
 def where_to_log(tracking: DictConfig) -> tuple[Store, SweepInfo | None, str | None]:

@@ -1,0 +1,549 @@
+"""A search across methods: an Optuna study whose trials are ordinary runs of the workbench.
+
+`python train.py -m experiment=search_size` (or `search_latency`) asks Optuna, trial after trial, for a
+method (a categorical choice among the families and hybrids of `hydra.sweeper.space`) and that
+method's knobs (conditional on it), launches the run with those overrides like any sweep job, and
+tells the study the run's objectives (accuracy drop against size, or against latency at a batch size)
+with the accuracy budget as a constraint: a trial over it is infeasible, kept and known to the sampler,
+never the winner. The study lives in its own SQLite file beside the MLflow store (`optuna.db` next to
+`mlflow.db`), so a killed search relaunched with the same study name resumes where it stopped.
+
+    space           `parse_space`: conf/search/<method>.yaml in Hydra's override grammar
+    a trial         `suggest_overrides` -> the launcher runs it -> `trial_outcome` from the store
+    the study       `open_study` (storage beside the store, sampler with the constraint), `resume_interrupted`
+    the end         `trials_table`, `pareto`, `hypervolume_2d`, `winner`, `front_figure`, `report_study`
+
+The Hydra side (a Sweeper plugin) is hydra_plugins/workbench_optuna_sweeper: it only wires this module
+to Hydra's launcher. Optuna is imported inside the functions that need it: the jobs import this module
+for `STUDY_TAG`-style names only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from lightning_modules.contract import (
+    ACC_DROP, BASELINE_SIZE_BYTES, HYPERVOLUME, SEARCH_BUDGET_TAG, SEARCH_FILE, SEARCH_FRONT,
+    SEARCH_TRIALS_ARTIFACT, STUDY_DB, STUDY_TAG, TRIAL_TAG, WINNER_RUN_TAG, WINNER_TRIAL_TAG, baseline_metric,
+    figure_artifact, sqlite_path,
+)
+
+if TYPE_CHECKING:
+    import optuna
+    from matplotlib.figure import Figure
+
+    from lightning_modules.tracking import Store
+
+log = logging.getLogger(__name__)
+
+METHOD_PARAM = "method"  # the study's categorical parameter: which method (family or hybrid) a trial runs
+RUN_ID_ATTR, OVERRIDES_ATTR, REUSED_ATTR = "run_id", "overrides", "same_as_trial"
+INTERRUPTED_ATTR = "interrupted_trials"  # study attribute: trials a killed search left RUNNING (rerun, not counted)
+SAMPLERS = ("tpe", "nsgaii", "random")
+DIRECTIONS = ("minimize", "maximize")
+
+
+# ----------------------------------------------------------------------------- the space
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One override a trial sets for its method: searched (float, int, categorical) or fixed."""
+
+    key: str  # the override's key, e.g. method.sparsity
+    kind: str  # float | int | categorical | fixed
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+    choices: tuple[Any, ...] = ()
+
+    def suggest(self, trial: optuna.Trial, name: str) -> Any:
+        if self.kind == "float":
+            return trial.suggest_float(name, self.low, self.high, log=self.log, step=self.step)
+        if self.kind == "int":
+            return trial.suggest_int(name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        if self.kind == "categorical":
+            return trial.suggest_categorical(name, list(self.choices))
+        return self.choices[0]
+
+
+def parse_knob(key: str, spec: Any) -> Knob:
+    """A knob from Hydra's override grammar, as `hydra.sweeper.space` declares it:
+    interval(lo, hi) a float, range(lo, hi[, step]) the integers of Python's range, choice(a, b, ...) one of them, tag(log, interval(...)) on a log scale; a plain value is set as is.
+
+    Raises:
+        ValueError: the spec does not parse, or is a sweep this search cannot sample (a float range).
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+
+    try:
+        override = OverridesParser.create().parse_override(f"{key}={spec}")
+    except Exception as error:
+        raise ValueError(f"hydra.sweeper.space: {key}={spec!r} does not parse as a Hydra override value "
+                         f"(allowed: interval(lo, hi), range(lo, hi[, step]), choice(a, b, ...), "
+                         f"tag(log, interval(lo, hi)), or a plain value): {error}") from error
+    value = override.value()
+    log_scale = "log" in getattr(value, "tags", set())
+    if isinstance(value, IntervalSweep):
+        if not value.start < value.end:
+            raise ValueError(f"hydra.sweeper.space: {key}={spec!r}: interval needs lo < hi")
+        return Knob(key, "float", float(value.start), float(value.end), log=log_scale)
+    if isinstance(value, RangeSweep):
+        numbers = (value.start, value.stop, value.step)
+        if not all(float(number).is_integer() for number in numbers) or value.step <= 0:
+            raise ValueError(f"hydra.sweeper.space: {key}={spec!r}: range takes whole numbers and a positive step "
+                             f"(for floats: interval(lo, hi))")
+        last = int(value.start) + ((int(value.stop) - 1 - int(value.start)) // int(value.step)) * int(value.step)
+        return Knob(key, "int", int(value.start), last, step=int(value.step), log=log_scale)
+    if isinstance(value, ChoiceSweep):
+        return Knob(key, "categorical", choices=tuple(value.list))
+    if override.is_sweep_override():
+        raise ValueError(f"hydra.sweeper.space: {key}={spec!r}: a search samples interval, range and choice only")
+    return Knob(key, "fixed", choices=(value,))
+
+
+def parse_space(space: Mapping[str, Mapping[str, Any] | None]) -> dict[str, list[Knob]]:
+    """{method: its knobs} from `hydra.sweeper.space` (conf/search/<method>.yaml, one method each).
+
+    Raises:
+        ValueError: an empty space, or a knob that does not parse (parse_knob).
+    """
+    if not space:
+        raise ValueError("hydra.sweeper.space is empty: pick methods, e.g. experiment=search_size "
+                         "or 'search@hydra.sweeper.space=[agp,lowbit]' (files in conf/search/)")
+    return {str(method): [parse_knob(str(key), spec) for key, spec in (knobs or {}).items()]
+            for method, knobs in space.items()}
+
+
+def format_value(value: Any) -> str:
+    """An override's value as Hydra reads it back: floats to 4 significant digits."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "null" if value is None else str(value)
+
+
+def suggest_overrides(trial: optuna.Trial, space: Mapping[str, list[Knob]]) -> list[str]:
+    """The trial's method, then its own knobs (named `<method>:<key>` in the study: each method's
+    distributions are its own, so the space is conditional on the method)."""
+    method = trial.suggest_categorical(METHOD_PARAM, list(space))
+    overrides = [f"method={method}"]
+    for knob in space[method]:
+        overrides.append(f"{knob.key}={format_value(knob.suggest(trial, f'{method}:{knob.key}'))}")
+    return overrides
+
+
+# ----------------------------------------------------------------------------- objectives and the constraint
+
+
+@dataclass(frozen=True)
+class Objectives:
+    """What a trial is judged by: metrics to minimise (or maximise), and `constraint <= budget`."""
+
+    metrics: tuple[str, ...]
+    directions: tuple[str, ...]
+    constraint: str = ACC_DROP
+    budget: float = 0.5
+
+    def __post_init__(self) -> None:
+        if len(self.metrics) != len(self.directions) or not self.metrics:
+            raise ValueError(f"hydra.sweeper.objectives={list(self.metrics)} and directions={list(self.directions)}: "
+                             "one direction per objective, at least one objective")
+        for direction in self.directions:
+            if direction not in DIRECTIONS:
+                raise ValueError(f"hydra.sweeper.directions: {direction!r} is not one of {', '.join(DIRECTIONS)}")
+        if not math.isfinite(self.budget):
+            raise ValueError(f"hydra.sweeper.budget={self.budget}: a finite number of points")
+
+    def values(self, metrics: Mapping[str, float]) -> list[float] | None:
+        """The objectives of a run's metrics; None when one is missing or not a number."""
+        found = [metrics.get(name) for name in self.metrics]
+        if any(value is None or not math.isfinite(value) for value in found):
+            return None
+        return [float(value) for value in found]
+
+    def violation(self, metrics: Mapping[str, float]) -> float:
+        """constraint - budget: <= 0 is feasible; a run without the metric is infeasible (inf)."""
+        value = metrics.get(self.constraint)
+        return float(value) - self.budget if value is not None and math.isfinite(value) else math.inf
+
+
+def trial_violation(trial: optuna.trial.FrozenTrial) -> float:
+    """The violation a trial was told with (Trial.set_constraint; <= 0 feasible); inf when it has none."""
+    return max(trial.constraints.values(), default=math.inf)
+
+
+# ----------------------------------------------------------------------------- the study
+
+
+def study_storage(storage: str | None, tracking_uri: str) -> str:
+    """Where the study lives: `storage` when given (any Optuna RDB URL), else optuna.db beside the
+    SQLite file of the MLflow store, so that the study and its runs travel together.
+
+    Raises:
+        ValueError: no storage given and the store is a server (no folder to put the file in).
+    """
+    if storage:
+        return storage
+    database = sqlite_path(tracking_uri)
+    if database is None:
+        raise ValueError(f"hydra.sweeper.storage=null needs a local store to sit beside; the store is "
+                         f"{tracking_uri}: give an Optuna storage URL (e.g. the server's PostgreSQL)")
+    return f"sqlite:///{database.parent / STUDY_DB}"
+
+
+def make_sampler(name: str, seed: int | None, startup_trials: int) -> optuna.samplers.BaseSampler:
+    """tpe (multivariate, grouped by method: fits a conditional space), nsgaii, or random. Optuna 5's
+    samplers read each trial's constraint (Trial.set_constraint): tpe and nsgaii keep infeasible trials
+    and rank them behind the feasible ones.
+
+    Raises:
+        ValueError: an unknown sampler name.
+    """
+    import optuna
+
+    if name == "tpe":
+        with warnings.catch_warnings():  # multivariate/group are marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=startup_trials)
+    if name == "nsgaii":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"hydra.sweeper.sampler={name!r}: allowed {', '.join(SAMPLERS)}")
+
+
+def open_study(name: str, storage: str, objectives: Objectives, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
+    """The study `name` in `storage`, created or loaded (a relaunch resumes it).
+
+    Raises:
+        ValueError: the stored study has other directions (another search under the same name).
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, load_if_exists=True,
+                                directions=list(objectives.directions))
+    stored = study.user_attrs.get("objectives")
+    if stored is None:
+        study.set_user_attr("objectives", list(objectives.metrics))
+        study.set_user_attr("constraint", [objectives.constraint, objectives.budget])
+    elif stored != list(objectives.metrics):
+        raise ValueError(f"hydra.sweeper.study={name!r} exists in {storage} with objectives {stored}, not "
+                         f"{list(objectives.metrics)}: give another study name")
+    return study
+
+
+def resume_interrupted(study: optuna.Study, store: Store | None = None) -> list[int]:
+    """Trials left RUNNING by a killed search: each is marked FAIL and its parameters queued again, so
+    the relaunch runs it first; its MLflow run, left RUNNING, is marked KILLED. Returns their numbers."""
+    import optuna
+
+    stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    if stale:  # they do not count toward n_trials: their rerun does
+        study.set_user_attr(INTERRUPTED_ATTR, [*study.user_attrs.get(INTERRUPTED_ATTR, []), *(t.number for t in stale)])
+    for trial in stale:
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(trial.params, skip_if_exists=False)
+        if store is not None:
+            for run in trial_runs(store, study.study_name, trial.number):
+                if run.info.status == "RUNNING":
+                    store.client.set_terminated(run.info.run_id, "KILLED")
+        log.info("trial %d was interrupted: queued again with its parameters", trial.number)
+    return [trial.number for trial in stale]
+
+
+def finished_trials(study: optuna.Study) -> int:
+    """Trials that count toward n_trials: told COMPLETE or FAIL, those a killed search left (and queued
+    again) left out."""
+    import optuna
+
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+    interrupted = set(study.user_attrs.get(INTERRUPTED_ATTR, []))
+    return sum(1 for trial in study.get_trials(deepcopy=False, states=done) if trial.number not in interrupted)
+
+
+# ----------------------------------------------------------------------------- a trial's outcome
+
+
+def write_search_file(sweep_dir: str | Path, study: str) -> None:
+    """Tell the sweep's jobs which study they are trials of (sweep.trial_tags reads it)."""
+    Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+    (Path(sweep_dir) / SEARCH_FILE).write_text(json.dumps({STUDY_TAG: study}))
+
+
+def trial_runs(store: Store, study: str, number: int) -> list:
+    """The runs tagged as this trial of the study, newest first."""
+    return store.client.search_runs([store.experiment_id],
+                                    filter_string=f"tags.{STUDY_TAG} = '{study}' and tags.{TRIAL_TAG} = '{number}'",
+                                    order_by=["attributes.start_time DESC"], max_results=10)
+
+
+@dataclass
+class Outcome:
+    """What a trial's run left in the store: its metrics (a collapsed run's too), run id and status."""
+
+    run_id: str | None
+    status: str | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def trial_outcome(store: Store, study: str, number: int, returned: Any = None) -> Outcome:
+    """The run of trial `number` as the store has it; else what the job returned (a job skipped as
+    already FINISHED in this sweep returns that run's metrics)."""
+    runs = trial_runs(store, study, number)
+    if runs:
+        return Outcome(runs[0].info.run_id, runs[0].info.status, dict(runs[0].data.metrics))
+    return Outcome(None, None, dict(returned) if isinstance(returned, Mapping) else {})
+
+
+def tell(study: optuna.Study, trial: optuna.Trial, objectives: Objectives, outcome: Outcome) -> None:
+    """Record the outcome: COMPLETE with its objectives and constraint when the run measured them (a
+    collapsed run too: infeasible, not discarded), else FAIL."""
+    import optuna
+
+    trial.set_user_attr(RUN_ID_ATTR, outcome.run_id)
+    values = objectives.values(outcome.metrics)
+    trial.set_constraint(objectives.constraint, objectives.violation(outcome.metrics))
+    if values is None:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    else:
+        study.tell(trial, values)
+
+
+def same_trial(study: optuna.Study, overrides: list[str]) -> optuna.trial.FrozenTrial | None:
+    """An earlier COMPLETE trial with these very overrides (a repeated suggestion reuses its run)."""
+    import optuna
+
+    for done in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if done.user_attrs.get(OVERRIDES_ATTR) == overrides:
+            return done
+    return None
+
+
+Launch = Callable[[list[list[str]], int], Sequence[Any]]  # (job overrides, first job number) -> job returns
+
+
+@dataclass
+class SearchSettings:
+    study: str
+    storage: str
+    space: dict[str, list[Knob]]
+    objectives: Objectives
+    n_trials: int
+    n_jobs: int = 1
+    sampler: str = "tpe"
+    seed: int | None = 0
+    startup_trials: int = 5
+
+
+def run_search(settings: SearchSettings, base_overrides: list[str], launch: Launch, store: Store) -> optuna.Study:
+    """Ask, launch, tell until the study holds n_trials finished trials (a relaunch counts the earlier ones)."""
+    sampler = make_sampler(settings.sampler, settings.seed, settings.startup_trials)
+    study = open_study(settings.study, settings.storage, settings.objectives, sampler)
+    resume_interrupted(study, store)
+    while (done := finished_trials(study)) < settings.n_trials:
+        trials = [study.ask() for _ in range(min(settings.n_jobs, settings.n_trials - done))]
+        to_launch = []
+        for trial in trials:
+            overrides = suggest_overrides(trial, settings.space)
+            trial.set_user_attr(OVERRIDES_ATTR, overrides)
+            earlier = same_trial(study, overrides)
+            if earlier is not None:  # nothing to train: the same run again
+                trial.set_user_attr(REUSED_ATTR, earlier.number)
+                trial.set_constraint(settings.objectives.constraint, trial_violation(earlier))
+                trial.set_user_attr(RUN_ID_ATTR, earlier.user_attrs.get(RUN_ID_ATTR))
+                study.tell(trial, earlier.values)
+                log.info("trial %d: %s repeats trial %d, its run reused", trial.number, " ".join(overrides), earlier.number)
+            else:
+                to_launch.append((trial, overrides))
+        if not to_launch:
+            continue
+        # job numbers are trial numbers: the job's run is tagged trial=<its hydra.job.num>
+        first = to_launch[0][0].number
+        if [trial.number for trial, _ in to_launch] != list(range(first, first + len(to_launch))):
+            raise RuntimeError("trial numbers of one batch are not consecutive: another process writes to the study")
+        returns = launch([[*base_overrides, *overrides] for _, overrides in to_launch], first)
+        for (trial, overrides), job in zip(to_launch, returns):
+            outcome = trial_outcome(store, settings.study, trial.number, _return_value(job))
+            tell(study, trial, settings.objectives, outcome)
+            log.info("trial %d: %s -> %s", trial.number, " ".join(overrides),
+                     {name: outcome.metrics.get(name) for name in settings.objectives.metrics})
+    return study
+
+
+def _return_value(job: Any) -> Any:
+    try:
+        return job.return_value  # a Hydra JobReturn re-raises the job's exception here
+    except Exception:
+        return None
+
+
+# ----------------------------------------------------------------------------- the end: front, winner, figure
+
+
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    """One row per finished trial: number, state, run id, method, its knobs (as overrides), the
+    objectives, the violation, feasible, and whether it is on the feasible Pareto front."""
+    import optuna
+
+    metrics = list(study.user_attrs.get("objectives", []))
+    rows = []
+    interrupted = set(study.user_attrs.get(INTERRUPTED_ATTR, []))
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state not in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL) or trial.number in interrupted:
+            continue
+        overrides = trial.user_attrs.get(OVERRIDES_ATTR, [])
+        violation = trial_violation(trial)
+        row = {"trial": trial.number, "state": trial.state.name, "run_id": trial.user_attrs.get(RUN_ID_ATTR),
+               "method": trial.params.get(METHOD_PARAM), "knobs": " ".join(o for o in overrides if not o.startswith("method=")),
+               "feasible": trial.state == optuna.trial.TrialState.COMPLETE and violation <= 0, "violation": violation}
+        row.update({name: (trial.values[i] if trial.values else math.nan) for i, name in enumerate(metrics)})
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=["trial", "state", "run_id", "method", "knobs", *metrics, "violation", "feasible"])
+    table["on_front"] = pareto(table, metrics, [direction.name.lower() for direction in study.directions])
+    return table
+
+
+def pareto(table: pd.DataFrame, metrics: Sequence[str], directions: Sequence[str], feasible_only: bool = True) -> pd.Series:
+    """Rows no other (feasible) row beats on every objective (at least as good on all, better on one)."""
+    candidates = table[table["feasible"]] if feasible_only and "feasible" in table else table
+    candidates = candidates.dropna(subset=list(metrics))
+    signs = [1.0 if direction == "minimize" else -1.0 for direction in directions]
+    points = [tuple(sign * row[m] for sign, m in zip(signs, metrics)) for _, row in candidates.iterrows()]
+    on_front = pd.Series(False, index=table.index)
+    for index, point in zip(candidates.index, points):
+        dominated = any(all(o <= p for o, p in zip(other, point)) and other != point for other in points)
+        on_front[index] = not dominated
+    return on_front
+
+
+def hypervolume_2d(points: Sequence[tuple[float, float]], reference: tuple[float, float]) -> float:
+    """The area both objectives (minimised) dominate between the points and `reference`; points not
+    better than the reference on both count nothing."""
+    inside = sorted({p for p in points if p[0] < reference[0] and p[1] < reference[1]})
+    area, best_y = 0.0, reference[1]
+    for x, y in inside:  # by the first objective, ascending: each point adds its strip below the last best
+        if y < best_y:
+            area += (reference[0] - x) * (best_y - y)
+            best_y = y
+    return area
+
+
+def front_hypervolume(table: pd.DataFrame, metrics: Sequence[str], budget: float, reference_size: float) -> float:
+    """Hypervolume of the feasible points of (drop, second objective / reference_size), from the
+    reference (budget, 1.0): the share of 'within budget and no larger (slower) than the baseline' covered.
+    Accuracy gains (negative drops) count down to -budget (the box is 2 x budget wide)."""
+    feasible = table[table["feasible"]].dropna(subset=list(metrics))
+    points = [(max(float(row[metrics[0]]), -budget), float(row[metrics[1]]) / reference_size)
+              for _, row in feasible.iterrows()]
+    return hypervolume_2d(points, (budget, 1.0)) / (2 * budget)
+
+
+def winner(table: pd.DataFrame, metrics: Sequence[str]) -> pd.Series | None:
+    """The feasible trial best on the second objective (smallest, fastest), the lower drop on a tie."""
+    feasible = table[table["feasible"]].dropna(subset=list(metrics))
+    if feasible.empty:
+        return None
+    return feasible.sort_values([metrics[1], metrics[0]]).iloc[0]
+
+
+def front_figure(table: pd.DataFrame, metrics: Sequence[str], budget: float, title: str = "",
+                 reference: pd.DataFrame | None = None, reference_label: str = "grid") -> Figure:
+    """Every trial (x: first objective, the drop; y: second, log scale), infeasible ones hollow, the
+    feasible front joined, the budget as a line; `reference` (another front's points) drawn beside."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.5, 4.5))
+    ax = figure.subplots()
+    x, y = metrics[0], metrics[1]
+    feasible = table[table["feasible"]]
+    ax.scatter(feasible[x], feasible[y], s=22, color="tab:blue", label="trials within the budget")
+    infeasible = table[~table["feasible"]]
+    ax.scatter(infeasible[x], infeasible[y], s=22, facecolors="none", edgecolors="tab:gray", label="over the budget")
+    front = table[table["on_front"]].sort_values(x)
+    ax.plot(front[x], front[y], "o--", color="tab:red", label="search front")
+    if reference is not None and not reference.empty:
+        ref = reference.sort_values(x)
+        ax.plot(ref[x], ref[y], "s:", color="tab:green", label=f"{reference_label} front")
+    ax.axvline(budget, color="black", linewidth=0.8, linestyle="-.", label=f"budget {budget:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"{x} (points)")
+    ax.set_ylabel(y)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def report_study(study: optuna.Study, objectives: Objectives, store: Store, parent_run_id: str | None) -> pd.DataFrame:
+    """Print the trials on the front and the winner within the budget; log the table, the figure and
+    the winner's tags on the parent run. Returns the trials table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from lightning_modules.tracking import TrackedRun
+
+    metrics = list(objectives.metrics)
+    table = trials_table(study)
+    best = winner(table, metrics)
+    console = Console(width=140)
+    view = Table(title=f"study {study.study_name}: Pareto front within {objectives.constraint} <= {objectives.budget:g} "
+                       f"({int(table['feasible'].sum())} of {len(table)} trials within the budget)")
+    columns = ["trial", "method", "knobs", *metrics, "run_id"]
+    for column in columns:
+        view.add_column(column, justify="left" if column in ("method", "knobs", "run_id") else "right")
+    for _, row in table[table["on_front"]].sort_values(metrics[0]).iterrows():
+        view.add_row(*[_cell(row[column]) for column in columns])
+    console.print(view)
+    if best is None:
+        console.print(f"no trial within the budget ({objectives.constraint} <= {objectives.budget:g})", highlight=False)
+    else:
+        console.print(f"winner within the budget: trial {best['trial']} {best['method']} {best['knobs']}: "
+                      + ", ".join(f"{m} {_cell(best[m])}" for m in metrics) + f" (run {best['run_id']})", highlight=False)
+    if parent_run_id is None:
+        return table
+    parent = TrackedRun(store, parent_run_id)
+    parent.log_table(table.to_dict("records"), SEARCH_TRIALS_ARTIFACT)
+    tags = {STUDY_TAG: study.study_name, SEARCH_BUDGET_TAG: f"{objectives.constraint} <= {objectives.budget:g}"}
+    if best is not None:
+        tags.update({WINNER_RUN_TAG: str(best["run_id"]), WINNER_TRIAL_TAG: str(best["trial"])})
+    parent.set_tags(tags)
+    reference = _baseline_figure(store, best, metrics[1])
+    if reference is not None and len(metrics) == 2:
+        parent.log_metrics({HYPERVOLUME: front_hypervolume(table, metrics, objectives.budget, reference)})
+    try:
+        figure = front_figure(table, metrics, objectives.budget, f"study {study.study_name}")
+        store.client.log_figure(parent_run_id, figure, figure_artifact(SEARCH_FRONT), save_kwargs={"dpi": 100})
+    except Exception as error:  # noqa: BLE001 - a figure is a convenience: the table and tags are logged already
+        log.warning("search front figure not logged: %s", error)
+    return table
+
+
+def _baseline_figure(store: Store, best: pd.Series | None, metric: str) -> float | None:
+    """The dense baseline's figure of `metric` (baseline_<metric>), read from the winner's run."""
+    if best is None or not best["run_id"]:
+        return None
+    run = store.client.get_run(str(best["run_id"]))
+    name = BASELINE_SIZE_BYTES if metric == "size_bytes" else baseline_metric(metric)
+    return run.data.metrics.get(name)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.4g}"
+    return "" if value is None else str(value)
+

@@ -1,0 +1,136 @@
+"""Benchmark of the search across methods (issue 17, "What to measure") against the default grid.
+
+For each model (lenet5 and resnet20 on mnist5k by default), in one MLflow store:
+    1. the default grid for that model: `train.py -m model=<m>` (conf/config.yaml's methods, shipped defaults)
+    2. a search with as many trials as the grid has compressed runs:
+       `train.py -m experiment=search_size model=<m> hydra.sweeper.n_trials=<n> hydra.sweeper.budget=<b>`
+then prints both fronts (acc_drop vs size_bytes, runs within the budget), their hypervolumes (the share of
+the box "drop in [-budget, budget], size up to the dense baseline's" each front dominates; search.front_hypervolume)
+and the ratio search / grid, the smallest model within the budget each found, and the wall time per trial
+against a grid run (run_time_s of the runs, and the search command's wall time over its trials: its overhead).
+
+    PYTHONPATH=. .venv/bin/python scripts/benchmark_search.py --store /tmp/search-bench
+    ... --models lenet5 --budget 0.5                        # one model
+    ... --report-only --store DIR                           # the tables from the runs already in the store
+    # a check of the plumbing in minutes (digits, a few batches; the figures mean nothing):
+    ... --store /tmp/sb --models lenet5 --data digits --trials 3 --grid-methods baseline,lowbit,cluster \\
+        --space lowbit,cluster --fast
+
+Rerunning into the same store resumes: grid jobs with a FINISHED run are skipped, the study goes on.
+resnet20's baseline trains 10-18 minutes on 2 cores, once per store. Run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from lightning_modules.analysis import load_runs
+from lightning_modules.contract import ACC_DROP, BASELINE_METHOD, BASELINE_SIZE_BYTES, EXPERIMENT, RUN_TIME_S, SIZE_BYTES, sqlite_uri
+from lightning_modules.search import front_hypervolume, pareto
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["baseline.epochs=1", "trainer.limit_train_batches=4", "trainer.enable_progress_bar=false",
+        "hardware.latency.warmup=1", "hardware.latency.repeats=3", "run_checks.chance_margin=null"]
+OBJECTIVES = [ACC_DROP, SIZE_BYTES]
+
+
+def train(args: list[str], store: Path) -> float:
+    """`python train.py ARGS` into the store; returns its wall time in seconds."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": sqlite_uri(store), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+           "WORKBENCH_ROOT": str(ROOT)}
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env)
+    if result.returncode not in (0, 1):  # 1: some run FAILED (recorded), the others stand
+        raise SystemExit(f"train.py {' '.join(args)} exited {result.returncode}")
+    return time.perf_counter() - started
+
+
+def grid_jobs(methods: str | None) -> int:
+    """Compressed runs of the default grid per model (its methods less the baseline)."""
+    if methods is None:
+        methods = str(OmegaConf.load(ROOT / "conf" / "config.yaml").hydra.sweeper.params.method)
+    return len([m for m in methods.split(",") if m.strip() != BASELINE_METHOD])
+
+
+def run_model(model: str, opts: argparse.Namespace, trials: int) -> dict[str, float]:
+    common = [f"model={model}", f"data={opts.data}", *(FAST if opts.fast else [])]
+    grid = ["-m", *common, f"hydra.sweep.dir={opts.store / f'grid-{model}'}"]
+    if opts.grid_methods:
+        grid.append(f"method={opts.grid_methods}")
+    search = ["-m", "experiment=search_size", *common, f"hydra.sweeper.n_trials={trials}",
+              f"hydra.sweeper.budget={opts.budget}", f"hydra.sweep.dir={opts.store / f'search-{model}'}"]
+    if opts.space:
+        search.append(f"search@hydra.sweeper.space=[{opts.space}]")
+    return {"grid_wall_s": train(grid, opts.store), "search_wall_s": train(search, opts.store)}
+
+
+def report(model: str, opts: argparse.Namespace, walls: dict[str, float] | None) -> None:
+    uri = sqlite_uri(opts.store)
+    grid = load_runs(uri, EXPERIMENT, sweep=f"grid-{model}")
+    trials = load_runs(uri, EXPERIMENT, sweep=f"search-{model}")
+    grid = grid[grid["method"] != BASELINE_METHOD]
+    trials = trials[trials["method"] != BASELINE_METHOD]
+    if grid.empty or trials.empty:
+        print(f"{model}: no runs yet (grid {len(grid)}, search {len(trials)})")
+        return
+    baseline_size = float(pd.concat([grid, trials])[BASELINE_SIZE_BYTES].dropna().iloc[0])
+    print(f"\n=== {model} on {opts.data}: budget {opts.budget} points, dense baseline {baseline_size:.0f} bytes")
+    volumes = {}
+    for name, runs in (("grid", grid), ("search", trials)):
+        runs = runs.assign(feasible=runs[ACC_DROP] <= opts.budget)
+        runs["on_front"] = pareto(runs, OBJECTIVES, ["minimize", "minimize"])
+        volumes[name] = front_hypervolume(runs, OBJECTIVES, opts.budget, baseline_size)
+        front = runs[runs["on_front"]].sort_values(ACC_DROP)
+        print(f"--- {name}: {len(runs)} runs, {int(runs['feasible'].sum())} within the budget; hypervolume {volumes[name]:.4f}")
+        print(front[["run_name", "method", ACC_DROP, SIZE_BYTES, "compression_ratio"]].to_string(index=False))
+        feasible = runs[runs["feasible"]]
+        if not feasible.empty:
+            best = feasible.sort_values([SIZE_BYTES, ACC_DROP]).iloc[0]
+            print(f"smallest within the budget: {best['run_name']} ({best['method']}): {best[SIZE_BYTES]:.0f} bytes, "
+                  f"drop {best[ACC_DROP]:+.2f}")
+    ratio = volumes["search"] / volumes["grid"] if volumes["grid"] > 0 else float("inf")
+    print(f"hypervolume search / grid: {ratio:.3f}  (> 1: the searched front dominates more)")
+    per_trial, per_grid_run = trials[RUN_TIME_S].mean(), grid[RUN_TIME_S].mean()
+    print(f"wall time per run: search trial {per_trial:.1f} s, grid run {per_grid_run:.1f} s (run_time_s means)")
+    if walls:
+        overhead = (walls["search_wall_s"] - trials[RUN_TIME_S].sum()) / len(trials)
+        print(f"commands: grid {walls['grid_wall_s']:.0f} s, search {walls['search_wall_s']:.0f} s; search overhead "
+              f"outside the runs {overhead:.1f} s per trial (process start, Hydra, Optuna, the front at the end)")
+        (opts.store / f"walls-{model}.json").write_text(json.dumps(walls))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", type=Path, required=True, help="folder of the MLflow store (and the study)")
+    parser.add_argument("--models", default="lenet5,resnet20")
+    parser.add_argument("--data", default="mnist5k")
+    parser.add_argument("--budget", type=float, default=0.5)
+    parser.add_argument("--trials", type=int, default=None, help="default: the grid's compressed runs per model")
+    parser.add_argument("--grid-methods", default=None, help="a subset of the default grid's methods (a check)")
+    parser.add_argument("--space", default=None, help="a subset of conf/search/ for the search (a check)")
+    parser.add_argument("--fast", action="store_true", help="a few batches per run: checks the plumbing only")
+    parser.add_argument("--report-only", action="store_true")
+    opts = parser.parse_args()
+    opts.store = opts.store.resolve()
+    opts.store.mkdir(parents=True, exist_ok=True)
+    trials = opts.trials or grid_jobs(opts.grid_methods)
+    for model in opts.models.split(","):
+        walls = None
+        if not opts.report_only:
+            walls = run_model(model, opts, trials)
+        elif (opts.store / f"walls-{model}.json").exists():
+            walls = json.loads((opts.store / f"walls-{model}.json").read_text())
+        report(model, opts, walls)
+
+
+if __name__ == "__main__":
+    main()
