@@ -287,14 +287,17 @@ def save_deployable(model: nn.Module, path: str | Path, recipe: ModelRecipe | No
         changes   what compression changed in that model (architecture.describe_changes)
         input     the input it expects (data.InputSpec: shape, normalisation, class names), or null
         tensors   per tensor: its key, slot (parameter, buffer, ...), and its encoding's fields, each
-                  tensor field as [dtype, shape, offset, bytes] into the data section
+                  tensor field as [dtype, shape, offset, bytes] into the data section; `frozen` on a
+                  parameter that does not train, `channels_last` on a tensor stored in that layout
         data_bytes, data_crc32   the data section's length and CRC-32, checked at load
     `recipe` None: the whole module tree is described (a model that was not built from a config).
     """
     path = Path(path)
     data = bytearray()
-    tensors = [{"key": item.key, "slot": item.slot, "requires_grad": item.requires_grad,
-                "channels_last": item.channels_last, "encoded": _pack(encode_tensor(item.tensor), data)}
+    tensors = [{"key": item.key, "slot": item.slot, "encoded": _pack(encode_tensor(item.tensor), data),
+                # written only where they differ from the usual: a trainable parameter in the default layout
+                **({"frozen": True} if item.slot == "parameter" and not item.requires_grad else {}),
+                **({"channels_last": True} if item.channels_last else {})}
                for item in tensor_slots(model)]
     header = {
         "format": FORMAT,
@@ -370,7 +373,8 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu", low_bit_
     try:
         recipe = ModelRecipe.from_json(header["recipe"]) if header["recipe"] is not None else None
         slots = [TensorSlot(item["key"], item["slot"], decode_tensor(_unpack(item["encoded"], data)),
-                            bool(item["requires_grad"]), bool(item["channels_last"])) for item in header["tensors"]]
+                            item["slot"] == "parameter" and not item.get("frozen", False),
+                            bool(item.get("channels_last", False))) for item in header["tensors"]]
         model = build_architecture(recipe, header["changes"], slots)
     except ArchitectureError as error:
         raise ArtifactError(f"{path}: {error}") from error
