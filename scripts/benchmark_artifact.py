@@ -32,7 +32,9 @@ from lightning_modules.contract import (  # noqa: E402
 )
 from lightning_modules.architecture import ModelRecipe  # noqa: E402
 from lightning_modules.data import InputSpec  # noqa: E402
-from lightning_modules.evaluation.artifact import encode_tensor, load_deployable, read_header, save_deployable  # noqa: E402
+from lightning_modules.evaluation.artifact import (  # noqa: E402
+    ArtifactError, encode_tensor, load_deployable, read_header, save_deployable,
+)
 
 
 def save_pickled(model: torch.nn.Module, path: Path) -> int:
@@ -82,7 +84,11 @@ def main() -> None:
             run_id, tags, metrics = run.info.run_id, run.data.tags, run.data.metrics
             logged = Path(client.download_artifacts(run_id, MODEL_ARTIFACT, f"{scratch}/{run_id}"))
             new, old = Path(scratch) / run_id / "current.pt", Path(scratch) / run_id / "pickled.pt"
-            model = resave(logged, new)
+            try:
+                model = resave(logged, new)
+            except ArtifactError as error:  # written by an earlier state of this format
+                print(f"{tags['model']:10} {tags['method']:18} skipped: {error}")
+                continue
             sizes[run_id] = (new.stat().st_size, save_pickled(model, old))
             new_ms, old_ms = median_ms(load_deployable, new, args.loads), median_ms(load_pickled, old, args.loads)
             base = sizes.get(tags.get(BASELINE_RUN_TAG, run_id), (float("nan"), float("nan")))

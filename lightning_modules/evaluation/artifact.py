@@ -378,7 +378,7 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu", low_bit_
         model = build_architecture(recipe, header["changes"], slots)
     except ArchitectureError as error:
         raise ArtifactError(f"{path}: {error}") from error
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as error:
         raise ArtifactError(f"{path}: damaged workbench artifact ({type(error).__name__}: {error})") from error
     model = model.to(device)
     input_spec = InputSpec.from_json(header["input"]) if header.get("input") else None
