@@ -30,7 +30,7 @@ from mlflow.entities import Run
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from omegaconf import DictConfig
 
-from lightning_modules.config import validate
+from lightning_modules.config import ConfigError, validate
 from lightning_modules.contract import (
     ACC_DROP, ACC_DROP_VS_TEACHER, COMPRESSION_RATIO, COMPRESSION_RATIO_VS_TEACHER, ERROR_ARTIFACT, ERROR_TAG,
     FAILED_RUNS_TAG, GRID_ARTIFACT, JOB_TAG, JOBS_ARTIFACT, JOBS_TAG, NOISY_REASON_COLUMN, NOISY_TAG, ROLE_SWEEP, ROLE_TAG, SLOWER_TAG,
@@ -111,8 +111,12 @@ class SweepCallback(Callback):
         # a sweep that cannot work must stop here, before any job: hence SystemExit.
         try:
             jobs = expand_sweep(config)
-            for overrides in jobs:
-                validate(compose(config_name=kwargs.get("config_name") or "config", overrides=overrides))
+            for number, overrides in enumerate(jobs, start=1):
+                try:
+                    validate(compose(config_name=kwargs.get("config_name") or "config", overrides=overrides))
+                except Exception as error:
+                    raise ConfigError(f"job {number} of {len(jobs)} ({' '.join(overrides) or 'no overrides'}): "
+                                      f"{error}") from error
             log.info("validated the configs of %d jobs", len(jobs))
             self.open_parent_run(config, jobs)
         except Exception as error:
@@ -126,7 +130,7 @@ class SweepCallback(Callback):
             Store(existing.tracking_uri, existing.experiment).client.update_run(existing.parent_run_id, "RUNNING")
             log.info("sweep %s resumed: jobs with a FINISHED run are skipped", existing.name)
             return
-        store = Store.from_config(config.tracking)
+        store = Store.from_config(config.tracking, list(config.hydra.overrides.task))
         name = sweep_dir.name
         run = store.client.create_run(store.experiment_id, run_name=f"sweep-{name}",
                                       tags={SWEEP_TAG: name, ROLE_TAG: ROLE_SWEEP, JOBS_TAG: str(len(jobs))})
