@@ -118,8 +118,20 @@ def test_train_refuses_before_any_run_opens(overrides: list[str], message: str, 
     before = {run.info.run_id for run in all_runs(store_uri)}
     result = run_train([*FAST, *overrides], tmp_path, timeout=300)
     assert result.returncode != 0
-    assert re.search(message, result.stderr), result.stderr[-3000:]
+    assert re.search(rf"Error: {message}", result.stderr), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
     runs = all_runs(store_uri)
     assert {run.info.run_id for run in runs} == before  # no run opened
     assert not any(run.info.status == "RUNNING" for run in runs)
     assert not (tmp_path / "store" / "artifacts").exists() or not any((tmp_path / "store" / "artifacts").rglob("*.*"))
+
+
+@pytest.mark.slow
+def test_a_sweep_refused_for_one_bad_job_names_that_jobs_overrides(tmp_path: Path, store_uri: str) -> None:
+    result = run_train(["-m", "data=digits", "model=lenet5", "method=agp,ptq_dynamic", "++method.fine_tune.epochs=1"],
+                       tmp_path, timeout=300)
+    assert result.returncode == 2
+    assert re.search(r"Error: job 2 of 2 \(.*method=ptq_dynamic.*\+\+method.fine_tune.epochs=1\): "
+                     r"method.fine_tune=\{'epochs': 1\} has no optimizer; allowed: ", result.stderr), result.stderr[-3000:]
+    assert "Nothing was run." in result.stderr
+    assert not (tmp_path / "store").exists()
