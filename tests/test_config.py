@@ -128,3 +128,9 @@ def test_the_command_line_wins_over_the_environment_which_wins_over_the_config(
         assert Store.from_config(cfg.tracking).uri == expected
     finally:
         HydraConfig.instance().cfg = None
+
+
+def test_the_command_line_wins_over_workbench_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKBENCH_ROOT", "/from/env")
+    assert compose_config([]).paths.root == "/from/env"
+    assert compose_config(["paths.root=/from/cli"]).paths.root == "/from/cli"
