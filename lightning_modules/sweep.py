@@ -12,6 +12,7 @@ whether an earlier launch of the same sweep already finished it (`finished_job_r
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -107,6 +108,8 @@ def finished_job_run(store: Store, sweep: SweepInfo | None, job: str | None) -> 
 
 class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # as in a job (a copy: set_config makes its hydra node read-only): tracking.uri given on the command line wins
+        HydraConfig.instance().set_config(copy.deepcopy(config))
         # Hydra turns a callback's exceptions into warnings and launches the jobs anyway;
         # a sweep that cannot work must stop here, before any job: hence SystemExit.
         try:
@@ -130,7 +133,7 @@ class SweepCallback(Callback):
             Store(existing.tracking_uri, existing.experiment).client.update_run(existing.parent_run_id, "RUNNING")
             log.info("sweep %s resumed: jobs with a FINISHED run are skipped", existing.name)
             return
-        store = Store.from_config(config.tracking, list(config.hydra.overrides.task))
+        store = Store.from_config(config.tracking)
         name = sweep_dir.name
         run = store.client.create_run(store.experiment_id, run_name=f"sweep-{name}",
                                       tags={SWEEP_TAG: name, ROLE_TAG: ROLE_SWEEP, JOBS_TAG: str(len(jobs))})
