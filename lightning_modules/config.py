@@ -79,20 +79,20 @@ def _validate_data(data: DictConfig) -> None:
     if augment is not None and augment not in AUGMENTATIONS:
         _fail("data.augment", augment, f"null, {', '.join(AUGMENTATIONS)}")
     pool, carves_test = DATA_POOLS.get(data.name, (None, True))
-    left = pool
+    left = pool  # images not given to a split yet (None: not known before the data is read)
     for key in ("test_size", "val_size") if carves_test else ("val_size",):
         size = data.get(key)
-        limit = f" (the {data.name} pool holds {left} images{' after the test split' if left != pool else ''})"
-        allowed = (f"a count of images in 1..{left - 1}" if left is not None else "a count of images >= 1") + \
-            f", or a fraction in (0, 1){limit if left is not None else ''}"
-        if isinstance(size, float) and not isinstance(size, bool):
-            check_number(f"data.{key}", size, 0, 1, bounds="()", error=ConfigError, allowed=allowed)
-            count = round(size * left) if left is not None else None
+        if left is None:
+            allowed = "a count of images >= 1, or a fraction in (0, 1)"
         else:
-            check_number(f"data.{key}", size, 1, None if left is None else left - 1, integer=True, error=ConfigError,
-                         allowed=allowed)
-            count = size
-        if left is not None and count is not None:
+            after = " after the test split" if left != pool else ""
+            allowed = (f"a count of images in 1..{left - 1}, or a fraction in (0, 1) (the {data.name} pool holds "
+                       f"{left} images{after})")
+        fraction = isinstance(size, float)
+        check_number(f"data.{key}", size, *((0, 1) if fraction else (1, None)), bounds="()" if fraction else "[]",
+                     integer=not fraction, error=ConfigError, allowed=allowed)
+        if left is not None:
+            count = round(size * left) if fraction else size
             if not 1 <= count < left:
                 _fail(f"data.{key}", size, allowed)
             left -= count
