@@ -5,6 +5,7 @@ Any Hydra override works, e.g. `python train.py -m model=lenet300,lenet5 seed=0,
 
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -25,12 +26,16 @@ log = logging.getLogger("train")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict[str, float] | None:
+    from lightning_modules.config import ConfigError
     from lightning_modules.experiment import run_experiment  # after Hydra parsed the command: fast --help
 
     try:
         return run_experiment(cfg)
-    except Exception:
+    except Exception as error:
         if HydraConfig.get().mode != RunMode.MULTIRUN:
+            if isinstance(error, ConfigError):  # refused before any run opened: the key and what is allowed
+                print(f"Error: {error}\nNothing was run.", file=sys.stderr)
+                raise SystemExit(2) from error
             raise
         # Recorded as FAILED in the store with its error; the sweep goes on with the next job.
         log.exception("run failed; the sweep goes on")

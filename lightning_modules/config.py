@@ -7,6 +7,8 @@ job of a sweep before the first one starts (sweep.py), and again at the start of
 from __future__ import annotations
 
 import json
+import pickle
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +25,13 @@ from lightning_modules.compression.distillation import KnowledgeDistillation
 from lightning_modules.compression.lowrank import LowRankDecomposition
 from lightning_modules.compression.pruning import ChannelPruning, LightningReference, MaskedPruning, NMPruning
 from lightning_modules.compression.quantization import PTQDynamic, StaticQuantization
-from lightning_modules.data import DATASETS, DataShape
+from lightning_modules.contract import sqlite_path
+from lightning_modules.data import AUGMENTATIONS, DATASETS, DataShape
+from lightning_modules.evaluation.artifact import NotAnArtifact, load_deployable
 from lightning_modules.evaluation.runtime import RUNTIMES
 from lightning_modules.layers import WEIGHTED_LAYERS
 from lightning_modules.models import build_model
+from lightning_modules.tracking import Store, download_uri
 
 DEVICES = ("cpu", "cuda")
 STUDENT_INITS = ("baseline", "scratch")
@@ -37,6 +42,10 @@ DATA_SHAPES = {
     "mnist5k": DataShape(1, 28, 10), "digits": DataShape(1, 8, 10), "mnist": DataShape(1, 28, 10),
     "fashion_mnist": DataShape(1, 28, 10), "cifar10": DataShape(3, 32, 10),
 }
+# Images in each bundled dataset's training pool, and whether its test split is carved from that pool
+# (mnist5k and digits have no test set of their own), so split sizes are checked before any data is read.
+DATA_POOLS = {"mnist5k": (5000, True), "digits": (1797, True), "mnist": (60000, False),
+              "fashion_mnist": (60000, False), "cifar10": (50000, False)}
 
 
 class ConfigError(ValueError):
@@ -53,12 +62,40 @@ def validate(cfg: DictConfig) -> None:
     _validate_hardware(cfg.hardware)
     check_choice("data.name", cfg.data.name, DATASETS, error=ConfigError)
     check_number("data.batch_size", cfg.data.batch_size, 1, integer=True, error=ConfigError)
+    _validate_data(cfg.data)
     _validate_recipe("baseline", cfg.baseline, minimum_epochs=1)
     _validate_target("model.net._target_", cfg.model.net._target_)
     _validate_method(cfg.method, cfg.paths.root)
     _validate_tracking(cfg.tracking)
     _validate_run_checks(cfg)
     _validate_model_and_layers(cfg)
+
+
+def _validate_data(data: DictConfig) -> None:
+    """Split sizes (a count of images, or a fraction of the pool) that leave every split some images."""
+    check_number("data.eval_batch_size", data.get("eval_batch_size", 1), 1, integer=True, error=ConfigError)
+    check_number("data.split_seed", data.get("split_seed", 0), 0, integer=True, error=ConfigError)
+    augment = data.get("augment")
+    if augment is not None and augment not in AUGMENTATIONS:
+        _fail("data.augment", augment, f"null, {', '.join(AUGMENTATIONS)}")
+    pool, carves_test = DATA_POOLS.get(data.name, (None, True))
+    left = pool  # images not given to a split yet (None: not known before the data is read)
+    for key in ("test_size", "val_size") if carves_test else ("val_size",):
+        size = data.get(key)
+        if left is None:
+            allowed = "a count of images >= 1, or a fraction in (0, 1)"
+        else:
+            after = " after the test split" if left != pool else ""
+            allowed = (f"a count of images in 1..{left - 1}, or a fraction in (0, 1) (the {data.name} pool holds "
+                       f"{left} images{after})")
+        fraction = isinstance(size, float)
+        check_number(f"data.{key}", size, *((0, 1) if fraction else (1, None)), bounds="()" if fraction else "[]",
+                     integer=not fraction, error=ConfigError, allowed=allowed)
+        if left is not None:
+            count = round(size * left) if fraction else size
+            if not 1 <= count < left:
+                _fail(f"data.{key}", size, allowed)
+            left -= count
 
 
 def _validate_run_checks(cfg: DictConfig) -> None:
@@ -79,7 +116,10 @@ def _validate_model_and_layers(cfg: DictConfig) -> None:
     example = torch.zeros(1, shape.in_channels, shape.image_size, shape.image_size)
     model = _build_checked("model.net", net, shape, example)
     callbacks = build_callbacks(cfg.method)
-    teacher = _config_teacher(cfg, shape, example) if any(c.requires_teacher for c in callbacks) else None
+    teacher = None
+    if any(callback.requires_teacher for callback in callbacks):
+        _check_teacher_file(cfg, shape, example)
+        teacher = _config_teacher(cfg, shape, example)
     for slot, callback in zip(_callback_slots(cfg.method), callbacks):
         try:
             callback.check_model(model, example, teacher)
@@ -132,6 +172,68 @@ def _config_teacher(cfg: DictConfig, shape: DataShape, example: torch.Tensor) ->
     return _build_checked("method.teacher.model", model_config(spec.model, cfg.paths.root).net, shape, example)
 
 
+def read_teacher_file(path: Path, net_cfg: DictConfig, shape: DataShape, data_name: str = "the data") -> nn.Module:
+    """A workbench artifact (model.pt), or else a Lightning checkpoint / state dict of `net_cfg`'s model."""
+    try:
+        return load_deployable(path)
+    except NotAnArtifact:  # weights for the architecture in method.teacher.model
+        try:  # tensors and plain containers only: nothing in the file runs when it is read
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise ValueError(f"{path}: refused, it holds objects other than tensors and plain containers "
+                             f"(a state dict or a Lightning checkpoint of tensors is allowed): {error}") from error
+        state = payload.get("state_dict", payload)
+        state = {key.removeprefix("model."): value for key, value in state.items()}
+        model = build_model(net_cfg, shape)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as error:
+            head = [name for name, value in model.state_dict().items() if value.dim() >= 2][-1]  # the classifier
+            if head in state and state[head].shape[0] != shape.num_classes:
+                raise ValueError(f"{path}: the teacher predicts {state[head].shape[0]} classes ({head}), "
+                                 f"data={data_name} has {shape.num_classes}") from error
+            raise
+        return model.eval()
+
+
+def _check_teacher_file(cfg: DictConfig, shape: DataShape, example: torch.Tensor) -> None:
+    """A teacher given as a file or an MLflow URI is read now, before any run opens: a file that
+    cannot be read, a run that does not exist, or a teacher that predicts other classes than the data's
+    is refused with its key."""
+    spec = cfg.method.teacher
+    key, value = ("method.teacher.checkpoint", spec.checkpoint) if spec.get("checkpoint") is not None else \
+        ("method.teacher.uri", spec.get("uri"))
+    if value is None:
+        return
+    net = model_config(spec.model, cfg.paths.root).net
+    with tempfile.TemporaryDirectory(prefix="workbench-teacher-") as folder:
+        try:
+            path = Path(value) if key.endswith("checkpoint") else _download_teacher(cfg.tracking, value, Path(folder))
+            teacher = read_teacher_file(path, net, shape, cfg.data.name)
+            with torch.no_grad():
+                classes = teacher(example).shape[-1]
+        except ConfigError:
+            raise
+        except Exception as error:
+            where = " (runs:/<run id>/model/model.pt of a run in the store, models:/<name>/<version>)" \
+                if key.endswith("uri") else ""
+            raise ConfigError(f"{key}={value!r} cannot be used as the teacher ({type(error).__name__}: {error}); allowed: "
+                              f"a workbench model.pt, or a state dict / Lightning checkpoint of method.teacher.model="
+                              f"{spec.model} for {cfg.data.name}{where}") from error
+    if classes != shape.num_classes:
+        raise ConfigError(f"{key}={value!r}: the teacher predicts {classes} classes, data={cfg.data.name} has "
+                          f"{shape.num_classes}; allowed: a teacher trained on {cfg.data.name}'s {shape.num_classes} classes")
+
+
+def _download_teacher(tracking: DictConfig, uri: str, folder: Path) -> Path:
+    store = Store.from_config(tracking)
+    database = sqlite_path(store.uri)
+    if database is not None and not database.is_file():  # never create a store to look into it
+        raise ConfigError(f"method.teacher.uri={uri!r} names a run, but the store {store.uri} does not exist; allowed: "
+                          "an MLflow URI of a model in the store the run logs to (runs:/..., models:/...)")
+    return download_uri(store, uri, folder)
+
+
 def _callback_slots(method: DictConfig) -> list[str]:
     return [slot for slot, entry in (method.get("callbacks") or {}).items() if entry is not None]
 
@@ -147,13 +249,19 @@ def _validate_tracking(tracking: DictConfig) -> None:
 
 def _validate_hardware(hardware: DictConfig) -> None:
     check_choice("hardware.device", hardware.device, DEVICES, error=ConfigError)
+    check_choice("hardware.runtime", hardware.runtime, RUNTIMES, error=ConfigError)
+    if hardware.device not in RUNTIMES[hardware.runtime].devices:
+        runs_there = [name for name, runtime in RUNTIMES.items() if hardware.device in runtime.devices]
+        raise ConfigError(f"hardware.runtime={hardware.runtime!r} cannot run on hardware.device={hardware.device!r} "
+                          f"(hardware={hardware.name}); allowed: hardware.device in "
+                          f"{', '.join(RUNTIMES[hardware.runtime].devices)} for this runtime, or hardware.runtime in "
+                          f"{', '.join(runs_there)} on {hardware.device}")
     if hardware.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             f"hardware={hardware.name} needs a CUDA GPU, but torch.cuda.is_available() is False on this "
             f"machine (torch {torch.__version__}); choose hardware=cpu or hardware=cpu_1t"
         )
     check_number("hardware.threads", hardware.threads, 1, integer=True, optional=True, error=ConfigError)
-    check_choice("hardware.runtime", hardware.runtime, RUNTIMES, error=ConfigError)
     if not isinstance(hardware.get("export_onnx", True), bool):
         _fail("hardware.export_onnx", hardware.export_onnx, "true, false")
     compile_mode = hardware.get("compile", False)
@@ -171,7 +279,11 @@ def _validate_hardware(hardware: DictConfig) -> None:
 
 
 def _validate_recipe(key: str, recipe: DictConfig, minimum_epochs: int) -> None:
-    check_number(f"{key}.epochs", recipe.epochs, minimum_epochs, integer=True, error=ConfigError)
+    check_number(f"{key}.epochs", recipe.get("epochs"), minimum_epochs, integer=True, error=ConfigError)
+    if recipe.get("optimizer") is None:
+        raise ConfigError(f"{key}={OmegaConf.to_container(recipe)} has no optimizer; allowed: a whole recipe, e.g. "
+                          f"+fine_tune@{key}=<a file of conf/fine_tune/> (then {key}.epochs=N), or {key}=null "
+                          "where the method trains nothing")
     _validate_target(f"{key}.optimizer._target_", recipe.optimizer._target_)
     if recipe.get("scheduler") is not None:
         _validate_target(f"{key}.scheduler._target_", recipe.scheduler._target_)

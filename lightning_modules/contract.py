@@ -37,8 +37,9 @@ def sqlite_uri(store_dir: str | Path) -> str:
 
 def resolve_store_uri(explicit: str | None = None, configured: str | None = None,
                       store_dir: str | Path | None = None) -> str:
-    """The store to use: a URI given in code (a notebook's tracking_uri) wins; then MLFLOW_TRACKING_URI;
-    then the configured one (tracking.uri); else the SQLite file in `store_dir` (default: the checkout's mlruns/)."""
+    """The store to use: an explicit URI (a notebook's or a script's tracking_uri, tracking.uri given on
+    the command line) wins; then MLFLOW_TRACKING_URI; then the configured one (tracking.uri in the config
+    files); else the SQLite file in `store_dir` (default: the checkout's mlruns/)."""
     return explicit or os.environ.get(URI_ENV) or configured or sqlite_uri(store_dir or DEFAULT_STORE_DIR)
 
 

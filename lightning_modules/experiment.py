@@ -15,7 +15,6 @@ import copy
 import hashlib
 import json
 import logging
-import pickle
 import shutil
 import tempfile
 import time
@@ -29,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lightning_modules.compression.base import CompressionCallback
-from lightning_modules.config import build_callbacks, model_config, validate
+from lightning_modules.config import build_callbacks, model_config, read_teacher_file, validate
 from lightning_modules.contract import (
     ACC_DROP, ACC_DROP_CI95_HIGH, ACC_DROP_CI95_LOW, BASELINE_METHOD, BASELINE_RUN_TAG, CHANCE_MARGIN_POINTS, COMPRESSION_RATIO,
     CONFIG_ARTIFACT, DEQUANTIZED, FINGERPRINT_TAG, JOB_TAG, MODEL_FOLDER, NOISY_TAG, RUN_TIME_S, SIMULATED,
@@ -39,7 +38,7 @@ from lightning_modules.contract import (
 from lightning_modules.contract import ENERGY_SOURCE_TAG
 from lightning_modules.data import InMemoryDataModule
 from lightning_modules.evaluation.artifact import FORMAT as ARTIFACT_FORMAT
-from lightning_modules.evaluation.artifact import NotAnArtifact, load_deployable
+from lightning_modules.evaluation.artifact import load_deployable
 from lightning_modules.evaluation.complexity import count_macs
 from lightning_modules.evaluation.energy import energy_report, energy_source, metered_training, open_counter, run_cores
 from lightning_modules.evaluation.latency import LatencyTimer, available_cores
@@ -264,19 +263,7 @@ def teacher_training_notice(teacher_cfg: DictConfig, data: InMemoryDataModule) -
 
 def load_teacher_file(path: Path, net_cfg: DictConfig, data: InMemoryDataModule) -> nn.Module:
     """A workbench artifact (model.pt), or else a Lightning checkpoint / state dict of `net_cfg`'s model."""
-    try:
-        return load_deployable(path)
-    except NotAnArtifact:  # weights for the architecture in method.teacher.model
-        try:  # tensors and plain containers only: nothing in the file runs when it is read
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            raise ValueError(f"{path}: refused, it holds objects other than tensors and plain containers "
-                             f"(a state dict or a Lightning checkpoint of tensors is allowed): {error}") from error
-        state = payload.get("state_dict", payload)
-        state = {key.removeprefix("model."): value for key, value in state.items()}
-        model = build_model(net_cfg, data.shape)
-        model.load_state_dict(state)
-        return model.eval()
+    return read_teacher_file(path, net_cfg, data.shape)
 
 
 # ----------------------------------------------------------------------------- steps 2 and 3

@@ -12,6 +12,7 @@ whether an earlier launch of the same sweep already finished it (`finished_job_r
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -30,7 +31,7 @@ from mlflow.entities import Run
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from omegaconf import DictConfig
 
-from lightning_modules.config import validate
+from lightning_modules.config import ConfigError, validate
 from lightning_modules.contract import (
     ACC_DROP, ACC_DROP_VS_TEACHER, COMPRESSION_RATIO, COMPRESSION_RATIO_VS_TEACHER, ERROR_ARTIFACT, ERROR_TAG,
     FAILED_RUNS_TAG, GRID_ARTIFACT, JOB_TAG, JOBS_ARTIFACT, JOBS_TAG, NOISY_REASON_COLUMN, NOISY_TAG, ROLE_SWEEP, ROLE_TAG, SLOWER_TAG,
@@ -107,12 +108,18 @@ def finished_job_run(store: Store, sweep: SweepInfo | None, job: str | None) -> 
 
 class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # as in a job (a copy: set_config makes its hydra node read-only): tracking.uri given on the command line wins
+        HydraConfig.instance().set_config(copy.deepcopy(config))
         # Hydra turns a callback's exceptions into warnings and launches the jobs anyway;
         # a sweep that cannot work must stop here, before any job: hence SystemExit.
         try:
             jobs = expand_sweep(config)
-            for overrides in jobs:
-                validate(compose(config_name=kwargs.get("config_name") or "config", overrides=overrides))
+            for number, overrides in enumerate(jobs, start=1):
+                try:
+                    validate(compose(config_name=kwargs.get("config_name") or "config", overrides=overrides))
+                except Exception as error:
+                    raise ConfigError(f"job {number} of {len(jobs)} ({' '.join(overrides) or 'no overrides'}): "
+                                      f"{error}") from error
             log.info("validated the configs of %d jobs", len(jobs))
             self.open_parent_run(config, jobs)
         except Exception as error:

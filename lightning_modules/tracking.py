@@ -53,9 +53,13 @@ class Store:
         self.experiment = experiment
 
     @classmethod
-    def from_config(cls, tracking: DictConfig) -> Store:
-        """MLFLOW_TRACKING_URI wins when set; else tracking.uri; else the SQLite file in store_dir."""
-        return cls(resolve_store_uri(configured=tracking.get("uri"), store_dir=tracking.store_dir), tracking.experiment)
+    def from_config(cls, tracking: DictConfig, overrides: list[str] | None = None) -> Store:
+        """tracking.uri given on the command line wins; then MLFLOW_TRACKING_URI; then tracking.uri from
+        the config files; else the SQLite file in store_dir. `overrides`: the command line's (default:
+        Hydra's, when a Hydra app runs)."""
+        uri = tracking.get("uri")
+        explicit = uri if uri is not None and given_on_command_line("tracking.uri", overrides) else None
+        return cls(resolve_store_uri(explicit, configured=uri, store_dir=tracking.store_dir), tracking.experiment)
 
     @property
     def artifact_root(self) -> str | None:
@@ -97,6 +101,16 @@ class Store:
         if EXPERIMENT_KIND_TAG not in found.tags:
             self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return found.experiment_id
+
+
+def given_on_command_line(key: str, overrides: list[str] | None = None) -> bool:
+    """Whether `key` is set by one of `overrides` (`key=...`, `+key=...`, `++key=...`); without
+    `overrides`, by the command line of the running Hydra app (none: False)."""
+    if overrides is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    return any(item.partition("=")[0].lstrip("+") == key for item in overrides)
 
 
 # ----------------------------------------------------------------------------- runs

@@ -92,12 +92,12 @@ def test_a_poisoned_store_runs_no_code_through_baselines_teachers_or_notebooks(t
     taught = run_train([*FAST, "model=lenet5", "hardware=cpu", "method=kd", f"++method.teacher.uri={teacher_uri}"],
                        tmp_path / "c")
     assert taught.returncode != 0
-    assert "refused, it holds objects other than tensors" in taught.stderr
+    assert "refused, it holds objects other than tensors" in taught.stderr  # when validated: no kd run opens
     with pytest.raises(NotAnArtifact, match="model.pt is not a workbench artifact"):
         load_run_models(baseline.info.run_id, store_uri)
     assert not marker.exists()
     failed = [run for run in all_runs(store_uri) if run.info.status == "FAILED"]
-    assert {run.data.tags["method"] for run in failed} == {"magnitude", "kd"}
+    assert {run.data.tags["method"] for run in failed} == {"magnitude"}
 
 
 # ----------------------------------------------------------------------------- damaged files

@@ -93,3 +93,44 @@ def test_a_bad_value_in_a_sweep_stops_it_before_any_job(tmp_path: Path, store_ur
     assert result.returncode != 0
     assert "seed=-1 is not valid; allowed: an integer >= 0" in result.stderr
     assert not (tmp_path / "store" / "mlflow.db").exists()  # nothing trained, nothing half-written
+
+
+@pytest.mark.parametrize(
+    ("overrides", "env", "expected"),
+    [
+        (["tracking.uri=sqlite:////cli/mlflow.db"], "sqlite:////env/mlflow.db", "sqlite:////cli/mlflow.db"),
+        (["++tracking.uri=sqlite:////cli/mlflow.db"], "sqlite:////env/mlflow.db", "sqlite:////cli/mlflow.db"),
+        (["tracking=server"], "sqlite:////env/mlflow.db", "sqlite:////env/mlflow.db"),  # the file's uri: env wins
+        (["tracking=server"], None, "http://127.0.0.1:5000"),
+        ([], "sqlite:////env/mlflow.db", "sqlite:////env/mlflow.db"),
+        (["tracking.store_dir=/default"], None, "sqlite:////default/mlflow.db"),
+    ],
+)
+def test_the_command_line_wins_over_the_environment_which_wins_over_the_config(
+        overrides: list[str], env: str | None, expected: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a Hydra app sees it: the command line's overrides are in HydraConfig (what train.py and the
+    sweep's jobs read), and given explicitly (what the sweep's launcher passes)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from lightning_modules.contract import URI_ENV
+    from lightning_modules.tracking import Store
+
+    if env is None:
+        monkeypatch.delenv(URI_ENV, raising=False)
+    else:
+        monkeypatch.setenv(URI_ENV, env)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    assert Store.from_config(cfg.tracking, overrides).uri == expected
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert Store.from_config(cfg.tracking).uri == expected
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+def test_the_command_line_wins_over_workbench_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKBENCH_ROOT", "/from/env")
+    assert compose_config([]).paths.root == "/from/env"
+    assert compose_config(["paths.root=/from/cli"]).paths.root == "/from/cli"

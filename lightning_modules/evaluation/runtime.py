@@ -358,7 +358,7 @@ class Runtime:
     save: Callable[[nn.Module, Path, tuple[int, ...]], int] | None = None   # -> bytes written
     load: Callable[..., Deployed] | None = None                 # (path, device, threads) -> Deployed
     int8_kernels: bool = False                                  # a quantized model runs on int8 kernels
-
+    devices: tuple[str, ...] = ("cpu", "cuda")                  # the hardware.device values it runs on
 
 
 def _ort_from_module(model: nn.Module, device: torch.device, threads: int | None = None,
@@ -373,7 +373,8 @@ def _ort_from_module(model: nn.Module, device: torch.device, threads: int | None
 RUNTIMES: dict[str, Runtime] = {
     "torch": Runtime(deploy=torch_eager),
     "inductor": Runtime(deploy=torch_compiled, int8_kernels=True),
-    "ort": Runtime(deploy=_ort_from_module, suffix=".onnx", save=export_onnx, load=ort_load, int8_kernels=True),
+    "ort": Runtime(deploy=_ort_from_module, suffix=".onnx", save=export_onnx, load=ort_load, int8_kernels=True,
+                   devices=("cpu",)),
 }
 
 
