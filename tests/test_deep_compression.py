@@ -32,7 +32,7 @@ def test_deep_compression_logs_its_stages_and_ships_huffman_coded_layers(tmp_pat
     client = MlflowClient(store_uri)
     folder = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "artifacts")))
     encodings = (folder / ENCODING_TABLE).read_text()
-    assert "classifier.1.weight,huffman" in encodings
+    assert "classifier.1.weight,weights,huffman" in encodings
     header = (folder / summary_table("cluster")).read_text().splitlines()[0]
     assert all(column in header for column in ("kept_percent", "index_bits", "bytes_pruned", "bytes_huffman"))
 

@@ -102,7 +102,7 @@ def test_parallel_sweep_into_a_postgresql_server(tmp_path: Path, server_url: str
     assert pruned.data.tags["baseline_run_id"] == baselines[0].info.run_id
     assert pruned.data.metrics["compression_ratio"] > 1.0
     # the artifacts went through the server (no shared disk): the model file can be fetched back
-    assert [a.path for a in client.list_artifacts(pruned.info.run_id, MODEL_FOLDER)] == [MODEL_ARTIFACT]
+    assert MODEL_ARTIFACT in [a.path for a in client.list_artifacts(pruned.info.run_id, MODEL_FOLDER)]
     assert (tmp_path / "artifacts").is_dir()
 
     # relaunching the same sweep folder resumes it: nothing is rerun

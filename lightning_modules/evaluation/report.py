@@ -219,6 +219,8 @@ def export_onnx_beside(shipped: nn.Module, path: Path, input_shape: tuple[int, .
     started = time.perf_counter()
     try:
         size = export_onnx(shipped, path, input_shape)
+        # a batch the export did not trace: a model whose output fixes the batch fails here, not when scored
+        OrtModel(path, 1)(torch.zeros((3, *input_shape)))
     except Exception as error:  # the exporter's errors are of many kinds (torch.export, onnxscript, onnx)
         path.unlink(missing_ok=True)
         reason = export_failure(error)
