@@ -31,9 +31,9 @@ from lightning_modules.evaluation.artifact import MAGIC, save_deployable
 from lightning_modules.evaluation.runtime import OrtModel
 from lightning_modules.mlflow_model import PIXELS, _load_pyfunc, to_probabilities
 from lightning_modules.models import LeNet300
-from tests.conftest import FAST, all_runs, compose_config, run_train
+from tests.conftest import FAST_SHIPPED, all_runs, compose_config, run_train
 
-RUN_ARGS = [*FAST, "trainer.limit_train_batches=null", "model=lenet5", "method=agp"]
+RUN_ARGS = [*FAST_SHIPPED, "trainer.limit_train_batches=null", "model=lenet5", "method=agp"]
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ def test_model_onnx_scores_the_logged_test_acc_in_onnx_runtime(at_store: Store, 
 
 
 def test_a_model_that_does_not_export_says_why_and_its_run_finishes(tmp_path: Path, store_uri: str) -> None:
-    result = run_train([*FAST, "model=lenet300", "model.net._target_=tests.helpers.NotExportableNet"], tmp_path)
+    result = run_train([*FAST_SHIPPED, "model=lenet300", "model.net._target_=tests.helpers.NotExportableNet"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = all_runs(store_uri)
     assert run.info.status == "FINISHED"

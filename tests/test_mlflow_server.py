@@ -164,7 +164,7 @@ def test_run_artifacts_are_served(server: str) -> None:
     assert {"config.yaml", "layers.csv", "encoding.csv", "magnitude_summary.csv", "model"} <= files
     model = api(server, "artifacts/list", run_id=run_id, path="model")["files"]
     sizes = {f["path"]: int(f["file_size"]) for f in model}
-    assert set(sizes) == {"model/model.pt", "model/model.onnx"} and sizes["model/model.pt"] > 1000
+    assert "model/model.pt" in sizes and sizes["model/model.pt"] > 1000
     layers = get(server, "/get-artifact", path="layers.csv", run_uuid=run_id).decode()
     assert layers.startswith("layer,") and "features.0" in layers
     assert b"digits" in get(server, "/get-artifact", path="config.yaml", run_uuid=run_id)

@@ -23,12 +23,12 @@ from nbformat import NotebookNode
 
 from lightning_modules.analysis import NO_SENSITIVITY_MESSAGE
 from lightning_modules.contract import ROLE_SWEEP, ROLE_TAG, SWEEP_FILE
-from tests.conftest import FAST, ROOT, all_runs, run_train
+from tests.conftest import FAST_SHIPPED, ROOT, all_runs, run_train
 
 NOTEBOOKS = ROOT / "notebooks"
 NOTEBOOK_NAMES = ["01_grid_overview.ipynb", "02_run_in_depth.ipynb", "03_pruning_curves.ipynb",
                   "04_seeds_significance.ipynb"]
-SWEEP_ARGS = ["-m", *FAST, "model=lenet300,lenet5", "method=magnitude", "seed=0,1", "method.fine_tune.epochs=1"]
+SWEEP_ARGS = ["-m", *FAST_SHIPPED, "model=lenet300,lenet5", "method=magnitude", "seed=0,1", "method.fine_tune.epochs=1"]
 KERNEL = "workbench-test-venv"
 
 

@@ -11,7 +11,7 @@ from lightning_modules.contract import (
     BASELINE_RUN_TAG, CONFIG_ARTIFACT, ENCODING_TABLE, FINGERPRINT_TAG, LAYERS_TABLE, MODEL_ARTIFACT, MODEL_FOLDER,
     ONNX_ARTIFACT, ROLE_SWEEP, ROLE_TAG, RUN_TAGS, contract_metrics,
 )
-from tests.conftest import FAST, all_runs, run_train
+from tests.conftest import FAST, FAST_SHIPPED, all_runs, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ def _children(uri: str) -> tuple[list, list]:
 
 def test_two_run_multirun_lands_every_contract_metric_tag_and_artifact(tmp_path: Path, store_uri: str) -> None:
     # a whole epoch of digits: after FAST's 4 batches lenet5 is still at chance, and a collapsed run is FAILED
-    result = run_train(["-m", *FAST, "trainer.limit_train_batches=null", "model=lenet300,lenet5", "method=baseline"],
+    result = run_train(["-m", *FAST_SHIPPED, "trainer.limit_train_batches=null", "model=lenet300,lenet5", "method=baseline"],
                        tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
