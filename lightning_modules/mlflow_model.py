@@ -157,14 +157,12 @@ def raw_pixel_graph(onnx_path: Path, spec: InputSpec):
 def using_store(uri: str) -> Iterator[None]:
     """MLflow resolves `models:/` URIs and logs models through the process's tracking URI; the workbench
     names its store: set for the block, then restored."""
-    import mlflow
+    # MLflow's own set-and-restore: it puts back an unset URI as unset (get_tracking_uri() would pin
+    # the environment's value of the moment for the rest of the process)
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    with _use_tracking_uri(uri):
         yield
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 def log_run_models(store_uri: str, experiment_id: str, run_id: str, model_dir: Path, spec: InputSpec,

@@ -111,7 +111,6 @@ def test_train_refuses_before_any_run_opens(overrides: list[str], message: str, 
     """As a user runs it, into a store that already holds a run (so a teacher URI can be looked up)."""
     import mlflow
 
-    mlflow.set_tracking_uri(store_uri)
     client = mlflow.MlflowClient(store_uri)
     experiment = client.create_experiment("workbench", artifact_location=(tmp_path / "store" / "artifacts").as_uri())
     client.set_terminated(client.create_run(experiment).info.run_id)
