@@ -318,7 +318,7 @@ def build_graph(nodes: list[dict[str, Any]]) -> fx.Graph:
 # ----------------------------------------------------------------------------- the model as changes to its recipe
 
 
-def _tensor_slots(module: nn.Module) -> tuple[set[str], set[str]]:
+def _slot_names(module: nn.Module) -> tuple[set[str], set[str]]:
     return set(module._parameters), set(module._buffers)
 
 
@@ -328,7 +328,7 @@ def _plain_attributes(module: nn.Module) -> dict[str, Any]:
 
 
 def _same_kind(fresh: nn.Module, final: nn.Module) -> bool:
-    return (type(fresh) is type(final) and _tensor_slots(fresh) == _tensor_slots(final)
+    return (type(fresh) is type(final) and _slot_names(fresh) == _slot_names(final)
             and _plain_attributes(fresh) == _plain_attributes(final))
 
 
