@@ -15,19 +15,17 @@ real file against the baseline's file); huffman_payload is the same stage withou
 container (the pickled module skeleton and torch.save's zip records, which the paper does not count);
 error is 100 - test_acc in percent, drop the accuracy drop in points.
 
-Measured 2026-11-30 (mnist5k, seeds 0,1,2, cpu_1t; mean over seeds, ratios x):
-             pruned  quantized  huffman (file)  huffman payload  error (baseline -> DC)  mean drop
-  paper      12      32         40                               1.64 -> 1.58
-  lenet300   12.22   38.72      41.12           51.84            4.17 -> 3.50            -0.67   target met
-             (classifier.1 at 6% kept; at the paper's 8%: 9.73 / 31.85 / 35.24 / 42.79, drop -0.23)
-  paper      12      33         39                               0.80 -> 0.74
-  lenet5     7.82    23.37      13.79           26.84            2.33 -> 2.47            0.13    target missed
-  lenet5's file cannot reach 39x here: the container alone is 9.3 KB (pickled skeleton 5.7 KB, zip
-  records of 10 tensors) and 39x of its 255 KB baseline file is 6.5 KB. This LeNet-5 (6/16 filters,
-  120/84 hidden: 61k weights) is not the paper's Caffe LeNet-5 (20/50 filters, 500 hidden: 431k
-  weights, 93% in fc1), so its small conv layers, 8-bit codebooks (~1 KB) and biases weigh more.
-  Tried: conv2 8%, fc1 4%, the middle fc 10% kept: payload 38.8x (the paper's 39x), file 16.2x, drop
-  0.6 / 0.3 / -0.3 (mean 0.20); not shipped (the file still misses, the paper's fractions lose less).
+Measured 2026-12-01 (mnist5k, seeds 0,1,2, cpu_1t; mean over seeds, ratios x; the file is the safe
+artifact of issue 15, its JSON header included):
+             pruned  quantized  huffman (file)  huffman payload  mean drop
+  paper      12      32         40
+  lenet300   12.23   38.79      50.65           52.02            -0.47   target met
+  paper      12      33         39
+  lenet5     7.82    23.34      24.86           26.58            0.10    target missed
+  lenet5's fp32 biases (0.94 KB), codebooks and header (0.75 KB) weigh a fifth of a 39x file (6.3 KB).
+  This LeNet-5 (6/16 filters, 120/84 hidden: 61k weights) is not the paper's Caffe LeNet-5 (20/50
+  filters, 500 hidden: 431k weights, 93% in fc1). Tried: conv2 8%, fc1 4%, the middle fc 10% kept,
+  5-bit convolutions: file 38.4x, drop 0.5 / 0.6 / 0.7 (mean 0.60); not shipped.
 """
 
 from __future__ import annotations
