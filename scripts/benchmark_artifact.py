@@ -33,7 +33,7 @@ from lightning_modules.contract import (  # noqa: E402
 from lightning_modules.architecture import ModelRecipe  # noqa: E402
 from lightning_modules.data import InputSpec  # noqa: E402
 from lightning_modules.evaluation.artifact import (  # noqa: E402
-    ArtifactError, encode_tensor, load_deployable, read_header, save_deployable,
+    ArtifactError, decode_tensor, encode_tensor, load_deployable, read_header, save_deployable,
 )
 
 
@@ -54,8 +54,12 @@ def resave(logged: Path, path: Path) -> torch.nn.Module:
     return model
 
 
-def load_pickled(path: Path) -> None:
-    torch.load(path, map_location="cpu", weights_only=False)  # our own file, written a moment ago
+def load_pickled(path: Path) -> torch.nn.Module:
+    """What the replaced loader did: unpickle (our own file, written a moment ago), decode, fill the skeleton."""
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    model = payload["skeleton"].to_empty(device="cpu")
+    model.load_state_dict({key: decode_tensor(value) for key, value in payload["state"].items()})
+    return model
 
 
 def median_ms(load, path: Path, loads: int) -> float:
