@@ -365,9 +365,10 @@ def _ort_from_module(model: nn.Module, device: torch.device, threads: int | None
                      input_shape: tuple[int, ...] | None = None) -> Deployed:
     if input_shape is None:
         raise ValueError("hardware.runtime='ort' exports the model: pass input_shape to deploy()")
-    folder = Path(tempfile.mkdtemp(prefix="workbench-ort-"))
-    export_onnx(model, folder / "model.onnx", input_shape)
-    return ort_load(folder / "model.onnx", device, threads)
+    # the session holds the graph in memory once built: the file is not needed after it
+    with tempfile.TemporaryDirectory(prefix="workbench-ort-") as folder:
+        export_onnx(model, Path(folder) / "model.onnx", input_shape)
+        return ort_load(Path(folder) / "model.onnx", device, threads)
 
 
 RUNTIMES: dict[str, Runtime] = {
@@ -418,11 +419,11 @@ def time_int8_layer(runtime: str, float_layer: nn.Module, int8_layer: nn.Module,
     from lightning_modules.evaluation.latency import measure_latency
 
     if runtime == "ort":
-        folder = Path(tempfile.mkdtemp(prefix="workbench-layer-"))
         models = {}
-        for kind, graph in _layer_graphs(float_layer, int8_layer, input_shape).items():
-            _save_graph(graph, folder / f"{kind}.onnx")
-            models[kind] = OrtModel(folder / f"{kind}.onnx", threads)
+        with tempfile.TemporaryDirectory(prefix="workbench-layer-") as folder:  # sessions keep their graphs in memory
+            for kind, graph in _layer_graphs(float_layer, int8_layer, input_shape).items():
+                _save_graph(graph, Path(folder) / f"{kind}.onnx")
+                models[kind] = OrtModel(Path(folder) / f"{kind}.onnx", threads)
     elif runtime == "inductor":
         models = {"float": _channels_last(float_layer.eval()), "int8": _OneDnnInt8(int8_layer, (batch, *input_shape))}
     else:
