@@ -29,8 +29,11 @@ def main(cfg: DictConfig) -> dict[str, float] | None:
     from lightning_modules.config import ConfigError
     from lightning_modules.experiment import run_experiment  # after Hydra parsed the command: fast --help
 
+    from lightning_modules.signals import runs_end_killed_on_signals
+
     try:
-        return run_experiment(cfg)
+        with runs_end_killed_on_signals():  # in joblib's workers too: each job's own process
+            return run_experiment(cfg)
     except Exception as error:
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             if isinstance(error, ConfigError):  # refused before any run opened: the key and what is allowed
@@ -42,5 +45,22 @@ def main(cfg: DictConfig) -> dict[str, float] | None:
         return None
 
 
+def run_until_killed() -> None:
+    """main() with SIGTERM, Ctrl-C and SIGHUP ending the open run (and the sweep's parent run) KILLED with
+    the reason; the process then exits 128 + the signal's number, as a shell reports a killed process."""
+    from lightning_modules.signals import RunKilled, runs_end_killed_on_signals
+
+    try:
+        with runs_end_killed_on_signals():
+            main()
+    except RunKilled as killed:
+        from lightning_modules.sweep import end_running_sweep_killed
+
+        end_running_sweep_killed(str(killed))
+        print(f"{killed}. The run was recorded KILLED; launch the same command again (a sweep: with "
+              "hydra.sweep.dir=<its folder>) to run it again, from its last checkpoint.", file=sys.stderr)
+        sys.exit(killed.exit_code)
+
+
 if __name__ == "__main__":
-    main()
+    run_until_killed()

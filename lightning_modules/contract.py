@@ -68,8 +68,11 @@ JOB_TAG = "sweep_job"  # a sweep job's key (its overrides): a resumed sweep skip
 BASELINE_RUN_TAG = "baseline_run_id"  # the run that trained the baseline this run started from
 TEACHER_TAG = "teacher"  # where a distilled run's teacher came from (runs:/..., models:/..., file:...)
 FINGERPRINT_TAG = "baseline_fingerprint"  # only on runs that trained a baseline
-CLAIM_HOST_TAG, CLAIM_PID_TAG = "claim_host", "claim_pid"  # who is training a baseline right now
-ERROR_TAG = "error"  # why a run FAILED
+# which process runs it (every run; a baseline's claim is its run): a RUNNING run whose process is gone,
+# or whose heartbeat (unix seconds, refreshed while it runs) is stale, is marked KILLED (liveness.py)
+HOST_TAG, PID_TAG, PROCESS_START_TAG, HEARTBEAT_TAG = "host", "pid", "process_start", "heartbeat"
+ERROR_TAG = "error"  # why a run FAILED (or was KILLED)
+RESUMED_FROM_TAG = "resumed_from"  # a job's run that went on from a killed attempt's checkpoint: that attempt's run id
 NOISY_TAG = "latency_noisy"  # why its timing cannot be trusted (contention), when it cannot
 SLOWER_TAG = "slower_reason"  # why it is slower than its baseline, when it is
 ONNX_ERROR_TAG = "onnx_export_error"  # why the finalized model has no model/model.onnx (the run still finishes)

@@ -43,12 +43,13 @@ from lightning_modules.evaluation.complexity import count_macs
 from lightning_modules.evaluation.energy import energy_report, energy_source, metered_training, open_counter, run_cores
 from lightning_modules.evaluation.latency import LatencyTimer, available_cores
 from lightning_modules.evaluation.report import Report, measure
+from lightning_modules.liveness import end_dead_runs
 from lightning_modules.mlflow_model import log_run_models
 from lightning_modules.models import build_model, model_recipe
 from lightning_modules.sweep import finished_job_run, trial_tags, where_to_log
 from lightning_modules.task import ClassificationTask
 from lightning_modules.tracking import (
-    EpochMetricsLogger, RunRejected, Store, SweepInfo, TrackedRun, claim_tags, closing_run, config_params, csv_text,
+    EpochMetricsLogger, RunRejected, Store, SweepInfo, TrackedRun, closing_run, config_params, csv_text,
     download_model_file, download_uri, find_baseline_run, live_claims, open_run, run_name, run_tags, scratch_dir,
     wait_for_baseline, won_claim,
 )
@@ -110,6 +111,7 @@ def run_experiment(cfg: DictConfig) -> dict[str, float]:
     """Run one (data, model, method, hardware, seed) and return its logged metrics."""
     validate(cfg)
     store, sweep, job = where_to_log(cfg.tracking)
+    end_dead_runs(store)  # RUNNING runs of the experiment whose process is gone (kill -9, a lost node) end KILLED
     if (done := finished_job_run(store, sweep, job)) is not None:
         log.info("%s: already FINISHED in this sweep (run %s), skipped", run_name(cfg), done.info.run_id)
         return dict(done.data.metrics)
@@ -172,7 +174,7 @@ def train_baseline(ctx: RunContext, fingerprint: str, tags: dict[str, str]) -> B
     OmegaConf.update(baseline_cfg, "method", {"name": BASELINE_METHOD, "callbacks": {}, "fine_tune": None}, merge=False)
     baseline_ctx = ctx.with_cfg(baseline_cfg, tags)
     baseline_ctx.timings[TIME_BASELINE_S] = 0.0
-    claim = baseline_ctx.open_run({**claim_tags(), FINGERPRINT_TAG: fingerprint})
+    claim = baseline_ctx.open_run({FINGERPRINT_TAG: fingerprint})
     if not won_claim(ctx.store, fingerprint, claim.run_id):
         ctx.store.client.delete_run(claim.run_id)
         return None

@@ -12,6 +12,7 @@ whether an earlier launch of the same sweep already finished it (`finished_job_r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -38,7 +39,8 @@ from lightning_modules.contract import (
     SWEEP_TAG, TEACHER_TEST_ACC, TEST_ACC, speedup, vs_teacher,
 )
 from lightning_modules.contract import SEARCH_FILE, STUDY_TAG, TRIAL_TAG
-from lightning_modules.tracking import Store, SweepInfo, TrackedRun, read_sweep_info, write_sweep_info
+from lightning_modules.liveness import end_dead_runs, end_killed, heartbeat, liveness_tags
+from lightning_modules.tracking import Store, SweepInfo, TrackedRun, liveness_settings, read_sweep_info, write_sweep_info
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,8 @@ def where_to_log(tracking: DictConfig) -> tuple[Store, SweepInfo | None, str | N
     """The store a run logs to (its sweep's, else tracking's), and the sweep and job it belongs to
     (None, None for a single run)."""
     sweep = current_sweep()
-    store = Store(sweep.tracking_uri, sweep.experiment) if sweep else Store.from_config(tracking)
+    store = (Store(sweep.tracking_uri, sweep.experiment, **liveness_settings(tracking)) if sweep
+             else Store.from_config(tracking))
     return store, sweep, current_job() if sweep else None
 
 
@@ -107,6 +110,9 @@ def finished_job_run(store: Store, sweep: SweepInfo | None, job: str | None) -> 
 
 
 class SweepCallback(Callback):
+    def __init__(self) -> None:
+        self._heartbeat: contextlib.ExitStack | None = None  # the parent run's, while the sweep runs
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # as in a job (a copy: set_config makes its hydra node read-only): tracking.uri given on the command line wins
         HydraConfig.instance().set_config(copy.deepcopy(config))
@@ -121,27 +127,40 @@ class SweepCallback(Callback):
                     raise ConfigError(f"job {number} of {len(jobs)} ({' '.join(overrides) or 'no overrides'}): "
                                       f"{error}") from error
             log.info("validated the configs of %d jobs", len(jobs))
-            self.open_parent_run(config, jobs)
+            store, parent_run_id = self.open_parent_run(config, jobs)
         except Exception as error:
             print(f"Error: {error}\nNothing was run.", file=sys.stderr)
             raise SystemExit(2) from error
+        end_dead_runs(store)  # runs a killed launch left RUNNING (kill -9, a lost node) end KILLED
+        self._heartbeat = contextlib.ExitStack()
+        self._heartbeat.enter_context(heartbeat(store, parent_run_id))
+        _running_sweeps.append((store, parent_run_id))
 
-    def open_parent_run(self, config: DictConfig, jobs: list[list[str]]) -> None:
+    def open_parent_run(self, config: DictConfig, jobs: list[list[str]]) -> tuple[Store, str]:
+        """The sweep's store and parent run: created, or found again when the sweep folder was launched
+        before (a resumed sweep: the parent run RUNNING again, under this process)."""
         sweep_dir = Path(config.hydra.sweep.dir)
         existing = read_sweep_info(sweep_dir)
         if existing is not None:  # the same sweep folder again: resume under its parent run
-            Store(existing.tracking_uri, existing.experiment).client.update_run(existing.parent_run_id, "RUNNING")
+            store = Store(existing.tracking_uri, existing.experiment, **liveness_settings(config.tracking))
+            TrackedRun(store, existing.parent_run_id).set_tags(liveness_tags())  # this process runs it now
+            store.client.update_run(existing.parent_run_id, "RUNNING")
             log.info("sweep %s resumed: jobs with a FINISHED run are skipped", existing.name)
-            return
+            return store, existing.parent_run_id
         store = Store.from_config(config.tracking)
         name = sweep_dir.name
         run = store.client.create_run(store.experiment_id, run_name=f"sweep-{name}",
-                                      tags={SWEEP_TAG: name, ROLE_TAG: ROLE_SWEEP, JOBS_TAG: str(len(jobs))})
+                                      tags={SWEEP_TAG: name, ROLE_TAG: ROLE_SWEEP, JOBS_TAG: str(len(jobs)),
+                                            **liveness_tags()})
         TrackedRun(store, run.info.run_id).log_text("\n".join(" ".join(job) for job in jobs), JOBS_ARTIFACT)
         write_sweep_info(sweep_dir, SweepInfo(name, store.uri, store.experiment, run.info.run_id))
         log.info("sweep %s: parent run %s in %s", name, run.info.run_id, store.uri)
+        return store, run.info.run_id
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.close()
+        _running_sweeps.clear()
         info = read_sweep_info(config.hydra.sweep.dir)
         if info is None:
             return
@@ -161,6 +180,17 @@ class SweepCallback(Callback):
             print(f"{failed} of {len(table)} runs FAILED; their errors are in the runs' `{ERROR_TAG}` tag and {ERROR_ARTIFACT}",
                   file=sys.stderr)
             sys.exit(1)
+
+
+_running_sweeps: list[tuple[Store, str]] = []  # (store, parent run id) of the sweep this process launched
+
+
+def end_running_sweep_killed(reason: str) -> None:
+    """A signal ended the process while its sweep ran: the parent run ends KILLED with the reason (the
+    job's run already did); relaunching the sweep into its folder reruns the jobs that did not finish."""
+    for store, parent_run_id in _running_sweeps:
+        end_killed(store, parent_run_id, reason)
+    _running_sweeps.clear()
 
 
 def expand_sweep(config: DictConfig) -> list[list[str]]:

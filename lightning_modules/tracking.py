@@ -11,8 +11,6 @@ import csv
 import io
 import json
 import logging
-import os
-import socket
 import subprocess
 import tempfile
 import time
@@ -30,10 +28,12 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_modules.liveness import HEARTBEAT_S, STALE_AFTER_S, end_killed, heartbeat, liveness_tags, why_dead
+from lightning_modules.signals import kill_reason
 from lightning_modules.contract import (
-    CLAIM_HOST_TAG, CLAIM_PID_TAG, DATA_TAG, ERROR_ARTIFACT, ERROR_TAG, EXPERIMENT_KIND, EXPERIMENT_KIND_TAG,
+    DATA_TAG, ERROR_ARTIFACT, ERROR_TAG, EXPERIMENT_KIND, EXPERIMENT_KIND_TAG,
     FINGERPRINT_TAG, GIT_COMMIT_TAG, GIT_DIRTY_TAG,
-    HARDWARE_TAG, METHOD_TAG, MODEL_ARTIFACT, MODEL_FILE, MODEL_TAG, SEED_TAG, STORE_ARTIFACTS, SWEEP_FILE,
+    HARDWARE_TAG, HOST_TAG, METHOD_TAG, PID_TAG, MODEL_ARTIFACT, MODEL_FILE, MODEL_TAG, SEED_TAG, STORE_ARTIFACTS, SWEEP_FILE,
     SWEEP_TAG, resolve_store_uri, sqlite_path,
 )
 
@@ -48,9 +48,12 @@ class RunRejected(RuntimeError):
 class Store:
     """An MLflow tracking URI plus the experiment the workbench writes to."""
 
-    def __init__(self, uri: str, experiment: str) -> None:
+    def __init__(self, uri: str, experiment: str, heartbeat_s: float = HEARTBEAT_S,
+                 stale_after_s: float = STALE_AFTER_S) -> None:
         self.uri = uri
         self.experiment = experiment
+        self.heartbeat_s = heartbeat_s  # how often an open run refreshes its heartbeat tag (liveness.py)
+        self.stale_after_s = stale_after_s  # a RUNNING run of another host with an older heartbeat is dead
 
     @classmethod
     def from_config(cls, tracking: DictConfig, overrides: list[str] | None = None) -> Store:
@@ -59,7 +62,8 @@ class Store:
         Hydra's, when a Hydra app runs)."""
         uri = tracking.get("uri")
         explicit = uri if uri is not None and given_on_command_line("tracking.uri", overrides) else None
-        return cls(resolve_store_uri(explicit, configured=uri, store_dir=tracking.store_dir), tracking.experiment)
+        return cls(resolve_store_uri(explicit, configured=uri, store_dir=tracking.store_dir), tracking.experiment,
+                   **liveness_settings(tracking))
 
     @property
     def artifact_root(self) -> str | None:
@@ -101,6 +105,12 @@ class Store:
         if EXPERIMENT_KIND_TAG not in found.tags:
             self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return found.experiment_id
+
+
+def liveness_settings(tracking: DictConfig) -> dict[str, float]:
+    """tracking.heartbeat_s and tracking.stale_after_s as Store's keyword arguments (defaults where unset)."""
+    return {"heartbeat_s": float(tracking.get("heartbeat_s") or HEARTBEAT_S),
+            "stale_after_s": float(tracking.get("stale_after_s") or STALE_AFTER_S)}
 
 
 def given_on_command_line(key: str, overrides: list[str] | None = None) -> bool:
@@ -161,7 +171,7 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
 
 
 def open_run(store: Store, name: str, tags: Mapping[str, Any], parent_run_id: str | None) -> TrackedRun:
-    all_tags = {key: str(value) for key, value in tags.items()}
+    all_tags = {**liveness_tags(), **{key: str(value) for key, value in tags.items()}}
     if parent_run_id is not None:
         all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
     run = store.client.create_run(store.experiment_id, run_name=name, tags=all_tags)
@@ -170,14 +180,16 @@ def open_run(store: Store, name: str, tags: Mapping[str, Any], parent_run_id: st
 
 @contextmanager
 def closing_run(tracked: TrackedRun) -> Iterator[TrackedRun]:
-    """Close the run FINISHED, or FAILED with its error (KILLED on Ctrl-C), never left RUNNING."""
+    """Close the run FINISHED, or FAILED with its error, or KILLED with the signal that ended it
+    (signals.py: SIGTERM, Ctrl-C, preemption), never left RUNNING; its heartbeat beats meanwhile."""
     try:
-        yield tracked
-    except KeyboardInterrupt:
-        tracked.store.client.set_terminated(tracked.run_id, "KILLED")
-        raise
+        with heartbeat(tracked.store, tracked.run_id):
+            yield tracked
     except BaseException as error:
-        record_failure(tracked, error)
+        if (killed := kill_reason(error)) is not None:
+            end_killed(tracked.store, tracked.run_id, str(killed))
+        else:
+            record_failure(tracked, error)
         raise
     tracked.store.client.set_terminated(tracked.run_id, "FINISHED")
 
@@ -275,12 +287,9 @@ def baseline_runs(store: Store, fingerprint: str, status: str) -> list:
 # Parallel jobs (joblib, submitit) may need the same missing baseline at once. The store is the
 # arbiter, so it works across machines: a job that trains a baseline opens its run (tagged with the
 # fingerprint) first, as a claim; the oldest RUNNING claim wins, the others delete theirs and wait
-# for it to finish. A claim whose process is gone (same host, dead pid) is marked FAILED and retaken.
+# for it to finish. A claim whose process is gone (liveness.why_dead: its pid on this host, its heartbeat
+# elsewhere) is marked KILLED and retaken.
 CLAIM_POLL_SECONDS = 2.0
-
-
-def claim_tags() -> dict[str, str]:
-    return {CLAIM_HOST_TAG: socket.gethostname(), CLAIM_PID_TAG: str(os.getpid())}
 
 
 def won_claim(store: Store, fingerprint: str, run_id: str) -> bool:
@@ -307,8 +316,8 @@ def wait_for_baseline(store: Store, fingerprint: str, timeout_s: float) -> str |
             owner = live[0]
             raise TimeoutError(
                 f"baseline {fingerprint} is still being trained by run {owner.info.run_id} (host "
-                f"{owner.data.tags.get(CLAIM_HOST_TAG)}, pid {owner.data.tags.get(CLAIM_PID_TAG)}) after "
-                f"waiting {timeout_s:.0f} s (tracking.baseline_wait_s); if that job is gone, mark its run FAILED")
+                f"{owner.data.tags.get(HOST_TAG)}, pid {owner.data.tags.get(PID_TAG)}) after "
+                f"waiting {timeout_s:.0f} s (tracking.baseline_wait_s); if that job is gone, mark its run KILLED")
         if not announced:
             log.info("baseline %s is being trained by run %s: waiting for it", fingerprint, live[0].info.run_id)
             announced = True
@@ -316,31 +325,14 @@ def wait_for_baseline(store: Store, fingerprint: str, timeout_s: float) -> str |
 
 
 def live_claims(store: Store, fingerprint: str) -> list:
-    """RUNNING claims on the baseline, oldest first, after failing those whose process is gone."""
-    return [run for run in baseline_runs(store, fingerprint, "RUNNING") if not abandon_if_dead(store, run)]
+    """RUNNING claims on the baseline, oldest first, after ending KILLED those whose process is gone."""
+    return [run for run in baseline_runs(store, fingerprint, "RUNNING") if not ended_if_dead(store, run)]
 
 
-def abandon_if_dead(store: Store, run) -> bool:
-    """Mark a RUNNING claim FAILED when its process, on this host, no longer exists."""
-    tags = run.data.tags
-    if tags.get(CLAIM_HOST_TAG) != socket.gethostname() or not tags.get(CLAIM_PID_TAG, "").isdigit():
-        return False  # another machine's job: only it can tell
-    pid = int(tags[CLAIM_PID_TAG])
-    if pid == os.getpid() or _process_alive(pid):
-        return False
-    store.client.set_tag(run.info.run_id, ERROR_TAG, f"abandoned: process {pid} on this host is gone")
-    store.client.set_terminated(run.info.run_id, "FAILED")
-    return True
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def ended_if_dead(store: Store, run) -> bool:
+    """Mark a RUNNING run KILLED when its process is gone (liveness.why_dead); True when it did."""
+    reason = why_dead(run.data.tags, run.info.start_time, store.stale_after_s)
+    return reason is not None and end_killed(store, run.info.run_id, reason)
 
 
 def download_model_file(store: Store, run_id: str, destination: Path) -> Path:

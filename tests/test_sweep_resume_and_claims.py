@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from lightning_modules.contract import (
-    BASELINE_RUN_TAG, CLAIM_HOST_TAG, CLAIM_PID_TAG, FINGERPRINT_TAG, JOB_TAG, ROLE_SWEEP, ROLE_TAG,
+    BASELINE_RUN_TAG, HOST_TAG, PID_TAG, FINGERPRINT_TAG, JOB_TAG, ROLE_SWEEP, ROLE_TAG,
 )
-from lightning_modules.tracking import Store, claim_tags, open_run, wait_for_baseline, won_claim
+from lightning_modules.tracking import Store, open_run, wait_for_baseline, won_claim
 from tests.conftest import FAST, all_runs, run_train
 
 
@@ -21,7 +21,7 @@ def store(tmp_path: Path) -> Store:
 
 
 def _claim(store: Store, fingerprint: str, **tags: str):
-    return open_run(store, "baseline", {FINGERPRINT_TAG: fingerprint, **claim_tags(), **tags}, None)
+    return open_run(store, "baseline", {FINGERPRINT_TAG: fingerprint, **tags}, None)
 
 
 def _dead_pid() -> int:
@@ -37,16 +37,16 @@ def test_the_oldest_claim_on_a_baseline_wins(store: Store) -> None:
     assert won_claim(store, "other", _claim(store, "other").run_id)  # claims on other baselines do not compete
 
 
-def test_a_claim_whose_process_is_gone_is_failed_and_retaken(store: Store) -> None:
-    dead = _claim(store, "abc", **{CLAIM_PID_TAG: str(_dead_pid())})
+def test_a_claim_whose_process_is_gone_is_killed_and_retaken(store: Store) -> None:
+    dead = _claim(store, "abc", **{PID_TAG: str(_dead_pid())})
     assert wait_for_baseline(store, "abc", timeout_s=0) is None  # nobody alive trains it: train it here
-    assert store.client.get_run(dead.run_id).info.status == "FAILED"
-    assert "abandoned" in store.client.get_run(dead.run_id).data.tags["error"]
+    assert store.client.get_run(dead.run_id).info.status == "KILLED"
+    assert "is gone" in store.client.get_run(dead.run_id).data.tags["error"]
     assert won_claim(store, "abc", _claim(store, "abc").run_id)
 
 
 def test_waiting_returns_the_finished_baseline_and_times_out_on_a_live_claim(store: Store) -> None:
-    elsewhere = _claim(store, "abc", **{CLAIM_HOST_TAG: "another-machine"})
+    elsewhere = _claim(store, "abc", **{HOST_TAG: "another-machine"})
     with pytest.raises(TimeoutError, match="tracking.baseline_wait_s"):
         wait_for_baseline(store, "abc", timeout_s=0)
     store.client.set_terminated(elsewhere.run_id, "FINISHED")

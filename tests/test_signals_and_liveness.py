@@ -1,0 +1,148 @@
+"""Runs never stay RUNNING without a process: signals end them KILLED with the reason, and a run
+whose process died without a word (kill -9, out of memory, a lost node) is found and ended KILLED."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lightning_modules.contract import ERROR_TAG, HEARTBEAT_TAG, HOST_TAG, JOB_TAG, PID_TAG, PROCESS_START_TAG, ROLE_SWEEP, ROLE_TAG
+from lightning_modules.liveness import end_dead_runs, liveness_tags, process_start, why_dead
+from lightning_modules.signals import RunKilled, runs_end_killed_on_signals
+from lightning_modules.tracking import Store, closing_run, open_run
+from tests.conftest import FAST, ROOT, all_runs, compose_config
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(f"sqlite:///{tmp_path / 'mlflow.db'}", "liveness", stale_after_s=60)
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_every_run_names_its_process_and_beats() -> None:
+    tags = liveness_tags()
+    assert tags[HOST_TAG] == socket.gethostname() and tags[PID_TAG] == str(os.getpid())
+    assert abs(float(tags[HEARTBEAT_TAG]) - time.time()) < 5
+    if Path("/proc/self/stat").exists():
+        assert tags[PROCESS_START_TAG] == process_start(os.getpid())
+
+
+def test_why_dead_tells_a_gone_process_from_a_live_one() -> None:
+    here, now = socket.gethostname(), time.time()
+    assert why_dead({HOST_TAG: here, PID_TAG: str(os.getpid())}, 0, 60) is None  # this process
+    assert "is gone" in why_dead({HOST_TAG: here, PID_TAG: str(_dead_pid())}, 0, 60)
+    parent = os.getppid()  # alive, but a process started at another time holds the pid now
+    reused = {HOST_TAG: here, PID_TAG: str(parent), PROCESS_START_TAG: "1"}
+    if process_start(parent) not in (None, "1"):
+        assert "later process" in why_dead(reused, 0, 60)
+    elsewhere = {HOST_TAG: "another-machine", PID_TAG: "1", HEARTBEAT_TAG: f"{now - 30:.0f}"}
+    assert why_dead(elsewhere, 0, stale_after_s=60, now=now) is None  # its heartbeat is fresh
+    assert "no heartbeat for 130 s" in why_dead({**elsewhere, HEARTBEAT_TAG: f"{now - 130:.0f}"}, 0, 60, now=now)
+    assert why_dead({}, start_time_ms=int((now - 10) * 1000), stale_after_s=60, now=now) is None  # an old run, recent
+    assert "presumed gone" in why_dead({}, start_time_ms=int((now - 100) * 1000), stale_after_s=60, now=now)
+
+
+def test_end_dead_runs_kills_only_the_runs_without_a_process(store: Store) -> None:
+    dead = open_run(store, "dead", {PID_TAG: str(_dead_pid())}, None)
+    stale = open_run(store, "stale", {HOST_TAG: "another-machine", HEARTBEAT_TAG: f"{time.time() - 3600:.0f}"}, None)
+    alive = open_run(store, "alive", {}, None)
+    remote = open_run(store, "remote", {HOST_TAG: "another-machine"}, None)  # fresh heartbeat
+    assert sorted(end_dead_runs(store)) == sorted([dead.run_id, stale.run_id])
+    status = {run_id: store.client.get_run(run_id) for run_id in (dead.run_id, stale.run_id, alive.run_id, remote.run_id)}
+    assert [status[r].info.status for r in (dead.run_id, stale.run_id)] == ["KILLED", "KILLED"]
+    assert "kill -9" in status[dead.run_id].data.tags[ERROR_TAG]
+    assert "no heartbeat" in status[stale.run_id].data.tags[ERROR_TAG]
+    assert [status[r].info.status for r in (alive.run_id, remote.run_id)] == ["RUNNING", "RUNNING"]
+
+
+def test_an_open_run_refreshes_its_heartbeat(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'mlflow.db'}", "beats", heartbeat_s=0.2)
+    with closing_run(open_run(store, "beating", {}, None)) as run:
+        first = float(store.client.get_run(run.run_id).data.tags[HEARTBEAT_TAG])
+        time.sleep(1.5)
+        later = float(store.client.get_run(run.run_id).data.tags[HEARTBEAT_TAG])
+    assert later > first
+
+
+def test_a_signal_ends_the_open_run_killed_with_the_signal(store: Store) -> None:
+    with runs_end_killed_on_signals(), pytest.raises(RunKilled) as killed:
+        with closing_run(open_run(store, "terminated", {}, None)) as run:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+    assert killed.value.exit_code == 128 + signal.SIGTERM
+    ended = store.client.get_run(run.run_id)
+    assert ended.info.status == "KILLED"
+    assert ended.data.tags[ERROR_TAG].startswith("killed by SIGTERM")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+
+
+def test_sigterm_while_the_model_is_measured_ends_the_run_killed(store_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside Trainer.fit (measuring, compiling, exporting) nothing of Lightning's handles the signal."""
+    from lightning_modules import experiment
+
+    measured = experiment.measure
+
+    def measure_interrupted(*args, **kwargs):
+        if experiment.BASELINE_METHOD in {run.data.tags.get("method") for run in all_runs(store_uri)
+                                          if run.info.status == "FINISHED"}:  # the baseline is done: now the run
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        return measured(*args, **kwargs)
+
+    monkeypatch.setattr(experiment, "measure", measure_interrupted)
+    cfg = compose_config([*FAST, "model=lenet300", "method=magnitude", "method.fine_tune.epochs=1"])
+    with runs_end_killed_on_signals(), pytest.raises(RunKilled):
+        experiment.run_experiment(cfg)
+    runs = {run.data.tags["method"]: run for run in all_runs(store_uri)}
+    assert runs["baseline"].info.status == "FINISHED"  # trained before the signal
+    assert runs["magnitude"].info.status == "KILLED"
+    assert "SIGTERM" in runs["magnitude"].data.tags[ERROR_TAG]
+
+
+def _wait_for(predicate, timeout_s: float = 120.0, poll_s: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if (found := predicate()):
+            return found
+        time.sleep(poll_s)
+    raise TimeoutError("the condition did not come true in time")
+
+
+@pytest.mark.slow
+def test_a_sweep_terminated_mid_training_ends_killed_exits_143_and_resumes(tmp_path: Path, store_uri: str) -> None:
+    sweep = ["-m", *FAST, "model=lenet300", "method=magnitude", "method.sparsity=0.5,0.8",
+             "method.fine_tune.epochs=400", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+             f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *sweep], cwd=ROOT, env=os.environ.copy(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def training_job():  # a job's run that has logged an epoch: inside Trainer.fit
+        return [run for run in all_runs(store_uri) if run.data.tags.get(JOB_TAG)
+                and run.info.status == "RUNNING" and "train_loss" in run.data.metrics]
+
+    _wait_for(training_job)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-3000:]
+    assert "killed by SIGTERM" in stderr
+    runs = all_runs(store_uri)
+    assert not [run for run in runs if run.info.status == "RUNNING"]
+    killed = [run for run in runs if run.info.status == "KILLED"]
+    assert {run.data.tags.get(ROLE_TAG) for run in killed} == {None, ROLE_SWEEP}  # the job's run and the sweep's
+    assert all(run.data.tags[ERROR_TAG].startswith("killed by SIGTERM") for run in killed)
+
+    resumed = subprocess.run([sys.executable, str(ROOT / "train.py"), *sweep, "++tracking.stale_after_s=60"],
+                             cwd=ROOT, env=os.environ.copy(), capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
