@@ -72,6 +72,7 @@ FINGERPRINT_TAG = "baseline_fingerprint"  # only on runs that trained a baseline
 # or whose heartbeat (unix seconds, refreshed while it runs) is stale, is marked KILLED (liveness.py)
 HOST_TAG, PID_TAG, PROCESS_START_TAG, HEARTBEAT_TAG = "host", "pid", "process_start", "heartbeat"
 ERROR_TAG = "error"  # why a run FAILED (or was KILLED)
+CHECKPOINT_FOLDER = "checkpoints"  # in a sweep folder: each job's training checkpoints (checkpoints.py)
 RESUMED_FROM_TAG = "resumed_from"  # a job's run that went on from a killed attempt's checkpoint: that attempt's run id
 NOISY_TAG = "latency_noisy"  # why its timing cannot be trusted (contention), when it cannot
 SLOWER_TAG = "slower_reason"  # why it is slower than its baseline, when it is

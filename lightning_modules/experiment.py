@@ -22,16 +22,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import hydra.utils
+from hydra.core.hydra_config import HydraConfig
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from lightning_modules.checkpoints import ResumeNote, TrainingCheckpoints, safe_loading
 from lightning_modules.compression.base import CompressionCallback
 from lightning_modules.config import build_callbacks, model_config, read_teacher_file, validate
 from lightning_modules.contract import (
     ACC_DROP, ACC_DROP_CI95_HIGH, ACC_DROP_CI95_LOW, BASELINE_METHOD, BASELINE_RUN_TAG, CHANCE_MARGIN_POINTS, COMPRESSION_RATIO,
-    CONFIG_ARTIFACT, DEQUANTIZED, FINGERPRINT_TAG, JOB_TAG, MODEL_FOLDER, NOISY_TAG, RUN_TIME_S, SIMULATED,
+    CHECKPOINT_FOLDER, CONFIG_ARTIFACT, DEQUANTIZED, RESUMED_FROM_TAG, FINGERPRINT_TAG, JOB_TAG, MODEL_FOLDER, NOISY_TAG, RUN_TIME_S, SIMULATED,
     SLOWER_TAG, TEACHER_TAG, TEST_ACC, TIME_BASELINE_S, TIME_DATA_S, TIME_EVALUATE_S, TIME_LOG_MODEL_S, TIME_TRACK_S,
     TRAIN_TIME_S, layers_skipped, run_model_uri, speedup, summary_table,
 )
@@ -79,6 +81,7 @@ class RunContext:
     sweep: SweepInfo | None = None
     job_tags: dict[str, str] = field(default_factory=dict)  # {sweep_job: key} in a multirun
     timings: dict[str, float] = field(default_factory=dict)  # time_data_s, time_baseline_s, train_time_s
+    checkpoint_root: Path | None = None  # <sweep folder>/checkpoints for a sweep's job (checkpoints.py), else None
 
     @property
     def sweep_name(self) -> str | None:
@@ -94,6 +97,10 @@ class RunContext:
 
     def open_run(self, tags: dict[str, str] | None = None) -> TrackedRun:
         return open_run(self.store, run_name(self.cfg), self.run_tags(tags), self.parent_run_id)
+
+    def checkpoints(self, name: str) -> TrainingCheckpoints | None:
+        """Where a training phase of this job checkpoints each epoch (None: a single run does not)."""
+        return TrainingCheckpoints(self.checkpoint_root / name) if self.checkpoint_root is not None else None
 
     def with_cfg(self, cfg: DictConfig, job_tags: dict[str, str] | None = None) -> RunContext:
         """The same context for another config (a baseline's, a teacher's), with its own timings."""
@@ -131,10 +138,15 @@ def run_experiment(cfg: DictConfig) -> dict[str, float]:
         ctx.timings[TIME_BASELINE_S] = time.perf_counter() - started
         run.set_tags({BASELINE_RUN_TAG: baseline.run_id, **({TEACHER_TAG: teacher.source} if teacher else {}),
                       ENERGY_SOURCE_TAG: energy_source(ctx.device)})
-        model = compress(ctx, run, starting_model(cfg, baseline, ctx.data), callbacks, teacher)    # 2. compress
+        checkpoints = ctx.checkpoints(ctx.job_tags.get(JOB_TAG, ""))
+        model = compress(ctx, run, starting_model(cfg, baseline, ctx.data), callbacks, teacher,   # 2. compress
+                         checkpoints)
         model = finalize(model, callbacks)                                                         # 3. finalize
         report = evaluate(ctx, model, baseline.model, callbacks, teacher and teacher.model)        # 4. evaluate
-        return track(ctx, run, report)                                                             # 5. track
+        metrics = track(ctx, run, report)                                                          # 5. track
+    if checkpoints is not None:
+        checkpoints.remove()  # the run is FINISHED: nothing to resume
+    return metrics
 
 
 def open_context(cfg: DictConfig, store: Store, sweep: SweepInfo | None, job: str | None) -> RunContext:
@@ -143,8 +155,11 @@ def open_context(cfg: DictConfig, store: Store, sweep: SweepInfo | None, job: st
     started = time.perf_counter()
     data: InMemoryDataModule = hydra.utils.instantiate(cfg.data)
     data.setup()  # before any run opens
+    checkpoint_root = None
+    if job is not None and cfg.tracking.get("checkpoints", True):
+        checkpoint_root = Path(HydraConfig.get().sweep.dir) / CHECKPOINT_FOLDER
     return RunContext(cfg, store, data, device, sweep, {JOB_TAG: job, **trial_tags(sweep)} if job else {},
-                      {TIME_DATA_S: time.perf_counter() - started})
+                      {TIME_DATA_S: time.perf_counter() - started}, checkpoint_root)
 
 
 # ----------------------------------------------------------------------------- step 1: baseline
@@ -179,12 +194,16 @@ def train_baseline(ctx: RunContext, fingerprint: str, tags: dict[str, str]) -> B
         ctx.store.client.delete_run(claim.run_id)
         return None
     log.info("baseline %s not in the store: training it (run %s)", fingerprint, claim.run_id)
+    checkpoints = ctx.checkpoints(f"baseline-{fingerprint}")  # shared by the jobs that need this baseline
     with closing_run(claim) as run:
         run.set_tags({BASELINE_RUN_TAG: run.run_id, ENERGY_SOURCE_TAG: energy_source(ctx.device)})
         pl.seed_everything(ctx.cfg.seed, workers=True, verbose=False)
         model = build_model(ctx.cfg.model.net, ctx.data.shape)
-        model, baseline_ctx.timings[TRAIN_TIME_S] = fit(baseline_cfg, ctx.cfg.baseline, model, ctx.data, [], run)
+        model, baseline_ctx.timings[TRAIN_TIME_S] = fit(baseline_cfg, ctx.cfg.baseline, model, ctx.data, [], run,
+                                                        checkpoints)
         metrics = track(baseline_ctx, run, evaluate(baseline_ctx, model, model, []))
+    if checkpoints is not None:
+        checkpoints.remove()
     return Baseline(model, run.run_id, metrics)
 
 
@@ -272,23 +291,26 @@ def load_teacher_file(path: Path, net_cfg: DictConfig, data: InMemoryDataModule)
 
 
 def compress(ctx: RunContext, run: TrackedRun, model: nn.Module, callbacks: list[CompressionCallback],
-             teacher: Teacher | None = None) -> nn.Module:
+             teacher: Teacher | None = None, checkpoints: TrainingCheckpoints | None = None) -> nn.Module:
     """Step 2: fine-tune `model` with the method's recipe and callbacks, those that distil learning from
     `teacher` (train_time_s into the timings)."""
     for callback in callbacks:
         if callback.requires_teacher:
             callback.attach_teacher(teacher.model)
     with metered_training(ctx.device, ctx.timings):  # energy_train_kj_measured, where a counter reads
-        model, ctx.timings[TRAIN_TIME_S] = fit(ctx.cfg, ctx.cfg.method.fine_tune, model, ctx.data, callbacks, run)
+        model, ctx.timings[TRAIN_TIME_S] = fit(ctx.cfg, ctx.cfg.method.fine_tune, model, ctx.data, callbacks, run,
+                                               checkpoints)
     return model
 
 
 def fit(cfg: DictConfig, recipe: DictConfig | None, model: nn.Module, data: InMemoryDataModule,
-        callbacks: list[CompressionCallback], run: TrackedRun) -> tuple[nn.Module, float]:
+        callbacks: list[CompressionCallback], run: TrackedRun,
+        checkpoints: TrainingCheckpoints | None = None) -> tuple[nn.Module, float]:
     """Train `model` with `recipe` (epochs, optimizer, scheduler) and the callbacks; return it and the seconds.
 
     With no recipe (method=baseline) nothing is trained; with `epochs: 0` the callbacks still act
-    once (a one-shot cut without fine-tuning).
+    once (a one-shot cut without fine-tuning). With `checkpoints`, every epoch is checkpointed there
+    and a checkpoint an earlier attempt left is resumed from (checkpoints.py).
     """
     if recipe is None and not callbacks:
         return model, 0.0
@@ -299,10 +321,19 @@ def fit(cfg: DictConfig, recipe: DictConfig | None, model: nn.Module, data: InMe
         optimizer=hydra.utils.instantiate(recipe.optimizer) if recipe is not None else torch.optim.SGD,
         scheduler=hydra.utils.instantiate(recipe.scheduler) if recipe is not None and recipe.get("scheduler") else None,
     )
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, max_epochs=epochs,
-                                                  callbacks=[*callbacks, EpochMetricsLogger(run)])
+    resume, saving = None, {}
+    if checkpoints is not None and epochs > 0:
+        resume = checkpoints.last
+        if resume is not None:
+            run.set_tags({RESUMED_FROM_TAG: checkpoints.previous_attempt() or ""})
+        checkpoints.record_attempt(run.run_id)
+        saving = {"enable_checkpointing": True,
+                  "callbacks": [checkpoints.callback(), *([ResumeNote(run.log_metrics)] if resume else [])]}
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, max_epochs=epochs, **{
+        **saving, "callbacks": [*callbacks, EpochMetricsLogger(run), *saving.get("callbacks", [])]})
     started = time.perf_counter()
-    trainer.fit(task, datamodule=data)
+    with safe_loading():  # a checkpoint is read with weights_only=True
+        trainer.fit(task, datamodule=data, ckpt_path=resume, weights_only=True)
     return task.model, time.perf_counter() - started
 
 

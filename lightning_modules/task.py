@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_modules.checkpoints import register_missing_tensors
 from lightning_modules.tracking import RunRejected
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -57,9 +58,21 @@ class ClassificationTask(pl.LightningModule):
         self.log("val_loss", F.cross_entropy(logits, targets), prog_bar=True)
         self.log("val_acc", 100.0 * (logits.argmax(1) == targets).float().mean(), prog_bar=True)
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # a resumed training: the masks, cluster indices and learned steps its callbacks had added exist
+        # in the checkpoint, not yet in this fresh model; the strict load that follows fills them
+        self.late_parameters = register_missing_tensors(self, checkpoint["state_dict"])
+
     def configure_optimizers(self):
-        # all of the task's parameters: the model's and those a method trains beside it (adapters)
-        optimizer = self.optimizer_factory(self.parameters())
+        # all of the task's parameters: the model's and those a method trains beside it (adapters);
+        # parameters a callback added once training had started (each in a param group of its own, as
+        # the callback added it) get their groups back when a training resumes, so the saved
+        # optimizer state matches group for group
+        late = dict.fromkeys(getattr(self, "late_parameters", []))
+        named = dict(self.named_parameters())
+        optimizer = self.optimizer_factory([p for name, p in named.items() if name not in late])
+        for name in late:
+            optimizer.add_param_group({"params": [named[name]]})
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}

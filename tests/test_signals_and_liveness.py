@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from lightning_modules.checkpoints import RESUMED_AT_EPOCH
+from lightning_modules.contract import CHECKPOINT_FOLDER, RESUMED_FROM_TAG
 from lightning_modules.contract import ERROR_TAG, HEARTBEAT_TAG, HOST_TAG, JOB_TAG, PID_TAG, PROCESS_START_TAG, ROLE_SWEEP, ROLE_TAG
 from lightning_modules.liveness import end_dead_runs, liveness_tags, process_start, why_dead
 from lightning_modules.signals import RunKilled, runs_end_killed_on_signals
@@ -123,16 +125,16 @@ def _wait_for(predicate, timeout_s: float = 120.0, poll_s: float = 0.5):
 @pytest.mark.slow
 def test_a_sweep_terminated_mid_training_ends_killed_exits_143_and_resumes(tmp_path: Path, store_uri: str) -> None:
     sweep = ["-m", *FAST, "model=lenet300", "method=magnitude", "method.sparsity=0.5,0.8",
-             "method.fine_tune.epochs=400", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+             "method.fine_tune.epochs=60", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
              f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *sweep], cwd=ROOT, env=os.environ.copy(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    def training_job():  # a job's run that has logged an epoch: inside Trainer.fit
-        return [run for run in all_runs(store_uri) if run.data.tags.get(JOB_TAG)
-                and run.info.status == "RUNNING" and "train_loss" in run.data.metrics]
+    def checkpointed_job():  # a job inside Trainer.fit, with an epoch checkpointed
+        return [path for path in (tmp_path / "sweep" / CHECKPOINT_FOLDER).glob("*/last.ckpt")
+                if not path.parent.name.startswith("baseline-")]
 
-    _wait_for(training_job)
+    _wait_for(checkpointed_job, poll_s=0.1)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stderr[-3000:]
@@ -143,6 +145,13 @@ def test_a_sweep_terminated_mid_training_ends_killed_exits_143_and_resumes(tmp_p
     assert {run.data.tags.get(ROLE_TAG) for run in killed} == {None, ROLE_SWEEP}  # the job's run and the sweep's
     assert all(run.data.tags[ERROR_TAG].startswith("killed by SIGTERM") for run in killed)
 
-    resumed = subprocess.run([sys.executable, str(ROOT / "train.py"), *sweep, "++tracking.stale_after_s=60"],
-                             cwd=ROOT, env=os.environ.copy(), capture_output=True, text=True, timeout=900)
+    resumed = subprocess.run([sys.executable, str(ROOT / "train.py"), *sweep], cwd=ROOT, env=os.environ.copy(),
+                             capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    job_runs = [run for run in all_runs(store_uri) if run.data.tags.get(JOB_TAG)]
+    finished = [run for run in job_runs if run.info.status == "FINISHED"]
+    assert len(finished) == 2  # one FINISHED run per job
+    went_on = [run for run in finished if RESUMED_FROM_TAG in run.data.tags]
+    assert [run.data.tags[RESUMED_FROM_TAG] for run in went_on] == [r.info.run_id for r in killed if not r.data.tags.get(ROLE_TAG)]
+    assert went_on[0].data.metrics[RESUMED_AT_EPOCH] >= 1  # the checkpointed epochs were not trained again
+    assert not (tmp_path / "sweep" / CHECKPOINT_FOLDER).exists() or not any((tmp_path / "sweep" / CHECKPOINT_FOLDER).iterdir())

@@ -812,6 +812,8 @@ class StaticQuantization(CompressionCallback):
             self.example = training_batches(trainer, 1, f"{self.name} min_speedup")[0][0][:1].detach().cpu()
         if self.calibrated_images == 0:
             self.calibrate(pl_module.model, trainer)
+        else:  # resumed from a checkpoint: calibrated (and the steps learned) before, only the modes are gone
+            self.set_training_mode()
 
     def _check_min_speedup(self, min_speedup: float | None) -> float | None:
         if min_speedup is None:
@@ -835,12 +837,16 @@ class StaticQuantization(CompressionCallback):
         self.calibrated_images = calibrate(model, self.prepared, [images for images, _ in training_batches(trainer, self.calibration_batches, 'calibration')])
         log.info("%s: calibrated %d activation quantizers on %d images (observer %s)", self.name,
                  len(self.prepared.quantizers), self.calibrated_images, self.scheme.observer)
-        set_mode(self.prepared, observing=self.train_with_fake_quant, fake_quant=self.train_with_fake_quant)
+        self.set_training_mode()
         if self.train_with_fake_quant and self.scheme.learn_scales:
             for quantizer in self.prepared.quantizers.values():
                 quantizer.learn()
                 for optimizer in trainer.optimizers:
                     optimizer.add_param_group({"params": [quantizer.step]})
+
+    def set_training_mode(self) -> None:
+        """QAT trains through fake quantization and keeps observing; PTQ calibrated and trains float."""
+        set_mode(self.prepared, observing=self.train_with_fake_quant, fake_quant=self.train_with_fake_quant)
 
     # -- protocol
     def finalize(self, model: nn.Module) -> nn.Module:

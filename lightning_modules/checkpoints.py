@@ -1,0 +1,119 @@
+"""Training that survives a kill: each epoch of a sweep job's training is checkpointed, and a relaunched
+sweep goes on from the last one instead of training again from the first epoch.
+
+A job's checkpoints live in its sweep folder, `checkpoints/<job>/` for its compression phase and
+`checkpoints/baseline-<fingerprint>/` for a baseline it trains (a baseline belongs to every job that
+needs it). Each holds Lightning's `last.ckpt` (the model, the optimizer and scheduler, the loops'
+progress and every callback's `state_dict`: masks and schedules, quantization scales, low-rank plans)
+and `attempt.json` (the run that wrote it). A relaunched job that finds them resumes from the epoch
+after the last one saved; its run is tagged `resumed_from` with the killed attempt's run id and logs
+`resumed_at_epoch`. The folder is removed when the run finishes.
+
+Loading is safe: the checkpoint is read with `weights_only=True`, which rebuilds tensors, plain
+containers and the few workbench classes listed in SAFE_STATE_CLASSES, and calls nothing else.
+Checkpoints are local files: a job resumed on another machine needs the sweep folder on a shared disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+log = logging.getLogger(__name__)
+
+LAST = "last.ckpt"
+ATTEMPT_FILE = "attempt.json"
+RESUMED_AT_EPOCH = "resumed_at_epoch"  # metric of a run that went on from a checkpoint: the first epoch it trained
+
+
+def safe_state_classes() -> list[type]:
+    """The workbench classes a callback's `state_dict` holds (plain data): all weights_only may rebuild."""
+    from lightning_modules.compression.channel_surgery import ChannelGroup
+    from lightning_modules.compression.lowrank import LayerPlan
+    from lightning_modules.compression.quantization import QuantScheme
+
+    return [ChannelGroup, LayerPlan, QuantScheme]
+
+
+class TrainingCheckpoints:
+    """The checkpoint folder of one training phase of one job."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    @property
+    def last(self) -> Path | None:
+        """The checkpoint to resume from, when an earlier attempt left one."""
+        path = self.folder / LAST
+        return path if path.is_file() else None
+
+    def callback(self) -> ModelCheckpoint:
+        """Lightning's checkpointing: `last.ckpt` rewritten at the end of every training epoch (after the
+        compression callbacks' own epoch-end work, as Lightning runs checkpointing last)."""
+        # no metric to monitor: top-1 keeps the newest, under one name (Lightning writes save_last's file
+        # only beside a checkpoint it saved anyway)
+        return ModelCheckpoint(dirpath=self.folder, filename=LAST.removesuffix(".ckpt"), save_top_k=1, every_n_epochs=1,
+                               save_on_train_epoch_end=True, enable_version_counter=False)
+
+    def previous_attempt(self) -> str | None:
+        """The run id of the attempt that wrote the checkpoint (the killed run this one goes on from)."""
+        path = self.folder / ATTEMPT_FILE
+        return json.loads(path.read_text())["run_id"] if path.is_file() and self.last is not None else None
+
+    def record_attempt(self, run_id: str) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / ATTEMPT_FILE).write_text(json.dumps({"run_id": run_id}))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@contextmanager
+def safe_loading() -> Iterator[None]:
+    """torch.load with weights_only=True may rebuild the callbacks' state classes (plain data), nothing else."""
+    with torch.serialization.safe_globals(safe_state_classes()):
+        yield
+
+
+class ResumeNote(pl.Callback):
+    """Logs the epoch a resumed training starts at (`resumed_at_epoch`) into the run."""
+
+    def __init__(self, log_metrics: Any) -> None:
+        self.log_metrics = log_metrics
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        log.info("training resumed from its checkpoint at epoch %d", trainer.current_epoch)
+        self.log_metrics({RESUMED_AT_EPOCH: trainer.current_epoch})
+
+
+def register_missing_tensors(module: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """What compression callbacks added to the model during training and a fresh model lacks, registered
+    with the checkpoint's shapes so the strict load that follows fills them: buffers (pruning masks,
+    cluster indices) and parameters created late (LSQ steps learned from the calibration, whose
+    attribute a fresh model holds as None). Returns the names of those parameters, which had their own
+    optimizer param groups. A key whose module does not exist is left for that load to report."""
+    own = module.state_dict()
+    late_parameters = []
+    for key, value in state_dict.items():
+        if key in own:
+            continue
+        owner_name, _, name = key.rpartition(".")
+        try:
+            owner = module.get_submodule(owner_name)
+        except AttributeError:
+            continue
+        if not hasattr(owner, name):
+            owner.register_buffer(name, torch.zeros_like(value))
+        elif getattr(owner, name) is None:
+            setattr(owner, name, torch.nn.Parameter(torch.zeros_like(value)))
+            late_parameters.append(key)
+    return late_parameters
