@@ -15,6 +15,13 @@ class FailingNet(nn.Module):
         raise RuntimeError("FailingNet refuses to run")
 
 
+class OutOfMemoryNet(FailingNet):
+    """Runs out of (GPU) memory at its first forward pass, as a model too large for its device does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (OutOfMemoryNet)")
+
+
 class ShapeRecorder(nn.Module):
     """Accepts only some of the shape arguments, to test that build_model passes just those."""
 

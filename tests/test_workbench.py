@@ -83,18 +83,20 @@ def test_baseline_is_trained_once_for_two_compression_runs(tmp_path: Path, store
 
 
 def test_a_failing_run_is_recorded_failed_and_the_sweep_goes_on(tmp_path: Path, store_uri: str) -> None:
-    result = run_train(["-m", *FAST, "method=baseline", "model=lenet300",
-                        "model.net._target_=tests.helpers.FailingNet,lightning_modules.models.LeNet300"], tmp_path)
+    result = run_train(["-m", *FAST, "method=baseline", "model=lenet300", "model.net._target_=tests.helpers.FailingNet,"
+                        "tests.helpers.OutOfMemoryNet,lightning_modules.models.LeNet300"], tmp_path)
     assert result.returncode == 1
-    assert "1 of 2 runs FAILED" in result.stderr
+    assert "2 of 3 runs FAILED" in result.stderr
 
     parents, children = _children(store_uri)
     statuses = sorted(r.info.status for r in children)
-    assert statuses == ["FAILED", "FINISHED"]
+    assert statuses == ["FAILED", "FAILED", "FINISHED"]
+    errors = sorted(r.data.tags["error"] for r in children if r.info.status == "FAILED")
+    assert "FailingNet refuses to run" in errors[1]
+    assert errors[0].startswith("OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB")  # the message
     failed = next(r for r in children if r.info.status == "FAILED")
-    assert "FailingNet refuses to run" in failed.data.tags["error"]
     assert "error.txt" in {a.path for a in MlflowClient(store_uri).list_artifacts(failed.info.run_id)}
-    assert parents[0].info.status == "FAILED" and parents[0].data.tags["failed_runs"] == "1"
+    assert parents[0].info.status == "FAILED" and parents[0].data.tags["failed_runs"] == "2"
     assert all(r.info.status != "RUNNING" for r in all_runs(store_uri))
 
 
