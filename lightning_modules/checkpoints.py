@@ -9,9 +9,12 @@ and `attempt.json` (the run that wrote it). A relaunched job that finds them res
 after the last one saved; its run is tagged `resumed_from` with the killed attempt's run id and logs
 `resumed_at_epoch`. The folder is removed when the run finishes.
 
+With a server store (or `tracking.checkpoints_in_store: true`) each checkpoint is also logged as the
+run's artifact `checkpoints/last.ckpt`, so a job relaunched on another machine, without the sweep
+folder, fetches the newest one its killed attempts left in the store.
+
 Loading is safe: the checkpoint is read with `weights_only=True`, which rebuilds tensors, plain
-containers and the few workbench classes listed in SAFE_STATE_CLASSES, and calls nothing else.
-Checkpoints are local files: a job resumed on another machine needs the sweep folder on a shared disk.
+containers and the few workbench classes of `safe_state_classes`, and calls nothing else.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -44,11 +47,31 @@ def safe_state_classes() -> list[type]:
     return [ChannelGroup, LayerPlan, QuantScheme]
 
 
-class TrainingCheckpoints:
-    """The checkpoint folder of one training phase of one job."""
+STORE_FOLDER = "checkpoints"  # the run's artifact folder its checkpoint is mirrored into
 
-    def __init__(self, folder: Path) -> None:
+
+class TrainingCheckpoints:
+    """The checkpoint folder of one training phase of one job; with `store`, mirrored into the runs'
+    artifacts, and `earlier_attempts` (run ids, newest first) tell whose checkpoint to fetch back."""
+
+    def __init__(self, folder: Path, store: Any = None, earlier_attempts: Callable[[], list[str]] | None = None) -> None:
         self.folder = Path(folder)
+        self.store = store
+        self.earlier_attempts = earlier_attempts or (lambda: [])
+
+    def fetch(self) -> None:
+        """With no checkpoint here, the newest one a killed attempt logged into the store (another machine's)."""
+        if self.store is None or self.last is not None:
+            return
+        for run_id in self.earlier_attempts():
+            try:
+                fetched = Path(self.store.client.download_artifacts(run_id, f"{STORE_FOLDER}/{LAST}", str(self.folder)))
+            except Exception:  # this attempt left none (killed before its first epoch ended): an older one may have
+                continue
+            fetched.replace(self.folder / LAST)
+            self.record_attempt(run_id)
+            log.info("checkpoint of run %s fetched from the store", run_id)
+            return
 
     @property
     def last(self) -> Path | None:
@@ -56,13 +79,17 @@ class TrainingCheckpoints:
         path = self.folder / LAST
         return path if path.is_file() else None
 
-    def callback(self) -> ModelCheckpoint:
+    def callback(self, run_id: str) -> ModelCheckpoint:
         """Lightning's checkpointing: `last.ckpt` rewritten at the end of every training epoch (after the
-        compression callbacks' own epoch-end work, as Lightning runs checkpointing last)."""
+        compression callbacks' own epoch-end work, as Lightning runs checkpointing last), and logged
+        into run `run_id`'s artifacts when the store mirrors them."""
         # no metric to monitor: top-1 keeps the newest, under one name (Lightning writes save_last's file
         # only beside a checkpoint it saved anyway)
-        return ModelCheckpoint(dirpath=self.folder, filename=LAST.removesuffix(".ckpt"), save_top_k=1, every_n_epochs=1,
-                               save_on_train_epoch_end=True, enable_version_counter=False)
+        options = dict(dirpath=self.folder, filename=LAST.removesuffix(".ckpt"), save_top_k=1, every_n_epochs=1,
+                       save_on_train_epoch_end=True, enable_version_counter=False)
+        if self.store is None:
+            return ModelCheckpoint(**options)
+        return MirroredCheckpoint(self.store, run_id, **options)
 
     def previous_attempt(self) -> str | None:
         """The run id of the attempt that wrote the checkpoint (the killed run this one goes on from)."""
@@ -75,6 +102,20 @@ class TrainingCheckpoints:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class MirroredCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that also logs each new checkpoint into the run's artifacts."""
+
+    def __init__(self, store: Any, run_id: str, **options: Any) -> None:
+        super().__init__(**options)
+        self.store, self.run_id = store, run_id
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        path = Path(self.dirpath) / LAST
+        if path.is_file():
+            self.store.client.log_artifact(self.run_id, str(path), STORE_FOLDER)
 
 
 @contextmanager

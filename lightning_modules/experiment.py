@@ -23,6 +23,7 @@ from pathlib import Path
 
 import hydra.utils
 from hydra.core.hydra_config import HydraConfig
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -53,7 +54,7 @@ from lightning_modules.task import ClassificationTask
 from lightning_modules.tracking import (
     EpochMetricsLogger, RunRejected, Store, SweepInfo, TrackedRun, closing_run, config_params, csv_text,
     download_model_file, download_uri, find_baseline_run, live_claims, open_run, run_name, run_tags, scratch_dir,
-    wait_for_baseline, won_claim,
+    unfinished_attempts, wait_for_baseline, won_claim,
 )
 
 log = logging.getLogger(__name__)
@@ -98,9 +99,18 @@ class RunContext:
     def open_run(self, tags: dict[str, str] | None = None) -> TrackedRun:
         return open_run(self.store, run_name(self.cfg), self.run_tags(tags), self.parent_run_id)
 
-    def checkpoints(self, name: str) -> TrainingCheckpoints | None:
-        """Where a training phase of this job checkpoints each epoch (None: a single run does not)."""
-        return TrainingCheckpoints(self.checkpoint_root / name) if self.checkpoint_root is not None else None
+    def checkpoints(self, name: str, attempts_filter: str) -> TrainingCheckpoints | None:
+        """Where a training phase of this job checkpoints each epoch (None: a single run does not), and,
+        when the store keeps them too, the earlier attempts (runs matching `attempts_filter`) to fetch from."""
+        if self.checkpoint_root is None:
+            return None
+        in_store = self.cfg.tracking.get("checkpoints_in_store")
+        if in_store is None:  # a server: a job may resume on a machine that has no copy of the sweep folder
+            in_store = self.store.uri.startswith(("http://", "https://"))
+        if not in_store:
+            return TrainingCheckpoints(self.checkpoint_root / name)
+        return TrainingCheckpoints(self.checkpoint_root / name, self.store,
+                                   lambda: unfinished_attempts(self.store, attempts_filter))
 
     def with_cfg(self, cfg: DictConfig, job_tags: dict[str, str] | None = None) -> RunContext:
         """The same context for another config (a baseline's, a teacher's), with its own timings."""
@@ -138,7 +148,8 @@ def run_experiment(cfg: DictConfig) -> dict[str, float]:
         ctx.timings[TIME_BASELINE_S] = time.perf_counter() - started
         run.set_tags({BASELINE_RUN_TAG: baseline.run_id, **({TEACHER_TAG: teacher.source} if teacher else {}),
                       ENERGY_SOURCE_TAG: energy_source(ctx.device)})
-        checkpoints = ctx.checkpoints(ctx.job_tags.get(JOB_TAG, ""))
+        checkpoints = ctx.checkpoints(ctx.job_tags.get(JOB_TAG, ""), f"tags.{JOB_TAG} = '{ctx.job_tags.get(JOB_TAG)}' "
+                                      f"and tags.`{MLFLOW_PARENT_RUN_ID}` = '{ctx.parent_run_id}'")
         model = compress(ctx, run, starting_model(cfg, baseline, ctx.data), callbacks, teacher,   # 2. compress
                          checkpoints)
         model = finalize(model, callbacks)                                                         # 3. finalize
@@ -194,7 +205,8 @@ def train_baseline(ctx: RunContext, fingerprint: str, tags: dict[str, str]) -> B
         ctx.store.client.delete_run(claim.run_id)
         return None
     log.info("baseline %s not in the store: training it (run %s)", fingerprint, claim.run_id)
-    checkpoints = ctx.checkpoints(f"baseline-{fingerprint}")  # shared by the jobs that need this baseline
+    # shared by the jobs that need this baseline
+    checkpoints = ctx.checkpoints(f"baseline-{fingerprint}", f"tags.{FINGERPRINT_TAG} = '{fingerprint}'")
     with closing_run(claim) as run:
         run.set_tags({BASELINE_RUN_TAG: run.run_id, ENERGY_SOURCE_TAG: energy_source(ctx.device)})
         pl.seed_everything(ctx.cfg.seed, workers=True, verbose=False)
@@ -323,12 +335,13 @@ def fit(cfg: DictConfig, recipe: DictConfig | None, model: nn.Module, data: InMe
     )
     resume, saving = None, {}
     if checkpoints is not None and epochs > 0:
+        checkpoints.fetch()
         resume = checkpoints.last
         if resume is not None:
             run.set_tags({RESUMED_FROM_TAG: checkpoints.previous_attempt() or ""})
         checkpoints.record_attempt(run.run_id)
         saving = {"enable_checkpointing": True,
-                  "callbacks": [checkpoints.callback(), *([ResumeNote(run.log_metrics)] if resume else [])]}
+                  "callbacks": [checkpoints.callback(run.run_id), *([ResumeNote(run.log_metrics)] if resume else [])]}
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, max_epochs=epochs, **{
         **saving, "callbacks": [*callbacks, EpochMetricsLogger(run), *saving.get("callbacks", [])]})
     started = time.perf_counter()

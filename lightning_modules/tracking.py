@@ -335,6 +335,13 @@ def ended_if_dead(store: Store, run) -> bool:
     return reason is not None and end_killed(store, run.info.run_id, reason)
 
 
+def unfinished_attempts(store: Store, filter_string: str) -> list[str]:
+    """Ids of the KILLED or FAILED runs matching `filter_string`, newest first: earlier attempts of a job."""
+    runs = store.client.search_runs([store.experiment_id], filter_string=filter_string, max_results=100,
+                                    order_by=["attributes.start_time DESC"])
+    return [run.info.run_id for run in runs if run.info.status in ("KILLED", "FAILED")]
+
+
 def download_model_file(store: Store, run_id: str, destination: Path) -> Path:
     return Path(store.client.download_artifacts(run_id, MODEL_ARTIFACT, str(destination)))
 

@@ -124,7 +124,8 @@ def main() -> int:
     parser.add_argument("--launcher", choices=("basic", "joblib"), default="basic")
     parser.add_argument("--workers", type=int, default=2, help="joblib workers")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-delay", type=float, default=40.0, help="a kill comes 3 to this many seconds in")
+    parser.add_argument("--max-delay", type=float, default=150.0,
+                        help="a kill comes 3 to this many seconds in (validating the 20 configs alone takes 20-40 s)")
     args = parser.parse_args()
     args.store.mkdir(parents=True, exist_ok=True)
     generator = random.Random(args.seed)

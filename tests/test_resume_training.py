@@ -10,7 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from lightning_modules.checkpoints import RESUMED_AT_EPOCH, TrainingCheckpoints
+from lightning_modules.checkpoints import LAST, RESUMED_AT_EPOCH, STORE_FOLDER, TrainingCheckpoints
 from lightning_modules.config import build_callbacks
 from lightning_modules.contract import RESUMED_FROM_TAG
 from lightning_modules.evaluation.latency import LatencyTimer
@@ -89,3 +89,22 @@ def test_a_killed_training_resumes_at_its_epoch_and_ends_the_same(method: str, t
     assert resumed.data.tags[RESUMED_FROM_TAG] == killed_run
     assert signature == expected_signature
     assert rows == expected_rows
+
+
+def test_a_job_resumed_on_another_machine_fetches_its_checkpoint_from_the_store(tmp_path: Path) -> None:
+    """A server store keeps each checkpoint as the run's artifact: the sweep folder need not be shared."""
+    store = Store(f"sqlite:///{tmp_path / 'mlflow.db'}", "resume")
+    _, expected_rows, expected_signature = _train("agp", store, None)
+    killed_at = _config("agp").method.fine_tune.epochs // 2
+
+    here = TrainingCheckpoints(tmp_path / "machine-1", store)
+    with pytest.raises(RunKilled):
+        _train("agp", store, here, kill_at=killed_at)
+    killed_run = here.previous_attempt()
+    assert f"{STORE_FOLDER}/{LAST}" in {a.path for a in store.client.list_artifacts(killed_run, STORE_FOLDER)}
+
+    elsewhere = TrainingCheckpoints(tmp_path / "machine-2", store, earlier_attempts=lambda: [killed_run])
+    run_id, rows, signature = _train("agp", store, elsewhere)
+    assert store.client.get_run(run_id).data.metrics[RESUMED_AT_EPOCH] == killed_at
+    assert store.client.get_run(run_id).data.tags[RESUMED_FROM_TAG] == killed_run
+    assert (signature, rows) == (expected_signature, expected_rows)
