@@ -42,17 +42,17 @@ class RunKilled(BaseException):
         return 128 + self.signum
 
 
-_received: list[RunKilled] = []  # the signal being handled, when a chained handler raises something else
+KILLED_BY = "workbench_killed_by"  # set on what a chained handler (submitit's requeue) raises: the signal
 
 
 def kill_reason(error: BaseException) -> RunKilled | None:
     """The RunKilled behind `error`: itself, a KeyboardInterrupt (SIGINT without the handler), or
-    whatever a chained handler (submitit's requeue) raised while a signal was being handled."""
+    what a chained handler (submitit's requeue: SystemExit) raised while it handled a signal."""
     if isinstance(error, RunKilled):
         return error
     if isinstance(error, KeyboardInterrupt):
         return RunKilled(signal.SIGINT)
-    return _received[-1] if _received else None
+    return getattr(error, KILLED_BY, None)
 
 
 def _raise_killed(signum: int, frame) -> None:
@@ -76,9 +76,11 @@ def runs_end_killed_on_signals() -> Iterator[None]:
     preemption = _preemption_signal()
     if preemption is not None and callable(earlier := signal.getsignal(preemption)):
         def note_then_hand_over(signum: int, frame) -> None:
-            _received.append(RunKilled(signum))
-            earlier(signum, frame)
-            _received.pop()  # it returned (not the job's main task): the run goes on
+            try:
+                earlier(signum, frame)  # returns when it is not the job's main task: the run goes on
+            except BaseException as error:  # its exit (after requeuing): the run ends KILLED on the way out
+                setattr(error, KILLED_BY, RunKilled(signum))
+                raise
 
         previous[preemption] = signal.signal(preemption, note_then_hand_over)
     try:

@@ -90,6 +90,29 @@ def test_a_signal_ends_the_open_run_killed_with_the_signal(store: Store) -> None
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
 
 
+def test_submitits_preemption_signal_requeues_and_the_run_ends_killed(store: Store) -> None:
+    """Under submitit the preemption signal (SIGUSR2) is submitit's: it requeues the job and exits; the
+    run it interrupts is recorded KILLED with that signal, and submitit's exit goes on unchanged."""
+    requeued = []
+
+    def submitits_handler(signum, frame):  # what submitit's checkpoint_and_try_requeue does, in short
+        requeued.append(signum)
+        raise SystemExit(-1)
+
+    previous = signal.signal(signal.SIGUSR2, submitits_handler)
+    try:
+        with runs_end_killed_on_signals(), pytest.raises(SystemExit):
+            with closing_run(open_run(store, "preempted", {}, None)) as run:
+                os.kill(os.getpid(), signal.SIGUSR2)
+                time.sleep(5)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert requeued == [signal.SIGUSR2]
+    ended = store.client.get_run(run.run_id)
+    assert ended.info.status == "KILLED"
+    assert ended.data.tags[ERROR_TAG].startswith("killed by SIGUSR2: preempted or timed out")
+
+
 def test_sigterm_while_the_model_is_measured_ends_the_run_killed(store_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Outside Trainer.fit (measuring, compiling, exporting) nothing of Lightning's handles the signal."""
     from lightning_modules import experiment
