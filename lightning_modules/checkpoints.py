@@ -126,14 +126,18 @@ def safe_loading() -> Iterator[None]:
 
 
 class ResumeNote(pl.Callback):
-    """Logs the epoch a resumed training starts at (`resumed_at_epoch`) into the run."""
+    """Notes the epoch a resumed training starts at (Lightning has restored its loops by on_train_start).
+    A checkpoint of the last epoch (killed while the model was measured) trains nothing: no start to note."""
 
-    def __init__(self, log_metrics: Any) -> None:
-        self.log_metrics = log_metrics
+    def __init__(self) -> None:
+        self.epoch: int | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        log.info("training resumed from its checkpoint at epoch %d", trainer.current_epoch)
-        self.log_metrics({RESUMED_AT_EPOCH: trainer.current_epoch})
+        self.epoch = trainer.current_epoch
+        log.info("training resumed from its checkpoint at epoch %d", self.epoch)
+
+    def resumed_at(self, trainer: pl.Trainer) -> int:
+        return self.epoch if self.epoch is not None else trainer.current_epoch
 
 
 def register_missing_tensors(module: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:

@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from lightning_modules.checkpoints import ResumeNote, TrainingCheckpoints, safe_loading
+from lightning_modules.checkpoints import RESUMED_AT_EPOCH, ResumeNote, TrainingCheckpoints, safe_loading
 from lightning_modules.compression.base import CompressionCallback
 from lightning_modules.config import build_callbacks, model_config, read_teacher_file, validate
 from lightning_modules.contract import (
@@ -333,20 +333,21 @@ def fit(cfg: DictConfig, recipe: DictConfig | None, model: nn.Module, data: InMe
         optimizer=hydra.utils.instantiate(recipe.optimizer) if recipe is not None else torch.optim.SGD,
         scheduler=hydra.utils.instantiate(recipe.scheduler) if recipe is not None and recipe.get("scheduler") else None,
     )
-    resume, saving = None, {}
+    resume, note, saving = None, ResumeNote(), {}
     if checkpoints is not None and epochs > 0:
         checkpoints.fetch()
         resume = checkpoints.last
         if resume is not None:
             run.set_tags({RESUMED_FROM_TAG: checkpoints.previous_attempt() or ""})
         checkpoints.record_attempt(run.run_id)
-        saving = {"enable_checkpointing": True,
-                  "callbacks": [checkpoints.callback(run.run_id), *([ResumeNote(run.log_metrics)] if resume else [])]}
+        saving = {"enable_checkpointing": True, "callbacks": [checkpoints.callback(run.run_id), note]}
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, max_epochs=epochs, **{
         **saving, "callbacks": [*callbacks, EpochMetricsLogger(run), *saving.get("callbacks", [])]})
     started = time.perf_counter()
     with safe_loading():  # a checkpoint is read with weights_only=True
         trainer.fit(task, datamodule=data, ckpt_path=resume, weights_only=True)
+    if resume is not None:
+        run.log_metrics({RESUMED_AT_EPOCH: note.resumed_at(trainer)})
     return task.model, time.perf_counter() - started
 
 
