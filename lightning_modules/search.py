@@ -458,6 +458,7 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
         rows.append(row)
     table = pd.DataFrame(rows, columns=["trial", "state", "run_id", "run_status", "method", "knobs", *metrics, "violation",
                                         "feasible", "error"])
+    table["feasible"] = table["feasible"].astype(bool)  # an empty object column would select columns, not rows
     table["on_front"] = pareto(table, metrics, [direction.name.lower() for direction in study.directions])
     return table
 
@@ -527,7 +528,9 @@ def front_figure(table: pd.DataFrame, metrics: Sequence[str], budget: float, tit
         ref = reference.sort_values(x)
         ax.plot(ref[x], ref[y], "s:", color="tab:green", label=f"{reference_label} front")
     ax.axvline(budget, color="black", linewidth=0.8, linestyle="-.", label=f"budget {budget:g}")
-    ax.set_yscale("log")
+    shown = [table[y], *([] if reference is None else [reference[y]])]
+    if any((values > 0).any() for values in shown):  # no point yet (every trial failed): a linear empty axis
+        ax.set_yscale("log")
     ax.set_xlabel(f"{x} (points)")
     ax.set_ylabel(y)
     ax.set_title(title, fontsize=9)

@@ -330,32 +330,30 @@ def test_a_bad_search_stops_before_any_run(tmp_path: Path, store_uri: str) -> No
     assert not [r for r in all_runs(store_uri) if r.data.tags.get(ROLE_TAG) != ROLE_SWEEP]
 
 
-# test-only methods that fail for sure: every lowbit model counts as collapsed (within 95 points of
-# chance), every cluster fine-tune diverges at once (Adam at lr 1e30: a non-finite loss at its second step)
-FAILING_SPACE = """\
-lowbit:
-  method.bits: choice(3, 4, 6)
-  run_checks.chance_margin: 95.0
-cluster:
-  method.bits: choice(3, 4, 5)
-  method.fine_tune.optimizer.lr: 1.0e30
-"""
+# the space of lowbit and cluster (conf/search/), with knobs that fail for sure: every lowbit model counts as
+# collapsed (within 95 points of chance), every cluster fine-tune diverges at once (Adam at lr 1e30: a
+# non-finite loss at its second step). Set on the command line: the sweep checks jobs without hydra.searchpath
+FAILING_SPACE = [
+    "search@hydra.sweeper.space=[lowbit,cluster]",
+    "++hydra.sweeper.space.lowbit={method.bits: 'choice(3, 4, 6)', run_checks.chance_margin: 95.0}",
+    "++hydra.sweeper.space.cluster={method.bits: 'choice(3, 4, 5)', method.fine_tune.optimizer.lr: 1.0e30}",
+]
 
 
 @pytest.mark.slow
 def test_failed_trials_are_recorded_and_the_search_exits_1(tmp_path: Path, store_uri: str) -> None:
     # the baseline first, as its own run: the trials find it in the store, none of their knobs touch it
     assert run_train([*FAST, "method=baseline"], tmp_path).returncode == 0
-    (tmp_path / "conf" / "search").mkdir(parents=True)
-    (tmp_path / "conf" / "search" / "failing.yaml").write_text(FAILING_SPACE)
-    result = run_train(["-m", "experiment=search_size", *FAST, f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
-                        "search@hydra.sweeper.space=[failing]", "hydra.sweeper.sampler=random", "hydra.sweeper.n_trials=3"],
-                       tmp_path)
+    # the random sampler at seed 2 picks lowbit (collapsed), then cluster twice (crashed)
+    result = run_train(["-m", "experiment=search_size", *FAST, *FAILING_SPACE, "hydra.sweeper.sampler=random",
+                        "hydra.sweeper.seed=2", "hydra.sweeper.n_trials=3"], tmp_path)
 
     # the search completed (every trial told, the front reported), then exits 1 as a grid with a FAILED run does
     assert result.returncode == 1, result.stderr[-3000:]
-    assert "Pareto front within acc_drop <= 0.5 (0 of 3 trials within the budget)" in result.stdout
-    assert "no trial within the budget" in result.stdout and "3 of 3 trials failed" in result.stdout
+    printed = " ".join(result.stdout.split())  # rich wraps long lines
+    assert "Pareto front within acc_drop <= 0.5 (0 of 3 trials within the budget)" in printed
+    assert "no trial within the budget" in printed and "3 of 3 trials failed" in printed
+    assert "trial 0 lowbit method.bits=" in printed and "collapsed: test_acc" in printed
     assert "runs FAILED; their errors are in the runs' `error` tag" in result.stderr
     runs = all_runs(store_uri)
     parent = next(r for r in runs if r.data.tags.get(ROLE_TAG) == ROLE_SWEEP)
@@ -364,7 +362,7 @@ def test_failed_trials_are_recorded_and_the_search_exits_1(tmp_path: Path, store
     assert table["trial"].tolist() == [0, 1, 2] and not table["on_front"].any() and not table["feasible"].any()
     assert (table["run_status"] == "FAILED").all()
     collapsed, crashed = table[table["method"] == "lowbit"], table[table["method"] == "cluster"]
-    assert len(collapsed) and len(crashed)  # the random sampler's seed 0 picks both
+    assert collapsed["trial"].tolist() == [0] and crashed["trial"].tolist() == [1, 2]
     # a collapsed run logged its figures: a COMPLETE trial, infeasible; a crashed one has none: FAIL
     assert (collapsed["state"] == "COMPLETE").all() and collapsed["acc_drop"].notna().all()
     assert collapsed["error"].str.startswith("collapsed: test_acc").all()
