@@ -9,9 +9,12 @@ never the winner. The study lives in its own SQLite file beside the MLflow store
 `mlflow.db`), so a killed search relaunched with the same study name resumes where it stopped.
 
     space           `parse_space`: conf/search/<method>.yaml in Hydra's override grammar
-    a trial         `suggest_overrides` -> the launcher runs it -> `trial_outcome` from the store
+    a trial         `suggest_overrides` -> the launcher runs it -> `trial_outcome` from the store -> `tell`
+                    (a FAILED run: infeasible, or a failed trial; never on the front; `failure_lines` say why)
     the study       `open_study` (storage beside the store, sampler with the constraint), `resume_interrupted`
     the end         `trials_table`, `pareto`, `hypervolume_2d`, `winner`, `front_figure`, `report_study`
+    against a grid  `compare_fronts` (two sets of runs), `study_against_grid` (a study of the store against the
+                    grid's runs: the grid notebook's last section, scripts/benchmark_search.py)
 
 The Hydra side (a Sweeper plugin) is hydra_plugins/workbench_optuna_sweeper: it only wires this module
 to Hydra's launcher. Optuna is imported inside the functions that need it: the jobs import this module
@@ -32,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from lightning_modules.contract import (
-    ACC_DROP, BASELINE_SIZE_BYTES, HYPERVOLUME, SEARCH_BUDGET_TAG, SEARCH_FILE, SEARCH_FRONT,
-    SEARCH_TRIALS_ARTIFACT, STUDY_DB, STUDY_TAG, TRIAL_TAG, WINNER_RUN_TAG, WINNER_TRIAL_TAG, baseline_metric,
+    ACC_DROP, BASELINE_METHOD, BASELINE_SIZE_BYTES, ERROR_TAG, HYPERVOLUME, SEARCH_BUDGET_TAG, SEARCH_FILE,
+    SEARCH_FRONT, SEARCH_TRIALS_ARTIFACT, SIZE_BYTES, STUDY_DB, STUDY_TAG, TRIAL_TAG, WINNER_RUN_TAG, WINNER_TRIAL_TAG, baseline_metric,
     figure_artifact, sqlite_path,
 )
 
@@ -47,6 +50,8 @@ log = logging.getLogger(__name__)
 
 METHOD_PARAM = "method"  # the study's categorical parameter: which method (family or hybrid) a trial runs
 RUN_ID_ATTR, OVERRIDES_ATTR, REUSED_ATTR = "run_id", "overrides", "same_as_trial"
+RUN_STATUS_ATTR, ERROR_ATTR = "run_status", "error"  # the trial's run: its MLflow status, and why it FAILED
+FAILED, FINISHED = "FAILED", "FINISHED"  # MLflow run statuses
 INTERRUPTED_ATTR = "interrupted_trials"  # study attribute: trials a killed search left RUNNING (rerun, not counted)
 SAMPLERS = ("tpe", "nsgaii", "random")
 DIRECTIONS = ("minimize", "maximize")
@@ -291,30 +296,68 @@ def trial_runs(store: Store, study: str, number: int) -> list:
 
 @dataclass
 class Outcome:
-    """What a trial's run left in the store: its metrics (a collapsed run's too), run id and status."""
+    """What a trial's run left in the store: its metrics (a collapsed run's too), run id, status and,
+    for a FAILED run, why (its `error` tag)."""
 
     run_id: str | None
     status: str | None
     metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
 
 
-def trial_outcome(store: Store, study: str, number: int, returned: Any = None) -> Outcome:
+def trial_outcome(store: Store, study: str, number: int, job: Any = None) -> Outcome:
     """The run of trial `number` as the store has it; else what the job returned (a job skipped as
-    already FINISHED in this sweep returns that run's metrics)."""
+    already FINISHED in this sweep returns that run's metrics); a job that returned nothing and left
+    no run (it stopped before opening one) gets a FAILED run recorded here (`record_lost_trial`)."""
     runs = trial_runs(store, study, number)
     if runs:
-        return Outcome(runs[0].info.run_id, runs[0].info.status, dict(runs[0].data.metrics))
-    return Outcome(None, None, dict(returned) if isinstance(returned, Mapping) else {})
+        run = runs[0]
+        return Outcome(run.info.run_id, run.info.status, dict(run.data.metrics), run.data.tags.get(ERROR_TAG))
+    returned = _return_value(job)
+    if isinstance(returned, Mapping):
+        return Outcome(None, None, dict(returned))
+    return record_lost_trial(store, study, number, job)
+
+
+def record_lost_trial(store: Store, study: str, number: int, job: Any) -> Outcome:
+    """A FAILED run for a trial whose job left none (refused by the run's own checks, or stopped before
+    its run opened), under the sweep's parent run with the trial's tags: the trial is counted, and the
+    search ends with the exit status of a sweep with a FAILED run. Its reason points at the job's log."""
+    from omegaconf import OmegaConf
+
+    from lightning_modules.tracking import TrackedRun, open_run, read_sweep_info, record_failure, run_name, run_tags
+
+    hydra_cfg, cfg = getattr(job, "hydra_cfg", None), getattr(job, "cfg", None)
+    folder = OmegaConf.select(hydra_cfg, "hydra.runtime.output_dir", default=None) if hydra_cfg is not None else None
+    error = f"the job of trial {number} recorded no run and returned no metrics" + (
+        f" (its log: {folder})" if folder else "")
+    sweep_dir = OmegaConf.select(hydra_cfg, "hydra.sweep.dir", default=None) if hydra_cfg is not None else None
+    sweep = read_sweep_info(sweep_dir) if sweep_dir is not None else None
+    if cfg is None or sweep is None:
+        return Outcome(None, FAILED, {}, error)
+    tags = {**run_tags(cfg, sweep.name), STUDY_TAG: study, TRIAL_TAG: str(number)}
+    run: TrackedRun = open_run(store, run_name(cfg), tags, sweep.parent_run_id)
+    record_failure(run, RuntimeError(error))
+    return Outcome(run.run_id, FAILED, {}, f"RuntimeError: {error}")
 
 
 def tell(study: optuna.Study, trial: optuna.Trial, objectives: Objectives, outcome: Outcome) -> None:
-    """Record the outcome: COMPLETE with its objectives and constraint when the run measured them (a
-    collapsed run too: infeasible, not discarded), else FAIL."""
+    """Record the outcome: COMPLETE with its objectives and constraint when the run measured them, else
+    FAIL. A run that ended FAILED (a collapsed model logs its figures first) is COMPLETE when it has
+    its objectives, so the sampler learns that region, but infeasible whatever its drop: never on the
+    front, never the winner. The run's status and error go on the trial."""
     import optuna
 
     trial.set_user_attr(RUN_ID_ATTR, outcome.run_id)
+    trial.set_user_attr(RUN_STATUS_ATTR, outcome.status)
+    if outcome.error is not None:
+        trial.set_user_attr(ERROR_ATTR, outcome.error[:500])
     values = objectives.values(outcome.metrics)
-    trial.set_constraint(objectives.constraint, objectives.violation(outcome.metrics))
+    violation = math.inf if outcome.status == FAILED else objectives.violation(outcome.metrics)
+    trial.set_constraint(objectives.constraint, violation)
+    if outcome.status == FAILED:
+        log.warning("trial %d: its run FAILED (%s): recorded %s", trial.number, outcome.error or "no reason given",
+                    "as infeasible" if values is not None else "as a failed trial")
     if values is None:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
     else:
@@ -362,7 +405,9 @@ def run_search(settings: SearchSettings, base_overrides: list[str], launch: Laun
             if earlier is not None:  # nothing to train: the same run again
                 trial.set_user_attr(REUSED_ATTR, earlier.number)
                 trial.set_constraint(settings.objectives.constraint, trial_violation(earlier))
-                trial.set_user_attr(RUN_ID_ATTR, earlier.user_attrs.get(RUN_ID_ATTR))
+                for attr in (RUN_ID_ATTR, RUN_STATUS_ATTR, ERROR_ATTR):
+                    if attr in earlier.user_attrs:
+                        trial.set_user_attr(attr, earlier.user_attrs[attr])
                 study.tell(trial, earlier.values)
                 log.info("trial %d: %s repeats trial %d, its run reused", trial.number, " ".join(overrides), earlier.number)
             else:
@@ -375,7 +420,7 @@ def run_search(settings: SearchSettings, base_overrides: list[str], launch: Laun
             raise RuntimeError("trial numbers of one batch are not consecutive: another process writes to the study")
         returns = launch([[*base_overrides, *overrides] for _, overrides in to_launch], first)
         for (trial, overrides), job in zip(to_launch, returns):
-            outcome = trial_outcome(store, settings.study, trial.number, _return_value(job))
+            outcome = trial_outcome(store, settings.study, trial.number, job)
             tell(study, trial, settings.objectives, outcome)
             log.info("trial %d: %s -> %s", trial.number, " ".join(overrides),
                      {name: outcome.metrics.get(name) for name in settings.objectives.metrics})
@@ -406,11 +451,14 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
         overrides = trial.user_attrs.get(OVERRIDES_ATTR, [])
         violation = trial_violation(trial)
         row = {"trial": trial.number, "state": trial.state.name, "run_id": trial.user_attrs.get(RUN_ID_ATTR),
+               "run_status": trial.user_attrs.get(RUN_STATUS_ATTR), "error": trial.user_attrs.get(ERROR_ATTR),
                "method": trial.params.get(METHOD_PARAM), "knobs": " ".join(o for o in overrides if not o.startswith("method=")),
                "feasible": trial.state == optuna.trial.TrialState.COMPLETE and violation <= 0, "violation": violation}
         row.update({name: (trial.values[i] if trial.values else math.nan) for i, name in enumerate(metrics)})
         rows.append(row)
-    table = pd.DataFrame(rows, columns=["trial", "state", "run_id", "method", "knobs", *metrics, "violation", "feasible"])
+    table = pd.DataFrame(rows, columns=["trial", "state", "run_id", "run_status", "method", "knobs", *metrics, "violation",
+                                        "feasible", "error"])
+    table["feasible"] = table["feasible"].astype(bool)  # an empty object column would select columns, not rows
     table["on_front"] = pareto(table, metrics, [direction.name.lower() for direction in study.directions])
     return table
 
@@ -480,7 +528,9 @@ def front_figure(table: pd.DataFrame, metrics: Sequence[str], budget: float, tit
         ref = reference.sort_values(x)
         ax.plot(ref[x], ref[y], "s:", color="tab:green", label=f"{reference_label} front")
     ax.axvline(budget, color="black", linewidth=0.8, linestyle="-.", label=f"budget {budget:g}")
-    ax.set_yscale("log")
+    shown = [table[y], *([] if reference is None else [reference[y]])]
+    if any((values > 0).any() for values in shown):  # no point yet (every trial failed): a linear empty axis
+        ax.set_yscale("log")
     ax.set_xlabel(f"{x} (points)")
     ax.set_ylabel(y)
     ax.set_title(title, fontsize=9)
@@ -514,6 +564,8 @@ def report_study(study: optuna.Study, objectives: Objectives, store: Store, pare
     else:
         console.print(f"winner within the budget: trial {best['trial']} {best['method']} {best['knobs']}: "
                       + ", ".join(f"{m} {_cell(best[m])}" for m in metrics) + f" (run {best['run_id']})", highlight=False)
+    for line in failure_lines(table):
+        console.print(line, highlight=False, soft_wrap=True)
     if parent_run_id is None:
         return table
     parent = TrackedRun(store, parent_run_id)
@@ -531,6 +583,137 @@ def report_study(study: optuna.Study, objectives: Objectives, store: Store, pare
     except Exception as error:  # noqa: BLE001 - a figure is a convenience: the table and tags are logged already
         log.warning("search front figure not logged: %s", error)
     return table
+
+
+# ----------------------------------------------------------------------------- the study against the grid
+
+
+NO_STUDY_MESSAGE = ("No search study in this store: run one, e.g. `python train.py -m experiment=search_size model=lenet5 "
+                    "hydra.sweeper.budget=0.5`, then run this cell again to see its front against the grid's.")
+SOURCES = ("search", "grid")
+FRONT_COLUMNS = ["source", "run_name", "method", "knobs", ACC_DROP, SIZE_BYTES, "compression_ratio"]
+
+
+@dataclass
+class FrontComparison:
+    """A study's trials and a grid's runs judged alike: within the budget (`feasible`, FINISHED runs
+    only), on their own Pareto front (`on_front`), the hypervolume of each front (front_hypervolume)."""
+
+    study: str
+    budget: float
+    runs: pd.DataFrame  # both sets, column `source`: search | grid
+    hypervolumes: dict[str, float]
+    figure: Figure
+
+    @property
+    def ratio(self) -> float:
+        """Hypervolume of the search's front over the grid's (> 1: the search's dominates more)."""
+        grid = self.hypervolumes["grid"]
+        return self.hypervolumes["search"] / grid if grid > 0 else math.inf
+
+    @property
+    def fronts(self) -> pd.DataFrame:
+        """The runs on either front, by source then drop."""
+        front = self.runs[self.runs["on_front"]].sort_values(["source", ACC_DROP])
+        return front[[c for c in FRONT_COLUMNS if c in front]].reset_index(drop=True)
+
+    def smallest(self, source: str) -> pd.Series | None:
+        """The smallest run of `source` within the budget (the lower drop on a tie)."""
+        return winner(self.runs[self.runs["source"] == source], [ACC_DROP, SIZE_BYTES])
+
+    def summary(self) -> str:
+        lines = [f"study {self.study}: budget {self.budget:g} points of {ACC_DROP}"]
+        for source in SOURCES:
+            runs = self.runs[self.runs["source"] == source]
+            best = self.smallest(source)
+            lines.append(f"{source}: {len(runs)} runs, {int(runs['feasible'].sum())} within the budget, hypervolume "
+                         f"{self.hypervolumes[source]:.4f}; smallest within the budget: " + (
+                             "none" if best is None else f"{best['run_name']} {best['method']} {best['knobs']} "
+                             f"{best[SIZE_BYTES]:.0f} bytes, drop {best[ACC_DROP]:+.2f}"))
+        lines.append(f"hypervolume search / grid: {self.ratio:.3f} (> 1: the search's front dominates more)")
+        return "\n".join(lines)
+
+
+def compare_fronts(trials: pd.DataFrame, grid: pd.DataFrame, budget: float, study: str = "") -> FrontComparison:
+    """The fronts of acc_drop against size_bytes of a study's trial runs and a grid's runs (load_runs
+    frames; their baseline runs left out), each within the budget, with the hypervolumes measured against
+    the dense baseline's size (`baseline_size_bytes` of the runs) and the figure of both.
+
+    Raises:
+        ValueError: no run logged baseline_size_bytes (nothing to measure the sizes against).
+    """
+    frames = []
+    for source, runs in zip(SOURCES, (trials, grid)):
+        runs = runs.reindex(columns=list(dict.fromkeys([*runs.columns, "method", ACC_DROP, SIZE_BYTES])))  # none yet
+        runs = runs[runs["method"] != BASELINE_METHOD].dropna(subset=[ACC_DROP, SIZE_BYTES]).copy()
+        runs["source"] = source
+        finished = runs["status"] == FINISHED if "status" in runs else True
+        runs["feasible"] = finished & (runs[ACC_DROP] <= budget)
+        runs["on_front"] = pareto(runs, [ACC_DROP, SIZE_BYTES], ["minimize", "minimize"])
+        frames.append(runs)
+    both = pd.concat(frames, ignore_index=True)
+    sizes = both[BASELINE_SIZE_BYTES].dropna() if BASELINE_SIZE_BYTES in both else pd.Series(dtype=float)
+    if sizes.empty:
+        raise ValueError(f"no run logged {BASELINE_SIZE_BYTES}: the hypervolume has no reference size")
+    reference = float(sizes.iloc[0])
+    volumes = {source: front_hypervolume(frame, [ACC_DROP, SIZE_BYTES], budget, reference)
+               for source, frame in zip(SOURCES, frames)}
+    grid_front = frames[1][frames[1]["on_front"]]
+    figure = front_figure(frames[0], [ACC_DROP, SIZE_BYTES], budget, f"study {study}: search against the grid",
+                          reference=grid_front, reference_label="grid")
+    return FrontComparison(study, budget, both, volumes, figure)
+
+
+def study_against_grid(grid: pd.DataFrame, tracking_uri: str | None = None, experiment: str | None = None,
+                       study: str = "latest", budget: float | None = None) -> FrontComparison | None:
+    """The study's front (its trial runs, read from the store) against the grid's (`grid`: load_runs of
+    the grid, of the same data and model as the study; runs of any search are left out of it); None when
+    the store holds no study. `budget` None: the study's own (its parent run's tag search_budget).
+
+    Raises:
+        ValueError: `study` names no study of the store (the message lists them).
+    """
+    from lightning_modules.analysis import experiment_id, load_runs, open_client
+    from lightning_modules.contract import EXPERIMENT, ROLE_SWEEP, ROLE_TAG, SWEEP_TAG
+
+    experiment = experiment or EXPERIMENT
+    client = open_client(tracking_uri)
+    parents = client.search_runs([experiment_id(client, experiment)],
+                                 f"tags.{ROLE_TAG} = '{ROLE_SWEEP}' and tags.{STUDY_TAG} != ''",
+                                 order_by=["attributes.start_time DESC"], max_results=1000)
+    if not parents:
+        return None
+    studies = {run.data.tags[STUDY_TAG]: run for run in reversed(parents)}  # the newest parent of each study
+    name = parents[0].data.tags[STUDY_TAG] if study == "latest" else study
+    if name not in studies:
+        raise ValueError(f"study={study!r} is not in the store; it has: {', '.join(studies)}")
+    parent = studies[name]
+    trials = load_runs(tracking_uri, experiment, parent.data.tags[SWEEP_TAG], statuses=None)
+    if budget is None:
+        budget = float(parent.data.tags.get(SEARCH_BUDGET_TAG, "<= 0.5").split("<=")[-1])
+    searches = {run.data.tags.get(SWEEP_TAG) for run in parents}
+    same = grid["sweep"].map(lambda sweep: sweep not in searches)
+    for tag in ("data", "model", "seed"):
+        same &= grid[tag].isin(trials[tag].unique())
+    return compare_fronts(trials, grid[same], budget, name)
+
+
+def failed_trials(table: pd.DataFrame) -> pd.DataFrame:
+    """The trials whose run ended FAILED (collapsed, crashed, or recorded by the search for a job that
+    left no run) or that Optuna holds as FAIL (no objectives)."""
+    return table[(table["run_status"] == FAILED) | (table["state"] == "FAIL")]
+
+
+def failure_lines(table: pd.DataFrame) -> list[str]:
+    """What the search prints under its front about the trials that failed: each with its reason."""
+    failed = failed_trials(table)
+    if failed.empty:
+        return []
+    lines = [f"{len(failed)} of {len(table)} trials failed: infeasible (or failed) in the study, never on the front; "
+             f"their runs FAILED with the reason in tag `{ERROR_TAG}`, and the command exits 1, as a grid does"]
+    lines += [f"    trial {row.trial} {row.method} {row.knobs}: {row.error or 'no objectives logged'}"
+              for row in failed.itertuples(index=False)]
+    return lines
 
 
 def _baseline_figure(store: Store, best: pd.Series | None, metric: str) -> float | None:

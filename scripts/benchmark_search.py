@@ -18,29 +18,46 @@ against a grid run (run_time_s of the runs, and the search command's wall time o
 
 Rerunning into the same store resumes: grid jobs with a FINISHED run are skipped, the study goes on.
 resnet20's baseline trains 10-18 minutes on 2 cores, once per store. Run it on a quiet machine.
+`--label v2 --search-only` runs a second search (its own study, search-<model>-v2) against the grid already there.
+
+Measured 2026-12-01 (03:08-04:01 UTC), lenet5 on mnist5k, seed 0, budget 0.5, 9 trials (the default grid's 9
+compressed runs), hardware=cpu, the shipped search_size space (10 methods) and sampler (tpe, 5 random startup
+trials, seed 0); the 2-core machine shared with other sessions' training (load 2 during the grid, 5-7 during the
+search): sizes and drops do not depend on it, wall times do. resnet20 not run (its baseline alone 10-18 min).
+    grid front:   agp sparsity 0.8 (drop -0.8, 58448 B, 4.2x), cluster 4 bits (-0.2, 32618 B, 7.6x)
+    search front: agp_cluster sparsity 0.719 bits 4 (-1.0, 16040 B, 15.4x),
+                  agp_cluster sparsity 0.835 bits 4 (-0.5, 11189 B, 22.1x)
+    hypervolume:  grid 0.8367, search 0.9547, ratio 1.141 (the search's front dominates the grid's: each grid
+                  front point is beaten on both axes by a trial)
+    smallest within the budget: search 11189 B (22.1x, drop -0.5); grid 32618 B (cluster, 7.6x, drop -0.2)
+    all 9 trials and all 9 grid runs within the budget; trials: qat, agp_qat 0.884 (-0.9, 9.5x), agp_cluster x3,
+    agp_kd 0.562, cluster 6 bits, channel 0.319, lowbit 6 bits
+    wall time: grid command 720 s (10 jobs, the baseline's 55 s included), run_time_s 70.3 s a compressed run;
+    search command 2201 s, 240.4 s a trial (5 of 9 trials ran AGP's 30-epoch recipe, and under 3x the grid's
+    load: the grid's agp run took 47 s, the search's agp_cluster 350-396 s); the search's own overhead outside
+    the runs (process, Hydra, Optuna, the front at the end) 4.1 s a trial.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 from omegaconf import OmegaConf
 
 from lightning_modules.analysis import load_runs
-from lightning_modules.contract import ACC_DROP, BASELINE_METHOD, BASELINE_SIZE_BYTES, EXPERIMENT, RUN_TIME_S, SIZE_BYTES, sqlite_uri
-from lightning_modules.search import front_hypervolume, pareto
+from lightning_modules.contract import BASELINE_METHOD, EXPERIMENT, RUN_TIME_S, sqlite_uri
+from lightning_modules.search import compare_fronts
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["baseline.epochs=1", "trainer.limit_train_batches=4", "trainer.enable_progress_bar=false",
         "hardware.latency.warmup=1", "hardware.latency.repeats=3", "run_checks.chance_margin=null"]
-OBJECTIVES = [ACC_DROP, SIZE_BYTES]
 
 
 def train(args: list[str], store: Path) -> float:
@@ -61,51 +78,48 @@ def grid_jobs(methods: str | None) -> int:
     return len([m for m in methods.split(",") if m.strip() != BASELINE_METHOD])
 
 
+def search_name(model: str, opts: argparse.Namespace) -> str:
+    """The search's sweep folder (and, with --label, its study): search-<model>[-<label>]."""
+    return f"search-{model}" + (f"-{opts.label}" if opts.label else "")
+
+
 def run_model(model: str, opts: argparse.Namespace, trials: int) -> dict[str, float]:
     common = [f"model={model}", f"data={opts.data}", *(FAST if opts.fast else [])]
     grid = ["-m", *common, f"hydra.sweep.dir={opts.store / f'grid-{model}'}"]
     if opts.grid_methods:
         grid.append(f"method={opts.grid_methods}")
     search = ["-m", "experiment=search_size", *common, f"hydra.sweeper.n_trials={trials}",
-              f"hydra.sweeper.budget={opts.budget}", f"hydra.sweep.dir={opts.store / f'search-{model}'}"]
+              f"hydra.sweeper.budget={opts.budget}", f"hydra.sweep.dir={opts.store / search_name(model, opts)}"]
+    if opts.label:  # another study beside the first (another space or sampler): its own name, not a resumption
+        search.append(f"hydra.sweeper.study={search_name(model, opts)}")
     if opts.space:
         search.append(f"search@hydra.sweeper.space=[{opts.space}]")
-    return {"grid_wall_s": train(grid, opts.store), "search_wall_s": train(search, opts.store)}
+    grid_wall = math.nan if opts.search_only else train(grid, opts.store)
+    return {"grid_wall_s": grid_wall, "search_wall_s": train(search, opts.store)}
 
 
 def report(model: str, opts: argparse.Namespace, walls: dict[str, float] | None) -> None:
     uri = sqlite_uri(opts.store)
-    grid = load_runs(uri, EXPERIMENT, sweep=f"grid-{model}")
-    trials = load_runs(uri, EXPERIMENT, sweep=f"search-{model}")
-    grid = grid[grid["method"] != BASELINE_METHOD]
-    trials = trials[trials["method"] != BASELINE_METHOD]
-    if grid.empty or trials.empty:
-        print(f"{model}: no runs yet (grid {len(grid)}, search {len(trials)})")
+    grid = load_runs(uri, EXPERIMENT, sweep=f"grid-{model}", statuses=None)
+    trials = load_runs(uri, EXPERIMENT, sweep=search_name(model, opts), statuses=None)
+    compressed = {name: runs[runs["method"] != BASELINE_METHOD] for name, runs in (("grid", grid), ("search", trials))}
+    if any(runs.empty for runs in compressed.values()):
+        print(f"{model}: no runs yet (grid {len(compressed['grid'])}, search {len(compressed['search'])})")
         return
-    baseline_size = float(pd.concat([grid, trials])[BASELINE_SIZE_BYTES].dropna().iloc[0])
-    print(f"\n=== {model} on {opts.data}: budget {opts.budget} points, dense baseline {baseline_size:.0f} bytes")
-    volumes = {}
-    for name, runs in (("grid", grid), ("search", trials)):
-        runs = runs.assign(feasible=runs[ACC_DROP] <= opts.budget)
-        runs["on_front"] = pareto(runs, OBJECTIVES, ["minimize", "minimize"])
-        volumes[name] = front_hypervolume(runs, OBJECTIVES, opts.budget, baseline_size)
-        front = runs[runs["on_front"]].sort_values(ACC_DROP)
-        print(f"--- {name}: {len(runs)} runs, {int(runs['feasible'].sum())} within the budget; hypervolume {volumes[name]:.4f}")
-        print(front[["run_name", "method", ACC_DROP, SIZE_BYTES, "compression_ratio"]].to_string(index=False))
-        feasible = runs[runs["feasible"]]
-        if not feasible.empty:
-            best = feasible.sort_values([SIZE_BYTES, ACC_DROP]).iloc[0]
-            print(f"smallest within the budget: {best['run_name']} ({best['method']}): {best[SIZE_BYTES]:.0f} bytes, "
-                  f"drop {best[ACC_DROP]:+.2f}")
-    ratio = volumes["search"] / volumes["grid"] if volumes["grid"] > 0 else float("inf")
-    print(f"hypervolume search / grid: {ratio:.3f}  (> 1: the searched front dominates more)")
-    per_trial, per_grid_run = trials[RUN_TIME_S].mean(), grid[RUN_TIME_S].mean()
+    comparison = compare_fronts(trials, grid, opts.budget, search_name(model, opts))
+    print(f"\n=== {model} on {opts.data}")
+    print(comparison.summary())
+    print(comparison.fronts.to_string(index=False))
+    figure = opts.store / f"fronts-{search_name(model, opts)}.png"
+    comparison.figure.savefig(figure, dpi=100)
+    print(f"figure: {figure}")
+    per_trial, per_grid_run = compressed["search"][RUN_TIME_S].mean(), compressed["grid"][RUN_TIME_S].mean()
     print(f"wall time per run: search trial {per_trial:.1f} s, grid run {per_grid_run:.1f} s (run_time_s means)")
     if walls:
-        overhead = (walls["search_wall_s"] - trials[RUN_TIME_S].sum()) / len(trials)
+        overhead = (walls["search_wall_s"] - compressed["search"][RUN_TIME_S].sum()) / len(compressed["search"])
         print(f"commands: grid {walls['grid_wall_s']:.0f} s, search {walls['search_wall_s']:.0f} s; search overhead "
               f"outside the runs {overhead:.1f} s per trial (process start, Hydra, Optuna, the front at the end)")
-        (opts.store / f"walls-{model}.json").write_text(json.dumps(walls))
+        (opts.store / f"walls-{search_name(model, opts)}.json").write_text(json.dumps(walls))
 
 
 def main() -> None:
@@ -117,6 +131,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=None, help="default: the grid's compressed runs per model")
     parser.add_argument("--grid-methods", default=None, help="a subset of the default grid's methods (a check)")
     parser.add_argument("--space", default=None, help="a subset of conf/search/ for the search (a check)")
+    parser.add_argument("--label", default=None, help="a second search beside the first (search-<model>-<label>)")
+    parser.add_argument("--search-only", action="store_true", help="the grid is in the store already")
     parser.add_argument("--fast", action="store_true", help="a few batches per run: checks the plumbing only")
     parser.add_argument("--report-only", action="store_true")
     opts = parser.parse_args()
@@ -127,8 +143,8 @@ def main() -> None:
         walls = None
         if not opts.report_only:
             walls = run_model(model, opts, trials)
-        elif (opts.store / f"walls-{model}.json").exists():
-            walls = json.loads((opts.store / f"walls-{model}.json").read_text())
+        elif (opts.store / f"walls-{search_name(model, opts)}.json").exists():
+            walls = json.loads((opts.store / f"walls-{search_name(model, opts)}.json").read_text())
         report(model, opts, walls)
 
 

@@ -23,6 +23,7 @@ from nbformat import NotebookNode
 
 from lightning_modules.analysis import NO_SENSITIVITY_MESSAGE
 from lightning_modules.contract import ROLE_SWEEP, ROLE_TAG, SWEEP_FILE
+from lightning_modules.search import NO_STUDY_MESSAGE
 from tests.conftest import FAST_SHIPPED, ROOT, all_runs, run_train
 
 NOTEBOOKS = ROOT / "notebooks"
@@ -169,6 +170,8 @@ def test_grid_overview_notebook(digits_sweep: DigitsSweep, kernel: str) -> None:
     assert "registered grid-best version 1: models:/grid-best/1" in printed
     version = MlflowClient(digits_sweep.uri).get_model_version("grid-best", "1")
     assert version.description in printed and version.tags["objective"] == "compression"
+    # no search in this store: the last section says how to run one (test_search.py compares real fronts)
+    assert NO_STUDY_MESSAGE in printed
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import pytest
 
 from lightning_modules import search
 from lightning_modules.contract import (
-    ENERGY_J_PER_IMAGE_ESTIMATE, ENERGY_SOURCE_TAG, ENERGY_TRAIN_KJ_ESTIMATE, ROLE_SWEEP, ROLE_TAG, SEARCH_FILE,
+    ENERGY_J_PER_IMAGE_ESTIMATE, ENERGY_SOURCE_TAG, ERROR_TAG, ENERGY_TRAIN_KJ_ESTIMATE, ROLE_SWEEP, ROLE_TAG, SEARCH_FILE,
     SEARCH_TRIALS_ARTIFACT, STUDY_DB, STUDY_TAG, TRIAL_TAG, WINNER_RUN_TAG, figure_artifact,
 )
 from lightning_modules.search import Knob, Objectives, SearchSettings, parse_knob
@@ -103,6 +103,57 @@ def test_front_and_winner_count_feasible_trials_only() -> None:
     assert best["trial"] == 1  # the smallest within the budget; trial 2 is smaller but over it
 
 
+def log_run(store: Store, sweep: str, method: str, drop: float, size: float, status: str = "FINISHED",
+            **tags: str) -> None:
+    """A finished run as the workbench logs it, reduced to what the fronts read."""
+    run = store.client.create_run(store.experiment_id, tags={
+        "data": "digits", "model": "lenet5", "seed": "0", "sweep": sweep, "method": method, **tags})
+    for name, value in {"acc_drop": drop, "size_bytes": size, "baseline_size_bytes": 1000.0,
+                        "compression_ratio": 1000.0 / size}.items():
+        store.client.log_metric(run.info.run_id, name, value)
+    store.client.set_terminated(run.info.run_id, status)
+
+
+def test_the_study_front_against_the_grid_front(toy_store: Store) -> None:
+    parent = toy_store.client.create_run(toy_store.experiment_id, tags={
+        ROLE_TAG: ROLE_SWEEP, "sweep": "search-1", STUDY_TAG: "size-digits-lenet5-seed0", "search_budget": "acc_drop <= 0.5"})
+    toy_store.client.set_terminated(parent.info.run_id, "FINISHED")
+    for method, drop, size in [("agp", 0.2, 300), ("lowbit", 0.1, 150), ("svd", 0.0, 600)]:  # lowbit dominates agp
+        log_run(toy_store, "grid-1", method, drop, size)
+    log_run(toy_store, "grid-1", "baseline", 0.0, 1000)
+    log_run(toy_store, "grid-1", "agp", 0.0, 200, model="lenet300")  # another model: not compared
+    log_run(toy_store, "search-1", "agp_cluster", 0.3, 50, trial="0")
+    log_run(toy_store, "search-1", "cluster", -0.1, 120, trial="1")
+    log_run(toy_store, "search-1", "lowbit", 0.1, 10, status="FAILED", trial="2")  # collapsed: never on the front
+    log_run(toy_store, "search-1", "lowbit", 0.9, 20, trial="3")  # over the budget
+
+    from lightning_modules.analysis import load_runs
+
+    grid = load_runs(toy_store.uri, "workbench")  # every run: the search's are left out of the grid
+    comparison = search.study_against_grid(grid, toy_store.uri, "workbench")
+    assert comparison.study == "size-digits-lenet5-seed0" and comparison.budget == 0.5
+    fronts = comparison.fronts
+    assert fronts[fronts["source"] == "grid"]["method"].tolist() == ["svd", "lowbit"]
+    assert fronts[fronts["source"] == "search"]["method"].tolist() == ["cluster", "agp_cluster"]
+    # from the reference (drop 0.5, size 1.0), drops counted from -0.5, over the 1.0 x 1.0 box
+    grid_volume = ((0.5 - 0.0) * (1 - 0.6) + (0.5 - 0.1) * (0.6 - 0.15))
+    search_volume = ((0.5 + 0.1) * (1 - 0.12) + (0.5 - 0.3) * (0.12 - 0.05))
+    assert comparison.hypervolumes == pytest.approx({"grid": grid_volume, "search": search_volume})
+    assert comparison.ratio == pytest.approx(search_volume / grid_volume)
+    assert comparison.smallest("search")["method"] == "agp_cluster" and comparison.smallest("grid")["method"] == "lowbit"
+    assert "hypervolume search / grid: 1.426" in comparison.summary()
+    assert len(comparison.figure.axes[0].lines) >= 2  # both fronts drawn
+    with pytest.raises(ValueError, match=r"study='other' is not in the store; it has: size-digits-lenet5-seed0"):
+        search.study_against_grid(grid, toy_store.uri, "workbench", study="other")
+
+
+def test_no_study_in_the_store_is_none(toy_store: Store) -> None:
+    log_run(toy_store, "grid-1", "agp", 0.2, 300)
+    from lightning_modules.analysis import load_runs
+
+    assert search.study_against_grid(load_runs(toy_store.uri, "workbench"), toy_store.uri, "workbench") is None
+
+
 # ----------------------------------------------------------------------------- the study, without training
 
 
@@ -152,6 +203,39 @@ def test_a_job_without_its_objectives_is_a_failed_trial(tmp_path: Path, toy_stor
     study = search.run_search(settings(tmp_path, 2), [], lambda batch, first: [fake_job(None) for _ in batch],
                               toy_store)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 2
+    table = search.trials_table(study)
+    assert (table["run_status"] == "FAILED").all() and not table["feasible"].any()
+    assert table["error"].str.startswith("the job of trial ").all()
+    assert search.failure_lines(table)[0].startswith("2 of 2 trials failed")
+
+
+def test_a_failed_run_is_never_feasible_even_within_the_budget(tmp_path: Path, toy_store: Store) -> None:
+    """A collapsed run logs its figures, then ends FAILED: its trial is COMPLETE (the sampler learns
+    from it) but infeasible, whatever its drop, and the reason is on the trial."""
+    def launch(batch: list[list[str]], first: int) -> list:
+        run = toy_store.client.create_run(toy_store.experiment_id, tags={STUDY_TAG: "toy", TRIAL_TAG: str(first)})
+        if first == 0:  # the smallest and within the budget on paper: but its run FAILED
+            toy_store.client.log_metric(run.info.run_id, "acc_drop", 0.0)
+            toy_store.client.log_metric(run.info.run_id, "size_bytes", 1.0)
+            toy_store.client.set_tag(run.info.run_id, ERROR_TAG, "collapsed: test_acc 10.0% is within 2 points of chance")
+            toy_store.client.set_terminated(run.info.run_id, "FAILED")
+        else:
+            for name, value in toy_metrics(batch[0]).items():
+                toy_store.client.log_metric(run.info.run_id, name, value)
+            toy_store.client.set_terminated(run.info.run_id, "FINISHED")
+        return [fake_job(None)]
+
+    study = search.run_search(settings(tmp_path, 4), [], launch, toy_store)
+    table = search.trials_table(study).set_index("trial")
+    collapsed = table.loc[0]
+    assert collapsed["state"] == "COMPLETE" and collapsed["run_status"] == "FAILED"
+    assert not collapsed["feasible"] and not collapsed["on_front"] and collapsed["violation"] == math.inf
+    assert collapsed["error"].startswith("collapsed:")
+    assert (table.loc[[1, 2, 3], "run_status"] == "FINISHED").all()
+    best = search.winner(table.reset_index(), ["acc_drop", "size_bytes"])
+    assert best is None or best["trial"] != 0
+    lines = search.failure_lines(table.reset_index())
+    assert lines[0].startswith("1 of 4 trials failed") and lines[1].startswith("    trial 0 agp method.sparsity=")
 
 
 def test_a_killed_study_resumes_where_it_stopped(tmp_path: Path, toy_store: Store) -> None:
@@ -244,3 +328,45 @@ def test_a_bad_search_stops_before_any_run(tmp_path: Path, store_uri: str) -> No
     assert result.returncode == 2
     assert "'size_kb' is not a metric every run logs" in result.stderr and "Nothing was run." in result.stderr
     assert not [r for r in all_runs(store_uri) if r.data.tags.get(ROLE_TAG) != ROLE_SWEEP]
+
+
+# the space of lowbit and cluster (conf/search/), with knobs that fail for sure: every lowbit model counts as
+# collapsed (within 95 points of chance), every cluster fine-tune diverges at once (Adam at lr 1e30: a
+# non-finite loss at its second step). Set on the command line: the sweep checks jobs without hydra.searchpath
+FAILING_SPACE = [
+    "search@hydra.sweeper.space=[lowbit,cluster]",
+    "++hydra.sweeper.space.lowbit={method.bits: 'choice(3, 4, 6)', run_checks.chance_margin: 95.0}",
+    "++hydra.sweeper.space.cluster={method.bits: 'choice(3, 4, 5)', method.fine_tune.optimizer.lr: 1.0e30}",
+]
+
+
+@pytest.mark.slow
+def test_failed_trials_are_recorded_and_the_search_exits_1(tmp_path: Path, store_uri: str) -> None:
+    # the baseline first, as its own run: the trials find it in the store, none of their knobs touch it
+    assert run_train([*FAST, "method=baseline"], tmp_path).returncode == 0
+    # the random sampler at seed 2 picks lowbit (collapsed), then cluster twice (crashed)
+    result = run_train(["-m", "experiment=search_size", *FAST, *FAILING_SPACE, "hydra.sweeper.sampler=random",
+                        "hydra.sweeper.seed=2", "hydra.sweeper.n_trials=3"], tmp_path)
+
+    # the search completed (every trial told, the front reported), then exits 1 as a grid with a FAILED run does
+    assert result.returncode == 1, result.stderr[-3000:]
+    printed = " ".join(result.stdout.split())  # rich wraps long lines
+    assert "Pareto front within acc_drop <= 0.5 (0 of 3 trials within the budget)" in printed
+    assert "no trial within the budget" in printed and "3 of 3 trials failed" in printed
+    assert "trial 0 lowbit method.bits=" in printed and "collapsed: test_acc" in printed
+    assert "runs FAILED; their errors are in the runs' `error` tag" in result.stderr
+    runs = all_runs(store_uri)
+    parent = next(r for r in runs if r.data.tags.get(ROLE_TAG) == ROLE_SWEEP)
+    assert parent.info.status == "FAILED" and WINNER_RUN_TAG not in parent.data.tags
+    table = trials_csv(store_uri, parent.info.run_id)
+    assert table["trial"].tolist() == [0, 1, 2] and not table["on_front"].any() and not table["feasible"].any()
+    assert (table["run_status"] == "FAILED").all()
+    collapsed, crashed = table[table["method"] == "lowbit"], table[table["method"] == "cluster"]
+    assert collapsed["trial"].tolist() == [0] and crashed["trial"].tolist() == [1, 2]
+    # a collapsed run logged its figures: a COMPLETE trial, infeasible; a crashed one has none: FAIL
+    assert (collapsed["state"] == "COMPLETE").all() and collapsed["acc_drop"].notna().all()
+    assert collapsed["error"].str.startswith("collapsed: test_acc").all()
+    assert (crashed["state"] == "FAIL").all() and crashed["error"].str.contains("non-finite loss").all()
+    trial_runs = [r for r in runs if r.data.tags.get(TRIAL_TAG) is not None]
+    assert trial_runs and all(r.info.status == "FAILED" and r.data.tags[ERROR_TAG] for r in trial_runs)
+    assert set(table["run_id"]) == {r.info.run_id for r in trial_runs}
