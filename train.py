@@ -48,12 +48,13 @@ def main(cfg: DictConfig) -> dict[str, float] | None:
 def run_until_killed() -> None:
     """main() with SIGTERM, Ctrl-C and SIGHUP ending the open run (and the sweep's parent run) KILLED with
     the reason; the process then exits 128 + the signal's number, as a shell reports a killed process."""
-    from lightning_modules.signals import RunKilled, runs_end_killed_on_signals
+    from lightning_modules.signals import RunKilled, kill_reason, runs_end_killed_on_signals
 
     try:
         with runs_end_killed_on_signals():
             main()
     except RunKilled as killed:
+        kill_reason(killed)  # seen: no more deliveries
         from lightning_modules.sweep import end_running_sweep_killed
 
         end_running_sweep_killed(str(killed))

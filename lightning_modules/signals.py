@@ -14,9 +14,11 @@ over to submitit's, so the run it interrupts is recorded KILLED (preempted) as w
 
 from __future__ import annotations
 
+import _thread
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -49,14 +51,40 @@ def kill_reason(error: BaseException) -> RunKilled | None:
     """The RunKilled behind `error`: itself, a KeyboardInterrupt (SIGINT without the handler), or
     what a chained handler (submitit's requeue: SystemExit) raised while it handled a signal."""
     if isinstance(error, RunKilled):
-        return error
+        return _seen(error)
     if isinstance(error, KeyboardInterrupt):
-        return RunKilled(signal.SIGINT)
-    return getattr(error, KILLED_BY, None)
+        return _seen(RunKilled(signal.SIGINT))
+    killed = getattr(error, KILLED_BY, None)
+    return _seen(killed) if killed is not None else None
+
+
+# A handler's exception can land where Python swallows it (a weakref callback or __del__ running when the
+# signal arrives: "Exception ignored in ..."), and the process would go on as if nothing came. So the first
+# signal also starts a watchdog that delivers it again every few seconds until the RunKilled has been seen
+# on its way up (kill_reason, which closing_run and train.py call).
+REDELIVER_S = 5.0
+_pending: list[RunKilled] = []  # the signal being acted on, until its RunKilled is seen
 
 
 def _raise_killed(signum: int, frame) -> None:
-    raise RunKilled(signum)
+    killed = RunKilled(signum)
+    if not _pending:
+        _pending.append(killed)
+        threading.Thread(target=_redeliver_until_seen, args=(killed,), daemon=True, name="redeliver-signal").start()
+    raise killed
+
+
+def _redeliver_until_seen(killed: RunKilled) -> None:
+    while True:
+        time.sleep(REDELIVER_S)
+        if not _pending or _pending[0] is not killed:
+            return
+        _thread.interrupt_main(killed.signum)  # runs the handler in the main thread again
+
+
+def _seen(killed: RunKilled) -> RunKilled:
+    _pending.clear()
+    return killed
 
 
 def _preemption_signal() -> signal.Signals | None:
@@ -88,3 +116,4 @@ def runs_end_killed_on_signals() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        _pending.clear()

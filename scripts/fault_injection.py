@@ -35,8 +35,8 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from lightning_modules.checkpoints import RESUMED_AT_EPOCH  # noqa: E402
 from lightning_modules.contract import EXPERIMENT, JOB_TAG, RESUMED_FROM_TAG, contract_metrics, sqlite_uri  # noqa: E402
 
-# long enough (about 10 minutes uninterrupted on 2 busy cores) that 15 kills land all over it
-SWEEP = ["data=digits", "baseline.epochs=10", "trainer.limit_train_batches=20", "trainer.limit_val_batches=2",
+# long enough (about 15 minutes uninterrupted on 2 busy cores) that 15 kills land all over it
+SWEEP = ["data=digits", "baseline.epochs=30", "trainer.limit_val_batches=2",
          "trainer.enable_progress_bar=false", "hardware=cpu_1t", "hardware.latency.warmup=1",
          "hardware.latency.repeats=3", "run_checks.chance_margin=null", "++hardware.export_onnx=false",
          "++tracking.log_model=false", "model=lenet300,lenet5", "method=baseline,agp,magnitude,cluster,lowbit",
@@ -130,7 +130,7 @@ def main() -> int:
     parser.add_argument("--launcher", choices=("basic", "joblib"), default="basic")
     parser.add_argument("--workers", type=int, default=2, help="joblib workers")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-delay", type=float, default=90.0,
+    parser.add_argument("--max-delay", type=float, default=60.0,
                         help="a kill comes 3 to this many seconds in (validating the 20 configs alone takes 20-40 s)")
     args = parser.parse_args()
     args.store.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -196,3 +198,31 @@ def test_eager_runtime_folds_batchnorm_around_workbench_layers_and_keeps_them() 
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(deployed(x), model(x), atol=1e-4)
+
+
+def test_a_broken_kernel_library_in_inductors_cache_is_removed_and_compiled_again(tmp_path, monkeypatch) -> None:
+    """A process killed while Inductor wrote a kernel leaves a truncated .so that fails every later run."""
+    from torch._inductor.runtime import cache_dir_utils
+
+    from lightning_modules.evaluation.runtime import healing_inductor_cache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    broken = Path(cache_dir_utils.cache_dir()) / "k6" / "kernel.main.so"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"")
+    calls = []
+
+    def compile_and_run(x):
+        calls.append(x)
+        if broken.exists():
+            raise ImportError(f"{broken}: file too short")
+        return x + 1
+
+    assert healing_inductor_cache(compile_and_run, 1) == 2
+    assert len(calls) == 2 and not broken.exists()
+
+    outside = tmp_path / "elsewhere.so"  # only Inductor's own cache is touched
+    outside.write_bytes(b"")
+    with pytest.raises(ImportError, match="file too short"):
+        healing_inductor_cache(lambda: (_ for _ in ()).throw(ImportError(f"{outside}: file too short")))
+    assert outside.exists()

@@ -178,3 +178,22 @@ def test_a_sweep_terminated_mid_training_ends_killed_exits_143_and_resumes(tmp_p
     assert [run.data.tags[RESUMED_FROM_TAG] for run in went_on] == [r.info.run_id for r in killed if not r.data.tags.get(ROLE_TAG)]
     assert went_on[0].data.metrics[RESUMED_AT_EPOCH] >= 1  # the checkpointed epochs were not trained again
     assert not (tmp_path / "sweep" / CHECKPOINT_FOLDER).exists() or not any((tmp_path / "sweep" / CHECKPOINT_FOLDER).iterdir())
+
+
+def test_a_signal_whose_exception_python_swallowed_is_delivered_again(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signal that arrives while a weakref callback or __del__ runs raises there, and Python only prints
+    "Exception ignored": the signal comes again until its RunKilled is seen on the way up."""
+    from lightning_modules import signals
+
+    monkeypatch.setattr(signals, "REDELIVER_S", 0.2)
+    swallowed = []
+    with runs_end_killed_on_signals(), pytest.raises(RunKilled):
+        with closing_run(open_run(store, "swallowed once", {}, None)) as run:
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)
+            except RunKilled as killed:  # what Python does to an exception raised in a weakref callback
+                swallowed.append(killed)
+            time.sleep(5)  # the second delivery raises here
+    assert len(swallowed) == 1
+    assert store.client.get_run(run.run_id).info.status == "KILLED"

@@ -32,6 +32,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -111,12 +112,37 @@ class CompiledModel:
             # Compiled as it is, not through torch.export: the exported module's call wrapper (input
             # checks, pytree flattening) cost ~0.15 ms per call on 2 cores, as much as lenet300 runs.
             self.compiled = torch.compile(graph, dynamic=False)
-            _, code = run_and_get_code(self.compiled, example)
+            _, code = healing_inductor_cache(run_and_get_code, self.compiled, example)
         self.int8_kernel_ops = sum(len(INDUCTOR_INT8_KERNELS.findall(source)) for source in code)
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.compiled(inputs.cpu())
+            return healing_inductor_cache(self.compiled, inputs.cpu())
+
+
+BROKEN_KERNEL = re.compile(r"(/\S+\.so): (?:file too short|invalid ELF header)")
+
+
+def healing_inductor_cache(function: Callable[..., Any], *args: Any, attempts: int = 16) -> Any:
+    """`function(*args)`, compiled again if Inductor's on-disk cache held broken kernel libraries.
+
+    A process killed while Inductor wrote a compiled kernel (`.so`) leaves the file truncated, and every
+    later compile that needs the same kernel fails to load it ("file too short"), in every run, until
+    the file goes: each one met is removed (only inside Inductor's cache folder) and the call compiles
+    it anew, up to `attempts` files."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    for _ in range(attempts):
+        try:
+            return function(*args)
+        except Exception as error:
+            found = BROKEN_KERNEL.search(str(error))
+            broken = Path(found.group(1)).resolve() if found else None
+            if broken is None or Path(cache_dir()).resolve() not in broken.parents:
+                raise
+            log.warning("Inductor's cache held a broken kernel library (%s); removed, compiling it again", found.group(0))
+            broken.unlink(missing_ok=True)
+    return function(*args)
 
 
 def torch_compiled(model: nn.Module, device: torch.device, threads: int | None = None,
