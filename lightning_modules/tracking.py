@@ -277,16 +277,27 @@ def baseline_runs(store: Store, fingerprint: str, status: str) -> list:
 # fingerprint) first, as a claim; the oldest RUNNING claim wins, the others delete theirs and wait
 # for it to finish. A claim whose process is gone (same host, dead pid) is marked FAILED and retaken.
 CLAIM_POLL_SECONDS = 2.0
+# A run's start time is taken before its row is written, so a claim opened a moment before another can
+# reach the store a moment after it: a claim that looks oldest looks again this long after, and wins
+# only if it still does (4 processes claiming at once: 2-3 winners in half of 40 rounds without it).
+CLAIM_SETTLE_SECONDS = 2.0
 
 
 def claim_tags() -> dict[str, str]:
     return {CLAIM_HOST_TAG: socket.gethostname(), CLAIM_PID_TAG: str(os.getpid())}
 
 
-def won_claim(store: Store, fingerprint: str, run_id: str) -> bool:
-    """Whether `run_id` is the oldest live claim on the baseline (call it right after opening the run)."""
-    claims = live_claims(store, fingerprint)
-    return not claims or claims[0].info.run_id == run_id
+def won_claim(store: Store, fingerprint: str, run_id: str, settle_s: float | None = None) -> bool:
+    """Whether `run_id` is the oldest live claim on the baseline (call it right after opening the run):
+    it is at once and still `settle_s` later (default CLAIM_SETTLE_SECONDS), and no job has finished
+    that baseline meanwhile."""
+    for look in range(2):
+        if look:
+            time.sleep(CLAIM_SETTLE_SECONDS if settle_s is None else settle_s)
+        claims = live_claims(store, fingerprint)
+        if claims and claims[0].info.run_id != run_id:
+            return False
+    return find_baseline_run(store, fingerprint) is None
 
 
 def wait_for_baseline(store: Store, fingerprint: str, timeout_s: float) -> str | None:
