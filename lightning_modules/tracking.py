@@ -287,13 +287,12 @@ def claim_tags() -> dict[str, str]:
     return {CLAIM_HOST_TAG: socket.gethostname(), CLAIM_PID_TAG: str(os.getpid())}
 
 
-def won_claim(store: Store, fingerprint: str, run_id: str, settle_s: float | None = None) -> bool:
+def won_claim(store: Store, fingerprint: str, run_id: str) -> bool:
     """Whether `run_id` is the oldest live claim on the baseline (call it right after opening the run):
-    it is at once and still `settle_s` later (default CLAIM_SETTLE_SECONDS), and no job has finished
-    that baseline meanwhile."""
+    it is at once and still CLAIM_SETTLE_SECONDS later, and no job has finished that baseline meanwhile."""
     for look in range(2):
         if look:
-            time.sleep(CLAIM_SETTLE_SECONDS if settle_s is None else settle_s)
+            time.sleep(CLAIM_SETTLE_SECONDS)
         claims = live_claims(store, fingerprint)
         if claims and claims[0].info.run_id != run_id:
             return False
