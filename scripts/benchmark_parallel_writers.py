@@ -7,11 +7,16 @@ the "database is locked" errors in the output and the jobs' logs, and the wall t
         --store /tmp/parallel-writers
     ... --workers 2 4                    # only these worker counts (the ratio needs 1 among them)
     ... --report-only --store DIR        # the table from the stores already there
+    ... --threads 1                      # hardware.threads=1 in every job (see below)
 
 The grid is data=digits, model=lenet5,lenet300 x method=baseline,agp,magnitude,cluster x seed=0,1 with
 the trainer shrunk as the tests shrink it: the accuracies mean nothing, the jobs write to the store what
 real ones write. Every run times latency, so hold /tmp/timing.lock; on a shared machine the wall times
 are still contended by whatever else runs: say so beside them.
+
+Threads: at 1 worker joblib runs the jobs one after another in the launching process, where torch
+takes every core (hardware.threads: null); its loky workers start with OMP_NUM_THREADS = cores //
+workers (at least 1). `--threads 1` gives every job one thread, so that only the worker count differs.
 """
 
 from __future__ import annotations
@@ -75,13 +80,16 @@ def grid_outcome(uri: str, sweep_dir: Path, output: str = "") -> GridOutcome:
     return GridOutcome(dict(statuses), dict(trained), sum(text.count(LOCKED) for text in [output, *logs]))
 
 
-def launch(store: Path, workers: int) -> tuple[float, str]:
-    """The grid at `workers` joblib workers into a fresh store in `store`: (wall seconds, its output)."""
+def launch(store: Path, workers: int, threads: int | None = None) -> tuple[float, str]:
+    """The grid at `workers` joblib workers into a fresh store in `store`: (wall seconds, its output);
+    `threads`: hardware.threads of every job (None: the config's)."""
     if store.exists():
         shutil.rmtree(store)
     store.mkdir(parents=True)
     command = [sys.executable, str(ROOT / "train.py"), "-m", *GRID, *FAST, "hydra/launcher=joblib",
                f"hydra.launcher.n_jobs={workers}", f"tracking.uri={sqlite_uri(store)}", f"hydra.sweep.dir={store / 'sweep'}"]
+    if threads is not None:
+        command.append(f"hardware.threads={threads}")
     env = {**os.environ, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "WORKBENCH_ROOT": str(ROOT)}
     started = time.perf_counter()
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -121,6 +129,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", type=Path, required=True, help="folder for one store per worker count")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--threads", type=int, default=None, help="hardware.threads of every job (default: the config's)")
     parser.add_argument("--report-only", action="store_true", help="only the table, from the stores already there")
     opts = parser.parse_args()
     opts.store.mkdir(parents=True, exist_ok=True)
@@ -128,7 +137,7 @@ def main() -> None:
     walls = json.loads(walls_path.read_text()) if walls_path.exists() else {}
     if not opts.report_only:
         for count in opts.workers:
-            walls[str(count)], _ = launch(opts.store / f"workers-{count}", count)
+            walls[str(count)], _ = launch(opts.store / f"workers-{count}", count, opts.threads)
             walls_path.write_text(json.dumps(walls, indent=2))
             print(f"{count} workers: {walls[str(count)]:.1f} s", flush=True)
     sys.exit(0 if report(opts.store, opts.workers, walls) else 1)
