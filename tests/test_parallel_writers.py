@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import multiprocessing
+import multiprocessing.queues
+import multiprocessing.synchronize
 import sys
 from collections import Counter
 from pathlib import Path
@@ -31,20 +33,21 @@ bench = _load_benchmark()
 CLAIMANTS, ROUNDS = 4, 5
 
 
-def _claim_in_lockstep(uri: str, first: bool, created, start, wins) -> None:
+def _claim_in_lockstep(uri: str, first: bool, created: multiprocessing.synchronize.Event,
+                       start: multiprocessing.synchronize.Barrier, wins: multiprocessing.queues.Queue) -> None:
     """One process: in each round, claim baseline `round<n>` together with the others; report the rounds won.
 
     The first makes the schema and the experiment, alone (as a sweep's launcher does), the others wait.
     """
     store = Store(uri, "claims")
     if not first:
-        created.wait()
+        created.wait(timeout=120)
     store.experiment_id
     created.set()
     won = []
     for number in range(ROUNDS):
         fingerprint = f"round{number}"
-        start.wait()
+        start.wait(timeout=120)  # a claimant that died breaks the barrier: the others stop too
         claim = open_run(store, "baseline", {FINGERPRINT_TAG: fingerprint, **claim_tags()}, None)
         if won_claim(store, fingerprint, claim.run_id):
             won.append(fingerprint)
