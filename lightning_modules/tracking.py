@@ -290,12 +290,22 @@ def baseline_runs(store: Store, fingerprint: str, status: str) -> list:
 # for it to finish. A claim whose process is gone (liveness.why_dead: its pid on this host, its heartbeat
 # elsewhere) is marked KILLED and retaken.
 CLAIM_POLL_SECONDS = 2.0
+# A run's start time is taken before its row is written, so a claim opened a moment before another can
+# reach the store a moment after it: a claim that looks oldest looks again this long after, and wins
+# only if it still does (4 processes claiming at once: 2-3 winners in half of 40 rounds without it).
+CLAIM_SETTLE_SECONDS = 2.0
 
 
 def won_claim(store: Store, fingerprint: str, run_id: str) -> bool:
-    """Whether `run_id` is the oldest live claim on the baseline (call it right after opening the run)."""
-    claims = live_claims(store, fingerprint)
-    return not claims or claims[0].info.run_id == run_id
+    """Whether `run_id` is the oldest live claim on the baseline (call it right after opening the run):
+    it is at once and still CLAIM_SETTLE_SECONDS later, and no job has finished that baseline meanwhile."""
+    for look in range(2):
+        if look:
+            time.sleep(CLAIM_SETTLE_SECONDS)
+        claims = live_claims(store, fingerprint)
+        if claims and claims[0].info.run_id != run_id:
+            return False
+    return find_baseline_run(store, fingerprint) is None
 
 
 def wait_for_baseline(store: Store, fingerprint: str, timeout_s: float) -> str | None:
