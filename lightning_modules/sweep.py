@@ -40,7 +40,7 @@ from lightning_modules.contract import (
 )
 from lightning_modules.contract import SEARCH_FILE, STUDY_TAG, TRIAL_TAG
 from lightning_modules.liveness import end_dead_runs, end_killed, heartbeat, liveness_tags
-from lightning_modules.tracking import Store, SweepInfo, TrackedRun, liveness_settings, read_sweep_info, write_sweep_info
+from lightning_modules.tracking import Store, SweepInfo, TrackedRun, store_settings, read_sweep_info, write_sweep_info
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def where_to_log(tracking: DictConfig) -> tuple[Store, SweepInfo | None, str | N
     """The store a run logs to (its sweep's, else tracking's), and the sweep and job it belongs to
     (None, None for a single run)."""
     sweep = current_sweep()
-    store = (Store(sweep.tracking_uri, sweep.experiment, **liveness_settings(tracking)) if sweep
+    store = (Store(sweep.tracking_uri, sweep.experiment, **store_settings(tracking)) if sweep
              else Store.from_config(tracking))
     return store, sweep, current_job() if sweep else None
 
@@ -142,7 +142,7 @@ class SweepCallback(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         existing = read_sweep_info(sweep_dir)
         if existing is not None:  # the same sweep folder again: resume under its parent run
-            store = Store(existing.tracking_uri, existing.experiment, **liveness_settings(config.tracking))
+            store = Store(existing.tracking_uri, existing.experiment, **store_settings(config.tracking))
             TrackedRun(store, existing.parent_run_id).set_tags(liveness_tags())  # this process runs it now
             store.client.update_run(existing.parent_run_id, "RUNNING")
             log.info("sweep %s resumed: jobs with a FINISHED run are skipped", existing.name)

@@ -45,15 +45,23 @@ class RunRejected(RuntimeError):
     non-finite training loss): it ends FAILED, and its message alone is the `error` tag."""
 
 
+# A run's start time is taken before its row is written, so a claim opened a moment before another can
+# reach the store a moment after it: a claim that looks oldest looks again this long after, and wins
+# only if it still does (4 processes claiming at once: 2-3 winners in half of 40 rounds without it).
+# tracking.claim_settle_s; the tests' fast settings set 0 where jobs run one at a time.
+CLAIM_SETTLE_SECONDS = 2.0
+
+
 class Store:
     """An MLflow tracking URI plus the experiment the workbench writes to."""
 
     def __init__(self, uri: str, experiment: str, heartbeat_s: float = HEARTBEAT_S,
-                 stale_after_s: float = STALE_AFTER_S) -> None:
+                 stale_after_s: float = STALE_AFTER_S, claim_settle_s: float = CLAIM_SETTLE_SECONDS) -> None:
         self.uri = uri
         self.experiment = experiment
         self.heartbeat_s = heartbeat_s  # how often an open run refreshes its heartbeat tag (liveness.py)
         self.stale_after_s = stale_after_s  # a RUNNING run of another host with an older heartbeat is dead
+        self.claim_settle_s = claim_settle_s  # a baseline claim that looks first looks again this much later
 
     @classmethod
     def from_config(cls, tracking: DictConfig, overrides: list[str] | None = None) -> Store:
@@ -63,7 +71,7 @@ class Store:
         uri = tracking.get("uri")
         explicit = uri if uri is not None and given_on_command_line("tracking.uri", overrides) else None
         return cls(resolve_store_uri(explicit, configured=uri, store_dir=tracking.store_dir), tracking.experiment,
-                   **liveness_settings(tracking))
+                   **store_settings(tracking))
 
     @property
     def artifact_root(self) -> str | None:
@@ -107,10 +115,12 @@ class Store:
         return found.experiment_id
 
 
-def liveness_settings(tracking: DictConfig) -> dict[str, float]:
-    """tracking.heartbeat_s and tracking.stale_after_s as Store's keyword arguments (defaults where unset)."""
+def store_settings(tracking: DictConfig) -> dict[str, float]:
+    """tracking.heartbeat_s, stale_after_s and claim_settle_s as Store's keyword arguments (defaults where unset)."""
+    settle = tracking.get("claim_settle_s")
     return {"heartbeat_s": float(tracking.get("heartbeat_s") or HEARTBEAT_S),
-            "stale_after_s": float(tracking.get("stale_after_s") or STALE_AFTER_S)}
+            "stale_after_s": float(tracking.get("stale_after_s") or STALE_AFTER_S),
+            "claim_settle_s": float(CLAIM_SETTLE_SECONDS if settle is None else settle)}
 
 
 def given_on_command_line(key: str, overrides: list[str] | None = None) -> bool:
@@ -290,18 +300,14 @@ def baseline_runs(store: Store, fingerprint: str, status: str) -> list:
 # for it to finish. A claim whose process is gone (liveness.why_dead: its pid on this host, its heartbeat
 # elsewhere) is marked KILLED and retaken.
 CLAIM_POLL_SECONDS = 2.0
-# A run's start time is taken before its row is written, so a claim opened a moment before another can
-# reach the store a moment after it: a claim that looks oldest looks again this long after, and wins
-# only if it still does (4 processes claiming at once: 2-3 winners in half of 40 rounds without it).
-CLAIM_SETTLE_SECONDS = 2.0
 
 
 def won_claim(store: Store, fingerprint: str, run_id: str) -> bool:
     """Whether `run_id` is the oldest live claim on the baseline (call it right after opening the run):
-    it is at once and still CLAIM_SETTLE_SECONDS later, and no job has finished that baseline meanwhile."""
-    for look in range(2):
+    it is at once and still `store.claim_settle_s` later, and no job has finished that baseline meanwhile."""
+    for look in range(2 if store.claim_settle_s > 0 else 1):
         if look:
-            time.sleep(CLAIM_SETTLE_SECONDS)
+            time.sleep(store.claim_settle_s)
         claims = live_claims(store, fingerprint)
         if claims and claims[0].info.run_id != run_id:
             return False

@@ -32,7 +32,7 @@ FAST_SHIPPED = [
 # model/model.onnx (export and ORT scoring) and the MLflow models cost 2-5 s a run: FAST leaves them
 # out; the tests of those files (test_mlflow_model, test_workbench's artifacts, the notebooks' sweep
 # that register_best reads) run with FAST_SHIPPED, which keeps them as shipped
-FAST = [*FAST_SHIPPED, "++hardware.export_onnx=false", "++tracking.log_model=false"]
+FAST = [*FAST_SHIPPED, "++hardware.export_onnx=false", "++tracking.log_model=false", "tracking.claim_settle_s=0"]
 
 
 def compose_config(overrides: list[str] | None = None) -> DictConfig:

@@ -54,8 +54,9 @@ def test_waiting_returns_the_finished_baseline_and_times_out_on_a_live_claim(sto
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", [["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
-                                      ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"]],
+@pytest.mark.parametrize("launcher", [["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "tracking.claim_settle_s=2"],
+                                      ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+                                       "tracking.claim_settle_s=2"]],
                          ids=["joblib", "submitit_local"])
 def test_parallel_jobs_train_a_missing_baseline_once(tmp_path: Path, store_uri: str, launcher: list[str]) -> None:
     if "submitit" in launcher[0]:

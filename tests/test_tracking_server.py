@@ -88,7 +88,7 @@ def test_parallel_sweep_into_a_postgresql_server(tmp_path: Path, server_url: str
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     sweep = ["-m", *FAST, "tracking=server", f"tracking.uri={server_url}", "model=lenet300",
-             "method=baseline,magnitude", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+             "method=baseline,magnitude", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "tracking.claim_settle_s=2"]
     result = run_train(sweep, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
