@@ -175,7 +175,10 @@ class SweepCallback(Callback):
         parent.set_tags({FAILED_RUNS_TAG: failed})
         log_sweep_figures(info)  # the grid's figures on the parent run, for the UI; warns, never raises
         store.client.set_terminated(info.parent_run_id, "FAILED" if failed else "FINISHED")
-        print_grid(table, info)
+        try:
+            print_grid(table, info)
+        except Exception:  # Hydra would turn it into a warning and exit 0: the exit status below must stand
+            log.exception("the grid table could not be printed; it is in the parent run's %s", GRID_ARTIFACT)
         if failed:
             print(f"{failed} of {len(table)} runs FAILED; their errors are in the runs' `{ERROR_TAG}` tag and {ERROR_ARTIFACT}",
                   file=sys.stderr)
@@ -225,9 +228,9 @@ def print_grid(table: pd.DataFrame, info: SweepInfo) -> None:
     view = Table(title=f"sweep {info.name}: {len(table)} runs (parent run {info.parent_run_id})")
     for column in TABLE_COLUMNS:
         view.add_column(column, justify="right" if column not in ("model", "method", "hardware", "status") else "left")
-    for row in table.itertuples(index=False):
+    for row in table.reindex(columns=[*TABLE_COLUMNS, NOISY_TAG]).itertuples(index=False):  # a column no run logged: "-"
         cells = [_cell(getattr(row, column)) for column in TABLE_COLUMNS]
-        if bool(getattr(row, NOISY_TAG)):
+        if _present_flag(getattr(row, NOISY_TAG)):
             cells[-1] += NOISY_MARK
         view.add_row(*cells)
     console.print(view)
@@ -259,6 +262,10 @@ def grid_notes(table: pd.DataFrame) -> list[str]:
         notes.append(f"slower than the baseline (tag {SLOWER_TAG}):")
         notes += [f"    {row.run_name}: {getattr(row, SLOWER_TAG)}" for row in slower.itertuples(index=False)]
     return notes
+
+
+def _present_flag(value: Any) -> bool:
+    return bool(value) and not (isinstance(value, float) and pd.isna(value))
 
 
 def _present(value: Any) -> bool:

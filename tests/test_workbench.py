@@ -82,6 +82,15 @@ def test_baseline_is_trained_once_for_two_compression_runs(tmp_path: Path, store
     assert len([r for r in all_runs(store_uri) if FINGERPRINT_TAG in r.data.tags]) == 1
 
 
+def test_a_sweep_whose_every_run_failed_before_measuring_exits_1(tmp_path: Path, store_uri: str) -> None:
+    """No run logged a figure: the grid still prints (with blanks), and the exit status says FAILED."""
+    result = run_train(["-m", *FAST, "method=baseline", "model=lenet300",
+                        "model.net._target_=tests.helpers.FailingNet"], tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "1 of 1 runs FAILED" in result.stderr
+    assert "could not be printed" not in result.stderr
+
+
 def test_a_failing_run_is_recorded_failed_and_the_sweep_goes_on(tmp_path: Path, store_uri: str) -> None:
     result = run_train(["-m", *FAST, "method=baseline", "model=lenet300", "model.net._target_=tests.helpers.FailingNet,"
                         "tests.helpers.OutOfMemoryNet,lightning_modules.models.LeNet300"], tmp_path)
