@@ -289,3 +289,23 @@ def test_scorecard_judges_a_hybrid_against_its_parts_and_its_last_stage() -> Non
     assert any("agp 4.00x > agp_qat 3.00x" in reason for reason in judged(0.0, 3.0))
     assert any("agp_qat drop 0.50 > qat drop 0.10" in reason for reason in judged(0.5, 12.0))
     assert set(sc.HYBRID_PARTS) == set(HYBRIDS)
+
+
+def test_a_pruned_model_left_float_on_onnx_runtime_ships_sparse(tmp_path) -> None:
+    """ONNX Runtime's file stores every float: a pruned model its quantizer kept float (min_speedup) ships
+    as model.pt, zeros at a bit each, and is decoded once when loaded (it shipped as a dense .onnx: 1.0x)."""
+    from lightning_modules.evaluation.report import deploy
+    from tests.conftest import compose_config
+
+    torch.manual_seed(0)
+    model = LeNet300(1, 8, 10, hidden=(64, 32)).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight[torch.rand_like(module.weight) < 0.8] = 0
+    hardware = compose_config(["hardware=cpu_ort"]).hardware
+    shipped = deploy(model, hardware, torch.device("cpu"), tmp_path, (1, 8, 8))
+    onnx_size = (tmp_path / "model.onnx").stat().st_size
+    pt_size = (tmp_path / "model.pt").stat().st_size
+    assert pt_size < 0.5 * onnx_size
+    assert shipped.packed and shipped.deployment.size_bytes == pt_size

@@ -181,10 +181,11 @@ DECODERS: dict[str, Callable[[Encoded], torch.Tensor]] = {
     "dense": _decode_dense, "bitmask": _decode_bitmask, "packed": _decode_packed, "codebook": _decode_codebook,
     "huffman": _decode_huffman, "sparse_codes": _decode_sparse_codes, "constant": _decode_constant,
 }
-# encodings narrower than any runtime's own file stores the weights (float weights as a codebook or
-# Huffman-coded; int8 codes without their zeros: ONNX Runtime's file holds every code, so model.pt is
-# what ships)
-NARROW_ENCODINGS = ("codebook", "huffman", "sparse_codes")
+# encodings narrower than any runtime's own file stores the weights (float weights without their zeros,
+# as a codebook or Huffman-coded; int8 codes without their zeros: ONNX Runtime's file holds every
+# weight, so model.pt is what ships and is decoded once at load). A pruned model whose quantizer kept
+# every layer float (min_speedup) was shipped as a dense .onnx: 1.0x at sparsity 0.8 (issue 14's agp_qat)
+NARROW_ENCODINGS = ("bitmask", "codebook", "huffman", "sparse_codes")
 MAX_CODEBOOK = 256
 
 
