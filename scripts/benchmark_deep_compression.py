@@ -42,17 +42,14 @@ from mlflow.tracking import MlflowClient
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lightning_modules.analysis import DEEP_COMPRESSION_PAPER  # noqa: E402
 from lightning_modules.contract import (  # noqa: E402
     ACC_DROP, BASELINE_TEST_ACC, BITS_PER_INDEX, BITS_PER_VALUE, BITS_PER_WEIGHT, COMPRESSION_RATIO_HUFFMAN,
     COMPRESSION_RATIO_HUFFMAN_PAYLOAD, COMPRESSION_RATIO_PRUNED, COMPRESSION_RATIO_QUANTIZED, EXPERIMENT,
     METHOD_TAG, MODEL_TAG, SEED_TAG, SIZE_BYTES, SPARSITY, TEST_ACC, sqlite_uri,
 )
 
-# The paper's rows (its Table 1 and Figure 1 stages): ratios and top-1 error before -> after, in percent.
-PAPER = {
-    "lenet300": {"pruned": 12, "quantized": 32, "huffman": 40, "error_before": 1.64, "error_after": 1.58},
-    "lenet5": {"pruned": 12, "quantized": 33, "huffman": 39, "error_before": 0.80, "error_after": 0.74},
-}
+PAPER = DEEP_COMPRESSION_PAPER  # the paper's rows (its Table 1): ratios and top-1 error before -> after, in percent
 TARGET_DROP = 0.3  # issue 14: the paper's ratios at no loss, a mean drop of at most 0.3 points
 METHOD = "deep_compression"
 COLUMNS = {COMPRESSION_RATIO_PRUNED: "pruned", COMPRESSION_RATIO_QUANTIZED: "quantized",
