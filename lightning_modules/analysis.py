@@ -1242,6 +1242,6 @@ def deep_compression_layers(run_id: str, tracking_uri: str | None = None,
     total["kept_percent"] = 100.0 * kept.sum() / total["weights"]
     for column in ("huffman_bits_per_index", "huffman_bits_per_value"):
         total[column] = float((table[column] * kept).sum() / kept.sum()) if kept.sum() else math.nan
-    table = pd.concat([table, pd.DataFrame([total])], ignore_index=True)
+    table = pd.concat([table, pd.DataFrame([total])], ignore_index=True).astype({"weights": int})
     table["ratio"] = table["bytes_dense"] / table["bytes_huffman"]
     return table[LAYER_STAGE_COLUMNS]
