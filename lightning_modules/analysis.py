@@ -9,6 +9,8 @@
     one run         per-layer facts (layers.csv + every `<method>_summary.csv`), weight histograms
                     before and after, confusion matrices of the finalized model and its baseline
     curves          accuracy vs sparsity with the spread over seeds; per-layer sensitivity tables
+    Deep Compression  its stages (pruned, + quantized, + Huffman) and errors beside the paper's rows,
+                    and one run's per-layer table beside the paper's kept fractions
     statistics      mean and t-interval over seeds; method vs reference, paired by seed
     the sweep       `log_sweep_figures` logs the overview on the sweep's parent run (sweep.py)
 
@@ -41,7 +43,8 @@ from scipy import stats
 
 from lightning_modules.contract import (
     ACCURACY_VS_COMPRESSION, ACCURACY_VS_LATENCY, ACC_DROP, ACC_DROP_CI95_HIGH, ACC_DROP_CI95_LOW, BASELINE_METHOD,
-    BASELINE_RUN_TAG, COMPRESSION_RATIO, CONFIGURATIONS_ARTIFACT, CONFIG_ARTIFACT, ERROR_TAG, EXPERIMENT, HEATMAPS,
+    BASELINE_RUN_TAG, BASELINE_TEST_ACC, BITS_PER_WEIGHT, CLUSTER_SUMMARY, COMPRESSION_RATIO,
+    COMPRESSION_RATIO_HUFFMAN, COMPRESSION_RATIO_PRUNED, COMPRESSION_RATIO_QUANTIZED, CONFIGURATIONS_ARTIFACT, CONFIG_ARTIFACT, ERROR_TAG, EXPERIMENT, HEATMAPS,
     JOB_TAG, LAYERS_TABLE, MODEL_ARTIFACT, NOISY_REASON_COLUMN, NOISY_TAG, ROLE_RUN, ROLE_SENSITIVITY, ROLE_SWEEP,
     ROLE_TAG, RUN_TAGS, SENSITIVITY_ARTIFACT, SIZE_BYTES, SLOWER_TAG, SPARSITY, SUMMARY_SUFFIX, SWEEP_TAG,
     TEACHER_METRICS, TEACHER_TAG, TEACHER_TEST_ACC, TEST_ACC, best_artifact, figure_artifact, latency_ms_p50,
@@ -1138,3 +1141,107 @@ def plot_sensitivity(sensitivity: pd.DataFrame, value: str = TEST_ACC) -> Figure
         ax.set_title(f"{data} / {model}: one layer pruned at a time", fontsize=10)
         ax.legend(fontsize=7)
     return figure
+
+
+# ----------------------------------------------------------------------------- Deep Compression beside the paper
+
+DEEP_COMPRESSION_METHOD = "deep_compression"
+#: Han, Mao and Dally (ICLR 2016), Table 1 / Figure 1: the compression ratio after pruning, after pruning and
+#: weight sharing, after Huffman coding too; top-1 error (%) of the dense reference and of the compressed model
+DEEP_COMPRESSION_PAPER: dict[str, dict[str, float]] = {
+    "lenet300": {"pruned": 12.0, "quantized": 32.0, "huffman": 40.0, "error_before": 1.64, "error_after": 1.58},
+    "lenet5": {"pruned": 12.0, "quantized": 33.0, "huffman": 39.0, "error_before": 0.80, "error_after": 0.74},
+}
+#: the paper's kept weights (%) per layer (its Tables 2 and 3) under this workbench's layer names; this LeNet-5 has
+#: a middle fully-connected layer (classifier.3) the paper's has not: no figure for it
+DEEP_COMPRESSION_PAPER_KEPT: dict[str, dict[str, float]] = {
+    "lenet300": {"classifier.1": 8.0, "classifier.3": 9.0, "classifier.5": 26.0},
+    "lenet5": {"features.0": 66.0, "features.3": 12.0, "classifier.1": 8.0, "classifier.5": 19.0},
+}
+PAPER_SOURCE = "paper"
+STAGE_RATIOS = {"pruned": COMPRESSION_RATIO_PRUNED, "quantized": COMPRESSION_RATIO_QUANTIZED,
+                "huffman": COMPRESSION_RATIO_HUFFMAN}
+STAGE_COLUMNS = ["model", "source", "n", "seeds", *STAGE_RATIOS, "error_before", "error_after", ACC_DROP,
+                 BITS_PER_WEIGHT]
+LAYER_STAGE_COLUMNS = ["layer", "weights", "kept_percent", "paper_kept_percent", "index_bits",
+                       "huffman_bits_per_index", "huffman_bits_per_value", "bytes_dense", "bytes_pruned",
+                       "bytes_quantized", "bytes_huffman", "ratio"]
+NO_DEEP_COMPRESSION_MESSAGE = (
+    "No FINISHED `deep_compression` run here: `python train.py experiment=deep_compression_lenet300 seed=0` "
+    "(or `_lenet5`, or `scripts/benchmark_deep_compression.py` for three seeds of both) makes one.")
+
+
+def deep_compression_stages(runs: pd.DataFrame, method: str = DEEP_COMPRESSION_METHOD,
+                            paper: dict[str, dict[str, float]] | None = None) -> pd.DataFrame:
+    """Deep Compression's stages the way the paper's Table 1 shows them: per model, the paper's row, then one
+    row per configuration of `method` (data, hardware, knobs: the `source`) with the mean over its FINISHED seeds.
+
+    pruned / quantized / huffman are the compression ratios after each stage (huffman: the real file against
+    the baseline's); error_before / error_after are 100 - accuracy (%) of the dense baseline and of the
+    compressed model; acc_drop is in points (the paper's: error_after - error_before). A model the paper has no
+    row for shows its runs alone; an empty frame when no run of `method` FINISHED.
+    """
+    paper = DEEP_COMPRESSION_PAPER if paper is None else paper
+    runs = _configured(counted(runs))
+    runs = runs[runs["method"] == method] if "method" in runs else runs.iloc[0:0]
+    if runs.empty:
+        return pd.DataFrame(columns=STAGE_COLUMNS)
+    runs = runs.assign(**{column: runs.get(column, np.nan) for column in
+                          (*STAGE_RATIOS.values(), TEST_ACC, BASELINE_TEST_ACC, ACC_DROP, BITS_PER_WEIGHT)})
+    rows = []
+    for model, of_model in runs.groupby("model", sort=True):
+        if model in paper:
+            row = paper[model]
+            rows.append({"model": model, "source": PAPER_SOURCE, **row,
+                         ACC_DROP: row["error_after"] - row["error_before"]})
+        for (data, hardware, knobs), cell in of_model.groupby(["data", "hardware", "knobs"], sort=True):
+            source = " ".join(str(part) for part in (data, hardware, knobs) if str(part))
+            rows.append({"model": model, "source": source, "n": len(cell), "seeds": _seed_list(cell),
+                         **{stage: cell[metric].mean() for stage, metric in STAGE_RATIOS.items()},
+                         "error_before": 100.0 - cell[BASELINE_TEST_ACC].mean(),
+                         "error_after": 100.0 - cell[TEST_ACC].mean(),
+                         ACC_DROP: cell[ACC_DROP].mean(), BITS_PER_WEIGHT: cell[BITS_PER_WEIGHT].mean()})
+    return pd.DataFrame(rows, columns=STAGE_COLUMNS)
+
+
+def plot_deep_compression_stages(stages: pd.DataFrame) -> Figure:
+    """The compression ratio after each stage (log scale), the paper's bars beside the runs', one panel per model."""
+    models = list(stages["model"].unique()) if not stages.empty else []
+    figure, axes = _facet_grid(1, max(len(models), 1), width=4.5, height=3.5)
+    for ax, model in zip(axes[0], models):
+        bars = stages[stages["model"] == model].melt(id_vars="source", value_vars=list(STAGE_RATIOS),
+                                                     var_name="stage", value_name="ratio")
+        sns.barplot(data=bars, x="stage", y="ratio", hue="source", ax=ax)
+        ax.set_yscale("log")
+        ax.set_title(f"{model}: compression ratio after each stage", fontsize=10)
+        ax.legend(fontsize=7)
+    return figure
+
+
+def deep_compression_layers(run_id: str, tracking_uri: str | None = None,
+                            paper_kept: dict[str, dict[str, float]] | None = None) -> pd.DataFrame:
+    """One run's per-layer table (cluster_summary.csv) as the paper's Tables 2 and 3: weights, kept % beside
+    the paper's, index bits, Huffman-coded bits per index and per value, the bytes of each stage and the
+    layer's ratio (dense fp32 bytes / Huffman-coded bytes), then a `total` row (sums; kept % and bits weighted
+    by the weights each layer keeps). Biases, codebooks and the file's header are not in it: the run's
+    compression_ratio_huffman counts them.
+
+    Raises:
+        ValueError: the run has no cluster_summary.csv (it did not cluster).
+    """
+    paper_kept = DEEP_COMPRESSION_PAPER_KEPT if paper_kept is None else paper_kept
+    client = open_client(tracking_uri)
+    table = read_csv_artifact(client, run_id, CLUSTER_SUMMARY)
+    if table is None:
+        raise ValueError(f"run {run_id} has no {CLUSTER_SUMMARY}: not a clustered (deep_compression) run")
+    model = client.get_run(run_id).data.tags.get("model", "")
+    table["paper_kept_percent"] = table["layer"].map(paper_kept.get(model, {}))
+    kept = table["weights"] * table["kept_percent"] / 100.0
+    total: dict[str, Any] = {"layer": "total", **table[["weights", "bytes_dense", "bytes_pruned", "bytes_quantized",
+                                                        "bytes_huffman"]].sum().to_dict()}
+    total["kept_percent"] = 100.0 * kept.sum() / total["weights"]
+    for column in ("huffman_bits_per_index", "huffman_bits_per_value"):
+        total[column] = float((table[column] * kept).sum() / kept.sum()) if kept.sum() else math.nan
+    table = pd.concat([table, pd.DataFrame([total])], ignore_index=True).astype({"weights": int})
+    table["ratio"] = table["bytes_dense"] / table["bytes_huffman"]
+    return table[LAYER_STAGE_COLUMNS]

@@ -221,6 +221,10 @@ def summary_table(callback: str) -> str:
     return f"{callback}{SUMMARY_SUFFIX}"
 
 
+CLUSTER_CALLBACK = "cluster"  # clustering.WeightClustering's name: Deep Compression's per-layer stage table
+CLUSTER_SUMMARY = summary_table(CLUSTER_CALLBACK)
+
+
 def run_model_uri(run_id: str) -> str:
     """The MLflow URI of a run's deployable file (a teacher's source, method.teacher.uri)."""
     return f"runs:/{run_id}/{MODEL_ARTIFACT}"

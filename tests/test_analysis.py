@@ -648,3 +648,69 @@ def test_the_sweep_logs_its_configurations(agp_store: FakeStore) -> None:
     assert "figures/configurations.csv" in logged
     table = pd.read_csv(agp_store.client.download_artifacts(parent, "figures/configurations.csv"))
     assert table["n"].tolist() == [3, 3, 3, 3] and table["latency_noisy"].sum() == 1
+
+
+# ----------------------------------------------------------------------------- Deep Compression beside the paper
+
+
+def _dc_frame(rows: list[dict]) -> pd.DataFrame:
+    base = {"data": "mnist5k", "hardware": "cpu_1t", "status": "FINISHED", "method": "deep_compression"}
+    return pd.DataFrame([{**base, **row} for row in rows])
+
+
+def test_deep_compression_stages_sit_beside_the_papers_rows() -> None:
+    runs = _dc_frame(
+        [{"model": "lenet300", "seed": seed, "compression_ratio_pruned": 12.0 + seed, "compression_ratio_quantized": 36.0,
+          "compression_ratio_huffman": 48.0 + 2 * seed, "test_acc": 96.0 + seed, "baseline_test_acc": 95.0,
+          "acc_drop": -1.0 - seed, "bits_per_weight": 8.0} for seed in (0, 1)]
+        + [{"model": "lenet300", "seed": 2, "status": "FAILED", "compression_ratio_huffman": 1000.0},  # never counted
+           {"model": "lenet300", "seed": 0, "method": "agp", "compression_ratio_huffman": 1000.0},   # another method
+           {"model": "resnet8", "seed": 0, "compression_ratio_huffman": 20.0, "test_acc": 90.0}])    # no paper row
+    stages = analysis.deep_compression_stages(runs)
+
+    assert stages["source"].tolist() == ["paper", "mnist5k cpu_1t", "mnist5k cpu_1t"]
+    paper, ours = stages.iloc[0], stages.iloc[1]
+    assert paper[["pruned", "quantized", "huffman", "error_before", "error_after"]].tolist() == [12, 32, 40, 1.64, 1.58]
+    assert paper["acc_drop"] == pytest.approx(-0.06)
+    assert ours[["n", "seeds", "pruned", "quantized", "huffman"]].tolist() == [2, "0,1", 12.5, 36.0, 49.0]
+    assert ours[["error_before", "error_after", "acc_drop"]].tolist() == [5.0, 3.5, -1.5]
+    assert stages.iloc[2]["model"] == "resnet8" and math.isnan(stages.iloc[2]["pruned"])
+    figure = analysis.plot_deep_compression_stages(stages)
+    assert [ax.get_title() for ax in figure.axes] == ["lenet300: compression ratio after each stage",
+                                                      "resnet8: compression ratio after each stage"]
+
+
+def test_deep_compression_stages_of_no_run_is_an_empty_frame() -> None:
+    stages = analysis.deep_compression_stages(_dc_frame([{"model": "lenet5", "seed": 0, "method": "agp"}]))
+    assert stages.empty and stages.columns.tolist() == analysis.STAGE_COLUMNS
+    assert analysis.deep_compression_stages(pd.DataFrame()).empty
+    analysis.plot_deep_compression_stages(stages)  # draws an empty panel, no error
+
+
+CLUSTER_CSV = ("layer,weights,kept_percent,distinct_values,index_bits,bytes_dense,bytes_pruned,bytes_quantized,"
+               "bytes_huffman,huffman_bits_per_index,huffman_bits_per_value,skipped\n"
+               "features.0,100,50.0,20,8,400,300,100,80,2.0,6.0,\n"
+               "classifier.3,1000,10.0,30,5,4000,1000,200,100,4.0,4.0,\n")
+
+
+def test_deep_compression_layers_total_and_the_papers_kept_fractions(fake_store: FakeStore) -> None:
+    run_id = fake_store.add_run({"model": "lenet5", "method": "deep_compression"},
+                                artifacts={"cluster_summary.csv": CLUSTER_CSV})
+    layers = analysis.deep_compression_layers(run_id, fake_store.uri)
+
+    assert layers.columns.tolist() == analysis.LAYER_STAGE_COLUMNS
+    assert layers["layer"].tolist() == ["features.0", "classifier.3", "total"]
+    assert layers["paper_kept_percent"].tolist()[0] == 66.0  # the paper's conv1
+    assert layers["paper_kept_percent"].isna().tolist()[1:] == [True, True]  # the paper's LeNet-5 has no such layer
+    total = layers.iloc[-1]
+    # 50 + 100 weights kept of 1100; bits weighted by them
+    assert total[["weights", "bytes_dense", "bytes_huffman"]].tolist() == [1100, 4400, 180]
+    assert total["kept_percent"] == pytest.approx(100 * 150 / 1100)
+    assert total["huffman_bits_per_index"] == pytest.approx((50 * 2.0 + 100 * 4.0) / 150)
+    assert layers["ratio"].tolist() == pytest.approx([5.0, 40.0, 4400 / 180])
+
+
+def test_deep_compression_layers_of_an_unclustered_run_is_an_error(fake_store: FakeStore) -> None:
+    run_id = fake_store.add_run({"model": "lenet5", "method": "agp"}, artifacts={"layers.csv": LAYERS_CSV})
+    with pytest.raises(ValueError, match=f"run {run_id} has no cluster_summary.csv: not a clustered"):
+        analysis.deep_compression_layers(run_id, fake_store.uri)

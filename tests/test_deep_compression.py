@@ -45,4 +45,5 @@ def test_the_experiments_carry_the_papers_kept_fractions_and_validate(model: str
     kept = {name: round(1 - s, 2) for name, s in cfg.method.callbacks.prune.layer_sparsity.items()}
     first = {"lenet300": ("classifier.1", 0.06), "lenet5": ("features.0", 0.66)}[model]
     assert kept[first[0]] == first[1]  # lenet300: the paper's 8% made a 35x file; 6% ships (41x)
-    assert dict(cfg.method.bits) == {"conv": 8, "linear": 5}
+    # lenet5: the paper's bits made a 24.9x file; 5 / 4 bits with deeper cuts ship (40.5x, scripts/benchmark_deep_compression.py)
+    assert dict(cfg.method.bits) == {"lenet300": {"conv": 8, "linear": 5}, "lenet5": {"conv": 5, "linear": 4}}[model]

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import nbformat
@@ -24,11 +25,12 @@ from nbformat import NotebookNode
 from lightning_modules.analysis import NO_SENSITIVITY_MESSAGE
 from lightning_modules.contract import ROLE_SWEEP, ROLE_TAG, SWEEP_FILE
 from lightning_modules.search import NO_STUDY_MESSAGE
-from tests.conftest import FAST_SHIPPED, ROOT, all_runs, run_train
+from tests.conftest import FAST, FAST_SHIPPED, ROOT, all_runs, run_train
+from tests.test_deep_compression import SHORT as SHORT_DEEP_COMPRESSION
 
 NOTEBOOKS = ROOT / "notebooks"
 NOTEBOOK_NAMES = ["01_grid_overview.ipynb", "02_run_in_depth.ipynb", "03_pruning_curves.ipynb",
-                  "04_seeds_significance.ipynb"]
+                  "04_seeds_significance.ipynb", "05_deep_compression.ipynb"]
 SWEEP_ARGS = ["-m", *FAST_SHIPPED, "model=lenet300,lenet5", "method=magnitude", "seed=0,1", "method.fine_tune.epochs=1"]
 KERNEL = "workbench-test-venv"
 
@@ -213,3 +215,25 @@ def test_seeds_notebook_reads_the_default_store(digits_sweep: DigitsSweep, kerne
     assert noise.count("acc_drop_ci95_low") == 1
     finished = [r for r in all_runs(digits_sweep.uri) if r.data.tags.get(ROLE_TAG) != ROLE_SWEEP]
     assert len(finished) == 8
+
+
+@pytest.mark.slow
+def test_deep_compression_notebook_sets_the_stages_beside_the_papers(tmp_path: Path, kernel: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    result = run_train([*FAST, "model=lenet300", *SHORT_DEEP_COMPRESSION], tmp_path)  # one short run on digits
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = next(r for r in all_runs(uri) if r.data.tags.get("method") == "deep_compression")
+
+    notebook = execute("05_deep_compression.ipynb", kernel, {"tracking_uri": uri})
+
+    assert len(outputs(notebook, "image/png")) == 1
+    stages, layers = outputs(notebook, "text/html")
+    assert "<td>paper</td>" in stages and "<td>digits cpu_1t</td>" in stages
+    assert "<td>40.00</td>" in stages and "<td>1.64</td>" in stages  # the paper's LeNet-300-100 row
+    assert f"<td>{run.data.metrics['compression_ratio_huffman']:.2f}</td>" in stages
+    assert "<td>total</td>" in layers
+    # layer, weights, kept %, the paper's kept % (8% for LeNet-300-100's first layer)
+    assert re.search(r"<td>classifier\.1</td>\s*<td>\d+</td>\s*<td>[\d.]+</td>\s*<td>8\.0</td>", layers)
+    assert f"run {run.info.run_id}: lenet300 seed 0" in "".join(outputs(notebook, "stream"))

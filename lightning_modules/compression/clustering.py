@@ -35,7 +35,7 @@ from lightning_modules.compression.base import (
     CompressionCallback, check_choice, check_number, register_or_update_buffer, select_layers,
 )
 from lightning_modules.contract import (
-    BASELINE_SIZE_BYTES, BITS_PER_INDEX, BITS_PER_VALUE, BITS_PER_WEIGHT, COMPRESSION_RATIO_HUFFMAN,
+    BASELINE_SIZE_BYTES, BITS_PER_INDEX, BITS_PER_VALUE, BITS_PER_WEIGHT, CLUSTER_CALLBACK, COMPRESSION_RATIO_HUFFMAN,
     COMPRESSION_RATIO_HUFFMAN_PAYLOAD, COMPRESSION_RATIO_PRUNED, COMPRESSION_RATIO_QUANTIZED, SIZE_BYTES,
 )
 from lightning_modules.layers import weighted_layers
@@ -158,7 +158,7 @@ class WeightClustering(CompressionCallback):
         seed: seed of the `random` initialization.
     """
 
-    name = "cluster"
+    name = CLUSTER_CALLBACK
 
     def __init__(self, bits: int | Mapping[str, int] = 4, init: str = "linear", iterations: int = 30,
                  skip_layers: Sequence[str] = (), begin_epoch: int = 0, seed: int = 0) -> None:
