@@ -110,9 +110,8 @@ def finished_job_run(store: Store, sweep: SweepInfo | None, job: str | None) -> 
 
 
 class SweepCallback(Callback):
-    def __init__(self) -> None:
-        self._heartbeat: contextlib.ExitStack | None = None  # the parent run's, while the sweep runs
-
+    # Hydra's joblib launcher pickles the callbacks with every job: the callback holds no state (the
+    # parent run's heartbeat thread and the running sweep are module state of the launching process)
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # as in a job (a copy: set_config makes its hydra node read-only): tracking.uri given on the command line wins
         HydraConfig.instance().set_config(copy.deepcopy(config))
@@ -132,8 +131,7 @@ class SweepCallback(Callback):
             print(f"Error: {error}\nNothing was run.", file=sys.stderr)
             raise SystemExit(2) from error
         end_dead_runs(store)  # runs a killed launch left RUNNING (kill -9, a lost node) end KILLED
-        self._heartbeat = contextlib.ExitStack()
-        self._heartbeat.enter_context(heartbeat(store, parent_run_id))
+        _parent_heartbeat.enter_context(heartbeat(store, parent_run_id))
         _running_sweeps.append((store, parent_run_id))
 
     def open_parent_run(self, config: DictConfig, jobs: list[list[str]]) -> tuple[Store, str]:
@@ -158,8 +156,7 @@ class SweepCallback(Callback):
         return store, run.info.run_id
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.close()
+        _parent_heartbeat.close()
         _running_sweeps.clear()
         info = read_sweep_info(config.hydra.sweep.dir)
         if info is None:
@@ -186,6 +183,7 @@ class SweepCallback(Callback):
 
 
 _running_sweeps: list[tuple[Store, str]] = []  # (store, parent run id) of the sweep this process launched
+_parent_heartbeat = contextlib.ExitStack()  # the running sweep's parent run beats while the sweep runs
 
 
 def end_running_sweep_killed(reason: str) -> None:
