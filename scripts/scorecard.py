@@ -448,16 +448,17 @@ def all_row_specs() -> list[RowSpec]:
     return specs
 
 
-def select_specs(wanted: list[str] | None) -> list[RowSpec]:
-    """Rows by key; a plain method name brings its extra rows too. Unknown names are an error."""
+def select_specs(wanted: list[str] | None, exact: bool = False) -> list[RowSpec]:
+    """Rows by key; a plain method name brings its extra rows too, unless `exact` (--exact: only the rows
+    whose key is named, e.g. ptq_static without ptq_static@cpu). Unknown names are an error."""
     specs = all_row_specs()
     if not wanted:
         return specs
-    known = {spec.key for spec in specs} | {spec.method for spec in specs}
+    known = {spec.key for spec in specs} | ({spec.method for spec in specs} if not exact else set())
     unknown = [name for name in wanted if name not in known]
     if unknown:
         raise SystemExit(f"--methods: unknown {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
-    return [spec for spec in specs if spec.key in wanted or spec.method in wanted]
+    return [spec for spec in specs if spec.key in wanted or (not exact and spec.method in wanted)]
 
 
 @dataclass(frozen=True)
@@ -759,6 +760,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated names from conf/model")
     parser.add_argument("--methods", default="", help="comma-separated row keys or method names (default: all)")
+    parser.add_argument("--exact", action="store_true", help="--methods names row keys only (no extra rows)")
     parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)))
     parser.add_argument("--full", action="store_true", help="also every method on every model of conf/model")
     parser.add_argument("--store", type=Path, default=None, help="folder of the MLflow store (default: a new /tmp folder)")
@@ -796,7 +798,7 @@ def main(argv: list[str] | None = None) -> int:
 def scorecard(argv: list[str] | None = None) -> tuple[list[Row], int]:
     """Run (unless --report-only or --dry-run), read, judge and print; the rows and the exit code."""
     args = parse_args(argv)
-    specs = select_specs([name for name in args.methods.split(",") if name])
+    specs = select_specs([name for name in args.methods.split(",") if name], args.exact)
     jobs = plan(specs, args.model_list, args.seed_list, args.full)
     groups = group_jobs(jobs)
     if args.dry_run:
