@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """The artifact format, measured on the runs of a store: per FINISHED run, the size of its model.pt
-in this version's format (no pickle: the architecture as data, a compressed JSON header) and in the
-pickled format it replaced (the module skeleton pickled on the meta device plus the same tensor
-encodings, written by torch.save: rebuilt here from the loaded model), each as a ratio to the run's
-baseline file in the same format (both written by this version's code from the logged model); the ONNX file's size where the run logged one; and the load time
-of each format (median of --loads loads, interleaved, in this process).
+(no pickle: the architecture as data, a compressed JSON header, each tensor in its narrowest
+encoding) beside a plain `torch.save` of the same model's state dict (every tensor as it is in
+memory, read back with weights_only=True), each as a ratio to the run's baseline file written the
+same way (both by this version's code from the logged model); the ONNX file's size where the run
+logged one; and the load times (median of --loads loads, one format after the other, in this process): model.pt to
+a ready model, the state dict to its tensors only (it names no architecture to build).
+The format it replaced (a pickled module skeleton) is no longer written or read anywhere: loading it ran code.
 
     scripts/benchmark_artifact.py --store sqlite:////tmp/sizes/mlflow.db [--loads 20]
 
@@ -15,7 +17,6 @@ and runtime, a 4-bit file at least 7x (the limits: 4x and 8x, less the scales an
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import tempfile
@@ -33,15 +34,13 @@ from lightning_modules.contract import (  # noqa: E402
 from lightning_modules.architecture import ModelRecipe  # noqa: E402
 from lightning_modules.data import InputSpec  # noqa: E402
 from lightning_modules.evaluation.artifact import (  # noqa: E402
-    ArtifactError, decode_tensor, encode_tensor, load_deployable, read_header, save_deployable,
+    ArtifactError, load_deployable, read_header, save_deployable,
 )
 
 
-def save_pickled(model: torch.nn.Module, path: Path) -> int:
-    """The format this version replaced (deployable-v1), for comparison only: never shipped again."""
-    state = {key: encode_tensor(value) for key, value in model.state_dict().items()}
-    torch.save({"format": "compression-workbench/deployable-v1", "skeleton": copy.deepcopy(model).to("meta"),
-                "state": state}, path)
+def save_state_dict(model: torch.nn.Module, path: Path) -> int:
+    """The plain PyTorch peer: the state dict's tensors as they are, no architecture, no encoding."""
+    torch.save(model.state_dict(), path)
     return path.stat().st_size
 
 
@@ -54,12 +53,8 @@ def resave(logged: Path, path: Path) -> torch.nn.Module:
     return model
 
 
-def load_pickled(path: Path) -> torch.nn.Module:
-    """What the replaced loader did: unpickle (our own file, written a moment ago), decode, fill the skeleton."""
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    model = payload["skeleton"].to_empty(device="cpu")
-    model.load_state_dict({key: decode_tensor(value) for key, value in payload["state"].items()})
-    return model
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def median_ms(load, path: Path, loads: int) -> float:
@@ -81,20 +76,20 @@ def main() -> None:
             if run.data.tags.get("method")]
     runs.sort(key=lambda run: (run.data.tags["method"] != "baseline", run.data.tags["model"], run.data.tags["method"]))
     sizes: dict[str, tuple[int, int]] = {}
-    print(f"{'model':10} {'method':18} {'hardware':8} {'model.pt':>9} {'ratio':>6} {'pickled':>9} {'ratio':>6} "
-          f"{'onnx':>9} {'ratio':>6} {'load ms':>8} {'pickled':>8}")
+    print(f"{'model':10} {'method':18} {'hardware':8} {'model.pt':>9} {'ratio':>6} {'state':>9} {'ratio':>6} "
+          f"{'onnx':>9} {'ratio':>6} {'load ms':>8} {'state':>8}")
     with tempfile.TemporaryDirectory(prefix="workbench-artifact-") as scratch:
         for run in runs:
             run_id, tags, metrics = run.info.run_id, run.data.tags, run.data.metrics
             logged = Path(client.download_artifacts(run_id, MODEL_ARTIFACT, f"{scratch}/{run_id}"))
-            new, old = Path(scratch) / run_id / "current.pt", Path(scratch) / run_id / "pickled.pt"
+            new, old = Path(scratch) / run_id / "current.pt", Path(scratch) / run_id / "state_dict.pt"
             try:
                 model = resave(logged, new)
             except ArtifactError as error:  # written by an earlier state of this format
                 print(f"{tags['model']:10} {tags['method']:18} skipped: {error}")
                 continue
-            sizes[run_id] = (new.stat().st_size, save_pickled(model, old))
-            new_ms, old_ms = median_ms(load_deployable, new, args.loads), median_ms(load_pickled, old, args.loads)
+            sizes[run_id] = (new.stat().st_size, save_state_dict(model, old))
+            new_ms, old_ms = median_ms(load_deployable, new, args.loads), median_ms(load_state_dict, old, args.loads)
             base = sizes.get(tags.get(BASELINE_RUN_TAG, run_id), (float("nan"), float("nan")))
             onnx = metrics.get(size_bytes_of(".onnx"), float("nan"))
             onnx_ratio = metrics.get(baseline_metric(SIZE_BYTES), float("nan")) / onnx

@@ -6,7 +6,9 @@ with a clear error too."""
 from __future__ import annotations
 
 import json
+import pickletools
 import struct
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -43,11 +45,19 @@ def malicious_artifact(path: Path, marker: Path) -> Path:
     return path
 
 
-def test_the_malicious_file_really_runs_code_when_unpickled(tmp_path: Path) -> None:
-    # the check the other tests rely on: this file does what it claims when trusted
+def test_the_malicious_file_really_calls_exec_when_unpickled(tmp_path: Path) -> None:
+    # the check the other tests rely on: this file does what it claims when trusted. Read, never run:
+    # its pickle program pushes builtins.exec and calls it (REDUCE) with the code that writes the marker
     marker = tmp_path / "marker"
-    torch.load(malicious_artifact(tmp_path / "evil.pt", marker), weights_only=False)
-    assert marker.read_text() == "code ran"
+    with zipfile.ZipFile(malicious_artifact(tmp_path / "evil.pt", marker)) as archive:
+        program = archive.read(next(name for name in archive.namelist() if name.endswith("data.pkl")))
+    ops = [(op.name, arg) for op, arg, _ in pickletools.genops(program)]
+    names = [name for name, _ in ops]
+    called = names.index("GLOBAL")
+    assert ops[called][1] in ("__builtin__ exec", "builtins exec")  # protocol 2 names builtins the Python 2 way
+    assert ops[called + 2] == ("BINUNICODE", f"open({str(marker)!r}, 'w').write('code ran')")
+    assert "REDUCE" in names[called:]  # exec(that code) when unpickled
+    assert not marker.exists()
 
 
 def test_loading_a_malicious_file_is_refused_naming_it(tmp_path: Path) -> None:
