@@ -34,7 +34,8 @@ from lightning_modules.compression.base import CompressionCallback
 from lightning_modules.config import build_callbacks, model_config, read_teacher_file, validate
 from lightning_modules.contract import (
     ACC_DROP, ACC_DROP_CI95_HIGH, ACC_DROP_CI95_LOW, BASELINE_METHOD, BASELINE_RUN_TAG, CHANCE_MARGIN_POINTS, COMPRESSION_RATIO,
-    CHECKPOINT_FOLDER, CONFIG_ARTIFACT, DEQUANTIZED, RESUMED_FROM_TAG, FINGERPRINT_TAG, JOB_TAG, MODEL_FOLDER, NOISY_TAG, RUN_TIME_S, SIMULATED,
+    CHECKPOINT_FOLDER, CONFIG_ARTIFACT, DEQUANTIZED, FINGERPRINT_TAG, JOB_TAG, MODEL_FOLDER, NOISY_TAG,
+    RESUMED_FROM_TAG, RUN_TIME_S, SIMULATED,
     SLOWER_TAG, TEACHER_TAG, TEST_ACC, TIME_BASELINE_S, TIME_DATA_S, TIME_EVALUATE_S, TIME_LOG_MODEL_S, TIME_TRACK_S,
     TRAIN_TIME_S, layers_skipped, run_model_uri, speedup, summary_table,
 )

@@ -96,15 +96,17 @@ def why_dead(tags: dict[str, str], start_time_ms: int, stale_after_s: float, now
 
 def end_dead_runs(store: Store) -> list[str]:
     """Mark KILLED every RUNNING run of the store's experiment whose process is gone; returns their ids."""
-    ended = []
-    for run in store.client.search_runs([store.experiment_id], filter_string="attributes.status = 'RUNNING'",
-                                        max_results=5000):
-        reason = why_dead(run.data.tags, run.info.start_time, store.stale_after_s)
-        if reason is not None and end_killed(store, run.info.run_id, reason):
-            ended.append(run.info.run_id)
+    ended = [run.info.run_id for run in store.client.search_runs(
+        [store.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000) if end_if_dead(store, run)]
     if ended:
         log.warning("marked %d RUNNING run(s) KILLED: their processes are gone (%s)", len(ended), ", ".join(ended))
     return ended
+
+
+def end_if_dead(store: Store, run) -> bool:
+    """Mark a RUNNING run KILLED when its process is gone (why_dead); True when it did."""
+    reason = why_dead(run.data.tags, run.info.start_time, store.stale_after_s)
+    return reason is not None and end_killed(store, run.info.run_id, reason)
 
 
 def end_killed(store: Store, run_id: str, reason: str) -> bool:

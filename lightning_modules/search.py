@@ -39,6 +39,7 @@ from lightning_modules.contract import (
     SEARCH_FRONT, SEARCH_TRIALS_ARTIFACT, SIZE_BYTES, STUDY_DB, STUDY_TAG, TRIAL_TAG, WINNER_RUN_TAG, WINNER_TRIAL_TAG, baseline_metric,
     figure_artifact, sqlite_path,
 )
+from lightning_modules.liveness import end_killed
 
 if TYPE_CHECKING:
     import optuna
@@ -263,7 +264,8 @@ def resume_interrupted(study: optuna.Study, store: Store | None = None) -> list[
         if store is not None:
             for run in trial_runs(store, study.study_name, trial.number):
                 if run.info.status == "RUNNING":
-                    store.client.set_terminated(run.info.run_id, "KILLED")
+                    end_killed(store, run.info.run_id, f"trial {trial.number} was interrupted with its search; "
+                                                       "queued again when the search resumed")
         log.info("trial %d was interrupted: queued again with its parameters", trial.number)
     return [trial.number for trial in stale]
 

@@ -49,7 +49,8 @@ KILLED_BY = "workbench_killed_by"  # set on what a chained handler (submitit's r
 
 def kill_reason(error: BaseException) -> RunKilled | None:
     """The RunKilled behind `error`: itself, a KeyboardInterrupt (SIGINT without the handler), or
-    what a chained handler (submitit's requeue: SystemExit) raised while it handled a signal."""
+    what a chained handler (submitit's requeue: SystemExit) raised while it handled a signal. Asking
+    counts as seeing it: the signal is not delivered again."""
     if isinstance(error, RunKilled):
         return _seen(error)
     if isinstance(error, KeyboardInterrupt):

@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_modules.liveness import HEARTBEAT_S, STALE_AFTER_S, end_killed, heartbeat, liveness_tags, why_dead
+from lightning_modules.liveness import HEARTBEAT_S, STALE_AFTER_S, end_if_dead, end_killed, heartbeat, liveness_tags
 from lightning_modules.signals import kill_reason
 from lightning_modules.contract import (
     DATA_TAG, ERROR_ARTIFACT, ERROR_TAG, EXPERIMENT_KIND, EXPERIMENT_KIND_TAG,
@@ -342,13 +342,7 @@ def wait_for_baseline(store: Store, fingerprint: str, timeout_s: float) -> str |
 
 def live_claims(store: Store, fingerprint: str) -> list:
     """RUNNING claims on the baseline, oldest first, after ending KILLED those whose process is gone."""
-    return [run for run in baseline_runs(store, fingerprint, "RUNNING") if not ended_if_dead(store, run)]
-
-
-def ended_if_dead(store: Store, run) -> bool:
-    """Mark a RUNNING run KILLED when its process is gone (liveness.why_dead); True when it did."""
-    reason = why_dead(run.data.tags, run.info.start_time, store.stale_after_s)
-    return reason is not None and end_killed(store, run.info.run_id, reason)
+    return [run for run in baseline_runs(store, fingerprint, "RUNNING") if not end_if_dead(store, run)]
 
 
 def unfinished_attempts(store: Store, filter_string: str) -> list[str]:
