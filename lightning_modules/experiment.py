@@ -34,7 +34,7 @@ from lightning_modules.compression.base import CompressionCallback
 from lightning_modules.config import build_callbacks, model_config, read_teacher_file, validate
 from lightning_modules.contract import (
     ACC_DROP, ACC_DROP_CI95_HIGH, ACC_DROP_CI95_LOW, BASELINE_METHOD, BASELINE_RUN_TAG, CHANCE_MARGIN_POINTS, COMPRESSION_RATIO,
-    CHECKPOINT_FOLDER, CONFIG_ARTIFACT, DEQUANTIZED, FINGERPRINT_TAG, JOB_TAG, MODEL_FOLDER, NOISY_TAG,
+    CHECKPOINT_FOLDER, CONFIG_ARTIFACT, DEQUANTIZED, FINGERPRINT_TAG, INT8_KERNEL_OPS, JOB_TAG, MODEL_FOLDER, NOISY_TAG,
     RESUMED_FROM_TAG, RUN_TIME_S, SIMULATED,
     SLOWER_TAG, TEACHER_TAG, TEST_ACC, TIME_BASELINE_S, TIME_DATA_S, TIME_EVALUATE_S, TIME_LOG_MODEL_S, TIME_TRACK_S,
     TRAIN_TIME_S, layers_skipped, run_model_uri, speedup, summary_table,
@@ -473,6 +473,10 @@ def slower_reason(report: Report, summaries: dict[str, list[dict]], batch_sizes:
     if report.latency_label == DEQUANTIZED:
         causes.append("weights decoded to float at load (dequantized): the runtime runs float32 layers "
                       "plus the decoding, not narrow kernels")
+    if report.metrics.get(INT8_KERNEL_OPS, 0) > 0:
+        causes.append(f"runs on {report.metrics[INT8_KERNEL_OPS]:.0f} int8 kernel op(s): on layers this small their "
+                      "quantize/dequantize costs more than the int8 arithmetic saves (ptq_static and qat time this "
+                      "with min_speedup and keep such models float; low-bit codes cannot stay float and keep their size)")
     if report.latency_label == SIMULATED:
         causes.append("int8 simulated in float kernels (no int8 kernel ran on this runtime; "
                       "hardware=cpu with compile=auto, or cpu_ort, runs real int8)")

@@ -163,8 +163,9 @@ TARGETS: tuple[Target, ...] = (
     Target(("cluster",), "mean_drop_max", 0.5, "issue 12 §2: cluster (16 centroids), drop <= 0.5"),
     Target(("ptq_static", "qat", "ptq_static@cpu", "qat@cpu"), "mean_drop_max", 0.3,
            "issue 12 §2: ptq_static and qat, drop <= 0.3"),
-    Target(("ptq_static", "qat", "ptq_static@cpu", "qat@cpu"), "int8_not_slower", 1.0,
-           "issue 12 §2: int8 at least as fast as fp32 at batch 32 on cpu and cpu_ort (else the model stays float)"),
+    Target(("ptq_static", "qat", "ptq_static@cpu", "qat@cpu"), "int8_not_slower", 0.95,
+           "issue 12 §2: int8 not slower than fp32 at batch 32 on cpu and cpu_ort (else the model stays float); "
+           "'slower' is below 0.95, as for every run (experiment.SLOWER_SPEEDUP)"),
     Target(("svd", "tucker", "cp"), "compression_ratio_min", 1.5, "issue 12 §2: low-rank, compression_ratio >= 1.5"),
     Target(("svd", "tucker", "cp"), "mean_drop_max", 1.0, "issue 12 §2: low-rank, drop <= 1.0"),
     Target(("svd", "tucker", "cp"), "speedup_bs32_min", 0.95, "issue 12 §2: low-rank not slower than its baseline on cpu_1t"),

@@ -303,7 +303,7 @@ def test_paired_times_gives_both_medians_and_the_ratio_dense_over_factored() -> 
 def test_shipped_lowrank_methods_time_every_layer_and_factor_linear_layers_too(method: str) -> None:
     cfg = compose_config([f"method={method}"])
     callbacks = build_callbacks(cfg.method)
-    assert all(callback.min_speedup == 1.0 for callback in callbacks)  # slower chains stay dense by default
+    assert all(callback.min_speedup == 0.95 for callback in callbacks)  # slower chains stay dense by default
     assert [callback.name for callback in callbacks] == (["svd"] if method == "svd" else [method, "svd"])
     # the layer names of the defaults (aliases only) resolve on every shipped model, convolutions or not
     for model in (LeNet300(1, 8, 10), LeNet5(1, 8, 10), resnet20(in_channels=1, num_classes=10)):

@@ -214,6 +214,12 @@ def test_a_slower_run_says_why(speedup, tags, label, skipped, expected) -> None:
         assert reason.startswith(expected)
 
 
+def test_a_model_slower_on_int8_kernels_says_so() -> None:
+    # lowbit on Inductor (cpu_1t): its 4-bit codes run widened on int8 kernels, 0.8x of fp32 on LeNet-5
+    report = Report({"speedup_bs1": 0.7, "speedup_bs32": 0.8, "int8_kernel_ops": 5.0}, tags={}, latency_label=None)
+    assert slower_reason(report, {}, [1, 32]).startswith("speedup_bs32 0.80: runs on 5 int8 kernel op(s)")
+
+
 @pytest.mark.slow
 def test_noisy_and_slower_runs_are_tagged_and_starred_in_the_grid(tmp_path, store_uri: str) -> None:
     result = run_train(["-m", *CHECKED, "model=lenet300", f"model.net._target_={__name__}.SlowWhenPrunedNet",
