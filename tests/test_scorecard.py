@@ -216,7 +216,8 @@ def test_int8_rows_run_on_the_hardware_their_method_ships_with(method):
 
 
 def test_int8_speed_passes_when_faster_or_when_every_run_kept_the_model_float():
-    float_runs = [run(seed, compression_ratio=1.0, speedup_bs32=0.90, layers_skipped_ptq_static=5.0) for seed in (0, 1, 2)]
+    float_runs = [run(seed, tags={"slower_reason": "timed under contention"}, compression_ratio=1.0, speedup_bs32=0.90,
+                      layers_skipped_ptq_static=5.0) for seed in (0, 1, 2)]
     (kept_float,) = judged(row("ptq_static@cpu", float_runs, method="ptq_static"))
     assert kept_float.verdict == "PASS" and "float model 3/3" in sc.notes(kept_float)
     (slower,) = judged(row("ptq_static@cpu", three(compression_ratio=3.9, speedup_bs32=0.9), method="ptq_static"))
