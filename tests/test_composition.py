@@ -30,7 +30,7 @@ from lightning_modules.models import LeNet5, LeNet300
 from tests.conftest import CONF, compose_config
 
 SHIPPED_METHODS = sorted(path.stem for path in (Path(CONF) / "method").glob("*.yaml"))
-HYBRIDS = ("agp_qat", "agp_ptq", "agp_cluster", "channel_qat", "channel_kd", "svd_qat")
+HYBRIDS = ("agp_qat", "agp_ptq", "agp_cluster", "channel_qat", "channel_kd", "svd_qat", "deep_compression")
 
 # ----------------------------------------------------------------------------- the rules
 
@@ -115,7 +115,7 @@ def test_hybrids_list_their_stages_in_order(method: str) -> None:
     stages = [stage_of(callback) for callback in build_callbacks(cfg.method)]
     expected = {"agp_qat": ["prune", "quantize"], "agp_ptq": ["prune", "quantize"], "agp_cluster": ["prune", "cluster"],
                 "channel_qat": ["channel", "quantize"], "channel_kd": ["channel", "distill"],
-                "svd_qat": ["factor", "quantize"]}[method]
+                "svd_qat": ["factor", "quantize"], "deep_compression": ["prune", "cluster"]}[method]
     assert stages == expected
 
 
