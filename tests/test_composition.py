@@ -309,3 +309,23 @@ def test_a_pruned_model_left_float_on_onnx_runtime_ships_sparse(tmp_path) -> Non
     pt_size = (tmp_path / "model.pt").stat().st_size
     assert pt_size < 0.5 * onnx_size
     assert shipped.packed and shipped.deployment.size_bytes == pt_size
+
+
+def test_a_hybrid_worse_than_its_last_stage_only_within_the_noise_passes_with_a_remark() -> None:
+    """Row against row is judged beyond the seeds' noise: the same configuration measured twice moved by
+    0.4 points; a margin of 1.645 standard errors of the difference, from the pooled seed spread."""
+    from tests.test_scorecard import row, run, sc
+
+    def rows(hybrid_accs: list[float]) -> list:
+        qat = [run(s, acc_drop=98.0 - acc, test_acc=acc, compression_ratio=3.9) for s, acc in enumerate((97.5, 98.0, 97.7))]
+        hybrid = [run(s, acc_drop=98.0 - acc, test_acc=acc, compression_ratio=12.0, sparsity=0.8, speedup_bs32=1.2,
+                      params={"method.sparsity": "0.8"}) for s, acc in enumerate(hybrid_accs)]
+        agp = [run(s, acc_drop=0.0, test_acc=98.0, compression_ratio=4.0) for s in (0, 1, 2)]
+        return sc.judge([row("agp_qat", hybrid), row("qat", qat), row("agp", agp)])
+
+    # pooled seed SD of test_acc over the three rows (agp's is 0): sqrt((0.127 + 0.14) / 6) = 0.21 -> margin 0.28
+    near = rows([97.3, 97.8, 97.4])  # 0.23 worse on the mean
+    assert near[0].verdict == "PASS" and any("within noise" in remark for remark in near[0].remarks)
+    assert "within noise" in sc.notes(near[0])
+    far = rows([96.6, 97.2, 96.8])  # 0.87 worse
+    assert far[0].verdict == "FAIL" and any("agp_qat drop" in reason and "noise +-" in reason for reason in far[0].reasons)
