@@ -400,6 +400,11 @@ def check_drop_at_most_row(row: Row, other_key: str, rows: dict[tuple[str, str],
                    f"by {excess:.2f} (noise +-{margin:.2f}; its last stage alone)")
 
 
+# Two files of the same shapes differ by a byte or two of zip metadata (lenet5 channel and channel_kd files of
+# 63726-63728 bytes: "channel 3.88x > channel_kd 3.88x" failed it): within 0.5% is the same size
+SAME_SIZE = 1.005
+
+
 def check_compression_at_least_rows(row: Row, other_keys: tuple[str, ...],
                                     rows: dict[tuple[str, str], Row]) -> tuple[bool | None, str]:
     """This row's mean compression_ratio at least each other row's (a hybrid against its parts)."""
@@ -407,7 +412,7 @@ def check_compression_at_least_rows(row: Row, other_keys: tuple[str, ...],
     if mine is None:
         return None, ""
     larger = [(key, theirs) for key in other_keys if (other := rows.get((row.model, key))) is not None
-              and (theirs := other.mean("compression_ratio")) is not None and theirs > mine]
+              and (theirs := other.mean("compression_ratio")) is not None and theirs > mine * SAME_SIZE]
     if not larger:
         return True, ""
     return False, "; ".join(f"{key} {theirs:.2f}x > {row.spec.key} {mine:.2f}x" for key, theirs in larger)

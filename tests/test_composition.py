@@ -329,3 +329,13 @@ def test_a_hybrid_worse_than_its_last_stage_only_within_the_noise_passes_with_a_
     assert "within noise" in sc.notes(near[0])
     far = rows([96.6, 97.2, 96.8])  # 0.87 worse
     assert far[0].verdict == "FAIL" and any("agp_qat drop" in reason and "noise +-" in reason for reason in far[0].reasons)
+
+
+def test_a_hybrid_one_byte_larger_than_its_part_is_as_small() -> None:
+    from tests.test_scorecard import row, run, sc
+
+    channel = row("channel", [run(s, compression_ratio=3.8802, acc_drop=0.5) for s in (0, 1, 2)])
+    same = row("channel_kd", [run(s, compression_ratio=3.8800, acc_drop=0.5) for s in (0, 1, 2)])
+    assert sc.judge([same, channel])[0].verdict == "PASS"
+    larger = row("channel_kd", [run(s, compression_ratio=3.7, acc_drop=0.5) for s in (0, 1, 2)])
+    assert "channel 3.88x > channel_kd 3.70x" in sc.judge([larger, channel])[0].reasons[0]
