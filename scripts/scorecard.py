@@ -432,12 +432,22 @@ def _float(text: str | None) -> float | None:
         return None
 
 
-def check_int8_not_slower(row: Row, minimum: float, rows: dict) -> tuple[bool | None, str]:
-    """speedup_bs32 >= minimum, or every run kept its model float (min_speedup found no int8 form fast
-    enough on that runtime): a float model is its baseline, not slower however the two timings wobble."""
-    if row.finished and all(is_float_model(run) for run in row.finished):
+def check_int8_not_slower(row: Row, minimum: float, _rows: dict) -> tuple[bool | None, str]:
+    """The mean speedup_bs32 of the seeds that shipped int8 >= minimum. A seed whose model stayed float
+    (min_speedup found no int8 form fast enough on that runtime) ships its baseline, not slower however
+    the two timings wobble: it is left out (lenet300 ptq_static@cpu, 2026-12-01: two float seeds read
+    0.91x on average against their own architecture on 2 threads and failed a row of mean 0.89x)."""
+    int8_runs = [run for run in row.finished if not is_float_model(run)]
+    speedups = [run.metrics[speedup(32)] for run in int8_runs if speedup(32) in run.metrics]
+    if not int8_runs:
         return True, ""
-    return _min_check("speedup_bs32")(row, minimum, rows)
+    if len(speedups) < len(int8_runs):
+        return False, f"metric missing: {speedup(32)}"
+    mean = sum(speedups) / len(speedups)
+    if mean >= minimum:
+        return True, ""
+    seeds = f" (the {len(int8_runs)} int8 seed{'s' if len(int8_runs) > 1 else ''})" if len(int8_runs) < len(row.finished) else ""
+    return False, f"speedup_bs32 {mean:.2f} < {minimum:g}{seeds}"
 
 
 def is_float_model(run: RunRecord) -> bool:

@@ -222,6 +222,12 @@ def test_int8_speed_passes_when_faster_or_when_every_run_kept_the_model_float():
     assert kept_float.verdict == "PASS" and "float model 3/3" in sc.notes(kept_float)
     (slower,) = judged(row("ptq_static@cpu", three(compression_ratio=3.9, speedup_bs32=0.9), method="ptq_static"))
     assert slower.verdict == "FAIL" and "speedup_bs32 0.90 < 0.95" in slower.reasons
+    int8_seed = run(2, compression_ratio=2.9, speedup_bs32=1.0)
+    (mixed,) = judged(row("ptq_static@cpu", [*float_runs[:2], int8_seed], method="ptq_static"))
+    assert mixed.verdict == "PASS"  # the float seeds' 0.90 is their baseline's wobble, not int8's
+    int8_seed.metrics["speedup_bs32"] = 0.85
+    (mixed,) = judged(row("ptq_static@cpu", [*float_runs[:2], int8_seed], method="ptq_static"))
+    assert mixed.verdict == "FAIL" and "speedup_bs32 0.85 < 0.95 (the 1 int8 seed)" in mixed.reasons
 
 
 def test_plan_skips_conv_only_methods_on_lenet300_and_full_covers_every_model():
