@@ -339,3 +339,19 @@ def test_a_hybrid_one_byte_larger_than_its_part_is_as_small() -> None:
     assert sc.judge([same, channel])[0].verdict == "PASS"
     larger = row("channel_kd", [run(s, compression_ratio=3.7, acc_drop=0.5) for s in (0, 1, 2)])
     assert "channel 3.88x > channel_kd 3.70x" in sc.judge([larger, channel])[0].reasons[0]
+
+
+def test_a_hybrid_is_judged_against_the_lossier_of_its_parts() -> None:
+    """channel_qat loses what channel loses (0.73 both, lenet5 2026-12-01), not qat's 0.13: stacking cost nothing."""
+    from tests.test_scorecard import row, run, sc
+
+    def judged(hybrid_drop: float) -> "sc.Row":
+        parts = [row("channel", [run(s, acc_drop=0.73, test_acc=97.1, compression_ratio=3.88) for s in (0, 1, 2)]),
+                 row("qat", [run(s, acc_drop=0.13, test_acc=97.7, compression_ratio=2.37) for s in (0, 1, 2)])]
+        hybrid = row("channel_qat", [run(s, acc_drop=hybrid_drop, test_acc=97.8 - hybrid_drop, compression_ratio=5.5,
+                                         speedup_bs32=1.2) for s in (0, 1, 2)])
+        return sc.judge([hybrid, *parts])[0]
+
+    assert judged(0.73).verdict == "PASS"
+    lost_more = judged(1.5)
+    assert lost_more.verdict == "FAIL" and "channel_qat drop 1.50 > channel drop 0.73" in lost_more.reasons[0]
