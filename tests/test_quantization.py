@@ -269,8 +269,17 @@ def test_qat_trains_fake_quant_and_converts_to_integer_codes(tmp_path, callback,
     test = data.split("test")
     x = test.tensors[0][:200]
     with torch.no_grad():
-        agree = (deployed(x).argmax(1) == reference(x).argmax(1)).float().mean()
-    assert agree > 0.97  # the deployed integer model predicts what the fake-quant model trained
+        out, simulated = deployed(x), reference(x)
+    # the deployed integer model computes what the fake-quant model trained, up to one code of the output
+    # quantizer (its logits lie on that grid); after 6 batches many logits are near-ties (ternary: 4% of
+    # argmaxes flipped by one 0.0028 step), so the predictions must agree wherever the top two logits are
+    # further apart than that rounding
+    gap = float((out - simulated).abs().max())
+    output_step = float(simulated.abs()[simulated != 0].min())
+    assert gap <= 1.01 * output_step
+    top2 = simulated.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * gap
+    assert int(clear.sum()) >= 20 and torch.equal(out.argmax(1)[clear], simulated.argmax(1)[clear])
     size = save_deployable(deployed, tmp_path / "model.pt")
     if bits < 8:
         encoded = encode_tensor(layers[2].weight_codes)
