@@ -362,3 +362,11 @@ def test_baselines_from_copies_then_merges_finished_baselines(tmp_path):
     assert target.get_run(training).info.status == "FINISHED"
     assert target.get_run(later).data.metrics == {"test_acc": 97.0}
     assert target.get_run(later).data.tags["baseline_fingerprint"] == "c"
+
+
+def test_a_mean_drop_at_the_limit_passes_whatever_the_float_rounding():
+    drops = (0.7000000000000006, 0.5000000000000004, 0.30000000000000027)  # lenet5 taylor, 2026-12-01
+    (at_limit,) = judged(row("taylor", [run(s, acc_drop=d) for s, d in enumerate(drops)]))
+    assert at_limit.verdict == "PASS"
+    (over,) = judged(row("taylor", [run(s, acc_drop=d + 0.1) for s, d in enumerate(drops)]))
+    assert over.verdict == "FAIL" and over.reasons[0].startswith("mean drop 0.60 > 0.5")
