@@ -380,9 +380,17 @@ def worse_beyond_noise(worse: Row, better: Row, rows: dict[tuple[str, str], Row]
     return mine - theirs > margin, mine - theirs, margin
 
 
-def _within_noise(row: Row, excess: float, margin: float, other_key: str) -> None:
-    if excess > 0:
-        row.remarks.append(f"drop {excess:+.2f} vs {other_key}, within noise (+-{margin:.2f})")
+def _no_worse(worse: Row, better: Row, rows: dict[tuple[str, str], Row], why: str) -> tuple[bool | None, str]:
+    """`worse` judged against `better` beyond the noise; worse within the noise passes with a remark."""
+    beyond, excess, margin = worse_beyond_noise(worse, better, rows)
+    if beyond is None:
+        return None, ""
+    if not beyond:
+        if excess > 0:
+            worse.remarks.append(f"drop {excess:+.2f} vs {better.spec.key}, within noise (+-{margin:.2f})")
+        return True, ""
+    return False, (f"{worse.spec.key} drop {worse.mean('acc_drop'):.2f} > {better.spec.key} drop "
+                   f"{better.mean('acc_drop'):.2f} by {excess:.2f} (noise +-{margin:.2f}): {why}")
 
 
 def check_drop_at_least_row(row: Row, other_key: str, rows: dict[tuple[str, str], Row]) -> tuple[bool | None, str]:
@@ -390,14 +398,7 @@ def check_drop_at_least_row(row: Row, other_key: str, rows: dict[tuple[str, str]
     other = rows.get((row.model, other_key))
     if other is None:
         return None, ""
-    worse, excess, margin = worse_beyond_noise(other, row, rows)
-    if worse is None:
-        return None, ""
-    if not worse:
-        _within_noise(other, excess, margin, row.spec.key)
-        return True, ""
-    return False, (f"{other_key} drop {other.mean('acc_drop'):.2f} > {row.spec.key} drop {row.mean('acc_drop'):.2f} "
-                   f"by {excess:.2f} (noise +-{margin:.2f}): {other.spec.method} worse than its peer")
+    return _no_worse(other, row, rows, f"{other.spec.method} worse than its peer")
 
 
 def check_drop_at_most_rows(row: Row, other_keys: tuple[str, ...],
@@ -408,15 +409,7 @@ def check_drop_at_most_rows(row: Row, other_keys: tuple[str, ...],
               and other.mean("acc_drop") is not None]
     if not others:
         return None, ""
-    lossier = max(others, key=lambda other: other.mean("acc_drop"))
-    worse, excess, margin = worse_beyond_noise(row, lossier, rows)
-    if worse is None:
-        return None, ""
-    if not worse:
-        _within_noise(row, excess, margin, lossier.spec.key)
-        return True, ""
-    return False, (f"{row.spec.key} drop {row.mean('acc_drop'):.2f} > {lossier.spec.key} drop "
-                   f"{lossier.mean('acc_drop'):.2f} by {excess:.2f} (noise +-{margin:.2f}; the lossier of its parts)")
+    return _no_worse(row, max(others, key=lambda other: other.mean("acc_drop")), rows, "the lossier of its parts")
 
 
 # Two files of the same shapes differ by a byte or two of zip metadata (lenet5 channel and channel_kd files of
@@ -451,22 +444,18 @@ def _float(text: str | None) -> float | None:
         return None
 
 
-def check_int8_not_slower(row: Row, minimum: float, _rows: dict) -> tuple[bool | None, str]:
+def check_int8_not_slower(row: Row, minimum: float, rows: dict) -> tuple[bool | None, str]:
     """The mean speedup_bs32 of the seeds that shipped int8 >= minimum. A seed whose model stayed float
     (min_speedup found no int8 form fast enough on that runtime) ships its baseline, not slower however
     the two timings wobble: it is left out (lenet300 ptq_static@cpu, 2026-12-01: two float seeds read
     0.91x on average against their own architecture on 2 threads and failed a row of mean 0.89x)."""
     int8_runs = [run for run in row.finished if not is_float_model(run)]
-    speedups = [run.metrics[speedup(32)] for run in int8_runs if speedup(32) in run.metrics]
     if not int8_runs:
         return True, ""
-    if len(speedups) < len(int8_runs):
-        return False, f"metric missing: {speedup(32)}"
-    mean = sum(speedups) / len(speedups)
-    if round(mean, ROUNDING) >= minimum:
-        return True, ""
-    seeds = f" (the {len(int8_runs)} int8 seed{'s' if len(int8_runs) > 1 else ''})" if len(int8_runs) < len(row.finished) else ""
-    return False, f"speedup_bs32 {mean:.2f} < {minimum:g}{seeds}"
+    passed, reason = _min_check(speedup(32))(Row(row.spec, row.model, int8_runs), minimum, rows)
+    if passed is False and len(int8_runs) < len(row.finished):
+        reason += f" (the {len(int8_runs)} int8 seed{'s' if len(int8_runs) > 1 else ''})"
+    return passed, reason
 
 
 def is_float_model(run: RunRecord) -> bool:
