@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lightning_modules.contract import ERROR_TAG, HEARTBEAT_TAG, HOST_TAG, PID_TAG, PROCESS_START_TAG
+from lightning_modules.signals import signals_held
 
 if TYPE_CHECKING:
     from lightning_modules.tracking import Store
@@ -111,10 +112,11 @@ def end_if_dead(store: Store, run) -> bool:
 
 def end_killed(store: Store, run_id: str, reason: str) -> bool:
     """Mark the run KILLED with `reason` as its error, unless it ended meanwhile; True when it did."""
-    if store.client.get_run(run_id).info.status != "RUNNING":
-        return False
-    store.client.set_tag(run_id, ERROR_TAG, reason[:5000])
-    store.client.set_terminated(run_id, "KILLED")
+    with signals_held():  # recorded whole: a second signal waits until the run is KILLED
+        if store.client.get_run(run_id).info.status != "RUNNING":
+            return False
+        store.client.set_tag(run_id, ERROR_TAG, reason[:5000])
+        store.client.set_terminated(run_id, "KILLED")
     return True
 
 

@@ -10,6 +10,10 @@ the job (and its training resumes from the last checkpoint).
 Under submitit, the preemption signal (SIGUSR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise) is
 submitit's: it requeues the job and exits. The handler here notes the signal first and then hands
 over to submitit's, so the run it interrupts is recorded KILLED (preempted) as well.
+
+A signal that comes while the main thread writes to the store waits until the write is done
+(`signals_held`): raised inside SQLAlchemy mid-transaction, it left the SQLite file write-locked by a
+connection nothing would close, and recording the run KILLED then failed with "database is locked".
 """
 
 from __future__ import annotations
@@ -67,12 +71,36 @@ REDELIVER_S = 5.0
 _pending: list[RunKilled] = []  # the signal being acted on, until its RunKilled is seen
 
 
+_held_depth = 0  # how many signals_held sections the main thread is inside
+_held_back: list[RunKilled] = []  # a signal that came inside one: raised when the outermost one ends
+
+
 def _raise_killed(signum: int, frame) -> None:
     killed = RunKilled(signum)
     if not _pending:
         _pending.append(killed)
         threading.Thread(target=_redeliver_until_seen, args=(killed,), daemon=True, name="redeliver-signal").start()
+    if _held_depth:
+        _held_back[:] = _held_back or [killed]
+        return
     raise killed
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """While the main thread is inside, a signal does not interrupt it: its RunKilled is raised when the
+    outermost section ends (a store write completes, or fails and rolls back, before the run ends; its
+    error, if any, stays attached as the context). In other threads nothing changes: signals only ever
+    interrupt the main thread."""
+    global _held_depth
+    main = threading.current_thread() is threading.main_thread()
+    _held_depth += main
+    try:
+        yield
+    finally:
+        _held_depth -= main
+        if main and not _held_depth and _held_back:
+            raise _held_back.pop()
 
 
 def _redeliver_until_seen(killed: RunKilled) -> None:
@@ -85,6 +113,7 @@ def _redeliver_until_seen(killed: RunKilled) -> None:
 
 def _seen(killed: RunKilled) -> RunKilled:
     _pending.clear()
+    _held_back.clear()
     return killed
 
 
@@ -118,3 +147,4 @@ def runs_end_killed_on_signals() -> Iterator[None]:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         _pending.clear()
+        _held_back.clear()

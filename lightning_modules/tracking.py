@@ -8,6 +8,7 @@ one process (a multirun, a baseline trained on demand) never step on each other.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
@@ -29,7 +30,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules.liveness import HEARTBEAT_S, STALE_AFTER_S, end_if_dead, end_killed, heartbeat, liveness_tags
-from lightning_modules.signals import kill_reason
+from lightning_modules.signals import kill_reason, signals_held
 from lightning_modules.contract import (
     DATA_TAG, ERROR_ARTIFACT, ERROR_TAG, EXPERIMENT_KIND, EXPERIMENT_KIND_TAG,
     FINGERPRINT_TAG, GIT_COMMIT_TAG, GIT_DIRTY_TAG,
@@ -81,11 +82,12 @@ class Store:
 
     @cached_property
     def client(self) -> MlflowClient:
+        """The store's MlflowClient; each of its calls completes before a signal ends the run (HeldClient)."""
         if (database := sqlite_path(self.uri)) is not None:
             database.parent.mkdir(parents=True, exist_ok=True)
         if self.uri.startswith(("http://", "https://")):
             self.check_server()
-        return MlflowClient(tracking_uri=self.uri)
+        return HeldClient(MlflowClient(tracking_uri=self.uri))  # type: ignore[return-value]
 
     def check_server(self, timeout_s: float = 10.0) -> None:
         """Fail at once, before any work, when no MLflow server answers (the client would retry for minutes)."""
@@ -113,6 +115,26 @@ class Store:
         if EXPERIMENT_KIND_TAG not in found.tags:
             self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return found.experiment_id
+
+
+class HeldClient:
+    """An MlflowClient whose calls run inside signals_held: a SIGTERM that comes mid-write is raised once
+    the write is done, not inside SQLAlchemy's transaction (which left the SQLite file locked)."""
+
+    def __init__(self, client: MlflowClient) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+
+        @functools.wraps(attribute)
+        def held(*args: Any, **kwargs: Any) -> Any:
+            with signals_held():
+                return attribute(*args, **kwargs)
+
+        return held
 
 
 def store_settings(tracking: DictConfig) -> dict[str, float]:
@@ -197,7 +219,11 @@ def closing_run(tracked: TrackedRun) -> Iterator[TrackedRun]:
             yield tracked
     except BaseException as error:
         if (killed := kill_reason(error)) is not None:
-            end_killed(tracked.store, tracked.run_id, str(killed))
+            try:
+                end_killed(tracked.store, tracked.run_id, str(killed))
+            except Exception:  # the store is unreachable: the kill still ends the process (and the sweep)
+                log.exception("run %s could not be recorded KILLED; the next job or sweep to start ends it "
+                              "(its process is gone)", tracked.run_id)
         else:
             record_failure(tracked, error)
         raise
@@ -214,11 +240,12 @@ def tracked_run(store: Store, name: str, tags: Mapping[str, Any], parent_run_id:
 def record_failure(run: TrackedRun, error: BaseException) -> None:
     """Mark the run FAILED, with the error as a tag (UI-searchable) and the traceback as an artifact."""
     message = str(error) if isinstance(error, RunRejected) else f"{type(error).__name__}: {error}"
-    try:
-        run.set_tags({ERROR_TAG: message[:5000]})
-        run.log_text("".join(traceback.format_exception(error)), ERROR_ARTIFACT)
-    finally:
-        run.store.client.set_terminated(run.run_id, "FAILED")
+    with signals_held():  # recorded whole: a signal now waits until the run is FAILED
+        try:
+            run.set_tags({ERROR_TAG: message[:5000]})
+            run.log_text("".join(traceback.format_exception(error)), ERROR_ARTIFACT)
+        finally:
+            run.store.client.set_terminated(run.run_id, "FAILED")
 
 
 def run_name(cfg: DictConfig) -> str:

@@ -197,3 +197,57 @@ def test_a_signal_whose_exception_python_swallowed_is_delivered_again(store: Sto
             time.sleep(5)  # the second delivery raises here
     assert len(swallowed) == 1
     assert store.client.get_run(run.run_id).info.status == "KILLED"
+
+
+def test_a_signal_waits_until_the_store_write_it_interrupts_is_done() -> None:
+    from lightning_modules.signals import signals_held
+
+    with runs_end_killed_on_signals(), pytest.raises(RunKilled) as raised:
+        with signals_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the handler has run by now, and raised nothing here
+            done = True
+    assert done and raised.value.signum == signal.SIGTERM
+
+
+def test_sigterm_mid_write_leaves_the_sqlite_store_writable(store: Store, tmp_path: Path) -> None:
+    """The CI failure of 2026-12-01: SIGTERM raised inside MLflow's SQLAlchemy transaction left the SQLite
+    file write-locked, recording the run KILLED failed with "database is locked" and the sweep went on.
+    Without the fix, the first or second of these kills left the lock behind."""
+    import random
+    import sqlite3
+    import threading
+
+    from mlflow.entities import Metric
+
+    from lightning_modules.liveness import end_killed
+
+    rng = random.Random(0)
+    for _ in range(15):
+        run_id = store.client.create_run(store.experiment_id).info.run_id
+        threading.Timer(rng.uniform(0.0, 0.2), os.kill, (os.getpid(), signal.SIGTERM)).start()
+        with runs_end_killed_on_signals(), pytest.raises(RunKilled):
+            for step in range(100_000):  # metrics written as an epoch's end writes them
+                store.client.log_batch(run_id, metrics=[Metric("loss", 1.0, 0, step), Metric("acc", 0.5, 0, step)])
+        probe = sqlite3.connect(tmp_path / "mlflow.db", timeout=1.0)
+        try:
+            probe.execute("BEGIN IMMEDIATE")  # raises "database is locked" while another connection writes
+            probe.execute("ROLLBACK")
+        finally:
+            probe.close()
+        assert end_killed(store, run_id, "killed by SIGTERM")
+
+
+def test_a_kill_that_cannot_be_recorded_still_ends_the_process(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store that fails while the kill is recorded must not turn the kill into an ordinary error (a sweep
+    logs those and goes on to its next job): RunKilled goes on up, and the process exits 128 + signal."""
+    from lightning_modules import tracking
+
+    def store_down(*args, **kwargs):
+        raise ConnectionError("the store is down")
+
+    monkeypatch.setattr(tracking, "end_killed", store_down)
+    with runs_end_killed_on_signals(), pytest.raises(RunKilled):
+        with closing_run(open_run(store, "unrecorded kill", {}, None)):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
