@@ -177,6 +177,24 @@ def test_quantized_model_survives_the_workbench_artifact(tmp_path) -> None:
     assert sum(p.numel() for p in dequantized(loaded).parameters()) == sum(p.numel() for p in LeNet5(1, 28, 10).parameters())
 
 
+def test_an_all_int8_model_predicts_from_raw_pixels_after_loading(tmp_path) -> None:
+    """Every lenet300 layer goes int8: the loaded model holds buffers and no parameters. Its predict (what
+    the MLflow pyfunc serves) raised StopIteration looking for a parameter's device."""
+    from lightning_modules.data import InputSpec
+    from lightning_modules.evaluation.artifact import load_artifact
+    from lightning_modules.models import LeNet300
+
+    gm, prepared = _calibrated(LeNet300(1, 28, 10).eval(), QuantScheme())
+    quantized = convert(gm, prepared)
+    spec = InputSpec(1, 28, 255.0, (0.1307,), (0.3081,), tuple(str(label) for label in range(10)))
+    save_deployable(quantized, tmp_path / "model.pt", input_spec=spec)
+    artifact = load_artifact(tmp_path / "model.pt")
+    assert not list(artifact.model.parameters())
+    raw = np.random.default_rng(0).integers(0, 256, (3, 1, 28, 28)).astype(np.float32)
+    expected = torch.softmax(quantized(spec.normalise(raw)), dim=1).detach().numpy()
+    assert np.allclose(artifact.predict(raw), expected, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- packed encodings
 
 

@@ -28,6 +28,7 @@ encoding here and touch nothing else.
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
 import zlib
@@ -358,7 +359,9 @@ class Artifact:
             raise ValueError("this artifact was saved without its input description; call .model on normalised "
                              "tensors instead")
         inputs = self.input_spec.normalise(raw_images)
-        device = next(iter(self.model.buffers()), next(self.model.parameters())).device
+        # an int8 model holds buffers and no parameters; a float one may hold no buffers
+        tensors = itertools.chain(self.model.parameters(), self.model.buffers())
+        device = next((tensor.device for tensor in tensors), torch.device("cpu"))
         return torch.softmax(self.model.eval()(inputs.to(device)).float(), dim=1).cpu().numpy()
 
 
