@@ -45,6 +45,29 @@ def main(cfg: DictConfig) -> dict[str, float] | None:
         return None
 
 
+def method_values_per_job(argv: list[str]) -> list[str]:
+    """In a sweep, `method.<key>=<value>` goes to Hydra as the one-value sweep `method.<key>=choice(<value>)`.
+
+    Hydra composes a sweep's base config with the default method (baseline), leaving the swept keys out:
+    a plain value for a key the baseline lacks (`method=agp,channel method.sparsity=0.9`) failed there,
+    with advice (`+method.sparsity`) that then fails on the methods that have the key. As a one-value
+    sweep, it is set in each job's own method, as meant; a job whose method lacks the key is refused
+    before any job runs, naming it."""
+    if not {"-m", "--multirun"} & set(argv):
+        return argv
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+
+    def per_job(arg: str) -> str:
+        key, _, value = arg.partition("=")
+        if not arg.startswith("method.") or not value or parser.parse_overrides([arg])[0].is_sweep_override():
+            return arg
+        return f"{key}=choice({value})"
+
+    return [argv[0], *(per_job(arg) for arg in argv[1:])]
+
+
 def run_until_killed() -> None:
     """main() with SIGTERM, Ctrl-C and SIGHUP ending the open run (and the sweep's parent run) KILLED with
     the reason; the process then exits 128 + the signal's number, as a shell reports a killed process."""
@@ -64,4 +87,5 @@ def run_until_killed() -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = method_values_per_job(sys.argv)
     run_until_killed()

@@ -102,10 +102,9 @@ class RowSpec:
 # Rows beyond the defaults: the sparsities issue 12 names for agp, its peer at 0.95, and int8 on Inductor
 # (`cpu`: the model and its baseline compiled onto oneDNN's kernels).
 EXTRA_ROWS = (
-    # `++`: a sweep of several methods composes its primary config with method=baseline, which has no sparsity
-    RowSpec("agp@0.9", "agp", DEFAULT_HARDWARE, ("++method.sparsity=0.9",)),
-    RowSpec("agp@0.95", "agp", DEFAULT_HARDWARE, ("++method.sparsity=0.95",)),
-    RowSpec("lightning@0.95", "lightning", DEFAULT_HARDWARE, ("++method.sparsity=0.95",)),
+    RowSpec("agp@0.9", "agp", DEFAULT_HARDWARE, ("method.sparsity=0.9",)),
+    RowSpec("agp@0.95", "agp", DEFAULT_HARDWARE, ("method.sparsity=0.95",)),
+    RowSpec("lightning@0.95", "lightning", DEFAULT_HARDWARE, ("method.sparsity=0.95",)),
     RowSpec("ptq_static@cpu", "ptq_static", "cpu"),
     RowSpec("qat@cpu", "qat", "cpu"),
 )

@@ -95,6 +95,30 @@ def test_a_bad_value_in_a_sweep_stops_it_before_any_job(tmp_path: Path, store_ur
     assert not (tmp_path / "store" / "mlflow.db").exists()  # nothing trained, nothing half-written
 
 
+def test_a_method_value_beside_a_method_sweep_is_set_in_each_job() -> None:
+    import train
+
+    argv = ["train.py", "-m", "method=agp,channel", "method.sparsity=0.9", "method.fine_tune.epochs=5",
+            "method.sparsity_list=[1,2]", "++method.x=1", "model=lenet5", "method.rank=0.1,0.2"]
+    assert train.method_values_per_job(argv) == [
+        "train.py", "-m", "method=agp,channel", "method.sparsity=choice(0.9)", "method.fine_tune.epochs=choice(5)",
+        "method.sparsity_list=choice([1,2])", "++method.x=1", "model=lenet5", "method.rank=0.1,0.2"]
+    assert train.method_values_per_job(["train.py", "method=agp", "method.sparsity=0.9"]) == [
+        "train.py", "method=agp", "method.sparsity=0.9"]  # a single run composes its own method
+
+
+@pytest.mark.slow
+def test_a_method_value_beside_a_method_sweep_is_refused_only_for_the_job_that_lacks_it(tmp_path: Path) -> None:
+    """Hydra composed the sweep's base config with the baseline, which has no sparsity: it failed there with
+    "use +method.sparsity", which then fails on agp. Now each job gets the value, and ptq_static, which
+    has no sparsity, is named before anything runs."""
+    result = run_train(["-m", *FAST, "method=agp,ptq_static", "method.sparsity=0.9"], tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "method=ptq_static" in result.stderr and "Could not override 'method.sparsity'" in result.stderr
+    assert "model=lenet5 method=agp" not in result.stderr  # the agp job composes
+    assert not (tmp_path / "store" / "mlflow.db").exists()
+
+
 @pytest.mark.parametrize(
     ("overrides", "env", "expected"),
     [

@@ -244,7 +244,7 @@ def test_groups_give_each_row_its_hardware_and_overrides(tmp_path):
     groups = sc.group_jobs(sc.plan(sc.select_specs(["agp", "lightning", "ptq_static"]), ["lenet5"], [0], False))
     commands = [" ".join(group.command("t", tmp_path)) for group in groups]
     assert any("method=ptq_static" in c and "hardware=cpu " in c for c in commands)
-    assert any("method=agp,lightning" in c and "++method.sparsity=0.95" in c and "hardware=cpu_1t" in c for c in commands)
+    assert any("method=agp,lightning" in c and "method.sparsity=0.95" in c and "hardware=cpu_1t" in c for c in commands)
     assert any(group.name("t").endswith("-sparsity0.95") for group in groups)
     assert all(f"tracking.uri=sqlite:///{tmp_path}" in c and "hydra.sweep.dir=" in c for c in commands)
     assert len({group.name("t") for group in groups}) == len(groups)
