@@ -297,6 +297,13 @@ def _validate_method(method: DictConfig, root: str) -> None:
     check_choice("method.student_init", method.get("student_init", "baseline"), STUDENT_INITS, error=ConfigError)
     callbacks = build_callbacks(method)  # constructors validate their own arguments
     validate_composition(method, callbacks)
+    epochs = method.fine_tune.get("epochs") if method.get("fine_tune") is not None else None
+    if isinstance(epochs, int):  # each schedule fits in the fine-tuning (else it failed after the baseline trained)
+        for slot, callback in zip(_callback_slots(method), callbacks):
+            try:
+                callback.check_epochs(epochs)
+            except ValueError as error:
+                raise ConfigError(f"method.callbacks.{slot}: {error}") from error
     if any(callback.requires_teacher for callback in callbacks):
         _validate_teacher(method.get("teacher"), root)
 

@@ -54,6 +54,12 @@ BAD_VALUES = [
     (["method=agp", "method.sparsity=-0.1"], r"sparsity=-0.1 is not valid; allowed"),
     (["method=agp", "method.callbacks.prune.unit=batch"], r"unit='batch' is not valid; allowed: step, epoch"),
     (["method=agp", "method.callbacks.prune.initial_sparsity=0.95"], r"initial_sparsity=0.95 .*(allowed|<=)"),
+    # schedules longer than the fine-tuning: refused before the baseline trains, not when the fit starts
+    (["method=agp", "method.fine_tune.epochs=10"],
+     r"method.callbacks.prune: agp: end=15 epoch\(s\) is not valid with fine_tune.epochs=10; allowed: end < 10"),
+    (["method=lightning", "method.fine_tune.epochs=5"], r"ramp_epochs=15 does not reach .* fine_tune.epochs=5"),
+    (["method=iterative", "method.fine_tune.epochs=2"], r"takes 3 cycles of 1 epoch\(s\): fine_tune.epochs=2 is not valid; allowed: >= 3"),
+    (["method=cluster", "method.callbacks.cluster.begin_epoch=2"], r"begin_epoch=2 is not valid; allowed: .*fine_tune.epochs=2"),
     (["method=qat", "method.callbacks.quantize.observer=median"], r"observer='median' is not valid; allowed: "),
     (["method=qat", "method.callbacks.quantize.bits=0"], r"bits=0 is not valid; allowed"),
     (["method=cluster", "method.bits=0"], r"bits=0 is not valid; allowed"),

@@ -59,6 +59,10 @@ class CompressionCallback(pl.Callback):
                              f"one: min_speedup=null")
         return self.timer
 
+    def check_epochs(self, epochs: int) -> None:
+        """Refuse (ValueError naming both) a fit of `epochs` epochs that this callback's schedule does not
+        fit in. Called with method.fine_tune.epochs before any work, and again when the fit starts."""
+
     def finalize(self, model: nn.Module) -> nn.Module:
         """Return the deployable model; the default keeps the model as trained."""
         return model

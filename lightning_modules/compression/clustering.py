@@ -172,10 +172,14 @@ class WeightClustering(CompressionCallback):
         self._generator = torch.Generator().manual_seed(seed)
 
     # -- hooks
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.begin_epoch and self.begin_epoch >= trainer.max_epochs:
+    def check_epochs(self, epochs: int) -> None:
+        if self.begin_epoch and self.begin_epoch >= epochs:
             raise ValueError(f"begin_epoch={self.begin_epoch} is not valid; allowed: an integer below "
-                             f"fine_tune.epochs={trainer.max_epochs} (the fit must train the shared weights)")
+                             f"fine_tune.epochs={epochs} (the fit must train the shared weights)")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.max_epochs is not None:
+            self.check_epochs(trainer.max_epochs)
         if not self.clustered and self.begin_epoch == 0:
             self.cluster(pl_module.model)
 

@@ -374,13 +374,17 @@ class IterativePruning(MaskedPruning):
         """Epochs until the last cut's cycle has trained."""
         return self.cut_epoch(len(self.levels)) if self.levels else self.cut_epoch(0)
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def check_epochs(self, epochs: int) -> None:
         needed = self.epochs_needed()
-        if trainer.max_epochs is not None and trainer.max_epochs < needed:
+        if epochs < needed:
             raise ValueError(f"{self.name} pruning to sparsity={self.sparsity} with fraction_per_cycle="
                              f"{self.fraction_per_cycle} takes {needed // self.epochs_per_cycle} cycles of "
-                             f"{self.epochs_per_cycle} epoch(s): fine_tune.epochs={trainer.max_epochs} is not valid; "
+                             f"{self.epochs_per_cycle} epoch(s): fine_tune.epochs={epochs} is not valid; "
                              f"allowed: >= {needed}")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.max_epochs is not None:
+            self.check_epochs(trainer.max_epochs)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.next_cycle(trainer, pl_module)
@@ -497,6 +501,12 @@ class _Ramp:
         self.power = float(check_number("power", power, 0, bounds="(]"))
         self.schedule: Callable[[int], float] | None = final if callable(final) else None
 
+    def check_epochs(self, epochs: int, who: str) -> None:
+        """A ramp in epochs must end before a fit of `epochs` epochs does (in steps: checked by build)."""
+        if self.unit == "epoch" and not callable(self.final) and self.end >= epochs:
+            raise ValueError(f"{who}: end={self.end} epoch(s) is not valid with fine_tune.epochs={epochs}; allowed: "
+                             f"end < {epochs} (the ramp reaches its sparsity before the last epoch)")
+
     def build(self, trainer: pl.Trainer, who: str) -> Callable[[int], float]:
         """The schedule in steps for this trainer; the ramp must end before training does."""
         if self.schedule is not None and not isinstance(self.schedule, PolynomialSchedule):
@@ -532,6 +542,9 @@ class AGP(MaskedPruning):
         self.ramp = _Ramp(sparsity, initial_sparsity, begin, end, unit, frequency, power)
         super().__init__(sparsity if not callable(sparsity) else 0.5, **kwargs)
         self.schedule: Callable[[int], float] | None = None
+
+    def check_epochs(self, epochs: int) -> None:
+        self.ramp.check_epochs(epochs, self.name)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.schedule = self.ramp.build(trainer, self.name)  # steps per epoch are known from here on
@@ -608,6 +621,10 @@ class ChannelPruning(MaskedTraining, CompressionCallback):
         self.skipped: dict[int, str] = {}
         self.current_sparsity = 0.0
         self.before: dict[str, int] = {}
+
+    def check_epochs(self, epochs: int) -> None:
+        if self.ramp is not None:
+            self.ramp.check_epochs(epochs, self.name)
 
     # -- hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -965,10 +982,14 @@ class LightningReference(ModelPruning, CompressionCallback):
         return [(m, p) for m, p in parameters_to_prune
                 if p == "weight" and id(m) in names and names[id(m)] not in self.skipped]
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and trainer.max_epochs is not None and 0 <= trainer.max_epochs < self.ramp_epochs:
+    def check_epochs(self, epochs: int) -> None:
+        if 0 <= epochs < self.ramp_epochs:
             raise ValueError(f"lightning: ramp_epochs={self.ramp_epochs} does not reach sparsity={self.sparsity} within "
-                             f"fine_tune.epochs={trainer.max_epochs}; allowed: ramp_epochs <= {trainer.max_epochs}")
+                             f"fine_tune.epochs={epochs}; allowed: ramp_epochs <= {epochs}")
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.max_epochs is not None:
+            self.check_epochs(trainer.max_epochs)
         self._model_layers = list(weighted_layers(pl_module.model))
         _, self.skipped = select_layers(pl_module.model, self.skip_layers)  # the same names and reasons as AGP's
         super().setup(trainer, pl_module, stage)
