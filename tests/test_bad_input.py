@@ -133,10 +133,11 @@ def test_train_refuses_before_any_run_opens(overrides: list[str], message: str, 
 
 @pytest.mark.slow
 def test_a_sweep_refused_for_one_bad_job_names_that_jobs_overrides(tmp_path: Path, store_uri: str) -> None:
-    result = run_train(["-m", "data=digits", "model=lenet5", "method=agp,ptq_dynamic", "++method.fine_tune.epochs=1"],
+    # 20 epochs: agp's ramp ends at epoch 15, so job 1 is valid and job 2 (no recipe to complete) is the bad one
+    result = run_train(["-m", "data=digits", "model=lenet5", "method=agp,ptq_dynamic", "++method.fine_tune.epochs=20"],
                        tmp_path, timeout=300)
     assert result.returncode == 2
-    assert re.search(r"Error: job 2 of 2 \(.*method=ptq_dynamic.*\+\+method.fine_tune.epochs=1\): "
-                     r"method.fine_tune=\{'epochs': 1\} has no optimizer; allowed: ", result.stderr), result.stderr[-3000:]
+    assert re.search(r"Error: job 2 of 2 \(.*method=ptq_dynamic.*\+\+method.fine_tune.epochs=20\): "
+                     r"method.fine_tune=\{'epochs': 20\} has no optimizer; allowed: ", result.stderr), result.stderr[-3000:]
     assert "Nothing was run." in result.stderr
     assert not (tmp_path / "store").exists()
