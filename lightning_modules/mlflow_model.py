@@ -31,6 +31,7 @@ from lightning_modules.contract import MLFLOW_MODEL_NAME, MODEL_FILE, ONNX_FILE,
 from lightning_modules.data import InputSpec
 from lightning_modules.evaluation.artifact import Artifact, load_artifact
 from lightning_modules.evaluation.runtime import with_batchnorm_folded
+from lightning_modules.signals import signals_held
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,8 @@ def log_run_models(store_uri: str, experiment_id: str, run_id: str, model_dir: P
                                                    "save_as_external_data": False,
                                                    "onnx_execution_providers": ["CPUExecutionProvider"]})
     model_ids = {}
-    with using_store(store_uri):
+    # held: a SIGTERM raised inside MLflow's write of a logged model would leave the SQLite store locked
+    with using_store(store_uri), signals_held():
         for name, (flavour, arguments) in flavours.items():
             created = client.create_logged_model(experiment_id, name=name, source_run_id=run_id, tags=tags)
             # what <flavour>.log_model(name=...) does inside an active run, for this run: the model
