@@ -61,7 +61,12 @@ def method_values_per_job(argv: list[str]) -> list[str]:
 
     def per_job(arg: str) -> str:
         key, _, value = arg.partition("=")
-        if not arg.startswith("method.") or not value or parser.parse_overrides([arg])[0].is_sweep_override():
+        if not arg.startswith("method.") or not value:
+            return arg
+        try:
+            if parser.parse_overrides([arg])[0].is_sweep_override():
+                return arg
+        except Exception:  # not a valid override: Hydra says so, with its own message
             return arg
         return f"{key}=choice({value})"
 
