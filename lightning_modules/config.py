@@ -274,6 +274,8 @@ def _validate_hardware(hardware: DictConfig) -> None:
         check_number(f"hardware.latency.batch_sizes[{i}]", size, 1, integer=True, error=ConfigError)
     check_number("hardware.latency.warmup", hardware.latency.warmup, 0, integer=True, error=ConfigError)
     check_number("hardware.latency.repeats", hardware.latency.repeats, 1, integer=True, error=ConfigError)
+    check_number("hardware.latency.min_time_s", hardware.latency.get("min_time_s", 0.0), 0, error=ConfigError,
+                 noun="a number of seconds")
     spread = hardware.latency.get("noisy_spread", 1.5)
     check_number("hardware.latency.noisy_spread", spread, 1, error=ConfigError, allowed="a p95/p50 ratio >= 1 (e.g. 1.5)")
 

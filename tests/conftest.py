@@ -25,6 +25,7 @@ FAST_SHIPPED = [
     "trainer.enable_progress_bar=false",
     "hardware.latency.warmup=1",
     "hardware.latency.repeats=3",
+    "hardware.latency.min_time_s=0",  # the shipped 1 s per batch size would add seconds to every run
     # 4 batches leave lenet5 near chance: the collapse check (a run within 2 points of chance ends
     # FAILED) is tested on its own in test_run_outcomes.py
     "run_checks.chance_margin=null",

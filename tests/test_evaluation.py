@@ -113,6 +113,21 @@ def test_each_timed_call_follows_a_call_of_the_same_model_and_no_model_always_fo
     assert len({order[0] for order in rounds}) == 3  # in a shuffled order
 
 
+def test_fast_models_are_timed_for_at_least_min_time_s() -> None:
+    import time as clock
+
+    calls: list[str] = []
+
+    def sleeping(inputs):
+        calls.append("x")
+        clock.sleep(0.001)
+
+    measure_latency({"model": sleeping, "baseline": sleeping}, (1, 2, 2), [1], torch.device("cpu"), warmup=0,
+                    repeats=3, min_time_s=0.2)
+    repetitions = (len(calls) - 2) / 4  # after the 2 calls that size a repetition: 2 calls per model in each
+    assert 3 < repetitions <= 0.2 / 0.004 + 1  # more than `repeats`; a repetition sleeps at least 4 ms
+
+
 def test_load_per_core_is_the_load_average_over_the_available_cores() -> None:
     import os
 

@@ -326,8 +326,8 @@ def time_models(shipped: Shipped, others: dict[str, Deployment], input_shape: tu
              **{name: other.deployed for name, other in others.items() if other is not shipped.deployment}}
     batch_sizes = list(hardware.latency.batch_sizes)
     load_before = load_per_core()
-    latency = measure_latency(timed, input_shape, batch_sizes, device,
-                              warmup=hardware.latency.warmup, repeats=hardware.latency.repeats)
+    latency = measure_latency(timed, input_shape, batch_sizes, device, warmup=hardware.latency.warmup,
+                              repeats=hardware.latency.repeats, min_time_s=hardware.latency.get("min_time_s", 0.0))
     load = max(load_before, load_per_core())  # nan only where the platform has no load average
     noise = noisy_timing_reason(load, {name: latency[name] for name in ("model", "baseline") if name in latency},
                                 batch_sizes, hardware.latency.get("noisy_spread", NOISY_SPREAD_DEFAULT))
