@@ -25,8 +25,6 @@ from lightning_modules.contract import latency_ms_p50, latency_ms_p95, latency_s
 from lightning_modules.evaluation.runtime import Deployed, deploy, measured_runtime, time_int8_layer
 
 
-
-
 def _synchronizer(device: torch.device) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
