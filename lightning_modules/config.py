@@ -276,8 +276,8 @@ def _validate_hardware(hardware: DictConfig) -> None:
     check_number("hardware.latency.repeats", hardware.latency.repeats, 1, integer=True, error=ConfigError)
     check_number("hardware.latency.min_time_s", hardware.latency.get("min_time_s", 0.0), 0, error=ConfigError,
                  noun="a number of seconds")
-    spread = hardware.latency.get("noisy_spread", 1.5)
-    check_number("hardware.latency.noisy_spread", spread, 1, error=ConfigError, allowed="a p95/p50 ratio >= 1 (e.g. 1.5)")
+    check_number("hardware.latency.noisy_speedup_error", hardware.latency.get("noisy_speedup_error", 0.1), 0,
+                 error=ConfigError, allowed="a fraction of the speedup >= 0 (e.g. 0.1)")
 
 
 def _validate_recipe(key: str, recipe: DictConfig, minimum_epochs: int) -> None:

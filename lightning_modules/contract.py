@@ -142,6 +142,11 @@ def speedup(batch: int) -> str:
     return f"speedup_bs{batch}"
 
 
+def speedup_ci95(batch: int) -> tuple[str, str]:
+    """The 95% interval of speedup_bs<B>: how far the timing noise leaves the speedup uncertain."""
+    return f"{speedup(batch)}_ci95_low", f"{speedup(batch)}_ci95_high"
+
+
 def baseline_metric(metric: str) -> str:
     """The baseline's figure beside the run's own (baseline_latency_ms_p50_bs1)."""
     return f"baseline_{metric}"
@@ -188,7 +193,7 @@ def contract_metrics(batches: tuple[int, ...] = CONTRACT_BATCHES) -> list[str]:
         TEST_ACC, TEST_LOSS, BASELINE_TEST_ACC, ACC_DROP, ACC_DROP_CI95_LOW, ACC_DROP_CI95_HIGH,
         PARAMS_TOTAL, PARAMS_NONZERO, SPARSITY, SIZE_BYTES, COMPRESSION_RATIO,
         MACS_DENSE, MACS_EFFECTIVE, MACS_EFFECTIVE_THEORETICAL, TRAIN_TIME_S,
-        *[name for batch in batches for name in (*latency_metrics(batch), speedup(batch))],
+        *[name for batch in batches for name in (*latency_metrics(batch), speedup(batch), *speedup_ci95(batch))],
         LATENCY_LOAD_AVG,
     ]
 

@@ -37,7 +37,7 @@ from lightning_modules.contract import (
     CHECKPOINT_FOLDER, CONFIG_ARTIFACT, DEQUANTIZED, FINGERPRINT_TAG, INT8_KERNEL_OPS, JOB_TAG, MODEL_FOLDER, NOISY_TAG,
     RESUMED_FROM_TAG, RUN_TIME_S, SIMULATED,
     SLOWER_TAG, TEACHER_TAG, TEST_ACC, TIME_BASELINE_S, TIME_DATA_S, TIME_EVALUATE_S, TIME_LOG_MODEL_S, TIME_TRACK_S,
-    TRAIN_TIME_S, layers_skipped, run_model_uri, speedup, summary_table,
+    TRAIN_TIME_S, layers_skipped, run_model_uri, speedup, speedup_ci95, summary_table,
 )
 from lightning_modules.contract import ENERGY_SOURCE_TAG
 from lightning_modules.data import InMemoryDataModule
@@ -470,6 +470,9 @@ def slower_reason(report: Report, summaries: dict[str, list[dict]], batch_sizes:
     causes = []
     if NOISY_TAG in report.tags:
         causes.append(f"timed under contention ({NOISY_TAG}: {report.tags[NOISY_TAG]})")
+    low, high = (report.metrics.get(key) for key in speedup_ci95(batch))
+    if high is not None and high >= SLOWER_SPEEDUP:
+        causes.append(f"within the timing noise (95% interval [{low:.2f}, {high:.2f}] reaches {SLOWER_SPEEDUP})")
     if report.latency_label == DEQUANTIZED:
         causes.append("weights decoded to float at load (dequantized): the runtime runs float32 layers "
                       "plus the decoding, not narrow kernels")

@@ -10,7 +10,7 @@ from lightning_modules.compression.pruning import MagnitudePruning
 from lightning_modules.evaluation.accuracy import paired_drop_interval
 from lightning_modules.evaluation.artifact import decode_tensor, encode_tensor, load_deployable, save_deployable
 from lightning_modules.evaluation.complexity import count_macs
-from lightning_modules.evaluation.latency import measure_latency
+from lightning_modules.evaluation.latency import measure_latency, speedup_interval
 from lightning_modules.layers import parameter_counts
 from lightning_modules.models import LeNet5, LeNet300, resnet20
 
@@ -94,6 +94,28 @@ def test_latency_reports_every_batch_size_for_every_model() -> None:
             assert results[name][f"throughput_bs{batch}"] == pytest.approx(batch * 1000 / results[name][f"latency_ms_p50_bs{batch}"])
             assert results[name][f"latency_spread_bs{batch}"] == pytest.approx(
                 results[name][f"latency_ms_p95_bs{batch}"] / results[name][f"latency_ms_p50_bs{batch}"])
+
+
+def test_speedups_over_the_reference_come_with_their_interval() -> None:
+    models = {"model": LeNet300(1, 8, 10).eval(), "baseline": LeNet5(1, 8, 10).eval()}
+    results = measure_latency(models, (1, 8, 8), [1, 4], torch.device("cpu"), warmup=1, repeats=20, reference="baseline")
+    assert "speedup_bs1" not in results["baseline"]
+    for batch in (1, 4):
+        figures = results["model"]
+        assert figures[f"speedup_bs{batch}_ci95_low"] <= figures[f"speedup_bs{batch}"] <= figures[f"speedup_bs{batch}_ci95_high"]
+        assert figures[f"speedup_bs{batch}"] == pytest.approx(
+            results["baseline"][f"latency_ms_p50_bs{batch}"] / figures[f"latency_ms_p50_bs{batch}"])
+
+
+def test_the_speedup_interval_pairs_each_repetitions_two_timings() -> None:
+    """A machine that slows both models alike for a while moves both timings of those repetitions, not
+    their ratio: drawn in pairs the interval stays tight; drawn apart, each median would wander alone."""
+    rng = np.random.default_rng(1)
+    model = rng.uniform(1.0, 10.0, 500)  # ms, the machine's speed changing from repetition to repetition
+    low, high = speedup_interval(2.0 * model, model)
+    assert low == pytest.approx(2.0) and high == pytest.approx(2.0)
+    low, high = speedup_interval(2.0 * model * rng.lognormal(0.0, 0.3, 500), model)  # noise of its own
+    assert low < 2.0 < high and high - low > 0.1
 
 
 def test_each_timed_call_follows_a_call_of_the_same_model_and_no_model_always_follows_another() -> None:

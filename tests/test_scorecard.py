@@ -152,6 +152,19 @@ def test_int8_slower_than_fp32_fails():
     assert any("speedup_bs32 0.48 < 0.95" in reason for reason in result.reasons)
 
 
+def test_int8_slower_only_within_its_timing_interval_passes_with_a_remark():
+    def runs(low: float, high: float) -> list:
+        return [run(seed, tags={"slower_reason": "speedup_bs32 0.90: within the timing noise"}, acc_drop=0.0,
+                    sparsity=0.0, compression_ratio=3.9, speedup_bs32=0.90, speedup_bs32_ci95_low=low,
+                    speedup_bs32_ci95_high=high) for seed in (0, 1, 2)]
+
+    (noisy,) = judged(row("ptq_static", runs(0.80, 1.02)))
+    assert noisy.verdict == "PASS"
+    assert "speedup_bs32 0.90 < 0.95, within timing noise (interval up to 1.02)" in sc.notes(noisy)
+    (steady,) = judged(row("ptq_static", runs(0.88, 0.92)))
+    assert steady.verdict == "FAIL" and "speedup_bs32 0.90 < 0.95" in steady.reasons
+
+
 def test_kd_needs_its_teacher_metrics_and_a_nonpositive_mean_drop():
     (missing,) = judged(row("kd", three(acc_drop=-0.1)))
     assert missing.verdict == "FAIL" and missing.reasons[0].startswith("metric missing: teacher_test_acc")

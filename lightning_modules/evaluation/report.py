@@ -24,7 +24,7 @@ from lightning_modules.contract import (
     LATENCY_LOAD_AVG, LAYERS_TABLE, MACS_DENSE, MACS_EFFECTIVE, MACS_EFFECTIVE_THEORETICAL, MODEL_FILE, NOISY_TAG,
     ONNX_ERROR_TAG, ONNX_FILE, SIMULATED, SIZE_BYTES, TEACHER_SIZE_BYTES, TEACHER_TEST_ACC, TEST_ACC, TEST_ACC_ONNX,
     TEST_IMAGES, TEST_LOSS, TIME_ONNX_S, baseline_metric, labelled,
-    latency_ms_p50, latency_spread, reference_test_acc, size_bytes_of, speedup, teacher_metric, vs_teacher,
+    latency_ms_p50, reference_test_acc, size_bytes_of, speedup, speedup_ci95, teacher_metric, vs_teacher,
 )
 from lightning_modules.architecture import ModelRecipe
 from lightning_modules.data import InMemoryDataModule, InputSpec
@@ -43,9 +43,10 @@ from lightning_modules.layers import layer_table, parameter_counts
 log = logging.getLogger(__name__)
 
 # A timing is judged noisy (tag `latency_noisy`) when the machine had more runnable threads than
-# cores while it ran, or a timed model's p95/p50 spread exceeds hardware.latency.noisy_spread.
+# cores while it ran, or a speedup's 95% interval reaches further from it than
+# hardware.latency.noisy_speedup_error (a fraction of the speedup).
 MAX_LOAD_PER_CORE = 1.0
-NOISY_SPREAD_DEFAULT = 1.5
+NOISY_SPEEDUP_ERROR_DEFAULT = 0.10
 
 
 @dataclass
@@ -327,10 +328,11 @@ def time_models(shipped: Shipped, others: dict[str, Deployment], input_shape: tu
     batch_sizes = list(hardware.latency.batch_sizes)
     load_before = load_per_core()
     latency = measure_latency(timed, input_shape, batch_sizes, device, warmup=hardware.latency.warmup,
-                              repeats=hardware.latency.repeats, min_time_s=hardware.latency.get("min_time_s", 0.0))
+                              repeats=hardware.latency.repeats, min_time_s=hardware.latency.get("min_time_s", 0.0),
+                              reference="baseline" if "baseline" in timed else None)
     load = max(load_before, load_per_core())  # nan only where the platform has no load average
-    noise = noisy_timing_reason(load, {name: latency[name] for name in ("model", "baseline") if name in latency},
-                                batch_sizes, hardware.latency.get("noisy_spread", NOISY_SPREAD_DEFAULT))
+    noise = noisy_timing_reason(load, latency["model"], batch_sizes,
+                                hardware.latency.get("noisy_speedup_error", NOISY_SPEEDUP_ERROR_DEFAULT))
     return Timing(latency, load, noise)
 
 
@@ -343,7 +345,8 @@ def latency_figures(timing: Timing, label: str | None, batch_sizes: list[int]) -
     for batch_size in batch_sizes:
         key = latency_ms_p50(batch_size)
         figures[baseline_metric(key)] = baseline_latency[key]
-        figures[speedup(batch_size)] = baseline_latency[key] / model_latency[key] if "baseline" in timing.latency else 1.0
+        if "baseline" not in timing.latency:  # the model is the baseline
+            figures.update(dict.fromkeys((speedup(batch_size), *speedup_ci95(batch_size)), 1.0))
         if label is not None:
             figures[labelled(label, key)] = model_latency[key]
             figures[labelled(label, speedup(batch_size))] = figures[speedup(batch_size)]
@@ -366,18 +369,22 @@ def teacher_figures(metrics: dict[str, float], teacher_acc: float, teacher_size:
     return figures
 
 
-def noisy_timing_reason(load_per_core: float, latencies: dict[str, dict[str, float]], batch_sizes: list[int],
-                        max_spread: float) -> str | None:
-    """Why the timing cannot be trusted as it stands, or None: the machine's load per core above 1
-    while timing, or a timed model's p95/p50 spread above `max_spread` (hardware.latency.noisy_spread)."""
+def noisy_timing_reason(load_per_core: float, model_latency: dict[str, float], batch_sizes: list[int],
+                        max_error: float) -> str | None:
+    """Why the timing cannot be trusted as it stands, or None: the machine's load per core above 1 while
+    timing, or a speedup whose 95% interval reaches further than `max_error` (a fraction of the speedup,
+    hardware.latency.noisy_speedup_error) on either side of it."""
     reasons = []
     if load_per_core > MAX_LOAD_PER_CORE:
         reasons.append(f"load {load_per_core:.2f} per core while timing (above {MAX_LOAD_PER_CORE:.1f}: "
                        "more runnable threads than cores)")
-    for name, figures in latencies.items():
-        for batch_size in batch_sizes:
-            spread = figures[latency_spread(batch_size)]
-            if spread > max_spread:
-                reasons.append(f"{name} p95/p50 spread {spread:.2f} at bs{batch_size} "
-                               f"(over hardware.latency.noisy_spread={max_spread})")
+    for batch_size in batch_sizes:
+        if speedup(batch_size) not in model_latency:
+            continue  # the baseline's own run: nothing compared
+        value = model_latency[speedup(batch_size)]
+        low, high = (model_latency[key] for key in speedup_ci95(batch_size))
+        error = max(value - low, high - value) / value
+        if error > max_error:
+            reasons.append(f"speedup_bs{batch_size} {value:.2f} has a 95% interval [{low:.2f}, {high:.2f}] "
+                           f"(+-{error:.0%}, over hardware.latency.noisy_speedup_error={max_error})")
     return "; ".join(reasons) or None
