@@ -12,6 +12,8 @@ import functools
 import io
 import json
 import logging
+import shutil
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -32,10 +34,10 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_modules.liveness import HEARTBEAT_S, STALE_AFTER_S, end_if_dead, end_killed, heartbeat, liveness_tags
 from lightning_modules.signals import kill_reason, signals_held
 from lightning_modules.contract import (
-    DATA_TAG, ERROR_ARTIFACT, ERROR_TAG, EXPERIMENT_KIND, EXPERIMENT_KIND_TAG,
+    DATA_TAG, ERROR_ARTIFACT, ERROR_TAG, EXPERIMENT, EXPERIMENT_KIND, EXPERIMENT_KIND_TAG,
     FINGERPRINT_TAG, GIT_COMMIT_TAG, GIT_DIRTY_TAG,
     HARDWARE_TAG, HOST_TAG, METHOD_TAG, PID_TAG, MODEL_ARTIFACT, MODEL_FILE, MODEL_TAG, SEED_TAG, STORE_ARTIFACTS, SWEEP_FILE,
-    SWEEP_TAG, resolve_store_uri, sqlite_path,
+    STORE_DB, SWEEP_TAG, resolve_store_uri, sqlite_path,
 )
 
 log = logging.getLogger(__name__)
@@ -426,3 +428,37 @@ def read_sweep_info(sweep_dir: str | Path) -> SweepInfo | None:
 def scratch_dir() -> tempfile.TemporaryDirectory:
     """A folder for files on their way into the store (artifacts are copied, then it is removed)."""
     return tempfile.TemporaryDirectory(prefix="workbench-")
+
+
+def copy_baselines(store: Path, source: Path) -> str | None:
+    """Baselines trained in another SQLite store, made available to `store` (a folder holding mlflow.db),
+    so benchmarks and the scorecard do not train them again; returns what it did, or None.
+
+    A store with no database yet gets the whole file, its experiment pointed at `store`'s own artifacts
+    folder (new runs write beside the new database; the copied runs keep reading theirs where they are).
+    A RUNNING run of the copy (a baseline still training there) is marked FAILED: its claim would make
+    jobs here wait for it forever. A store that exists gets the FINISHED baseline runs it lacks (matched
+    on their fingerprint), copied row by row with their tags, params and metrics."""
+    database = store / STORE_DB
+    if not database.exists():
+        store.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, database)
+        with sqlite3.connect(database) as connection:
+            connection.execute("UPDATE experiments SET artifact_location = ? WHERE name = ?",
+                               ((store.resolve() / "artifacts").as_uri(), EXPERIMENT))
+            connection.execute("UPDATE runs SET status = 'FAILED' WHERE status = 'RUNNING'")
+        return f"baselines copied from {source} into {database}"
+    with sqlite3.connect(database) as connection:
+        connection.execute("ATTACH DATABASE ? AS source", (str(source),))
+        missing = [row[0] for row in connection.execute(
+            "SELECT r.run_uuid FROM source.runs r JOIN source.tags t ON t.run_uuid = r.run_uuid "
+            "WHERE t.key = ? AND r.status = 'FINISHED' AND t.value NOT IN "
+            "(SELECT t2.value FROM main.tags t2 JOIN main.runs r2 ON r2.run_uuid = t2.run_uuid "
+            " WHERE t2.key = ? AND r2.status = 'FINISHED')", (FINGERPRINT_TAG, FINGERPRINT_TAG))]
+        if not missing:
+            return None
+        marks = ",".join("?" * len(missing))
+        for table in ("runs", "tags", "params", "metrics", "latest_metrics"):
+            connection.execute(f"INSERT OR REPLACE INTO main.{table} SELECT * FROM source.{table} "
+                               f"WHERE run_uuid IN ({marks})", missing)
+    return f"{len(missing)} baseline runs merged from {source} into {database}"

@@ -23,7 +23,6 @@ drops; `size` is the deployable file (model.pt for sparse codes, which ONNX's fi
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import subprocess
@@ -33,6 +32,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from lightning_modules.contract import EXPERIMENT, sqlite_uri
+from lightning_modules.tracking import copy_baselines
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = "0,1,2"
@@ -54,15 +54,6 @@ GROUPS: dict[str, list[tuple[str, str, str, tuple[str, ...]]]] = {
 }
 COLUMNS = (("test_acc", "{:.2f}"), ("acc_drop", "{:+.2f}"), ("sparsity", "{:.3f}"), ("size_bytes", "{:.0f}"),
            ("compression_ratio", "{:.2f}"), ("speedup_bs1", "{:.2f}"), ("speedup_bs32", "{:.2f}"))
-
-
-def seed_store(store: Path, source: Path) -> None:
-    """scripts/scorecard.py's: the baselines copied in, new artifacts written beside the new store."""
-    spec = importlib.util.spec_from_file_location("scorecard", ROOT / "scripts" / "scorecard.py")
-    scorecard = importlib.util.module_from_spec(spec)
-    sys.modules["scorecard"] = scorecard  # its dataclasses look their module up while it loads
-    spec.loader.exec_module(scorecard)
-    scorecard.seed_store(store, source)
 
 
 def run_group(uri: str, store: Path, name: str) -> None:
@@ -131,7 +122,7 @@ def main() -> None:
         parser.error(f"--groups has unknown {unknown}; allowed: {', '.join(GROUPS)}")
     args.store.mkdir(parents=True, exist_ok=True)
     if args.baselines_from is not None:
-        seed_store(args.store, args.baselines_from)
+        print(copy_baselines(args.store, args.baselines_from) or f"{args.store} has every baseline of {args.baselines_from}")
     uri = sqlite_uri(args.store)
     if not args.report_only:
         for name in groups:

@@ -17,7 +17,8 @@ against a grid run (run_time_s of the runs, and the search command's wall time o
         --space lowbit,cluster --fast
 
 Rerunning into the same store resumes: grid jobs with a FINISHED run are skipped, the study goes on.
-resnet20's baseline trains 10-18 minutes on 2 cores, once per store. Run it on a quiet machine.
+resnet20's baseline trains 10-18 minutes on 2 cores, once per store (`--baselines-from DB` copies the baselines
+of another store in: scripts/scorecard.py's stores hold resnet20's). Run it on a quiet machine.
 `--label v2 --search-only` runs a second search (its own study, search-<model>-v2) against the grid already there.
 
 Measured 2026-12-01 (03:08-04:01 UTC), lenet5 on mnist5k, seed 0, budget 0.5, 9 trials (the default grid's 9
@@ -54,6 +55,7 @@ from omegaconf import OmegaConf
 from lightning_modules.analysis import load_runs
 from lightning_modules.contract import BASELINE_METHOD, EXPERIMENT, RUN_TIME_S, sqlite_uri
 from lightning_modules.search import compare_fronts
+from lightning_modules.tracking import copy_baselines
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["baseline.epochs=1", "trainer.limit_train_batches=4", "trainer.enable_progress_bar=false",
@@ -135,9 +137,13 @@ def main() -> None:
     parser.add_argument("--search-only", action="store_true", help="the grid is in the store already")
     parser.add_argument("--fast", action="store_true", help="a few batches per run: checks the plumbing only")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--baselines-from", type=Path, default=None,
+                        help="an mlflow.db with trained baselines (resnet20's: 10-18 min saved)")
     opts = parser.parse_args()
     opts.store = opts.store.resolve()
     opts.store.mkdir(parents=True, exist_ok=True)
+    if opts.baselines_from is not None and not opts.report_only:
+        print(copy_baselines(opts.store, opts.baselines_from) or f"{opts.store} has every baseline of {opts.baselines_from}")
     trials = opts.trials or grid_jobs(opts.grid_methods)
     for model in opts.models.split(","):
         walls = None

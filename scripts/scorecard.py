@@ -53,8 +53,6 @@ import argparse
 import datetime as dt
 import math
 import os
-import shutil
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -69,6 +67,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere, installed or not
 
+from lightning_modules.tracking import copy_baselines  # noqa: E402
 from lightning_modules.contract import (  # noqa: E402
     ERROR_TAG, EXPERIMENT, NOISY_TAG, SLOWER_TAG, STORE_DB, TEACHER_METRICS, speedup, speedup_ci95, sqlite_uri,
 )
@@ -630,37 +629,6 @@ def store_uri(store: Path) -> str:
     return sqlite_uri(store)
 
 
-def seed_store(store: Path, source: Path) -> None:
-    """Baselines from another SQLite store: the whole file copied into a store that has none (its
-    experiment's new artifacts then go to `store`), else the FINISHED baseline runs `store` lacks
-    merged in (rows copied with their tags, params and metrics; their artifacts stay where they are)."""
-    database = store / STORE_DB
-    if not database.exists():
-        store.mkdir(parents=True, exist_ok=True)
-        shutil.copy(source, database)
-        with sqlite3.connect(database) as connection:
-            connection.execute("UPDATE experiments SET artifact_location = ? WHERE name = ?",
-                               ((store.resolve() / "artifacts").as_uri(), EXPERIMENT))
-            # a copied RUNNING run (a baseline still training there) never finishes here: jobs would wait on its claim
-            connection.execute("UPDATE runs SET status = 'FAILED' WHERE status = 'RUNNING'")
-        print(f"baselines copied from {source} into {database}")
-        return
-    with sqlite3.connect(database) as connection:
-        connection.execute("ATTACH DATABASE ? AS source", (str(source),))
-        missing = [row[0] for row in connection.execute(
-            "SELECT r.run_uuid FROM source.runs r JOIN source.tags t ON t.run_uuid = r.run_uuid "
-            "WHERE t.key = 'baseline_fingerprint' AND r.status = 'FINISHED' AND t.value NOT IN "
-            "(SELECT t2.value FROM main.tags t2 JOIN main.runs r2 ON r2.run_uuid = t2.run_uuid "
-            " WHERE t2.key = 'baseline_fingerprint' AND r2.status = 'FINISHED')")]
-        if not missing:
-            return
-        marks = ",".join("?" * len(missing))
-        for table in ("runs", "tags", "params", "metrics", "latest_metrics"):
-            connection.execute(f"INSERT OR REPLACE INTO main.{table} SELECT * FROM source.{table} "
-                               f"WHERE run_uuid IN ({marks})", missing)
-    print(f"{len(missing)} baseline runs merged from {source} into {database}")
-
-
 def run_group(group: Group, tag: str, store: Path, data: str = DATA, extra: Iterable[str] = ()) -> tuple[int, float]:
     """Run one sweep; its output goes to <store>/logs/<group>.log, the per-run result lines also here."""
     command = group.command(tag, store, data, extra)
@@ -895,8 +863,8 @@ def scorecard(argv: list[str] | None = None) -> tuple[list[Row], int]:
     if not args.report_only:
         started = time.perf_counter()
         for group in groups:
-            if args.baselines_from is not None:  # again before each sweep: baselines trained there meanwhile
-                seed_store(args.store, args.baselines_from)
+            if args.baselines_from is not None and (copied := copy_baselines(args.store, args.baselines_from)):
+                print(copied)  # again before each sweep: baselines trained there meanwhile (a teacher)
             run_group(group, args.tag, args.store, args.data, args.override)
         wall_s = time.perf_counter() - started
     rows = judge(read_rows(args.store, args.tag, jobs))

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from lightning_modules.contract import EXPERIMENT
+from lightning_modules.tracking import copy_baselines
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -363,7 +364,7 @@ def test_baselines_from_copies_then_merges_finished_baselines(tmp_path):
 
     done, training = baseline("a", True), baseline("b", False)
     store = tmp_path / "store"
-    sc.seed_store(store, tmp_path / "source" / "mlflow.db")
+    copy_baselines(store, tmp_path / "source" / "mlflow.db")
     target = MlflowClient(tracking_uri=sc.store_uri(store))
     assert target.get_run(done).info.status == "FINISHED"
     assert target.get_run(training).info.status == "FAILED"  # its claim would make jobs here wait forever
@@ -371,7 +372,7 @@ def test_baselines_from_copies_then_merges_finished_baselines(tmp_path):
 
     source.set_terminated(training, "FINISHED")  # the teacher finished there meanwhile
     later = baseline("c", True)
-    sc.seed_store(store, tmp_path / "source" / "mlflow.db")
+    copy_baselines(store, tmp_path / "source" / "mlflow.db")
     assert target.get_run(training).info.status == "FINISHED"
     assert target.get_run(later).data.metrics == {"test_acc": 97.0}
     assert target.get_run(later).data.tags["baseline_fingerprint"] == "c"
