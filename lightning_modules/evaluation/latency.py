@@ -59,13 +59,15 @@ def measure_latency(
     for batch_size in batch_sizes:
         times = _interleaved_times(models, torch.randn((batch_size, *input_shape), device=device),
                                    _synchronizer(device), warmup, repeats, min_time_s)
+        p50 = {name: float(np.percentile(ms, 50)) for name, ms in times.items()}
         for name, ms in times.items():
-            p50, p95 = float(np.percentile(ms, 50)), float(np.percentile(ms, 95))
-            results[name].update({latency_ms_p50(batch_size): p50, latency_ms_p95(batch_size): p95,
-                                  latency_spread(batch_size): p95 / p50, throughput(batch_size): batch_size * 1000.0 / p50})
+            p95 = float(np.percentile(ms, 95))
+            results[name].update({latency_ms_p50(batch_size): p50[name], latency_ms_p95(batch_size): p95,
+                                  latency_spread(batch_size): p95 / p50[name],
+                                  throughput(batch_size): batch_size * 1000.0 / p50[name]})
             if reference is not None and name != reference:
                 low, high = speedup_interval(times[reference], ms)
-                results[name].update({speedup(batch_size): float(np.median(times[reference]) / np.median(ms)),
+                results[name].update({speedup(batch_size): p50[reference] / p50[name],
                                       speedup_ci95(batch_size)[0]: low, speedup_ci95(batch_size)[1]: high})
     return results
 
@@ -106,8 +108,8 @@ def speedup_interval(reference_ms: np.ndarray, model_ms: np.ndarray, resamples: 
     """
     rng = np.random.default_rng(seed)
     ratios = []
-    for chunk in np.array_split(np.arange(resamples), max(1, resamples // 50)):  # bounded memory for long timings
-        picks = rng.integers(0, len(model_ms), size=(len(chunk), len(model_ms)))
+    for start in range(0, resamples, 50):  # 50 resamples at a time: bounded memory for long timings
+        picks = rng.integers(0, len(model_ms), size=(min(50, resamples - start), len(model_ms)))
         ratios.append(np.median(reference_ms[picks], axis=1) / np.median(model_ms[picks], axis=1))
     low, high = np.percentile(np.concatenate(ratios), [2.5, 97.5])
     return float(low), float(high)
