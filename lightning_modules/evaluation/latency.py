@@ -103,7 +103,7 @@ def speedup_interval(reference_ms: np.ndarray, model_ms: np.ndarray, resamples: 
     eager on one thread, lenet5 in two ONNX Runtime sessions on one thread and on all cores; batches 1
     and 32; 1 s each) as runs do. On the idle 2-core machine none of 30 readings was more than 5% off,
     and two intervals reached further than 10% (ONNX Runtime on all cores at batch 32: 18% and 40%).
-    Beside 1-3 busy processes, 8 of 90 readings were 5-60% off, and all 8 intervals reached further
+    Beside 1-3 busy processes, 8 of 90 readings were 7-53% off, and all 8 intervals reached further
     than 10% (2026-12-01).
     """
     rng = np.random.default_rng(seed)
