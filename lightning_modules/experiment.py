@@ -341,7 +341,8 @@ def fit(cfg: DictConfig, recipe: DictConfig | None, model: nn.Module, data: InMe
         if resume is not None:
             run.set_tags({RESUMED_FROM_TAG: checkpoints.previous_attempt() or ""})
         checkpoints.record_attempt(run.run_id)
-        saving = {"enable_checkpointing": True, "callbacks": [checkpoints.callback(run.run_id), note]}
+        noted = [note] if resume is not None else []  # a fresh start has no resume to note
+        saving = {"enable_checkpointing": True, "callbacks": [checkpoints.callback(run.run_id), *noted]}
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, max_epochs=epochs, **{
         **saving, "callbacks": [*callbacks, EpochMetricsLogger(run), *saving.get("callbacks", [])]})
     started = time.perf_counter()

@@ -42,7 +42,8 @@ judged on the mean over the seeds (HELPERS: one accuracy on 1k images has a stan
 A row judged against another row (a hybrid against the lossier of its parts, agp against its peer) fails
 when its mean drop exceeds the other's by more than the noise of that difference: WORSE_Z (one-sided
 95%) standard errors, from the seed spread of test_acc pooled over the model's rows
-(`worse_beyond_noise`). A plain "mean below mean" flipped with the seeds: the same configuration,
+(`worse_beyond_noise`), or with one seed a row (no spread to pool), from the two runs' own bootstrap
+intervals (`image_error`: with none, a 0.3-point excess on one seed failed as beyond a noise of +-0.00). A plain "mean below mean" flipped with the seeds: the same configuration,
 measured twice on 3 seeds, moved by up to 0.4 points. A row worse within the noise passes with a
 remark in its notes.
 """
@@ -352,9 +353,9 @@ WORSE_Z = 1.645
 NOISE_ROWS_MAX_DROP = 2.0
 
 
-def pooled_acc_sd(model: str, rows: dict[tuple[str, str], Row]) -> float:
+def pooled_acc_sd(model: str, rows: dict[tuple[str, str], Row]) -> float | None:
     """Seed-to-seed standard deviation of test_acc, pooled over the rows of `model` with 2+ finished seeds
-    and a mean drop within NOISE_ROWS_MAX_DROP (one configuration's training noise)."""
+    and a mean drop within NOISE_ROWS_MAX_DROP (one configuration's training noise); None with no such row."""
     squares, freedom = 0.0, 0
     for (row_model, _), row in rows.items():
         accs = [run.metrics["test_acc"] for run in row.finished if "test_acc" in run.metrics]
@@ -364,7 +365,7 @@ def pooled_acc_sd(model: str, rows: dict[tuple[str, str], Row]) -> float:
         mean = sum(accs) / len(accs)
         squares += sum((acc - mean) ** 2 for acc in accs)
         freedom += len(accs) - 1
-    return math.sqrt(squares / freedom) if freedom else 0.0
+    return math.sqrt(squares / freedom) if freedom else None
 
 
 def worse_beyond_noise(worse: Row, better: Row, rows: dict[tuple[str, str], Row]) -> tuple[bool | None, float, float]:
@@ -374,8 +375,21 @@ def worse_beyond_noise(worse: Row, better: Row, rows: dict[tuple[str, str], Row]
     mine, theirs = worse.mean("acc_drop"), better.mean("acc_drop")
     if mine is None or theirs is None:
         return None, 0.0, 0.0
-    margin = WORSE_Z * pooled_acc_sd(worse.model, rows) * math.sqrt(1 / len(worse.finished) + 1 / len(better.finished))
+    seed_sd = pooled_acc_sd(worse.model, rows)
+    if seed_sd is not None:
+        error = seed_sd * math.sqrt(1 / len(worse.finished) + 1 / len(better.finished))
+    else:  # one seed per row (a --full pass): no seed spread to pool, the test images' own noise remains
+        error = math.hypot(image_error(worse), image_error(better))
+    margin = WORSE_Z * error
     return mine - theirs > margin, mine - theirs, margin
+
+
+def image_error(row: Row) -> float:
+    """Standard error of a row's drop from the 1,000 test images alone: its runs' bootstrap half-widths
+    (acc_drop_ci95_low/high) over 1.96, averaged (every seed is scored on the same images)."""
+    halves = [(run.metrics["acc_drop_ci95_high"] - run.metrics["acc_drop_ci95_low"]) / 2.0 for run in row.finished
+              if "acc_drop_ci95_high" in run.metrics and "acc_drop_ci95_low" in run.metrics]
+    return sum(halves) / len(halves) / 1.96 if halves else 0.0
 
 
 def _no_worse(worse: Row, better: Row, rows: dict[tuple[str, str], Row], why: str) -> tuple[bool | None, str]:

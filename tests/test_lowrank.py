@@ -34,7 +34,7 @@ from lightning_modules.config import build_callbacks
 from lightning_modules.data import InMemoryDataModule
 from lightning_modules.evaluation.complexity import count_macs
 from lightning_modules.evaluation.latency import LatencyTimer, paired_times
-from lightning_modules.models import LeNet5, LeNet300, resnet20
+from lightning_modules.models import LeNet5, LeNet300, ResNetCifar, resnet20
 from lightning_modules.task import ClassificationTask
 from tests.conftest import FAST, all_runs, compose_config, run_train
 
@@ -123,6 +123,8 @@ def test_gradual_schedule_runs_from_full_to_target_without_going_up() -> None:
     ("kind", "layer", "ranks"),
     [
         ("svd", nn.Linear(20, 12), (12,)),
+        ("svd", nn.Conv2d(3, 8, 3, stride=2, padding=1), (8,)),
+        ("svd", nn.Conv2d(6, 5, (3, 5), padding=(1, 2), dilation=(2, 1), bias=False), (5,)),
         ("tucker", nn.Conv2d(8, 16, 3, stride=2, padding=1), (16, 8)),
         ("tucker", nn.Conv2d(6, 10, (3, 5), padding=(1, 2), dilation=(2, 1), bias=False), (10, 6)),
     ],
@@ -136,11 +138,53 @@ def test_full_rank_chains_compute_the_original_layer(kind: str, layer: nn.Module
     factors["bias"] = None if layer.bias is None else layer.bias.detach()
     chain = decomposition.build(layer, factors, compact=compact)
     assert isinstance(chain, nn.Sequential) and all(isinstance(m, (nn.Linear, nn.Conv2d)) for m in chain)
-    x = torch.randn(3, 20) if kind == "svd" else torch.randn(3, layer.in_channels, 11, 11)
+    x = torch.randn(3, 20) if isinstance(layer, nn.Linear) else torch.randn(3, layer.in_channels, 11, 11)
     assert torch.allclose(chain(x), layer(x), atol=1e-5)
     assert energy == pytest.approx(1.0)
     if kind == "tucker" and compact:
         assert len(chain) == 1  # both factors square: folded into the core
+
+
+def test_svd_factors_a_convolution_into_a_thin_kxk_conv_and_a_1x1_at_the_eckart_young_error() -> None:
+    # the kernel as a C_out x (C_in k k) matrix: its best rank-r approximation is what the chain computes
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, 3, stride=2, padding=1)
+    svd = DECOMPOSITIONS["svd"]
+    factors, energy = svd.decompose(conv.weight, (4,), iterations=0, seed=0)
+    factors["bias"] = conv.bias.detach()
+    chain = svd.build(conv, factors, compact=True)
+    assert [(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding) for m in chain] == [
+        (8, 4, (3, 3), (2, 2), (1, 1)), (4, 12, (1, 1), (1, 1), (0, 0))]
+    assert chain[0].bias is None and torch.equal(chain[1].bias, conv.bias)
+    s = torch.linalg.svdvals(conv.weight.detach().flatten(1).double())
+    composed = svd.compose(svd.read(chain)).double()
+    error = torch.linalg.matrix_norm(conv.weight.detach().flatten(1).double() - composed) ** 2
+    assert float(error) == pytest.approx(float(s[4:].square().sum()), rel=1e-4)
+    assert energy == pytest.approx(float(s[:4].square().sum() / s.square().sum()))
+    x = torch.randn(2, 8, 9, 9)
+    reference = nn.functional.conv2d(x, composed.float().reshape(conv.weight.shape), conv.bias, stride=2, padding=1)
+    assert torch.allclose(chain(x), reference, atol=1e-5)
+    assert svd.params_after(conv, (4,)) == sum(p.numel() for p in chain.parameters()) == 4 * (8 * 9 + 12) + 12
+
+
+def test_svd_on_a_convolutional_net_factors_its_convolutions_unless_told_linear_only() -> None:
+    # resnet8's only Linear layer is its classifier, spared by default: convolutions are where svd compresses it
+    model = ResNetCifar(8, in_channels=1)
+    callback = LowRankDecomposition("svd", 0.25, skip_layers=["last"])
+    callback.decompose(model)
+    model = callback.finalize(model)
+    rows = {row["layer"]: row for row in callback.summary(model)}
+    assert rows["fc"]["skipped"] == "listed in skip_layers as 'last'"
+    convs = [row for row in rows.values() if row["type"] == "Conv2d"]
+    assert convs and all(row["decomposition"] == "svd" for row in convs if not row["skipped"])
+    assert sum(row["params_after"] for row in convs) < 0.5 * sum(row["params_before"] for row in convs)
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    linear_only = LowRankDecomposition("svd", 0.25, skip_layers=["last"], layer_types=["Linear"])
+    linear_only.decompose(model := ResNetCifar(8, in_channels=1))
+    rows = linear_only.summary(model)
+    assert all(row["skipped"] for row in rows)
+    assert {row["skipped"] for row in rows if row["type"] == "Conv2d"} == {
+        "Conv2d layer: svd factors Linear layers here (layer_types)"}
 
 
 def test_cp_chain_computes_a_rank_r_convolution_with_stride_and_padding() -> None:
@@ -220,7 +264,7 @@ def test_unknown_layers_are_named_with_the_allowed_ones() -> None:
     with pytest.raises(ValueError, match=r"svd: unknown layers \['fc9'\] in skip_layers/layer_ranks; allowed: first, last, classifier.1"):
         LowRankDecomposition("svd", 0.5, skip_layers=["fc9"]).decompose(LeNet300(1, 8, 10))
     with pytest.raises(ValueError, match=r"unknown layers \['features.0'\]"):
-        LowRankDecomposition("svd", 0.5, layer_ranks={"features.0": 0.2}).decompose(LeNet5(1, 8, 10))
+        LowRankDecomposition("svd", 0.5, layer_types=["Linear"], layer_ranks={"features.0": 0.2}).decompose(LeNet5(1, 8, 10))
 
 
 def test_cp_math_runs_on_one_thread_and_gives_the_threads_back() -> None:
@@ -353,6 +397,9 @@ def test_rank_multiple_rounds_up_and_stops_at_full_rank() -> None:
         ({"min_speedup": 0}, r"min_speedup=0 is not valid; allowed: null or a number > 0"),
         ({"min_speedup": "fast"}, r"min_speedup='fast' is not valid; allowed: null or a number > 0"),
         ({"speed_batch": 0}, r"speed_batch=0 is not valid; allowed: an integer >= 1"),
+        ({"layer_types": ["Conv1d"]}, r"layer_types=\['Conv1d'\] is not valid for decomposition='svd'; allowed: null or a list of Linear, Conv2d"),
+        ({"layer_types": []}, r"layer_types=\[\] is not valid"),
+        ({"decomposition": "tucker", "layer_types": ["Linear"]}, r"decomposition='tucker'; allowed: null or a list of Conv2d$"),
     ],
 )
 def test_constructor_rejects_bad_arguments(kwargs: dict, message: str) -> None:

@@ -188,6 +188,18 @@ def test_agp_no_worse_than_lightning_at_095():
     assert alone.verdict == "PASS"
 
 
+def test_a_hybrid_on_one_seed_is_judged_against_its_parts_with_the_test_images_noise():
+    # --full runs one seed a row: no seed spread to pool, so the runs' own intervals (+-1.0 here: a standard
+    # error of 0.51 each, 0.72 for the difference, margin 1.19) set the noise instead of +-0.00
+    def one(key: str, drop: float, half: float = 1.0) -> "sc.Row":
+        return row(key, [run(0, acc_drop=drop, acc_drop_ci95_low=drop - half, acc_drop_ci95_high=drop + half)],
+                   model="resnet8")
+    _, _, within = judged(one("agp", 0.2), one("qat", 0.2), one("agp_qat", 0.5))
+    assert within.verdict == "PASS" and within.remarks == ["drop +0.30 vs agp, within noise (+-1.19)"]
+    _, _, beyond = judged(one("agp", 0.2), one("qat", 0.2), one("agp_qat", 2.0))
+    assert beyond.verdict == "FAIL" and "by 1.80 (noise +-1.19): the lossier of its parts" in beyond.reasons[0]
+
+
 # ----------------------------------------------------------------------------- statistics
 
 

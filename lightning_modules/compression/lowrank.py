@@ -3,6 +3,8 @@
 A weighted layer is replaced by a chain of smaller dense layers, a plain `nn.Sequential` of
 `nn.Linear`/`nn.Conv2d`, so evaluation (MACs, latency) and the saved artifact need nothing new:
     svd     Linear W (out x in)      -> Linear(in, r) -> Linear(r, out)        truncated SVD, sqrt(s) to each side
+            Conv k x k (C_out, C_in) -> k x k (C_in, r) -> 1x1 (r, C_out)      the same SVD of the kernel as a
+                                        C_out x (C_in k k) matrix (Zhang et al. 2015's channel decomposition)
     tucker  Conv k x k (C_out, C_in) -> 1x1 (C_in, r_in) -> k x k core (r_in, r_out) -> 1x1 (r_out, C_out)
                                         Tucker-2 on the channel modes (HOSVD, refined by HOOI sweeps)
     cp      Conv k x k (C_out, C_in) -> 1x1 (C_in, R) -> k x 1 depthwise -> 1 x k depthwise -> 1x1 (R, C_out)
@@ -269,7 +271,7 @@ class Decomposition:
     dimension, so padding (gradual mode) and slicing (finalize) are the same code for every kind.
     """
 
-    layer_type: type[nn.Module] = nn.Module
+    layer_types: tuple[type[nn.Module], ...] = ()  # the layer types it can factor
     default_iterations = 0
     RANK_NAMES: tuple[str, ...] = ("rank",)
     RANK_AXES: dict[str, tuple[tuple[int, int], ...]] = {}  # factor -> ((rank dim, axis), ...)
@@ -353,28 +355,44 @@ def _bias(module: nn.Module) -> torch.Tensor | None:
 
 
 class SVD(Decomposition):
-    """Linear (out x in) -> Linear(in, r, no bias) -> Linear(r, out, the original bias)."""
+    """Truncated SVD of the weight as a matrix: out x (everything else).
 
-    layer_type = nn.Linear
+    Linear (out x in) -> Linear(in, r, no bias) -> Linear(r, out, the original bias).
+    Conv (C_out, C_in, kh, kw) -> Conv kh x kw (C_in -> r, the layer's stride and padding, no bias)
+    -> 1x1 (r -> C_out, the original bias): the kernel matricized as C_out x (C_in kh kw). Both factors
+    are kept as matrices (`first` r x (C_in kh kw), `second` C_out x r); `build` gives them their shapes.
+    """
+
+    layer_types = (nn.Linear, nn.Conv2d)
     RANK_AXES = {"first": ((0, 0),), "second": ((0, 1),)}
 
+    def unsupported(self, module):
+        if isinstance(module, nn.Conv2d) and module.groups != 1:
+            return f"grouped convolution (groups={module.groups}): SVD factors full channel mixing only"
+        return None
+
     def spectra(self, weight):
-        return [(singular_values(weight), tuple(weight.shape))]
+        matrix = weight.detach().flatten(1)
+        return [(singular_values(matrix), tuple(matrix.shape))]
 
     def params_after(self, module, ranks):
         (rank,) = ranks
-        return rank * (module.in_features + module.out_features) + (module.out_features if module.bias is not None else 0)
+        out_features, in_features = module.weight.flatten(1).shape
+        return rank * (in_features + out_features) + (out_features if module.bias is not None else 0)
 
     def decompose(self, weight, ranks, iterations, seed):
-        first, second, energy = svd_factors(weight.detach(), ranks[0])
+        first, second, energy = svd_factors(weight.detach().flatten(1), ranks[0])
         return {"first": first, "second": second}, energy
 
     def compose(self, factors):
         return factors["second"] @ factors["first"]
 
     def build(self, module, factors, compact):
-        first, second = factors["first"], factors["second"]
-        bias = factors.get("bias")
+        first, second, bias = factors["first"], factors["second"], factors.get("bias")
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            spatial = first.reshape(first.shape[0], first.shape[1] // (kh * kw), kh, kw)
+            return nn.Sequential(_conv(module, spatial, None, module), _conv(module, second[:, :, None, None], bias))
         down = nn.Linear(first.shape[1], first.shape[0], bias=False, **_like(module))
         up = nn.Linear(second.shape[1], second.shape[0], bias=bias is not None, **_like(module))
         with torch.no_grad():
@@ -385,10 +403,11 @@ class SVD(Decomposition):
         return nn.Sequential(down, up)
 
     def geometry(self, chain):
-        return chain[0]
+        return chain[0]  # a conv chain's first layer keeps the kernel, stride and padding of the original
 
     def read(self, chain):
-        return {"first": chain[0].weight.detach(), "second": chain[1].weight.detach(), "bias": _bias(chain[1])}
+        return {"first": chain[0].weight.detach().flatten(1), "second": chain[1].weight.detach().flatten(1),
+                "bias": _bias(chain[1])}
 
 
 class Tucker2(Decomposition):
@@ -398,7 +417,7 @@ class Tucker2(Decomposition):
     nothing: in the compact form it is folded into the core and its 1x1 layer left out.
     """
 
-    layer_type = nn.Conv2d
+    layer_types = (nn.Conv2d,)
     default_iterations = 2
     RANK_NAMES = ("out", "in")
     RANK_AXES = {"u_out": ((0, 1),), "core": ((0, 0), (1, 1)), "u_in": ((1, 1),)}
@@ -458,7 +477,7 @@ class CP(Decomposition):
     Its one rank R is given explicitly, or by the rule on the channel modes (the larger of the two).
     """
 
-    layer_type = nn.Conv2d
+    layer_types = (nn.Conv2d,)
     default_iterations = 100
     RANK_AXES = {"a": ((0, 1),), "b": ((0, 1),), "h": ((0, 1),), "v": ((0, 1),)}
 
@@ -600,7 +619,7 @@ class LowRankDecomposition(CompressionCallback):
     """Replace layers by low-rank chains of smaller dense layers, then fine-tune them.
 
     Args:
-        decomposition: `svd` (Linear layers), `tucker` or `cp` (Conv2d layers).
+        decomposition: `svd` (Linear and Conv2d layers), `tucker` or `cp` (Conv2d layers).
         rank: the rank setting, read by `rank_by`: an integer rank, a fraction of the full rank,
             an energy share, or null for `vbmf`.
         rank_by: `rank` | `fraction` | `energy` (smallest rank keeping that share of the squared
@@ -609,7 +628,10 @@ class LowRankDecomposition(CompressionCallback):
         layer_ranks: {layer name: rank setting} overrides, read by the same rule; Tucker accepts a
             pair [out, in].
         skip_layers: layer names to leave alone; `first` and `last` stand for the first and last
-            layer of the decomposition's type.
+            layer the decomposition factors.
+        layer_types: null (every type the decomposition factors: svd Linear and Conv2d, tucker and cp
+            Conv2d), or a list of those type names: `[Linear]` keeps svd off the convolutions where
+            tucker or cp factor them.
         rank_multiple: round every chosen rank up to a multiple of this (clamped to the full rank):
             CPU kernels run channel counts in vectors of 8 or 16, so a rank of 5 costs what 8 does.
         min_saving: leave a layer alone unless factoring removes at least this share of its
@@ -635,6 +657,7 @@ class LowRankDecomposition(CompressionCallback):
         rank_by: str = "fraction",
         layer_ranks: dict[str, Any] | None = None,
         skip_layers: Sequence[str] = (),
+        layer_types: Sequence[str] | None = None,
         rank_multiple: int = 1,
         min_saving: float = 0.0,
         channels_last: bool = False,
@@ -648,6 +671,7 @@ class LowRankDecomposition(CompressionCallback):
         check_choice("rank_by", rank_by, RANK_RULES)
         _check_rank_value("rank", rank_by, rank)
         self.layer_ranks = {name: self._check_override(name, rank_by, value) for name, value in (layer_ranks or {}).items()}
+        self.layer_types = self._check_layer_types(decomposition, layer_types)
         self.rank_multiple = check_int("rank_multiple", rank_multiple, 1)
         self.min_saving = check_fraction("min_saving", min_saving)
         self.gradual_epochs = check_int("gradual_epochs", gradual_epochs, 0)
@@ -665,6 +689,15 @@ class LowRankDecomposition(CompressionCallback):
         self.cut = False
         self.step = 0  # rank reductions done (gradual mode)
         self.plans: dict[str, LayerPlan] = {}
+
+    def _check_layer_types(self, decomposition: str, names: Sequence[str] | None) -> tuple[type[nn.Module], ...]:
+        supported = {kind.__name__: kind for kind in self.kind.layer_types}
+        if names is None:
+            return self.kind.layer_types
+        if isinstance(names, str) or not names or any(name not in supported for name in names):
+            raise ValueError(f"layer_types={names!r} is not valid for decomposition={decomposition!r}; "
+                             f"allowed: null or a list of {', '.join(supported)}")
+        return tuple(supported[name] for name in names)
 
     def _check_override(self, name: str, rule: str, value: Any) -> Any:
         if rule == "vbmf":
@@ -734,7 +767,7 @@ class LowRankDecomposition(CompressionCallback):
         if self.min_speedup is not None:
             self.require_timer()  # before any work
         layers = list(weighted_layers(model))
-        ours = [name for name, module in layers if isinstance(module, self.kind.layer_type)]
+        ours = [name for name, module in layers if isinstance(module, self.layer_types)]
         skip = resolve_aliases(self.skip_layers, ours)  # first/last: of the layers this decomposition factors
         unknown = [entry for name, entry in skip.items() if name not in ours]
         unknown += [name for name in self.layer_ranks if name not in ours]
@@ -755,8 +788,10 @@ class LowRankDecomposition(CompressionCallback):
         return plans
 
     def _skip_reason(self, name: str, module: nn.Module, skip: dict[str, str], plan: LayerPlan) -> str:
-        if not isinstance(module, self.kind.layer_type):
-            return f"{plan.type} layer: {self.name} factors {self.kind.layer_type.__name__} layers"
+        if not isinstance(module, self.layer_types):
+            kinds = " and ".join(kind.__name__ for kind in self.layer_types)
+            limited = "" if self.layer_types == self.kind.layer_types else " here (layer_types)"
+            return f"{plan.type} layer: {self.name} factors {kinds} layers{limited}"
         if name in skip:
             return f"listed in skip_layers as {skip[name]!r}"
         reason = self.kind.unsupported(module)
