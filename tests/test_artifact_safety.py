@@ -94,7 +94,7 @@ def test_a_poisoned_store_runs_no_code_through_baselines_teachers_or_notebooks(t
     malicious_artifact(artifact_dir / "model" / "model.pt", marker)
     assert stored.read_bytes()[:len(MAGIC)] == MAGIC  # what was there: a workbench artifact
 
-    reuse = run_train([*fast, "method=magnitude"], tmp_path / "b")
+    reuse = run_train([*fast, "method=magnitude", "method.fine_tune.epochs=1"], tmp_path / "b")
     assert reuse.returncode != 0
     assert "model.pt is not a workbench artifact" in reuse.stderr
     teacher_uri = f"runs:/{baseline.info.run_id}/model/model.pt"

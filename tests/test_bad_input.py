@@ -58,7 +58,7 @@ BAD_VALUES = [
     (["method=agp", "method.fine_tune.epochs=10"],
      r"method.callbacks.prune: agp: end=15 epoch\(s\) is not valid with fine_tune.epochs=10; allowed: end < 10"),
     (["method=lightning", "method.fine_tune.epochs=5"], r"ramp_epochs=15 does not reach .* fine_tune.epochs=5"),
-    (["method=iterative", "method.fine_tune.epochs=2"], r"takes 3 cycles of 1 epoch\(s\): fine_tune.epochs=2 is not valid; allowed: >= 3"),
+    (["method=iterative", "method.fine_tune.epochs=14"], r"takes 3 cycles of 5 epoch\(s\): fine_tune.epochs=14 is not valid; allowed: >= 15"),
     (["method=cluster", "method.callbacks.cluster.begin_epoch=2"], r"begin_epoch=2 is not valid; allowed: .*fine_tune.epochs=2"),
     (["method=qat", "method.callbacks.quantize.observer=median"], r"observer='median' is not valid; allowed: "),
     (["method=qat", "method.callbacks.quantize.bits=0"], r"bits=0 is not valid; allowed"),

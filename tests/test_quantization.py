@@ -308,11 +308,17 @@ def test_qat_trains_fake_quant_and_converts_to_integer_codes(tmp_path, callback,
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"batchnorm": "folded"}, r"batchnorm='folded' is not valid; allowed: fold, freeze"),
-    ({"freeze_bn_epoch": -1}, r"freeze_bn_epoch=-1 is not valid; allowed: an integer >= 0"),
+    ({"freeze_bn_epoch": 1.5}, r"freeze_bn_epoch=1.5 is not valid; allowed: an integer \(negative: counted from the last epoch\)"),
 ])
 def test_qat_batchnorm_validation_names_the_key(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
         QAT(**kwargs)
+
+
+def test_qat_freezes_batchnorm_counted_from_the_end_when_negative() -> None:
+    # a hybrid (channel_qat: 20 epochs) freezes late, while the pruned network still moves; qat alone at 1
+    assert [QAT(batchnorm="freeze", freeze_bn_epoch=-2).freeze_epoch(epochs) for epochs in (20, 2, 1)] == [18, 0, 0]
+    assert QAT(batchnorm="freeze", freeze_bn_epoch=1).freeze_epoch(20) == 1
 
 
 def _batchnorm_statistics(model: nn.Module) -> list[torch.Tensor]:

@@ -984,7 +984,9 @@ class QAT(StaticQuantization):
             training (QuantizedConvBatchNorm): batch statistics normalize and update the running
             ones until epoch `freeze_bn_epoch`, then the running statistics are frozen so the
             folded weights stop moving with each batch; folded for good at convert.
-        freeze_bn_epoch: the epoch (0-based) from which the statistics are frozen (`freeze` only).
+        freeze_bn_epoch: the epoch (0-based) from which the statistics are frozen (`freeze` only);
+            negative counts from the end of the fit (-2: the last two epochs train with frozen
+            statistics), for hybrids whose pruning or factoring moves the network for many epochs.
     """
 
     name = "qat"
@@ -994,12 +996,19 @@ class QAT(StaticQuantization):
                  **kwargs: Any) -> None:
         super().__init__(observer=observer, **kwargs)
         self.batchnorm = check_choice("batchnorm", batchnorm, BATCHNORM_MODES)
-        self.freeze_bn_epoch = check_int("freeze_bn_epoch", freeze_bn_epoch, 0)
+        self.freeze_bn_epoch = check_number("freeze_bn_epoch", freeze_bn_epoch, integer=True,
+                                            allowed="an integer (negative: counted from the last epoch)")
         self.batchnorm_frozen_at: int | None = None  # the epoch the statistics were frozen
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.batchnorm == "freeze" and trainer.current_epoch >= self.freeze_bn_epoch:
+        if self.batchnorm == "freeze" and trainer.current_epoch >= self.freeze_epoch(trainer.max_epochs):
             self.freeze_batchnorm(trainer.current_epoch)
+
+    def freeze_epoch(self, epochs: int | None) -> int:
+        """The epoch the statistics freeze at in a fit of `epochs` epochs (a negative setting counts from its end)."""
+        if self.freeze_bn_epoch >= 0 or epochs is None:
+            return max(self.freeze_bn_epoch, 0)
+        return max(epochs + self.freeze_bn_epoch, 0)
 
     def freeze_batchnorm(self, epoch: int) -> None:
         frozen = freeze_batchnorm(self.prepared)
