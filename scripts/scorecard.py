@@ -43,9 +43,9 @@ A row judged against another row (a hybrid against the lossier of its parts, agp
 when its mean drop exceeds the other's by more than the noise of that difference: WORSE_Z (one-sided
 95%) standard errors, from the seed spread of test_acc pooled over the model's rows
 (`worse_beyond_noise`), or with one seed a row (no spread to pool), from the two runs' own bootstrap
-intervals (`image_error`: with none, a 0.3-point excess on one seed failed as beyond a noise of +-0.00). A plain "mean below mean" flipped with the seeds: the same configuration,
-measured twice on 3 seeds, moved by up to 0.4 points. A row worse within the noise passes with a
-remark in its notes.
+intervals (`image_error`: with none, a 0.3-point excess on one seed failed as beyond a noise of +-0.00).
+A plain "mean below mean" flipped with the seeds: the same configuration, measured twice on 3 seeds,
+moved by up to 0.4 points. A row worse within the noise passes with a remark in its notes.
 """
 
 from __future__ import annotations

@@ -1006,9 +1006,9 @@ class QAT(StaticQuantization):
 
     def freeze_epoch(self, epochs: int | None) -> int:
         """The epoch the statistics freeze at in a fit of `epochs` epochs (a negative setting counts from its end)."""
-        if self.freeze_bn_epoch >= 0 or epochs is None:
-            return max(self.freeze_bn_epoch, 0)
-        return max(epochs + self.freeze_bn_epoch, 0)
+        if self.freeze_bn_epoch >= 0:
+            return self.freeze_bn_epoch
+        return max((epochs or 0) + self.freeze_bn_epoch, 0)
 
     def freeze_batchnorm(self, epoch: int) -> None:
         frozen = freeze_batchnorm(self.prepared)
