@@ -5,7 +5,8 @@ A job's checkpoints live in its sweep folder, `checkpoints/<job>/` for its compr
 `checkpoints/baseline-<fingerprint>/` for a baseline it trains (a baseline belongs to every job that
 needs it). Each holds Lightning's `last.ckpt` (the model, the optimizer and scheduler, the loops'
 progress and every callback's `state_dict`: masks and schedules, quantization scales, low-rank plans)
-and `attempt.json` (the run that wrote it). A relaunched job that finds them resumes from the epoch
+and, beside the folder, `<folder>.attempt.json` (the run that wrote it; outside the folder, which Lightning
+wants empty when a training starts). A relaunched job that finds them resumes from the epoch
 after the last one saved; its run is tagged `resumed_from` with the killed attempt's run id and logs
 `resumed_at_epoch`. The folder is removed when the run finishes.
 
@@ -91,17 +92,22 @@ class TrainingCheckpoints:
             return ModelCheckpoint(**options)
         return MirroredCheckpoint(self.store, run_id, **options)
 
+    @property
+    def attempt_file(self) -> Path:
+        return self.folder.parent / f"{self.folder.name}.{ATTEMPT_FILE}"
+
     def previous_attempt(self) -> str | None:
         """The run id of the attempt that wrote the checkpoint (the killed run this one goes on from)."""
-        path = self.folder / ATTEMPT_FILE
+        path = self.attempt_file
         return json.loads(path.read_text())["run_id"] if path.is_file() and self.last is not None else None
 
     def record_attempt(self, run_id: str) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / ATTEMPT_FILE).write_text(json.dumps({"run_id": run_id}))
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        self.attempt_file.write_text(json.dumps({"run_id": run_id}))
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+        self.attempt_file.unlink(missing_ok=True)
 
 
 class MirroredCheckpoint(ModelCheckpoint):

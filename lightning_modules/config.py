@@ -421,6 +421,8 @@ def _validate_teacher(teacher: DictConfig | None, root: str) -> None:
     checkpoint = teacher.get("checkpoint")
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise ConfigError(f"method.teacher.checkpoint={checkpoint!r} is not a file")
+    # null: the run's own seed
+    check_number("method.teacher.seed", teacher.get("seed"), 0, integer=True, optional=True, error=ConfigError)
     uri = teacher.get("uri")
     if uri is not None and not str(uri).startswith(URI_SCHEMES):
         _fail("method.teacher.uri", uri, f"an MLflow URI starting with {', '.join(URI_SCHEMES)}")

@@ -261,7 +261,8 @@ def needs_teacher(callbacks: list[CompressionCallback]) -> bool:
 
 def obtain_teacher(ctx: RunContext) -> Teacher:
     """The teacher named by method.teacher: a file, an MLflow URI, or else the baseline of the
-    model config `method.teacher.model` on the same data and seed (found in the store or trained once)."""
+    model config `method.teacher.model` on the same data and seed, or `method.teacher.seed` when set
+    (found in the store or trained once)."""
     cfg, data = ctx.cfg, ctx.data
     spec = cfg.method.teacher
     teacher_model = model_config(spec.model, cfg.paths.root)
@@ -273,6 +274,8 @@ def obtain_teacher(ctx: RunContext) -> Teacher:
                            spec.uri)
     teacher_cfg = copy.deepcopy(cfg)
     teacher_cfg.model = teacher_model
+    if spec.get("seed") is not None:  # one teacher for the students of every seed
+        teacher_cfg.seed = spec.seed
     fingerprint = baseline_fingerprint(teacher_cfg)
     if find_baseline_run(ctx.store, fingerprint) is None and not live_claims(ctx.store, fingerprint):
         log.info(teacher_training_notice(teacher_cfg, data))

@@ -26,6 +26,8 @@ Hardware: int8 methods (ptq_static, qat, qat_kd, ptq_dynamic, and the hybrids ag
 channel_qat, svd_qat) are measured on their shipped hardware, `cpu_ort` (ONNX Runtime's int8 kernels), ptq_static and qat also on `cpu` (compile auto:
 the int8 model and its fp32 baseline compiled by Inductor onto oneDNN's int8 kernels) as extra
 rows; every other method on `cpu_1t` (one thread, the edge-like budget), see HARDWARE.
+Distillation from another model (kd, kd_feature) learns from one teacher for every seed, seed 0's
+(`method.teacher.seed=0`, METHOD_OVERRIDES).
 
 Statistics. Every figure in a row is the mean over its FINISHED seeds; a FAILED (or unfinished)
 run is shown with its error and never enters a mean. `acc_drop`'s interval for the mean over seeds
@@ -86,6 +88,14 @@ INT8_HARDWARE = "cpu_ort"
 HARDWARE = {"ptq_static": INT8_HARDWARE, "qat": INT8_HARDWARE, "qat_kd": INT8_HARDWARE, "ptq_dynamic": INT8_HARDWARE,
             # the hybrids that end in int8 (issue 14), on the int8 methods' hardware
             "agp_qat": INT8_HARDWARE, "agp_ptq": INT8_HARDWARE, "channel_qat": INT8_HARDWARE, "svd_qat": INT8_HARDWARE}
+
+
+# Distillation from another model's baseline: the students of every seed learn from one teacher (seed 0's),
+# as a user with a trained teacher would run them. kd judges what distillation adds over the student's seeds;
+# a teacher per seed (the default `method.teacher.seed: null`) would add two resnet20 trainings, about 16 of
+# the default scorecard's 65 minutes (2026-12-01: 419-556 s each on the 2 cores).
+TEACHER_OVERRIDES = ("method.teacher.seed=0",)
+METHOD_OVERRIDES = {"kd": TEACHER_OVERRIDES, "kd_feature": TEACHER_OVERRIDES}
 
 
 @dataclass(frozen=True)
@@ -539,7 +549,7 @@ def all_row_specs() -> list[RowSpec]:
     """Every method's default row, each followed by its extra rows."""
     specs = []
     for method in discover_methods():
-        specs.append(RowSpec(method, method, HARDWARE.get(method, DEFAULT_HARDWARE)))
+        specs.append(RowSpec(method, method, HARDWARE.get(method, DEFAULT_HARDWARE), METHOD_OVERRIDES.get(method, ())))
         specs.extend(extra for extra in EXTRA_ROWS if extra.method == method)
     return specs
 
@@ -712,7 +722,7 @@ def asked(row: Row) -> str:
     parts = []
     sparsity_label = "channels" if row.spec.method == "channel" else "sparsity"  # channel removes a share of channels
     for key, label in (("method.sparsity", sparsity_label), ("method.bits", "bits"), ("method.budget_bits", "budget bits"),
-                       ("method.rank", "rank"), ("method.teacher.model", "teacher")):
+                       ("method.rank", "rank"), ("method.teacher.model", "teacher"), ("method.teacher.seed", "seed")):
         if params.get(key) not in (None, "None"):
             text = f"{label} {params[key]}"
             if key == "method.rank" and params.get("method.rank_by"):

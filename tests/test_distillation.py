@@ -259,6 +259,7 @@ def test_unknown_hint_layer_lists_the_layers() -> None:
         (["method.teacher.uri=http://x/model.pt"], r"method.teacher.uri='http://x/model.pt' is not valid; allowed: an MLflow URI"),
         (["method.teacher.checkpoint=/nowhere/model.pt"], r"method.teacher.checkpoint='/nowhere/model.pt' is not a file"),
         (["method.student_init=random"], r"method.student_init='random' is not valid; allowed: baseline, scratch"),
+        (["method.teacher.seed=-1"], r"method.teacher.seed=-1 is not valid; allowed: an integer >= 0 or null"),
         (["method.callbacks.distill.alpha=2"], r"method.callbacks.distill: alpha=2"),
     ],
 )
@@ -300,3 +301,10 @@ def test_kd_run_trains_its_teacher_once_and_accepts_a_teacher_uri(tmp_path: Path
     kd_runs = [r for r in all_runs(store_uri) if r.data.tags.get("method") == "kd"]
     assert len(kd_runs) == 2 and all(r.data.tags["teacher"] == uri for r in kd_runs)
     assert len([r for r in all_runs(store_uri) if r.data.tags.get("model") == "lenet300"]) == 1  # no second teacher
+
+    # another student seed learns from the same teacher when method.teacher.seed pins it
+    third = run_train(["-m", *fast, "method=kd", "seed=1", "method.teacher.seed=0"], tmp_path / "c")
+    assert third.returncode == 0, third.stderr[-3000:]
+    seed1 = next(r for r in all_runs(store_uri) if r.data.tags.get("method") == "kd" and r.data.tags["seed"] == "1")
+    assert seed1.info.status == "FINISHED" and seed1.data.tags["teacher"] == uri
+    assert len([r for r in all_runs(store_uri) if r.data.tags.get("model") == "lenet300"]) == 1

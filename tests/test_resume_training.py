@@ -4,6 +4,7 @@ the same sparsity, bits, ranks and channels (the weights differ: the batches aft
 from __future__ import annotations
 
 import signal
+import warnings
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,15 @@ def test_a_job_resumed_on_another_machine_fetches_its_checkpoint_from_the_store(
     assert store.client.get_run(run_id).data.metrics[RESUMED_AT_EPOCH] == killed_at
     assert store.client.get_run(run_id).data.tags[RESUMED_FROM_TAG] == killed_run
     assert (signature, rows) == (expected_signature, expected_rows)
+
+
+def test_a_fresh_training_starts_in_an_empty_checkpoint_folder_and_leaves_nothing(tmp_path: Path) -> None:
+    """The attempt's record lies beside the folder: Lightning warns of a folder not empty at the start."""
+    store = Store(f"sqlite:///{tmp_path / 'mlflow.db'}", "resume")
+    checkpoints = TrainingCheckpoints(tmp_path / "checkpoints" / "job")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train("cluster", store, checkpoints)
+    assert not [w for w in caught if "exists and is not empty" in str(w.message)]
+    checkpoints.remove()
+    assert list((tmp_path / "checkpoints").iterdir()) == []

@@ -276,6 +276,16 @@ def test_groups_give_each_row_its_hardware_and_overrides(tmp_path):
     assert len({group.name("t") for group in groups}) == len(groups)
 
 
+def test_students_of_every_seed_share_one_teacher_and_only_distillation_rows_pin_it(tmp_path):
+    groups = sc.group_jobs(sc.plan(sc.select_specs(["kd", "kd_feature", "agp_kd"]), ["lenet5"], [0, 1, 2], False))
+    by_method = {method: group for group in groups for method in group.methods}
+    assert by_method["kd"] is by_method["kd_feature"] and by_method["kd"].overrides == ("method.teacher.seed=0",)
+    # agp_kd's teacher is the student's own baseline of its seed: nothing extra to train, nothing pinned
+    assert by_method["agp_kd"].overrides == ()
+    command = by_method["kd"].command("t", tmp_path)
+    assert "seed=0,1,2" in command and "method.teacher.seed=0" in command
+
+
 def test_the_table_is_markdown():
     rows = judged(row("agp", three(sparsity=0.8)), row("random", [run(0, status="FAILED", tags={"error": "E"})]))
     lines = sc.render(rows).splitlines()
