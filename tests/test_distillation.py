@@ -27,8 +27,10 @@ from tests.conftest import FAST, all_runs, compose_config, run_train
 @pytest.fixture(autouse=True)
 def empty_logit_cache():
     distillation.LOGIT_CACHE.clear()
+    distillation.FEATURE_CACHE.clear()
     yield
     distillation.LOGIT_CACHE.clear()
+    distillation.FEATURE_CACHE.clear()
 
 
 def test_soft_target_loss_is_the_temperature_scaled_kl() -> None:
@@ -214,6 +216,46 @@ def test_feature_distillation_trains_an_adapter_that_is_not_deployed() -> None:
     assert not any(key.startswith("hint_adapter") for key in task.model.state_dict())
     assert callback.handles == []
     assert callback.summary(task.model)[0]["teacher_layer"] == "classifier.3"
+
+
+class FeatureProbe(pl.Callback):
+    """On every training batch, the hint target and logits the loss uses against the teacher run on that batch."""
+
+    def __init__(self, callback: FeatureDistillation) -> None:
+        self.callback = callback
+        self.gaps: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        with torch.no_grad():
+            logits = self.callback.teacher(batch[0])  # its hook captures the layer's output on this batch
+        features = self.callback.captured["teacher"].clone()
+        self.gaps.append(max(float((self.callback.teacher_logits_for(batch) - logits).abs().max()),
+                             float((self.callback.teacher_features_for(batch) - features).abs().max())))
+
+
+@pytest.mark.parametrize(("augment", "cache_mb", "passes"), [(None, 512, 1), ("affine", 512, 2), ("affine", 0, 0)])
+def test_feature_hints_are_cached_per_image_and_view_when_they_fit(augment, cache_mb, passes) -> None:
+    data = InMemoryDataModule("digits", batch_size=64, augment=augment)
+    teacher = CountingTeacher(1, 8, 10)
+    callback = FeatureDistillation(student_layer="features.3", teacher_layer="classifier.3", views=2,
+                                   feature_cache_mb=cache_mb)
+    callback.attach_teacher(teacher)
+    probe = FeatureProbe(callback)
+    CountingTeacher.calls = 0
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(max_epochs=2, callbacks=[callback, probe], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_train_batches=4,
+                         limit_val_batches=0, num_sanity_val_steps=0)
+    task = ClassificationTask(LeNet5(1, 8, 10), optimizer=partial(torch.optim.Adam, lr=1e-2))
+    trainer.fit(task, datamodule=data)
+    chunks = -(-len(data.split("train")) // 1000)
+    # the setup's one sample and the probe's own 8 calls, then one pass per view (cached), or online one call per
+    # batch (4 batches x 2 epochs) in the loss and one in the probe's teacher_logits_for
+    assert CountingTeacher.calls == 1 + 8 + (passes * chunks if passes else 2 * 8)
+    assert callback.summary(task.model)[0]["features_cached"] == bool(passes)
+    # cached in half precision: the target differs from the teacher's own output by its rounding only
+    assert len(probe.gaps) == 8 and max(probe.gaps) < 2e-2
+    assert data.return_indices is False and data.fixed_views is None and callback.cached_features is None
 
 
 def test_attention_hint_matches_where_the_layers_look() -> None:

@@ -14,7 +14,8 @@ augmented, or per (image, view) for a few fixed augmented views of each image wh
 costs about what the student alone costs. The logits are kept in the process and, with
 `cache_dir`, in a file named by the content hash of teacher, images and views, so later
 processes of a sweep skip the teacher's pass. `teacher_logits=online` runs the teacher on every
-batch's fresh augmentation instead.
+batch's fresh augmentation instead. FeatureDistillation caches the hint layer's features with the
+logits the same way (in the process only, half precision) while they fit in `feature_cache_mb`.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ LAYER_RULES = ("penultimate", "last_conv")
 # pay the teacher's pass once. A few entries at most: each is (views x train images x classes) floats.
 LOGIT_CACHE: dict[str, torch.Tensor] = {}
 LOGIT_CACHE_ENTRIES = 4
+# The same for feature hints: (logits, features of the teacher's hint layer), keyed also by the layer.
+# Features are large (resnet20's last stage over 3,500 images x 8 views: 175 MB): two entries at most.
+FEATURE_CACHE: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+FEATURE_CACHE_ENTRIES = 2
 
 # ----------------------------------------------------------------------------- the math
 
@@ -124,13 +129,16 @@ class KnowledgeDistillation(CompressionCallback):
 
     # -- hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.teacher is None:
-            raise RuntimeError(f"{type(self).__name__} has no teacher: the pipeline attaches one before fit")
-        self.teacher.to(pl_module.device)
+        self.teacher_on(pl_module.device)
         pl_module.hard_loss_weight = 1.0 - self.alpha
         pl_module.loss_terms.append(self.loss)
         if self.use_cache(trainer.datamodule):
             self.prepare_cache(trainer.datamodule, pl_module.device)
+
+    def teacher_on(self, device: torch.device) -> nn.Module:
+        if self.teacher is None:
+            raise RuntimeError(f"{type(self).__name__} has no teacher: the pipeline attaches one before fit")
+        return self.teacher.to(device)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the strategy has moved the student to its device by now: the teacher follows
@@ -202,14 +210,21 @@ class FeatureDistillation(KnowledgeDistillation):
             counting a global pooling; an MLP's last hidden layer) or `last_conv` (the last Conv2d).
         beta: weight of the hint loss (>= 0).
         hint: `fitnets` or `attention` (both layers must give (N, C, H, W) feature maps).
-        (and KnowledgeDistillation's arguments; features need the teacher online)
+        feature_cache_mb: with `teacher_logits=auto`, the teacher's hint features are cached with its
+            logits (per training image and view, half precision, in this process) when they take at
+            most this many MB; larger ones make the teacher run online. `cache` caches whatever the size.
+        (and KnowledgeDistillation's arguments; the feature cache is not written to `cache_dir`)
     """
 
     name = "kd_feature"
 
     def __init__(self, student_layer: str = "penultimate", teacher_layer: str = "penultimate", beta: float = 1.0, temperature: float = 4.0,
-                 alpha: float = 0.9, hint: str = "fitnets") -> None:
-        super().__init__(temperature=temperature, alpha=alpha, teacher_logits="online")
+                 alpha: float = 0.9, hint: str = "fitnets", teacher_logits: str = "auto", views: int = 8,
+                 feature_cache_mb: float = 512.0) -> None:
+        super().__init__(temperature=temperature, alpha=alpha, teacher_logits=teacher_logits, views=views)
+        self.feature_cache_mb = float(check_number("feature_cache_mb", feature_cache_mb, 0))
+        self.cached_features: torch.Tensor | None = None  # (views, train images, *the hint layer's output shape)
+        self.features_cached = False  # whether this fit used the cache (for the summary, after teardown)
         check_number("beta", beta, 0)
         self.hint = check_choice("hint", hint, HINTS)
         self.student_layer = student_layer
@@ -232,8 +247,9 @@ class FeatureDistillation(KnowledgeDistillation):
             check_feature_maps(outputs, self.student_layer, self.teacher_layer)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
+        # the layers first: the cache the logit loss's setup prepares holds the teacher layer's features
         sample = trainer.datamodule.split("train").tensors[0][:2].to(pl_module.device)
+        self.teacher_on(pl_module.device)
         self.student_module_name = resolve_layer(pl_module.model, self.student_layer, sample, "student_layer")
         self.teacher_module_name = resolve_layer(self.teacher, self.teacher_layer, sample, "teacher_layer")
         student_module = _named(pl_module.model, self.student_module_name, "student_layer")
@@ -246,6 +262,7 @@ class FeatureDistillation(KnowledgeDistillation):
             pl_module.model(sample)
             self.teacher(sample)
             pl_module.model.train(was_training)
+        super().setup(trainer, pl_module, stage)
         if self.hint == "attention":
             check_feature_maps(self.captured, self.student_layer, self.teacher_layer)
             return
@@ -253,10 +270,37 @@ class FeatureDistillation(KnowledgeDistillation):
         pl_module.hint_adapter = make_adapter(self.captured["student"], self.captured["teacher"])
         self.adapter = pl_module.hint_adapter
 
+    def prepare_cache(self, data: InMemoryDataModule, device: torch.device) -> None:
+        """Logits and hint features for every training image (and view), when they fit in feature_cache_mb."""
+        images = data.split("train").tensors[0]
+        views = FixedViews(data.augment, self.views, len(images)) if data.augment is not None else None
+        megabytes = (views.count if views else 1) * len(images) * self.captured["teacher"][0].numel() * 2 / 2**20
+        if self.teacher_logits == "auto" and megabytes > self.feature_cache_mb:
+            log.info("kd_feature: the teacher's %s features over %d images x %d views would take %.0f MB "
+                     "(feature_cache_mb=%g): the teacher runs online", self.teacher_module_name, len(images),
+                     views.count if views else 1, megabytes, self.feature_cache_mb)
+            return
+        started = time.perf_counter()
+        (self.cached_logits, self.cached_features), computed = cached_teacher_features(
+            self.teacher, self.teacher_module_name, images, views, device)
+        self.teacher_pass_s = time.perf_counter() - started if computed else 0.0
+        self.features_cached = True
+        data.return_indices = True
+        data.fixed_views = views
+
+    def teacher_features_for(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The teacher layer's output for the batch: cached, or captured as the teacher just ran on it."""
+        if self.cached_features is not None and len(batch) > 2:
+            indices = batch[2].cpu()
+            views = batch[3].cpu() if len(batch) > 3 else torch.zeros_like(indices)
+            return self.cached_features[views, indices].to(batch[0].device, torch.float32)
+        return self.captured["teacher"].detach()
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        self.cached_features = None
         super().teardown(trainer, pl_module, stage)
 
     def _capture(self, role: str):
@@ -265,10 +309,10 @@ class FeatureDistillation(KnowledgeDistillation):
         return hook
 
     def loss(self, batch: tuple[torch.Tensor, ...], logits: torch.Tensor) -> torch.Tensor:
-        # the student's forward already ran (its features are captured); the teacher runs now
+        # the student's forward already ran (its features are captured); the teacher runs now, unless cached
         student_features = self.captured["student"]
         logit_loss = super().loss(batch, logits)
-        teacher_features = self.captured["teacher"].detach()
+        teacher_features = self.teacher_features_for(batch)
         if self.hint == "attention":
             return logit_loss + self.beta * attention_loss(student_features, teacher_features)
         return logit_loss + self.beta * hint_loss(self.adapter(student_features), teacher_features)
@@ -276,7 +320,7 @@ class FeatureDistillation(KnowledgeDistillation):
     def summary(self, model: nn.Module) -> list[dict[str, Any]]:
         rows = super().summary(model)
         rows[0].update({"student_layer": self.student_layer, "teacher_layer": self.teacher_layer, "beta": self.beta,
-                        "hint": self.hint,
+                        "hint": self.hint, "features_cached": self.features_cached,
                         "student_module": getattr(self, "student_module_name", self.student_layer),
                         "teacher_module": getattr(self, "teacher_module_name", self.teacher_layer)})
         return rows
@@ -398,6 +442,44 @@ def view_outputs(teacher: nn.Module, images: torch.Tensor, views: FixedViews | N
     indices = torch.arange(len(images))
     return torch.stack([teacher_outputs(teacher, views.apply(images, indices, torch.full_like(indices, view)), device)
                         for view in range(views.count)])
+
+
+@torch.no_grad()
+def view_outputs_and_features(teacher: nn.Module, layer: str, images: torch.Tensor, views: FixedViews | None,
+                              device: torch.device, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """`view_outputs`, and module `layer`'s outputs on the same pictures in half precision:
+    (views, images, classes) and (views, images, *the layer's output shape), on the CPU. A layer's
+    output is read once the forward has finished, as the online loss reads it (an in-place ReLU
+    after the layer has acted on it by then)."""
+    teacher.eval()
+    captured: list[torch.Tensor] = []
+    handle = dict(teacher.named_modules())[layer].register_forward_hook(lambda m, i, output: captured.append(output))
+    logits, features = [], []
+    indices = torch.arange(len(images))
+    try:
+        for view in range(views.count if views is not None else 1):
+            pictures = views.apply(images, indices, torch.full_like(indices, view)) if views is not None else images
+            for start in range(0, len(images), batch_size):
+                logits.append(teacher(pictures[start : start + batch_size].to(device)).cpu())
+                features.append(captured.pop().half().cpu())
+    finally:
+        handle.remove()
+    count = views.count if views is not None else 1
+    return (torch.cat(logits).view(count, len(images), -1),
+            torch.cat(features).view(count, len(images), *features[0].shape[1:]))
+
+
+def cached_teacher_features(teacher: nn.Module, layer: str, images: torch.Tensor, views: FixedViews | None,
+                            device: torch.device) -> tuple[tuple[torch.Tensor, torch.Tensor], bool]:
+    """`view_outputs_and_features`, computed once per (teacher weights, layer, images, views) in this
+    process. Returns (logits, features) and whether the teacher ran."""
+    key = f"{content_key(teacher, images, views)}:{layer}"
+    computed = key not in FEATURE_CACHE
+    if computed:
+        while len(FEATURE_CACHE) >= FEATURE_CACHE_ENTRIES:
+            FEATURE_CACHE.pop(next(iter(FEATURE_CACHE)))  # the oldest entry
+        FEATURE_CACHE[key] = view_outputs_and_features(teacher, layer, images, views, device)
+    return FEATURE_CACHE[key], computed
 
 
 def content_key(teacher: nn.Module, images: torch.Tensor, views: FixedViews | None) -> str:
