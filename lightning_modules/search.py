@@ -653,7 +653,10 @@ def compare_fronts(trials: pd.DataFrame, grid: pd.DataFrame, budget: float, stud
         runs["feasible"] = finished & (runs[ACC_DROP] <= budget)
         runs["on_front"] = pareto(runs, [ACC_DROP, SIZE_BYTES], ["minimize", "minimize"])
         frames.append(runs)
-    both = pd.concat(frames, ignore_index=True)
+    from lightning_modules.analysis import with_configs  # (analysis imports this module)
+
+    # knobs read across both sets: a method with one run in each still shows what set them apart
+    both = with_configs(pd.concat(frames, ignore_index=True).drop(columns=["knobs", "config"], errors="ignore"))
     sizes = both[BASELINE_SIZE_BYTES].dropna() if BASELINE_SIZE_BYTES in both else pd.Series(dtype=float)
     if sizes.empty:
         raise ValueError(f"no run logged {BASELINE_SIZE_BYTES}: the hypervolume has no reference size")

@@ -147,6 +147,18 @@ def test_the_study_front_against_the_grid_front(toy_store: Store) -> None:
         search.study_against_grid(grid, toy_store.uri, "workbench", study="other")
 
 
+def test_front_rows_tell_a_methods_knobs_apart_across_search_and_grid() -> None:
+    def runs(rows: list[tuple[str, float, float, str]]) -> pd.DataFrame:
+        return pd.DataFrame([{"run_name": f"{method}-{sparsity}", "data": "mnist5k", "model": "resnet20",
+                              "hardware": "cpu", "method": method, "status": "FINISHED", "acc_drop": drop,
+                              "size_bytes": size, "baseline_size_bytes": 1000.0, "params.method.sparsity": sparsity}
+                             for method, drop, size, sparsity in rows])
+
+    # one agp run each: only side by side does the sparsity vary, and so become the knob that labels them
+    comparison = search.compare_fronts(runs([("agp", 0.1, 100.0, "0.95")]), runs([("agp", 0.0, 300.0, "0.8")]), 0.5)
+    assert sorted(comparison.fronts["knobs"]) == ["sparsity=0.8", "sparsity=0.95"]
+
+
 def test_no_study_in_the_store_is_none(toy_store: Store) -> None:
     log_run(toy_store, "grid-1", "agp", 0.2, 300)
     from lightning_modules.analysis import load_runs
