@@ -37,6 +37,14 @@ search): sizes and drops do not depend on it, wall times do. resnet20 not run (i
     search command 2201 s, 240.4 s a trial (5 of 9 trials ran AGP's 30-epoch recipe, and under 3x the grid's
     load: the grid's agp run took 47 s, the search's agp_cluster 350-396 s); the search's own overhead outside
     the runs (process, Hydra, Optuna, the front at the end) 4.1 s a trial.
+
+Measured 2026-12-02, resnet20 on mnist5k, seed 0, budget 0.5 (store /tmp/q11/search; the machine shared with
+other training, so wall times are not comparable between runs): the default grid's 10 compressed runs on
+`cpu`: within the budget deep_compression (-0.6, 59077 B, 18.6x), agp (-0.5, 4.1x), ptq_static (0.0, 3.9x),
+cluster (0.1, 7.3x), kd (0.2, 1.0x), lowbit (0.4, 7.6x); over it channel 0.7, qat 0.6, tucker 0.8, svd 2.6.
+The first study's space (10 methods) lacked deep_compression; stopped after 5 trials (qat, agp_qat 0.88
+14.8x, agp_cluster 0.72/4 bits 13.9x, agp_kd, cluster): hypervolume 0.932 against the grid's 0.946, ratio
+0.985. deep_compression then joined search_size's space (a second study, `--label v2`).
 """
 
 from __future__ import annotations
