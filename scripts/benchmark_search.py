@@ -44,10 +44,10 @@ other training, so wall times are not comparable between runs): the default grid
 cluster (0.1, 7.3x), kd (0.2, 1.0x), lowbit (0.4, 7.6x); over it channel 0.7, qat 0.6, tucker 0.8, svd 2.6.
 The first study's space (10 methods) lacked deep_compression; stopped after 5 trials (qat, agp_qat 0.88
 14.8x, agp_cluster 0.72/4 bits 13.9x, agp_kd, cluster): hypervolume 0.932 against the grid's 0.946, ratio
-0.985. deep_compression then joined search_size's space (a second study, `--label v2`): after 9 of its 10
-trials hypervolume 0.881, ratio 0.931; TPE spent them on agp / agp_kd / agp_qat at sparsity 0.64-0.87 (smallest
-within the budget agp_qat 0.87, 13.9x, -0.3) and never sampled deep_compression. 572 s a trial against 387 s a
-grid run (run_time_s; three trials beside the test suite).
+0.985. deep_compression then joined search_size's space (a second study, `--label v2`), 10 trials:
+hypervolume 0.881, ratio 0.931; TPE spent them on agp / agp_kd / agp_qat at sparsity 0.64-0.87 (smallest
+within the budget agp_qat 0.87, 13.9x, -0.3) and never sampled deep_compression. 546 s a trial against 387 s a
+grid run (run_time_s; three trials beside the test suite); overhead outside the runs 3.8 s a trial.
 """
 
 from __future__ import annotations
