@@ -427,46 +427,38 @@ def _named(model: nn.Module, name: str, key: str) -> nn.Module:
     return modules[name]
 
 
-@torch.no_grad()
-def teacher_outputs(teacher: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 1000) -> torch.Tensor:
-    """The teacher's logits for every image, in order."""
-    teacher.eval()
-    return torch.cat([teacher(images[i : i + batch_size].to(device)) for i in range(0, len(images), batch_size)])
-
-
 def view_outputs(teacher: nn.Module, images: torch.Tensor, views: FixedViews | None, device: torch.device) -> torch.Tensor:
     """(views, images, classes): the teacher's logits for each fixed view of every image (one
-    "view" of the images themselves when there are none)."""
-    if views is None:
-        return teacher_outputs(teacher, images, device)[None]
-    indices = torch.arange(len(images))
-    return torch.stack([teacher_outputs(teacher, views.apply(images, indices, torch.full_like(indices, view)), device)
-                        for view in range(views.count)])
+    "view" of the images themselves when there are none), on the CPU."""
+    return view_outputs_and_features(teacher, None, images, views, device)[0]
 
 
 @torch.no_grad()
-def view_outputs_and_features(teacher: nn.Module, layer: str, images: torch.Tensor, views: FixedViews | None,
-                              device: torch.device, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-    """`view_outputs`, and module `layer`'s outputs on the same pictures in half precision:
-    (views, images, classes) and (views, images, *the layer's output shape), on the CPU. A layer's
-    output is read once the forward has finished, as the online loss reads it (an in-place ReLU
-    after the layer has acted on it by then)."""
+def view_outputs_and_features(teacher: nn.Module, layer: str | None, images: torch.Tensor, views: FixedViews | None,
+                              device: torch.device, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The teacher's logits (views, images, classes) and, with `layer`, that module's outputs on the same
+    pictures in half precision (views, images, *its output shape); on the CPU. A layer's output is read
+    once the forward has finished, as the online loss reads it (an in-place ReLU after the layer has
+    acted on it by then)."""
     teacher.eval()
     captured: list[torch.Tensor] = []
-    handle = dict(teacher.named_modules())[layer].register_forward_hook(lambda m, i, output: captured.append(output))
+    handle = dict(teacher.named_modules())[layer].register_forward_hook(
+        lambda m, i, output: captured.append(output)) if layer is not None else None
+    count = views.count if views is not None else 1
     logits, features = [], []
     indices = torch.arange(len(images))
     try:
-        for view in range(views.count if views is not None else 1):
+        for view in range(count):
             pictures = views.apply(images, indices, torch.full_like(indices, view)) if views is not None else images
             for start in range(0, len(images), batch_size):
                 logits.append(teacher(pictures[start : start + batch_size].to(device)).cpu())
-                features.append(captured.pop().half().cpu())
+                if captured:
+                    features.append(captured.pop().half().cpu())
     finally:
-        handle.remove()
-    count = views.count if views is not None else 1
-    return (torch.cat(logits).view(count, len(images), -1),
-            torch.cat(features).view(count, len(images), *features[0].shape[1:]))
+        if handle is not None:
+            handle.remove()
+    stacked = torch.cat(features).view(count, len(images), *features[0].shape[1:]) if features else None
+    return torch.cat(logits).view(count, len(images), -1), stacked
 
 
 def cached_teacher_features(teacher: nn.Module, layer: str, images: torch.Tensor, views: FixedViews | None,
