@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from lightning_modules.contract import (
-    ACC_DROP, BASELINE_METHOD, BASELINE_SIZE_BYTES, ERROR_TAG, HYPERVOLUME, SEARCH_BUDGET_TAG, SEARCH_FILE,
+    ACC_DROP, BASELINE_METHOD, DATA_TAG, METHOD_TAG, MODEL_TAG, SEED_TAG, BASELINE_SIZE_BYTES, ERROR_TAG, HYPERVOLUME, SEARCH_BUDGET_TAG, SEARCH_FILE,
     SEARCH_FRONT, SEARCH_TRIALS_ARTIFACT, SIZE_BYTES, STUDY_DB, STUDY_TAG, TRIAL_TAG, WINNER_RUN_TAG, WINNER_TRIAL_TAG, baseline_metric,
     figure_artifact, sqlite_path,
 )
@@ -54,6 +54,7 @@ RUN_ID_ATTR, OVERRIDES_ATTR, REUSED_ATTR = "run_id", "overrides", "same_as_trial
 RUN_STATUS_ATTR, ERROR_ATTR = "run_status", "error"  # the trial's run: its MLflow status, and why it FAILED
 FAILED, FINISHED = "FAILED", "FINISHED"  # MLflow run statuses
 INTERRUPTED_ATTR = "interrupted_trials"  # study attribute: trials a killed search left RUNNING (rerun, not counted)
+SEEDED_ATTR = "seeded"  # trial attribute: a FINISHED run of the store told as a trial (warm start; not counted)
 SAMPLERS = ("tpe", "nsgaii", "random")
 DIRECTIONS = ("minimize", "maximize")
 
@@ -272,12 +273,144 @@ def resume_interrupted(study: optuna.Study, store: Store | None = None) -> list[
 
 def finished_trials(study: optuna.Study) -> int:
     """Trials that count toward n_trials: told COMPLETE or FAIL, those a killed search left (and queued
-    again) left out."""
+    again) and the store's runs it started from (seed_study) left out."""
     import optuna
 
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
     interrupted = set(study.user_attrs.get(INTERRUPTED_ATTR, []))
-    return sum(1 for trial in study.get_trials(deepcopy=False, states=done) if trial.number not in interrupted)
+    return sum(1 for trial in study.get_trials(deepcopy=False, states=done)
+               if trial.number not in interrupted and not trial.user_attrs.get(SEEDED_ATTR))
+
+
+# ----------------------------------------------------------------------------- the store's runs as trials (warm start)
+
+
+# params left out when a run is matched to a point of the space: where it ran (not what it computed), and
+# kd_teacher, read only through method.teacher.model (compared, resolved, where the method has a teacher)
+NOT_COMPARED = ("tracking.", "paths.", "data.root", "data.eval_batch_size", "kd_teacher")
+
+
+@dataclass(frozen=True)
+class Seed:
+    """A run of the store that is a point of the space: what a trial with `params` would have run."""
+
+    run_id: str
+    params: dict[str, Any]  # the study's parameters: METHOD_PARAM, then `<method>:<key>` per searched knob
+    overrides: list[str]  # as suggest_overrides writes them
+    metrics: dict[str, float]
+
+
+ComposeParams = Callable[[list[str]], Mapping[str, Any]]  # overrides -> the run's config flattened (config_params)
+
+
+def knob_distribution(knob: Knob) -> optuna.distributions.BaseDistribution | None:
+    """The distribution `Knob.suggest` samples from; None for a fixed knob (no parameter of the study)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if knob.kind == "float":
+        return FloatDistribution(knob.low, knob.high, log=knob.log, step=knob.step)
+    if knob.kind == "int":
+        return IntDistribution(int(knob.low), int(knob.high), log=knob.log, step=int(knob.step or 1))
+    if knob.kind == "categorical":
+        return CategoricalDistribution(list(knob.choices))
+    return None
+
+
+def knob_value(knob: Knob, logged: str | None) -> Any:
+    """The knob's value in a run's logged param (a string), as the study holds it.
+
+    Raises:
+        ValueError: the run has no such param, or its value lies outside the knob's distribution.
+    """
+    if logged is None:
+        raise ValueError(f"no param {knob.key.lstrip('+')}")
+    if knob.kind in ("categorical", "fixed"):
+        for choice in knob.choices:
+            if logged in (str(choice), format_value(choice)):
+                return choice
+        raise ValueError(f"{knob.key.lstrip('+')}={logged} is not one of {list(knob.choices)}")
+    number = float(logged)
+    value = int(number) if knob.kind == "int" and number.is_integer() else number
+    distribution = knob_distribution(knob)
+    if not distribution._contains(distribution.to_internal_repr(value)):  # noqa: SLF001 - Optuna's own check
+        raise ValueError(f"{knob.key.lstrip('+')}={logged} lies outside [{knob.low:g}, {knob.high:g}]"
+                         + (f" step {knob.step:g}" if knob.step else ""))
+    return value
+
+
+def seed_from_run(run: Any, space: Mapping[str, list[Knob]], compose_params: ComposeParams) -> Seed:
+    """The point of the space a FINISHED run of the store is, if its whole config is what a trial at that
+    point would run (every param but NOT_COMPARED).
+
+    Raises:
+        ValueError: why the run is no point of the space (another method, a knob outside it, a config that
+            differs: another recipe, older code's defaults, a command-line override the search lacks).
+    """
+    method = run.data.tags.get(METHOD_TAG)
+    if method not in space:
+        raise ValueError(f"method {method} is not in the space")
+    params: dict[str, Any] = {METHOD_PARAM: method}
+    overrides = [f"method={method}"]
+    for knob in space[method]:
+        value = knob_value(knob, run.data.params.get(knob.key.lstrip("+")))
+        overrides.append(f"{knob.key}={format_value(value)}")
+        if knob.kind != "fixed":
+            params[f"{method}:{knob.key}"] = value
+    expected = {key: str(value)[:6000] for key, value in compose_params(overrides).items()}
+    logged = run.data.params
+    differ = sorted(key for key in expected.keys() | logged.keys()
+                    if not key.startswith(NOT_COMPARED) and expected.get(key) != logged.get(key))
+    if differ:
+        shown = ", ".join(f"{key} {logged.get(key, '(unset)')} (a trial: {expected.get(key, '(unset)')})"
+                          for key in differ[:3])
+        raise ValueError(f"its config differs at {len(differ)} keys: {shown}")
+    return Seed(run.info.run_id, params, overrides, dict(run.data.metrics))
+
+
+def store_seeds(store: Store, space: Mapping[str, list[Knob]], compose_params: ComposeParams) -> tuple[list[Seed], dict[str, str]]:
+    """The FINISHED runs of the store (not trials of a search) of the search's data, model and seed that are points of its space (`seed_from_run`), and why each other candidate is not ({run id: reason})."""
+    from lightning_modules.analysis import search_all
+
+    base = compose_params([])
+    # not the hardware: a method may pick its own (qat runs on cpu_ort); seed_from_run compares hardware.*
+    where = {DATA_TAG: base["data.name"], MODEL_TAG: base["model.name"], SEED_TAG: base["seed"]}
+    filter_string = " and ".join([*(f"tags.{tag} = '{value}'" for tag, value in where.items()),
+                                  "attributes.status = 'FINISHED'"])
+    seeds, left_out = [], {}
+    for run in search_all(store.client, [store.experiment_id], filter_string):
+        if run.data.tags.get(STUDY_TAG) or run.data.tags.get(METHOD_TAG) not in space:
+            continue  # a search's trial (of this study or another), a baseline, a method outside the space
+        try:
+            seeds.append(seed_from_run(run, space, compose_params))
+        except ValueError as reason:
+            left_out[run.info.run_id] = f"{run.data.tags.get('mlflow.runName', run.info.run_id)}: {reason}"
+    return seeds, left_out
+
+
+def seed_study(study: optuna.Study, seeds: Sequence[Seed], space: Mapping[str, list[Knob]],
+               objectives: Objectives) -> list[int]:
+    """Each seed not in the study yet becomes a COMPLETE trial (its objectives, its constraint, its run),
+    marked SEEDED_ATTR: the sampler starts from what the store knows; n_trials counts the trials run.
+    Returns the numbers of the trials added."""
+    import optuna
+
+    known = {t.user_attrs.get(RUN_ID_ATTR) for t in study.get_trials(deepcopy=False) if t.user_attrs.get(SEEDED_ATTR)}
+    added = []
+    for seed in seeds:
+        values = objectives.values(seed.metrics)
+        if seed.run_id in known or values is None:
+            continue
+        method = seed.params[METHOD_PARAM]
+        distributions = {METHOD_PARAM: optuna.distributions.CategoricalDistribution(list(space))}
+        distributions.update({f"{method}:{knob.key}": knob_distribution(knob) for knob in space[method]
+                              if knob.kind != "fixed"})
+        study.add_trial(optuna.trial.create_trial(
+            params=seed.params, distributions=distributions, values=values,
+            constraints={objectives.constraint: objectives.violation(seed.metrics)},
+            user_attrs={RUN_ID_ATTR: seed.run_id, RUN_STATUS_ATTR: FINISHED, OVERRIDES_ATTR: seed.overrides,
+                        SEEDED_ATTR: True}))
+        added.append(study.get_trials(deepcopy=False)[-1].number)
+    return added
 
 
 # ----------------------------------------------------------------------------- a trial's outcome
@@ -390,13 +523,19 @@ class SearchSettings:
     sampler: str = "tpe"
     seed: int | None = 0
     startup_trials: int = 5
+    warm_start: bool = True
 
 
-def run_search(settings: SearchSettings, base_overrides: list[str], launch: Launch, store: Store) -> optuna.Study:
-    """Ask, launch, tell until the study holds n_trials finished trials (a relaunch counts the earlier ones)."""
+def run_search(settings: SearchSettings, base_overrides: list[str], launch: Launch, store: Store,
+               compose_params: ComposeParams | None = None) -> optuna.Study:
+    """Ask, launch, tell until the study holds n_trials finished trials (a relaunch counts the earlier ones).
+    With warm_start (and `compose_params`), the store's runs that are points of the space join the study
+    first, as trials that cost nothing and count toward nothing (warm_start_study)."""
     sampler = make_sampler(settings.sampler, settings.seed, settings.startup_trials)
     study = open_study(settings.study, settings.storage, settings.objectives, sampler)
     resume_interrupted(study, store)
+    if settings.warm_start and compose_params is not None:
+        warm_start_study(study, settings, store, compose_params)
     while (done := finished_trials(study)) < settings.n_trials:
         trials = [study.ask() for _ in range(min(settings.n_jobs, settings.n_trials - done))]
         to_launch = []
@@ -429,6 +568,17 @@ def run_search(settings: SearchSettings, base_overrides: list[str], launch: Laun
     return study
 
 
+def warm_start_study(study: optuna.Study, settings: SearchSettings, store: Store, compose_params: ComposeParams) -> list[int]:
+    """Seed the study with the store's runs that are points of its space; log what joined and why others did not."""
+    seeds, left_out = store_seeds(store, settings.space, compose_params)
+    added = seed_study(study, seeds, settings.space, settings.objectives)
+    log.info("warm start: %d runs of the store are points of the space, %d joined the study now as trials %s "
+             "(they count toward no n_trials)", len(seeds), len(added), added)
+    for reason in left_out.values():
+        log.info("warm start: not a point of the space: %s", reason)
+    return added
+
+
 def _return_value(job: Any) -> Any:
     try:
         return job.return_value  # a Hydra JobReturn re-raises the job's exception here
@@ -455,11 +605,12 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
         row = {"trial": trial.number, "state": trial.state.name, "run_id": trial.user_attrs.get(RUN_ID_ATTR),
                "run_status": trial.user_attrs.get(RUN_STATUS_ATTR), "error": trial.user_attrs.get(ERROR_ATTR),
                "method": trial.params.get(METHOD_PARAM), "knobs": " ".join(o for o in overrides if not o.startswith("method=")),
-               "feasible": trial.state == optuna.trial.TrialState.COMPLETE and violation <= 0, "violation": violation}
+               "feasible": trial.state == optuna.trial.TrialState.COMPLETE and violation <= 0, "violation": violation,
+               "seeded": bool(trial.user_attrs.get(SEEDED_ATTR))}
         row.update({name: (trial.values[i] if trial.values else math.nan) for i, name in enumerate(metrics)})
         rows.append(row)
     table = pd.DataFrame(rows, columns=["trial", "state", "run_id", "run_status", "method", "knobs", *metrics, "violation",
-                                        "feasible", "error"])
+                                        "feasible", "seeded", "error"])
     table["feasible"] = table["feasible"].astype(bool)  # an empty object column would select columns, not rows
     table["on_front"] = pareto(table, metrics, [direction.name.lower() for direction in study.directions])
     return table

@@ -279,6 +279,99 @@ def test_a_killed_study_resumes_where_it_stopped(tmp_path: Path, toy_store: Stor
 
 
 
+# ----------------------------------------------------------------------------- the warm start: the store's runs as trials
+
+
+def toy_config(overrides: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """What compose_params gives for the toy space: the run's data, model, seed, hardware, method and knobs,
+    and where it ran (tracking.uri: never compared)."""
+    values = dict(item.split("=", 1) for item in overrides)
+    return {"data.name": "digits", "model.name": "lenet5", "seed": 0, "hardware.name": "cpu",
+            "method.name": values.get("method", "baseline"), "method.sparsity": float(values.get("method.sparsity", 0.8)),
+            "method.fine_tune.epochs": 30, "tracking.uri": "sqlite:////here/mlflow.db"}
+
+
+def log_config_run(store: Store, params: dict, metrics: dict[str, float], status: str = "FINISHED",
+                   **tags: str) -> str:
+    """A run as the workbench logs it: its config as params, the identity tags, its objectives."""
+    run = store.client.create_run(store.experiment_id, tags={
+        "data": params["data.name"], "model": params["model.name"], "seed": str(params["seed"]),
+        "hardware": params["hardware.name"], "method": params["method.name"], **tags})
+    for key, value in params.items():
+        store.client.log_param(run.info.run_id, key, str(value))
+    for name, value in metrics.items():
+        store.client.log_metric(run.info.run_id, name, value)
+    store.client.set_terminated(run.info.run_id, status)
+    return run.info.run_id
+
+
+def test_knob_values_are_read_from_a_runs_params_within_the_space() -> None:
+    sparsity, bits = Knob("method.sparsity", "float", 0.5, 0.98), Knob("method.bits", "categorical", choices=(2, 4, "ternary"))
+    assert search.knob_value(sparsity, "0.8") == 0.8
+    assert search.knob_value(bits, "4") == 4 and search.knob_value(bits, "ternary") == "ternary"
+    assert search.knob_value(Knob("+method.epochs", "int", 1, 6, step=1), "3") == 3
+    with pytest.raises(ValueError, match=r"method.sparsity=0.99 lies outside \[0.5, 0.98\]"):
+        search.knob_value(sparsity, "0.99")
+    with pytest.raises(ValueError, match=r"method.bits=8 is not one of \[2, 4, 'ternary'\]"):
+        search.knob_value(bits, "8")
+    with pytest.raises(ValueError, match="no param method.epochs"):
+        search.knob_value(Knob("++method.epochs", "int", 1, 6, step=1), None)
+
+
+def test_the_stores_runs_that_are_points_of_the_space_seed_the_study(tmp_path: Path, toy_store: Store) -> None:
+    grid = {sparsity: log_config_run(toy_store, toy_config(["method=agp", f"method.sparsity={sparsity}"]),
+                                     toy_metrics([f"method.sparsity={sparsity}"]), sweep="grid")
+            for sparsity in (0.6, 0.7)}  # drops 0.4 (within the budget) and 0.8 (over it)
+    # not points of this space, each for its reason
+    other_recipe = {**toy_config(["method=agp", "method.sparsity=0.65"]), "method.fine_tune.epochs": 3}
+    log_config_run(toy_store, other_recipe, toy_metrics(["method.sparsity=0.65"]))
+    log_config_run(toy_store, toy_config(["method=agp", "method.sparsity=0.995"]), toy_metrics(["method.sparsity=0.995"]))
+    log_config_run(toy_store, toy_config(["method=agp", "method.sparsity=0.55"]), toy_metrics(["method.sparsity=0.55"]),
+                   status="FAILED")
+    log_config_run(toy_store, toy_config(["method=agp", "method.sparsity=0.75"]), toy_metrics(["method.sparsity=0.75"]),
+                   study="another", trial="0")  # another search's trial
+    log_config_run(toy_store, {**toy_config(["method=agp", "method.sparsity=0.6"]), "seed": 1}, {"acc_drop": 0.0})
+    log_config_run(toy_store, toy_config(["method=lowbit"]), {"acc_drop": 0.0, "size_bytes": 1.0})  # not in the space
+    # a run whose where-it-ran differs (another store's path) is the same run
+    moved = {**toy_config(["method=agp", "method.sparsity=0.9"]), "tracking.uri": "sqlite:////elsewhere/mlflow.db"}
+    grid[0.9] = log_config_run(toy_store, moved, toy_metrics(["method.sparsity=0.9"]))
+
+    seeds, left_out = search.store_seeds(toy_store, settings(tmp_path, 1).space, toy_config)
+    assert sorted(seed.run_id for seed in seeds) == sorted(grid.values())
+    reasons = sorted(left_out.values())
+    assert len(reasons) == 2
+    assert "its config differs at 1 keys: method.fine_tune.epochs 3 (a trial: 30)" in reasons[0] + reasons[1]
+    assert "method.sparsity=0.995 lies outside [0.5, 0.99]" in reasons[0] + reasons[1]
+
+    launched: list[list[str]] = []
+
+    def launch(batch: list[list[str]], first: int) -> list:
+        launched.extend(batch)
+        return [fake_job(toy_metrics(job)) for job in batch]
+
+    study = search.run_search(settings(tmp_path, 2), [], launch, toy_store, toy_config)
+    table = search.trials_table(study)
+    seeded = table[table["seeded"]]
+    assert sorted(seeded["run_id"]) == sorted(grid.values()) and (seeded["state"] == "COMPLETE").all()
+    assert sorted(seeded["knobs"]) == ["method.sparsity=0.6", "method.sparsity=0.7", "method.sparsity=0.9"]
+    assert seeded.set_index("knobs").loc["method.sparsity=0.7", "violation"] == pytest.approx(0.3)
+    assert len(launched) == 2 and len(table) == 5  # n_trials counts the trials run, not the seeds
+    assert search.finished_trials(study) == 2
+    # the sampler sees the seeds as its own trials: their parameters in the space's distributions
+    assert {t.params["agp:method.sparsity"] for t in study.trials if t.user_attrs.get(search.SEEDED_ATTR)} == {0.6, 0.7, 0.9}
+
+    # a relaunch adds only the runs new since; a repeated suggestion of a seed's point would reuse its run
+    grid[0.62] = log_config_run(toy_store, toy_config(["method=agp", "method.sparsity=0.62"]),
+                                toy_metrics(["method.sparsity=0.62"]))
+    again = search.run_search(settings(tmp_path, 3), [], launch, toy_store, toy_config)
+    table = search.trials_table(again)
+    assert sorted(table.loc[table["seeded"], "run_id"]) == sorted(grid.values())
+    assert search.finished_trials(again) == 3 and len(launched) == 3
+    without = search.run_search(SearchSettings(**{**settings(tmp_path, 3).__dict__, "study": "cold", "warm_start": False}),
+                                [], launch, toy_store, toy_config)
+    assert not search.trials_table(without)["seeded"].any()
+
+
 # ----------------------------------------------------------------------------- end to end through train.py
 
 
@@ -326,6 +419,27 @@ def test_a_search_runs_trials_as_tracked_runs_and_resumes(tmp_path: Path, store_
     runs = all_runs(store_uri)
     assert sum(r.data.tags.get(ROLE_TAG) == ROLE_SWEEP for r in runs) == 1
     assert trials_csv(store_uri, parent.info.run_id)["trial"].tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_a_search_starts_from_the_stores_runs_of_its_space(tmp_path: Path, store_uri: str) -> None:
+    # a plain run at cluster's shipped defaults (4 bits, 2 epochs: a point of conf/search/cluster.yaml), and one
+    # at a recipe the space cannot express
+    assert run_train([*FAST, "method=cluster"], tmp_path).returncode == 0
+    assert run_train([*FAST, "method=cluster", "method.fine_tune.optimizer.lr=0.01"], tmp_path).returncode == 0
+    shipped = [r.info.run_id for r in all_runs(store_uri)
+               if r.data.tags.get("method") == "cluster" and r.data.params["method.fine_tune.optimizer.lr"] != "0.01"]
+    result = run_train([*SEARCH_ARGS, "hydra.sweeper.n_trials=1", "hydra.sweeper.sampler=random"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = " ".join(result.stdout.split())
+    assert "warm start: 1 runs of the store are points of the space, 1 joined the study now" in printed
+    assert "its config differs at 1 keys: method.fine_tune.optimizer.lr 0.01" in printed
+    parent = next(r for r in all_runs(store_uri) if r.data.tags.get(ROLE_TAG) == ROLE_SWEEP)
+    table = trials_csv(store_uri, parent.info.run_id)
+    seeded = table[table["seeded"]]
+    assert seeded["run_id"].tolist() == shipped
+    assert seeded["knobs"].tolist() == ["method.bits=4 method.fine_tune.epochs=2"]
+    assert (~table["seeded"]).sum() == 1  # n_trials=1: one trial run beside the seed
 
 
 def trials_csv(uri: str, run_id: str) -> pd.DataFrame:

@@ -25,12 +25,14 @@ class WorkbenchOptunaSweeper(Sweeper):
 
     def __init__(self, study: str, space: Any, objectives: Any, directions: Any, budget: float,
                  constraint: str = "acc_drop", storage: str | None = None, n_trials: int = 20, n_jobs: int = 1,
-                 sampler: str = "tpe", seed: int | None = 0, startup_trials: int = 5, params: Any = None) -> None:
+                 sampler: str = "tpe", seed: int | None = 0, startup_trials: int = 5, warm_start: bool = True,
+                 params: Any = None) -> None:
         self.study, self.storage, self.budget, self.constraint = study, storage, budget, constraint
         self.space = OmegaConf.to_container(space, resolve=True) if isinstance(space, DictConfig) else dict(space or {})
         self.objectives, self.directions = list(objectives), list(directions)
         self.n_trials, self.n_jobs, self.sampler, self.seed, self.startup_trials = (
             n_trials, n_jobs, sampler, seed, startup_trials)
+        self.warm_start = bool(warm_start)
         self.params = params
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
@@ -49,7 +51,7 @@ class WorkbenchOptunaSweeper(Sweeper):
         def launch(batch: list[list[str]], first: int) -> Any:
             return self.launcher.launch(batch, initial_job_idx=first)
 
-        study = run_search(settings, list(arguments), launch, store)
+        study = run_search(settings, list(arguments), launch, store, self._compose_params(arguments))
         report_study(study, settings.objectives, store, parent_run_id)
         return study
 
@@ -78,7 +80,7 @@ class WorkbenchOptunaSweeper(Sweeper):
             self._validate_methods(arguments, space)
             settings = SearchSettings(self.study, study_storage(self.storage, store.uri), space, objectives,
                                       int(self.n_trials), int(self.n_jobs), self.sampler, self.seed,
-                                      int(self.startup_trials))
+                                      int(self.startup_trials), self.warm_start)
         except Exception as error:
             if info is not None:
                 store.client.set_terminated(info.parent_run_id, "FAILED")
@@ -90,6 +92,21 @@ class WorkbenchOptunaSweeper(Sweeper):
         log.info("study %s in %s: %d trials over %s", self.study, settings.storage, settings.n_trials,
                  ", ".join(space))
         return settings, store, info.parent_run_id if info else None
+
+    def _compose_params(self, arguments: list[str]):
+        """overrides -> the params a run of this search with them logs (the warm start matches the store's runs to them)."""
+        from functools import lru_cache
+
+        from hydra import compose
+
+        from lightning_modules.tracking import config_params
+
+        @lru_cache(maxsize=256)
+        def params(overrides: tuple[str, ...]) -> dict[str, Any]:
+            return config_params(compose(config_name=self.config.hydra.job.config_name or "config",
+                                         overrides=[*arguments, *overrides]))
+
+        return lambda overrides: params(tuple(overrides))
 
     def _check_metrics(self, objectives) -> None:
         from lightning_modules.contract import ENERGY_METRICS, contract_metrics
