@@ -68,9 +68,11 @@ LATENCY_NOISY_TAG = NOISY_TAG
 NOISY_MARK = "*"
 #: a configuration is compared only within one of these; seeds are the only thing averaged over
 GROUP_KEYS = ("data", "model", "hardware", "method")
-#: params that say where files went or how much was printed, never what was measured: not knobs
-NOT_KNOBS = frozenset({"seed", "data.root", "trainer.enable_progress_bar", "trainer.enable_model_summary",
-                       "trainer.enable_checkpointing", "trainer.log_every_n_steps", "trainer.logger"})
+#: params that say where files went or how much was printed, never what was measured: not knobs; and
+#: kd_teacher, read only through method.teacher.model (the knob, resolved, where a method has a teacher)
+NOT_KNOBS = frozenset({"seed", "data.root", "data.eval_batch_size", "trainer.enable_progress_bar",
+                       "trainer.enable_model_summary", "trainer.enable_checkpointing", "trainer.log_every_n_steps",
+                       "trainer.logger", "kd_teacher"})
 NOT_KNOB_PREFIXES = ("paths.", "tracking.", "hydra.")
 UNSET = "unset"
 NOT_COUNTED_COLUMNS = ["run_name", "status", "data", "model", "method", "knobs", "hardware", "seed", "error",
@@ -285,7 +287,7 @@ def counted(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[runs["status"] == FINISHED] if "status" in runs else runs
 
 
-def _is_noise_param(column: str) -> bool:
+def is_noise_param(column: str) -> bool:
     """Params that never change what a run measured: where files go, progress output, the seed itself."""
     key = column.removeprefix("params.")
     return key in NOT_KNOBS or key.startswith(NOT_KNOB_PREFIXES)
@@ -308,7 +310,7 @@ def config_knobs(runs: pd.DataFrame) -> dict[str, list[str]]:
     `+`/`++` override, since the run logs its whole resolved config. A knob that only mirrors another (an
     interpolation, `callbacks.prune.final_sparsity: ${method.sparsity}`) gives way to the `method.*` one."""
     finished = counted(runs)
-    params = [c for c in finished.columns if c.startswith("params.") and not _is_noise_param(c)]
+    params = [c for c in finished.columns if c.startswith("params.") and not is_noise_param(c)]
     if not params or "method" not in finished or finished.empty:
         return {}
     others = [k for k in GROUP_KEYS if k != "method" and k in finished]

@@ -285,11 +285,6 @@ def finished_trials(study: optuna.Study) -> int:
 # ----------------------------------------------------------------------------- the store's runs as trials (warm start)
 
 
-# params left out when a run is matched to a point of the space: where it ran (not what it computed), and
-# kd_teacher, read only through method.teacher.model (compared, resolved, where the method has a teacher)
-NOT_COMPARED = ("tracking.", "paths.", "data.root", "data.eval_batch_size", "kd_teacher")
-
-
 @dataclass(frozen=True)
 class Seed:
     """A run of the store that is a point of the space: what a trial with `params` would have run."""
@@ -340,7 +335,7 @@ def knob_value(knob: Knob, logged: str | None) -> Any:
 
 def seed_from_run(run: Any, space: Mapping[str, list[Knob]], compose_params: ComposeParams) -> Seed:
     """The point of the space a FINISHED run of the store is, if its whole config is what a trial at that
-    point would run (every param but NOT_COMPARED).
+    point would run (every param but those that never change what a run measures: analysis.is_noise_param).
 
     Raises:
         ValueError: why the run is no point of the space (another method, a knob outside it, a config that
@@ -356,10 +351,12 @@ def seed_from_run(run: Any, space: Mapping[str, list[Knob]], compose_params: Com
         overrides.append(f"{knob.key}={format_value(value)}")
         if knob.kind != "fixed":
             params[f"{method}:{knob.key}"] = value
+    from lightning_modules.analysis import is_noise_param  # (analysis imports this module)
+
     expected = {key: str(value)[:6000] for key, value in compose_params(overrides).items()}
     logged = run.data.params
     differ = sorted(key for key in expected.keys() | logged.keys()
-                    if not key.startswith(NOT_COMPARED) and expected.get(key) != logged.get(key))
+                    if not is_noise_param(key) and expected.get(key) != logged.get(key))
     if differ:
         shown = ", ".join(f"{key} {logged.get(key, '(unset)')} (a trial: {expected.get(key, '(unset)')})"
                           for key in differ[:3])
@@ -704,12 +701,15 @@ def report_study(study: optuna.Study, objectives: Objectives, store: Store, pare
     table = trials_table(study)
     best = winner(table, metrics)
     console = Console(width=140)
+    seeded = int(table["seeded"].sum())
     view = Table(title=f"study {study.study_name}: Pareto front within {objectives.constraint} <= {objectives.budget:g} "
-                       f"({int(table['feasible'].sum())} of {len(table)} trials within the budget)")
-    columns = ["trial", "method", "knobs", *metrics, "run_id"]
+                       f"({int(table['feasible'].sum())} of {len(table)} trials within the budget"
+                       + (f"; {seeded} of them the store's runs it started from, `store`)" if seeded else ")"))
+    columns = ["trial", "from", "method", "knobs", *metrics, "run_id"]
     for column in columns:
-        view.add_column(column, justify="left" if column in ("method", "knobs", "run_id") else "right")
-    for _, row in table[table["on_front"]].sort_values(metrics[0]).iterrows():
+        view.add_column(column, justify="left" if column in ("from", "method", "knobs", "run_id") else "right")
+    front = table[table["on_front"]].assign(**{"from": lambda t: t["seeded"].map({True: "store", False: "search"})})
+    for _, row in front.sort_values(metrics[0]).iterrows():
         view.add_row(*[_cell(row[column]) for column in columns])
     console.print(view)
     if best is None:
@@ -744,13 +744,14 @@ def report_study(study: optuna.Study, objectives: Objectives, store: Store, pare
 NO_STUDY_MESSAGE = ("No search study in this store: run one, e.g. `python train.py -m experiment=search_size model=lenet5 "
                     "hydra.sweeper.budget=0.5`, then run this cell again to see its front against the grid's.")
 SOURCES = ("search", "grid")
-FRONT_COLUMNS = ["source", "run_name", "method", "knobs", ACC_DROP, SIZE_BYTES, "compression_ratio"]
+FRONT_COLUMNS = ["source", "seeded", "run_name", "method", "knobs", ACC_DROP, SIZE_BYTES, "compression_ratio"]
 
 
 @dataclass
 class FrontComparison:
     """A study's trials and a grid's runs judged alike: within the budget (`feasible`, FINISHED runs
-    only), on their own Pareto front (`on_front`), the hypervolume of each front (front_hypervolume)."""
+    only), on their own Pareto front (`on_front`), the hypervolume of each front (front_hypervolume).
+    The search's set holds the store's runs it started from (column `seeded`) when compare_fronts got them."""
 
     study: str
     budget: float
@@ -779,7 +780,10 @@ class FrontComparison:
         for source in SOURCES:
             runs = self.runs[self.runs["source"] == source]
             best = self.smallest(source)
-            lines.append(f"{source}: {len(runs)} runs, {int(runs['feasible'].sum())} within the budget, hypervolume "
+            seeded = int(runs["seeded"].sum())
+            counted = f"{len(runs)} runs" + (f" ({len(runs) - seeded} trials run + {seeded} of the store's it started "
+                                             "from)" if seeded else "")
+            lines.append(f"{source}: {counted}, {int(runs['feasible'].sum())} within the budget, hypervolume "
                          f"{self.hypervolumes[source]:.4f}; smallest within the budget: " + (
                              "none" if best is None else f"{best['run_name']} {best['method']} {best['knobs']} "
                              f"{best[SIZE_BYTES]:.0f} bytes, drop {best[ACC_DROP]:+.2f}"))
@@ -787,19 +791,24 @@ class FrontComparison:
         return "\n".join(lines)
 
 
-def compare_fronts(trials: pd.DataFrame, grid: pd.DataFrame, budget: float, study: str = "") -> FrontComparison:
+def compare_fronts(trials: pd.DataFrame, grid: pd.DataFrame, budget: float, study: str = "",
+                   seeds: pd.DataFrame | None = None) -> FrontComparison:
     """The fronts of acc_drop against size_bytes of a study's trial runs and a grid's runs (load_runs
     frames; their baseline runs left out), each within the budget, with the hypervolumes measured against
-    the dense baseline's size (`baseline_size_bytes` of the runs) and the figure of both.
+    the dense baseline's size (`baseline_size_bytes` of the runs) and the figure of both. `seeds`: the
+    store's runs the study started from (warm start), counted in the search's set (`seeded`).
 
     Raises:
         ValueError: no run logged baseline_size_bytes (nothing to measure the sizes against).
     """
     frames = []
+    if seeds is not None and not seeds.empty:
+        trials = pd.concat([trials.assign(seeded=False), seeds.assign(seeded=True)], ignore_index=True)
     for source, runs in zip(SOURCES, (trials, grid)):
         runs = runs.reindex(columns=list(dict.fromkeys([*runs.columns, "method", ACC_DROP, SIZE_BYTES])))  # none yet
         runs = runs[runs["method"] != BASELINE_METHOD].dropna(subset=[ACC_DROP, SIZE_BYTES]).copy()
         runs["source"] = source
+        runs["seeded"] = runs["seeded"].fillna(False).astype(bool) if "seeded" in runs else False
         finished = runs["status"] == FINISHED if "status" in runs else True
         runs["feasible"] = finished & (runs[ACC_DROP] <= budget)
         runs["on_front"] = pareto(runs, [ACC_DROP, SIZE_BYTES], ["minimize", "minimize"])
@@ -821,10 +830,12 @@ def compare_fronts(trials: pd.DataFrame, grid: pd.DataFrame, budget: float, stud
 
 
 def study_against_grid(grid: pd.DataFrame, tracking_uri: str | None = None, experiment: str | None = None,
-                       study: str = "latest", budget: float | None = None) -> FrontComparison | None:
-    """The study's front (its trial runs, read from the store) against the grid's (`grid`: load_runs of
-    the grid, of the same data and model as the study; runs of any search are left out of it); None when
-    the store holds no study. `budget` None: the study's own (its parent run's tag search_budget).
+                       study: str = "latest", budget: float | None = None, with_seeds: bool = True) -> FrontComparison | None:
+    """The study's front (its trial runs, read from the store, and with_seeds the store's runs it started
+    from) against the grid's (`grid`: load_runs of the grid, of the same data and model as the study; runs
+    of any search are left out of it); None when the store holds no study. `budget` None: the study's own
+    (its parent run's tag search_budget). With seeds the search's front holds the grid's runs of its space:
+    it dominates at least as much as the grid's whenever the grid's front lies in the space.
 
     Raises:
         ValueError: `study` names no study of the store (the message lists them).
@@ -851,7 +862,20 @@ def study_against_grid(grid: pd.DataFrame, tracking_uri: str | None = None, expe
     same = grid["sweep"].map(lambda sweep: sweep not in searches)
     for tag in ("data", "model", "seed"):
         same &= grid[tag].isin(trials[tag].unique())
-    return compare_fronts(trials, grid[same], budget, name)
+    seeds = study_seeds(client, parent.info.run_id) if with_seeds else None
+    return compare_fronts(trials, grid[same], budget, name, seeds)
+
+
+def study_seeds(client: Any, parent_run_id: str) -> pd.DataFrame:
+    """The store's runs a study started from (its trials table's `seeded` rows, logged on its parent run at
+    the end of each launch), as load_runs rows; empty before the first launch ended, or for an older study."""
+    from lightning_modules.analysis import read_csv_artifact, tidy_runs
+
+    table = read_csv_artifact(client, parent_run_id, SEARCH_TRIALS_ARTIFACT)
+    if table is None or "seeded" not in table:
+        return tidy_runs([])
+    seeded = table.loc[table["seeded"].astype(str).str.lower() == "true", "run_id"]
+    return tidy_runs(client.get_run(run_id) for run_id in seeded)
 
 
 def failed_trials(table: pd.DataFrame) -> pd.DataFrame:

@@ -65,7 +65,7 @@ from omegaconf import OmegaConf
 
 from lightning_modules.analysis import load_runs
 from lightning_modules.contract import BASELINE_METHOD, EXPERIMENT, RUN_TIME_S, sqlite_uri
-from lightning_modules.search import compare_fronts
+from lightning_modules.search import study_against_grid
 from lightning_modules.tracking import copy_baselines
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,13 +119,17 @@ def report(model: str, opts: argparse.Namespace, walls: dict[str, float] | None)
     if any(runs.empty for runs in compressed.values()):
         print(f"{model}: no runs yet (grid {len(compressed['grid'])}, search {len(compressed['search'])})")
         return
-    comparison = compare_fronts(trials, grid, opts.budget, search_name(model, opts))
     print(f"\n=== {model} on {opts.data}")
-    print(comparison.summary())
-    print(comparison.fronts.to_string(index=False))
-    figure = opts.store / f"fronts-{search_name(model, opts)}.png"
-    comparison.figure.savefig(figure, dpi=100)
-    print(f"figure: {figure}")
+    study = search_name(model, opts) if opts.label else f"size-{opts.data}-{model}-seed0"
+    # the search's product (its trials and the grid's runs it started from), and what its own trials added
+    for label, with_seeds in (("", True), ("-alone", False)):
+        comparison = study_against_grid(grid, uri, EXPERIMENT, study, opts.budget, with_seeds=with_seeds)
+        print(f"\n--- the search's front {'with the store runs it started from' if with_seeds else 'of its trials alone'}")
+        print(comparison.summary())
+        print(comparison.fronts.to_string(index=False))
+        figure = opts.store / f"fronts-{search_name(model, opts)}{label}.png"
+        comparison.figure.savefig(figure, dpi=100)
+        print(f"figure: {figure}")
     per_trial, per_grid_run = compressed["search"][RUN_TIME_S].mean(), compressed["grid"][RUN_TIME_S].mean()
     print(f"wall time per run: search trial {per_trial:.1f} s, grid run {per_grid_run:.1f} s (run_time_s means)")
     if walls:

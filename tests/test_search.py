@@ -147,6 +147,30 @@ def test_the_study_front_against_the_grid_front(toy_store: Store) -> None:
         search.study_against_grid(grid, toy_store.uri, "workbench", study="other")
 
 
+def test_the_study_front_holds_the_grid_runs_it_started_from(toy_store: Store) -> None:
+    parent = toy_store.client.create_run(toy_store.experiment_id, tags={
+        ROLE_TAG: ROLE_SWEEP, "sweep": "search-1", STUDY_TAG: "size-digits-lenet5-seed0", "search_budget": "acc_drop <= 0.5"})
+    toy_store.client.set_terminated(parent.info.run_id, "FINISHED")
+    for method, drop, size in [("agp", 0.2, 300), ("lowbit", 0.1, 150)]:
+        log_run(toy_store, "grid-1", method, drop, size)
+    log_run(toy_store, "search-1", "agp_cluster", 0.3, 200, trial="2")  # the only trial run: worse than lowbit
+    from lightning_modules.analysis import load_runs
+
+    grid = load_runs(toy_store.uri, "workbench")
+    seed = grid.loc[grid["method"] == "lowbit", "run_id"].item()
+    trials = pd.DataFrame([{"trial": 0, "run_id": seed, "seeded": True},
+                           {"trial": 2, "run_id": "x", "seeded": False}])
+    toy_store.client.log_text(parent.info.run_id, trials.to_csv(index=False), SEARCH_TRIALS_ARTIFACT)
+
+    started = search.study_against_grid(grid, toy_store.uri, "workbench")
+    front = started.fronts[started.fronts["source"] == "search"]
+    assert front["method"].tolist() == ["lowbit"] and front["seeded"].tolist() == [True]
+    assert started.ratio == pytest.approx(1.0)  # the grid's front is lowbit alone: the search holds it too
+    assert "search: 2 runs (1 trials run + 1 of the store's it started from)" in started.summary()
+    alone = search.study_against_grid(grid, toy_store.uri, "workbench", with_seeds=False)
+    assert alone.fronts[alone.fronts["source"] == "search"]["method"].tolist() == ["agp_cluster"] and alone.ratio < 1
+
+
 def test_front_rows_tell_a_methods_knobs_apart_across_search_and_grid() -> None:
     def runs(rows: list[tuple[str, float, float, str]]) -> pd.DataFrame:
         return pd.DataFrame([{"run_name": f"{method}-{sparsity}", "data": "mnist5k", "model": "resnet20",
