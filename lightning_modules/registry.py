@@ -103,7 +103,7 @@ def pick_best(runs: pd.DataFrame, max_drop: float, objective_name: str = "compre
                              f"({drop} <= {max_drop:g} points) and can be registered"
                              f"{': ' + '; '.join(passed_over) if passed_over else ''}")
         row = runs[runs["run_id"] == best.iloc[0]["run_id"]].iloc[0]
-        reason, model_id = _unusable(row, client, resolve_store_uri(tracking_uri))
+        reason, model_id = why_unusable(row, client, resolve_store_uri(tracking_uri))
         if reason is None:
             return Choice(row, model_id, goal, max_drop, conservative, hardware, within, passed_over)
         passed_over.append(f"{row['run_name']} ({row['run_id']}): {reason}")
@@ -122,7 +122,7 @@ def _hardware(runs: pd.DataFrame, hardware: str | None, required: bool) -> str |
     return hardware
 
 
-def _unusable(row: pd.Series, client: MlflowClient, uri: str) -> tuple[str | None, str | None]:
+def why_unusable(row: pd.Series, client: MlflowClient, uri: str) -> tuple[str | None, str | None]:
     """(why the run cannot be registered, or None; its logged pyfunc model's id)."""
     run = client.get_run(str(row["run_id"]))
     models = [client.get_logged_model(output.model_id) for output in (run.outputs.model_outputs if run.outputs else [])]

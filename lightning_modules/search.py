@@ -12,7 +12,10 @@ never the winner. The study lives in its own SQLite file beside the MLflow store
     a trial         `suggest_overrides` -> the launcher runs it -> `trial_outcome` from the store -> `tell`
                     (a FAILED run: infeasible, or a failed trial; never on the front; `failure_lines` say why)
     the study       `open_study` (storage beside the store, sampler with the constraint), `resume_interrupted`
-    the end         `trials_table`, `pareto`, `hypervolume_2d`, `winner`, `front_figure`, `report_study`
+    warm start      `store_seeds` (the store's runs that are points of the space: `seed_from_run`), `seed_study`
+                    (told as trials that cost nothing and count toward no n_trials)
+    the end         `trials_table`, `pareto`, `hypervolume_2d`, `winner`, `front_figure`, `report_study`,
+                    `register_winner` (hydra.sweeper.register_as)
     against a grid  `compare_fronts` (two sets of runs), `study_against_grid` (a study of the store against the
                     grid's runs: the grid notebook's last section, scripts/benchmark_search.py)
 
@@ -35,9 +38,9 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from lightning_modules.contract import (
-    ACC_DROP, BASELINE_METHOD, DATA_TAG, METHOD_TAG, MODEL_TAG, SEED_TAG, BASELINE_SIZE_BYTES, ERROR_TAG, HYPERVOLUME, SEARCH_BUDGET_TAG, SEARCH_FILE,
-    SEARCH_FRONT, SEARCH_TRIALS_ARTIFACT, SIZE_BYTES, STUDY_DB, STUDY_TAG, TRIAL_TAG, WINNER_RUN_TAG, WINNER_TRIAL_TAG, baseline_metric,
-    figure_artifact, sqlite_path,
+    ACC_DROP, ACC_DROP_CI95_HIGH, BASELINE_METHOD, BASELINE_SIZE_BYTES, DATA_TAG, ERROR_TAG, HYPERVOLUME, METHOD_TAG,
+    MODEL_TAG, SEARCH_BUDGET_TAG, SEARCH_FILE, SEARCH_FRONT, SEARCH_TRIALS_ARTIFACT, SEED_TAG, SIZE_BYTES, STUDY_DB,
+    STUDY_TAG, TRIAL_TAG, WINNER_RUN_TAG, WINNER_TRIAL_TAG, baseline_metric, figure_artifact, sqlite_path,
 )
 from lightning_modules.liveness import end_killed
 
@@ -736,6 +739,35 @@ def report_study(study: optuna.Study, objectives: Objectives, store: Store, pare
     except Exception as error:  # noqa: BLE001 - a figure is a convenience: the table and tags are logged already
         log.warning("search front figure not logged: %s", error)
     return table
+
+
+def register_winner(table: pd.DataFrame, objectives: Objectives, store: Store, study: str, name: str) -> str:
+    """The winner within the budget (`winner`), registered as a new version of `name` in the Model Registry the
+    way scripts/register_best.py registers a grid's best (registry.register: the run's logged pyfunc model, its
+    figures as tags, how each was measured); a winner that cannot be (no logged model, at chance) gives way to the
+    next trial in the same order, and the version says so. Returns the line the search prints."""
+    from lightning_modules import registry
+    from lightning_modules.analysis import tidy_runs
+
+    metrics = list(objectives.metrics)
+    feasible = table[table["feasible"]].dropna(subset=[*metrics, "run_id"]).sort_values([metrics[1], metrics[0]])
+    goal = registry.Objective("search", metrics[1], False, f"the winner of search study {study} (the lowest "
+                              f"{metrics[1]} within the budget, the lower {metrics[0]} on a tie)")
+    passed_over: list[str] = []
+    for _, trial in feasible.iterrows():
+        row = tidy_runs([store.client.get_run(str(trial["run_id"]))]).iloc[0]
+        row["knobs"] = trial["knobs"]
+        reason, model_id = registry.why_unusable(row, store.client, store.uri)
+        if reason is not None:
+            passed_over.append(f"trial {trial['trial']} {row['run_name']} ({row['run_id']}): {reason}")
+            continue
+        choice = registry.Choice(row, model_id, goal, objectives.budget, objectives.constraint == ACC_DROP_CI95_HIGH,
+                                 None, len(feasible), passed_over)
+        version = registry.register(choice, name, store.uri)
+        return (f"registered trial {trial['trial']} (run {choice.run_id}) as {name} version {version.version}: "
+                f"models:/{name}/{version.version}")
+    return (f"nothing registered as {name}: no trial within the budget that can be registered"
+            + (f" ({'; '.join(passed_over)})" if passed_over else ""))
 
 
 # ----------------------------------------------------------------------------- the study against the grid

@@ -19,7 +19,7 @@ from lightning_modules.contract import (
 )
 from lightning_modules.search import Knob, Objectives, SearchSettings, parse_knob
 from lightning_modules.tracking import Store
-from tests.conftest import FAST, all_runs, run_train
+from tests.conftest import FAST, FAST_SHIPPED, all_runs, run_train
 
 # ----------------------------------------------------------------------------- the space
 
@@ -445,15 +445,23 @@ def test_a_search_runs_trials_as_tracked_runs_and_resumes(tmp_path: Path, store_
     assert trials_csv(store_uri, parent.info.run_id)["trial"].tolist() == [0, 1, 2, 3, 4]
 
 
+# runs that log their MLflow model (a search's winner can be registered) and train on every batch of digits for
+# 3 baseline epochs: far enough from chance for the registry to take them
+LOGGED = [*(o for o in FAST_SHIPPED if not o.startswith(("baseline.epochs", "trainer.limit_train_batches"))),
+          "baseline.epochs=3", "++hardware.export_onnx=false", "tracking.claim_settle_s=0"]
+
+
 @pytest.mark.slow
 def test_a_search_starts_from_the_stores_runs_of_its_space(tmp_path: Path, store_uri: str) -> None:
     # a plain run at cluster's shipped defaults (4 bits, 2 epochs: a point of conf/search/cluster.yaml), and one
     # at a recipe the space cannot express
-    assert run_train([*FAST, "method=cluster"], tmp_path).returncode == 0
-    assert run_train([*FAST, "method=cluster", "method.fine_tune.optimizer.lr=0.01"], tmp_path).returncode == 0
+    assert run_train([*LOGGED, "method=cluster"], tmp_path).returncode == 0
+    assert run_train([*LOGGED, "method=cluster", "method.fine_tune.optimizer.lr=0.01"], tmp_path).returncode == 0
     shipped = [r.info.run_id for r in all_runs(store_uri)
                if r.data.tags.get("method") == "cluster" and r.data.params["method.fine_tune.optimizer.lr"] != "0.01"]
-    result = run_train([*SEARCH_ARGS, "hydra.sweeper.n_trials=1", "hydra.sweeper.sampler=random"], tmp_path)
+    result = run_train(["-m", "experiment=search_size", "search@hydra.sweeper.space=[lowbit,cluster]", *LOGGED,
+                        "hydra.sweeper.n_trials=1", "hydra.sweeper.sampler=random", "hydra.sweeper.register_as=digits-small"],
+                       tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     printed = " ".join(result.stdout.split())
     assert "warm start: 1 runs of the store are points of the space, 1 joined the study now" in printed
@@ -464,6 +472,14 @@ def test_a_search_starts_from_the_stores_runs_of_its_space(tmp_path: Path, store
     assert seeded["run_id"].tolist() == shipped
     assert seeded["knobs"].tolist() == ["method.bits=4 method.fine_tune.epochs=2"]
     assert (~table["seeded"]).sum() == 1  # n_trials=1: one trial run beside the seed
+    # the winner within the budget (a trial run or a seed: the study's best), registered with how it was chosen
+    from mlflow.tracking import MlflowClient
+
+    winner = MlflowClient(store_uri).get_run(parent.info.run_id).data.tags[WINNER_RUN_TAG]
+    (version,) = MlflowClient(store_uri).search_model_versions("name = 'digits-small'")
+    assert version.run_id == winner and version.tags["objective"] == "search"
+    assert "the winner of search study size-digits-lenet5-seed0" in version.description
+    assert f"as digits-small version 1: models:/digits-small/1" in printed
 
 
 def trials_csv(uri: str, run_id: str) -> pd.DataFrame:

@@ -26,13 +26,13 @@ class WorkbenchOptunaSweeper(Sweeper):
     def __init__(self, study: str, space: Any, objectives: Any, directions: Any, budget: float,
                  constraint: str = "acc_drop", storage: str | None = None, n_trials: int = 20, n_jobs: int = 1,
                  sampler: str = "tpe", seed: int | None = 0, startup_trials: int = 5, warm_start: bool = True,
-                 params: Any = None) -> None:
+                 register_as: str | None = None, params: Any = None) -> None:
         self.study, self.storage, self.budget, self.constraint = study, storage, budget, constraint
         self.space = OmegaConf.to_container(space, resolve=True) if isinstance(space, DictConfig) else dict(space or {})
         self.objectives, self.directions = list(objectives), list(directions)
         self.n_trials, self.n_jobs, self.sampler, self.seed, self.startup_trials = (
             n_trials, n_jobs, sampler, seed, startup_trials)
-        self.warm_start = bool(warm_start)
+        self.warm_start, self.register_as = bool(warm_start), register_as
         self.params = params
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
@@ -44,7 +44,7 @@ class WorkbenchOptunaSweeper(Sweeper):
                                                                 task_function=task_function, config=config)
 
     def sweep(self, arguments: list[str]) -> Any:
-        from lightning_modules.search import report_study, run_search
+        from lightning_modules.search import register_winner, report_study, run_search
 
         settings, store, parent_run_id = self._prepare(arguments)
 
@@ -52,7 +52,9 @@ class WorkbenchOptunaSweeper(Sweeper):
             return self.launcher.launch(batch, initial_job_idx=first)
 
         study = run_search(settings, list(arguments), launch, store, self._compose_params(arguments))
-        report_study(study, settings.objectives, store, parent_run_id)
+        table = report_study(study, settings.objectives, store, parent_run_id)
+        if self.register_as:
+            print(register_winner(table, settings.objectives, store, settings.study, str(self.register_as)))
         return study
 
     def _prepare(self, arguments: list[str]):
