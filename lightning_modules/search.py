@@ -298,6 +298,7 @@ class Seed:
     metrics: dict[str, float]
 
 
+SHOWN_LEFT_OUT = 5  # the runs left out of a warm start the log names (a store of older runs can hold hundreds)
 ComposeParams = Callable[[list[str]], Mapping[str, Any]]  # overrides -> the run's config flattened (config_params)
 
 
@@ -574,8 +575,11 @@ def warm_start_study(study: optuna.Study, settings: SearchSettings, store: Store
     added = seed_study(study, seeds, settings.space, settings.objectives)
     log.info("warm start: %d runs of the store are points of the space, %d joined the study now as trials %s "
              "(they count toward no n_trials)", len(seeds), len(added), added)
-    for reason in left_out.values():
+    for reason in list(left_out.values())[:SHOWN_LEFT_OUT]:
         log.info("warm start: not a point of the space: %s", reason)
+    if len(left_out) > SHOWN_LEFT_OUT:
+        log.info("warm start: %d more runs of the same data, model and seed are not points of the space",
+                 len(left_out) - SHOWN_LEFT_OUT)
     return added
 
 
