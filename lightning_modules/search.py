@@ -528,15 +528,19 @@ class SearchSettings:
 
 
 def run_search(settings: SearchSettings, base_overrides: list[str], launch: Launch, store: Store,
-               compose_params: ComposeParams | None = None) -> optuna.Study:
+               compose_params: ComposeParams | None = None,
+               progress: Callable[[optuna.Study], None] | None = None) -> optuna.Study:
     """Ask, launch, tell until the study holds n_trials finished trials (a relaunch counts the earlier ones).
     With warm_start (and `compose_params`), the store's runs that are points of the space join the study
-    first, as trials that cost nothing and count toward nothing (warm_start_study)."""
+    first, as trials that cost nothing and count toward nothing (warm_start_study). `progress` is called
+    after the warm start and after each batch of trials (the sweeper logs the trials table)."""
     sampler = make_sampler(settings.sampler, settings.seed, settings.startup_trials)
     study = open_study(settings.study, settings.storage, settings.objectives, sampler)
     resume_interrupted(study, store)
     if settings.warm_start and compose_params is not None:
         warm_start_study(study, settings, store, compose_params)
+    if progress is not None:
+        progress(study)
     while (done := finished_trials(study)) < settings.n_trials:
         trials = [study.ask() for _ in range(min(settings.n_jobs, settings.n_trials - done))]
         to_launch = []
@@ -566,6 +570,8 @@ def run_search(settings: SearchSettings, base_overrides: list[str], launch: Laun
             tell(study, trial, settings.objectives, outcome)
             log.info("trial %d: %s -> %s", trial.number, " ".join(overrides),
                      {name: outcome.metrics.get(name) for name in settings.objectives.metrics})
+        if progress is not None:
+            progress(study)
     return study
 
 
@@ -696,6 +702,14 @@ def front_figure(table: pd.DataFrame, metrics: Sequence[str], budget: float, tit
     return figure
 
 
+def log_trials_table(table: pd.DataFrame, store: Store, parent_run_id: str) -> None:
+    """The trials table (trials_table) as search_trials.csv on the parent run: the notebook and
+    study_against_grid read it (which runs the study started from), during a search as after it."""
+    from lightning_modules.tracking import TrackedRun
+
+    TrackedRun(store, parent_run_id).log_table(table.to_dict("records"), SEARCH_TRIALS_ARTIFACT)
+
+
 def report_study(study: optuna.Study, objectives: Objectives, store: Store, parent_run_id: str | None) -> pd.DataFrame:
     """Print the trials on the front and the winner within the budget; log the table, the figure and
     the winner's tags on the parent run. Returns the trials table."""
@@ -729,7 +743,7 @@ def report_study(study: optuna.Study, objectives: Objectives, store: Store, pare
     if parent_run_id is None:
         return table
     parent = TrackedRun(store, parent_run_id)
-    parent.log_table(table.to_dict("records"), SEARCH_TRIALS_ARTIFACT)
+    log_trials_table(table, store, parent_run_id)
     tags = {STUDY_TAG: study.study_name, SEARCH_BUDGET_TAG: f"{objectives.constraint} <= {objectives.budget:g}"}
     if best is not None:
         tags.update({WINNER_RUN_TAG: str(best["run_id"]), WINNER_TRIAL_TAG: str(best["trial"])})

@@ -373,7 +373,10 @@ def test_the_stores_runs_that_are_points_of_the_space_seed_the_study(tmp_path: P
         launched.extend(batch)
         return [fake_job(toy_metrics(job)) for job in batch]
 
-    study = search.run_search(settings(tmp_path, 2), [], launch, toy_store, toy_config)
+    seen: list[int] = []  # trials the study held at each progress call: after the warm start, after each trial
+    study = search.run_search(settings(tmp_path, 2), [], launch, toy_store, toy_config,
+                              progress=lambda study: seen.append(len(study.trials)))
+    assert seen == [3, 4, 5]
     table = search.trials_table(study)
     seeded = table[table["seeded"]]
     assert sorted(seeded["run_id"]) == sorted(grid.values()) and (seeded["state"] == "COMPLETE").all()

@@ -44,14 +44,18 @@ class WorkbenchOptunaSweeper(Sweeper):
                                                                 task_function=task_function, config=config)
 
     def sweep(self, arguments: list[str]) -> Any:
-        from lightning_modules.search import register_winner, report_study, run_search
+        from lightning_modules.search import log_trials_table, register_winner, report_study, run_search, trials_table
 
         settings, store, parent_run_id = self._prepare(arguments)
 
         def launch(batch: list[list[str]], first: int) -> Any:
             return self.launcher.launch(batch, initial_job_idx=first)
 
-        study = run_search(settings, list(arguments), launch, store, self._compose_params(arguments))
+        def progress(study: Any) -> None:  # the trials table on the parent run, current after every trial
+            if parent_run_id is not None:
+                log_trials_table(trials_table(study), store, parent_run_id)
+
+        study = run_search(settings, list(arguments), launch, store, self._compose_params(arguments), progress)
         table = report_study(study, settings.objectives, store, parent_run_id)
         if self.register_as:
             print(register_winner(table, settings.objectives, store, settings.study, str(self.register_as)))
