@@ -68,6 +68,18 @@ search below (load 3-5):
     wall time:    grid command 1064 s (99 s a run), search 1646 s (158 s a trial: 6 of 10 ran the 30-epoch agp
                   recipes); the search's overhead outside the runs 6.8 s a trial (the warm start's config matching
                   included)
+resnet20 the same way (`--label v3 --search-only` against the grid above, store /tmp/q11/search, 03:58-06:12, 11
+methods: ptq_static joined the space after this study began; the machine shared with the lenet5 benchmark and the
+test suite): 7 grid runs seeded it (svd's 3-epoch run differed from the shipped recipe; two cpu_1t runs from older
+code). Trials: deep_compression 0.91 / 8 / 5 (-0.6, 17.6x), agp_cluster 0.69 / 2 (-0.3), deep_compression 0.98 / 5 / 5
+(+0.3, 26913 B, 40.7x), agp_qat 0.95 / 0.96 / 0.98 (-0.3 / -0.4 / +0.3, 18.1-20.5x), agp_kd 0.70, svd 0.47, deep_compression
+0.75 / 8 / 4, agp_qat 0.56: all 10 within the budget.
+    hypervolume:  grid 0.9461; search 0.9556 with the grid's runs, 0.9553 its trials alone: ratio 1.010 both ways (the
+                  grid's 18.6x point already covers 95% of the box, drawn on a linear size axis: the rest is thin)
+    smallest within the budget: search deep_compression 0.98 / 5 / 5 bits 26913 B (40.7x, +0.3); grid
+                  deep_compression 59077 B (18.6x, -0.6)
+    wall time:    802 s a trial (run_time_s; 5 of 10 ran 30-epoch agp-family recipes beside other work) against 387 s
+                  a grid run; the search's own overhead 4.2 s a trial
 """
 
 from __future__ import annotations
