@@ -651,12 +651,29 @@ def hypervolume_2d(points: Sequence[tuple[float, float]], reference: tuple[float
     return area
 
 
-def front_hypervolume(table: pd.DataFrame, metrics: Sequence[str], budget: float, reference_size: float) -> float:
+# The log-size box spans 1x to 100x smaller than the baseline: Deep Compression reaches 40-50x on the LeNets.
+LOG_SIZE_DECADES = 2.0
+
+
+def _size_share(value: float, reference: float, log_decades: float | None) -> float:
+    """A size (or latency) as a share of the box's height: value / reference, or with `log_decades` its
+    log10 over that many decades (1.0 at the reference, 0.0 at reference / 10**log_decades and below)."""
+    share = value / reference
+    if log_decades is None:
+        return share
+    return 1.0 + max(math.log10(share), -log_decades) / log_decades if share > 0 else 0.0
+
+
+def front_hypervolume(table: pd.DataFrame, metrics: Sequence[str], budget: float, reference_size: float,
+                      log_decades: float | None = None) -> float:
     """Hypervolume of the feasible points of (drop, second objective / reference_size), from the
     reference (budget, 1.0): the share of 'within budget and no larger (slower) than the baseline' covered.
-    Accuracy gains (negative drops) count down to -budget (the box is 2 x budget wide)."""
+    Accuracy gains (negative drops) count down to -budget (the box is 2 x budget wide). With `log_decades`
+    the second axis is log10 of the ratio over that many decades: on a linear axis every model past about
+    10x shares the last tenth of the box, so a 40x model adds little over an 18x one; on the log axis each
+    halving of the size weighs alike."""
     feasible = table[table["feasible"]].dropna(subset=list(metrics))
-    points = [(max(float(row[metrics[0]]), -budget), float(row[metrics[1]]) / reference_size)
+    points = [(max(float(row[metrics[0]]), -budget), _size_share(float(row[metrics[1]]), reference_size, log_decades))
               for _, row in feasible.iterrows()]
     return hypervolume_2d(points, (budget, 1.0)) / (2 * budget)
 
@@ -808,12 +825,17 @@ class FrontComparison:
     runs: pd.DataFrame  # both sets, column `source`: search | grid
     hypervolumes: dict[str, float]
     figure: Figure
+    hypervolumes_log: dict[str, float] = field(default_factory=dict)  # size on a log axis (LOG_SIZE_DECADES)
 
     @property
     def ratio(self) -> float:
         """Hypervolume of the search's front over the grid's (> 1: the search's dominates more)."""
-        grid = self.hypervolumes["grid"]
-        return self.hypervolumes["search"] / grid if grid > 0 else math.inf
+        return _ratio(self.hypervolumes)
+
+    @property
+    def ratio_log(self) -> float:
+        """The same ratio with sizes on a log axis: what a smaller model adds past 10x shows there."""
+        return _ratio(self.hypervolumes_log)
 
     @property
     def fronts(self) -> pd.DataFrame:
@@ -838,7 +860,16 @@ class FrontComparison:
                              "none" if best is None else f"{best['run_name']} {best['method']} {best['knobs']} "
                              f"{best[SIZE_BYTES]:.0f} bytes, drop {best[ACC_DROP]:+.2f}"))
         lines.append(f"hypervolume search / grid: {self.ratio:.3f} (> 1: the search's front dominates more)")
+        if self.hypervolumes_log:
+            lines.append(f"on a log size axis (1x to {10 ** LOG_SIZE_DECADES:.0f}x smaller): grid "
+                         f"{self.hypervolumes_log['grid']:.4f}, search {self.hypervolumes_log['search']:.4f}, "
+                         f"ratio {self.ratio_log:.3f}")
         return "\n".join(lines)
+
+
+def _ratio(volumes: dict[str, float]) -> float:
+    grid = volumes["grid"]
+    return volumes["search"] / grid if grid > 0 else math.inf
 
 
 def compare_fronts(trials: pd.DataFrame, grid: pd.DataFrame, budget: float, study: str = "",
@@ -871,12 +902,12 @@ def compare_fronts(trials: pd.DataFrame, grid: pd.DataFrame, budget: float, stud
     if sizes.empty:
         raise ValueError(f"no run logged {BASELINE_SIZE_BYTES}: the hypervolume has no reference size")
     reference = float(sizes.iloc[0])
-    volumes = {source: front_hypervolume(frame, [ACC_DROP, SIZE_BYTES], budget, reference)
-               for source, frame in zip(SOURCES, frames)}
+    volumes, volumes_log = ({source: front_hypervolume(frame, [ACC_DROP, SIZE_BYTES], budget, reference, decades)
+                             for source, frame in zip(SOURCES, frames)} for decades in (None, LOG_SIZE_DECADES))
     grid_front = frames[1][frames[1]["on_front"]]
     figure = front_figure(frames[0], [ACC_DROP, SIZE_BYTES], budget, f"study {study}: search against the grid",
                           reference=grid_front, reference_label="grid")
-    return FrontComparison(study, budget, both, volumes, figure)
+    return FrontComparison(study, budget, both, volumes, figure, volumes_log)
 
 
 def study_against_grid(grid: pd.DataFrame, tracking_uri: str | None = None, experiment: str | None = None,

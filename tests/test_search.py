@@ -140,11 +140,34 @@ def test_the_study_front_against_the_grid_front(toy_store: Store) -> None:
     search_volume = ((0.5 + 0.1) * (1 - 0.12) + (0.5 - 0.3) * (0.12 - 0.05))
     assert comparison.hypervolumes == pytest.approx({"grid": grid_volume, "search": search_volume})
     assert comparison.ratio == pytest.approx(search_volume / grid_volume)
+
+    def decades(share: float) -> float:  # the height on the log axis: 1x at 1.0 down to 100x smaller at 0.0
+        return 1 + math.log10(share) / 2
+
+    grid_log = (0.5 - 0.0) * (1 - decades(0.6)) + (0.5 - 0.1) * (decades(0.6) - decades(0.15))
+    search_log = (0.5 + 0.1) * (1 - decades(0.12)) + (0.5 - 0.3) * (decades(0.12) - decades(0.05))
+    assert comparison.hypervolumes_log == pytest.approx({"grid": grid_log, "search": search_log})
+    assert comparison.ratio_log == pytest.approx(search_log / grid_log)
+    assert "on a log size axis (1x to 100x smaller)" in comparison.summary()
     assert comparison.smallest("search")["method"] == "agp_cluster" and comparison.smallest("grid")["method"] == "lowbit"
     assert "hypervolume search / grid: 1.426" in comparison.summary()
     assert len(comparison.figure.axes[0].lines) >= 2  # both fronts drawn
     with pytest.raises(ValueError, match=r"study='other' is not in the store; it has: size-digits-lenet5-seed0"):
         search.study_against_grid(grid, toy_store.uri, "workbench", study="other")
+
+
+def test_a_log_size_axis_credits_a_smaller_model_past_ten_times() -> None:
+    """An 18x model covers 94% of the linear box's height: a 40x one adds 3 points there, 18 on the log axis."""
+    def table(ratios: list[float]) -> pd.DataFrame:
+        return pd.DataFrame({"acc_drop": [0.0] * len(ratios), "size_bytes": [1000 / r for r in ratios], "feasible": True})
+
+    grid, search_front = table([18.0]), table([18.0, 40.0])
+    linear = [search.front_hypervolume(t, ["acc_drop", "size_bytes"], 0.5, 1000.0) for t in (grid, search_front)]
+    logged = [search.front_hypervolume(t, ["acc_drop", "size_bytes"], 0.5, 1000.0, 2.0) for t in (grid, search_front)]
+    assert linear[1] / linear[0] == pytest.approx((1 - 1 / 40) / (1 - 1 / 18))  # 1.03
+    assert logged[1] / logged[0] == pytest.approx(math.log10(40) / math.log10(18))  # 1.28
+    beyond = search.front_hypervolume(table([1000.0]), ["acc_drop", "size_bytes"], 0.5, 1000.0, 2.0)
+    assert beyond == pytest.approx(0.5)  # past 100x counts as 100x: the box's whole height, half its width
 
 
 def test_the_study_front_holds_the_grid_runs_it_started_from(toy_store: Store) -> None:
