@@ -455,6 +455,38 @@ def test_min_speedup_on_inductor_keeps_every_layer_int8_when_the_whole_model_is_
     assert list(callback.model_timings) == ["all int8", "float"]  # no layer was slower alone: two candidates
 
 
+class _ConvsSlowInInt8(LatencyTimer):
+    """Every layer reads slower in int8 alone (LeNet-5 on ONNX Runtime: the convolutions 0.2-0.3x, the
+    Linears near the threshold); whole, the model is slower only while a convolution runs int8."""
+
+    def __init__(self) -> None:
+        self.alone = iter([0.2, 0.3, 0.93, 0.7, 0.8])  # features.0, features.3, classifier.1, .3, .5 as timed
+
+    def float_and_int8(self, runtime, float_layer, int8_layer, input_shape, batch, threads):
+        return next(self.alone), 1.0
+
+    def whole_models(self, models, reference, runtime, input_shape, batch, threads):
+        figures = {reference: (1.0, 1.0)}
+        for label, model in models.items():
+            if label != reference:
+                convs_int8 = any(isinstance(m, Int8Layer) and m.kind == "conv" for m in model.modules())
+                figures[label] = (2.0, 0.5) if convs_int8 else (1.01, 0.99)
+        return figures
+
+
+def test_min_speedup_floats_the_slowest_layers_one_by_one_until_the_whole_model_is_fast_enough() -> None:
+    # every layer read slower alone: the model stayed float whole (ptq_static on lenet5 in 1 of 3 seeds,
+    # where another seed's first Linear read 0.96x and shipped int8 at 0.99x)
+    callback = PTQStatic(min_speedup=0.95, runtime="ort").attach_timer(_ConvsSlowInInt8())
+    model, _ = _fit(callback, epochs=1, batches=2)
+    finalized = callback.finalize(model)
+    assert list(callback.model_timings) == ["all int8", "float", "1 of 5 layers float", "2 of 5 layers float"]
+    assert sorted(n for n, m in finalized.named_modules() if isinstance(m, Int8Layer)) == [
+        "classifier.1", "classifier.3", "classifier.5"]
+    reasons = {row["layer"]: row["skipped"] for row in callback.summary(finalized) if row["skipped"]}
+    assert set(reasons) == {"features.0", "features.3"} and "(0.20x < min_speedup=0.95)" in reasons["features.0"]
+
+
 def test_min_speedup_without_a_timer_says_what_it_needs() -> None:
     callback = PTQStatic(min_speedup=1.0, runtime="ort")  # built directly: no pipeline handed a timer over
     model, _ = _fit(callback, epochs=1, batches=2)
