@@ -343,6 +343,30 @@ def test_paired_times_gives_both_medians_and_the_ratio_dense_over_factored() -> 
     assert factored_ms >= 2.0 and ratio < 1.0
 
 
+class _SlowAfterAnother(nn.Module):
+    """Slow on a call that follows another module's (cold caches, another session's threads spinning)."""
+
+    last: list = [None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.last[0] is not self:
+            time.sleep(0.003)
+        self.last[0] = self
+        return x
+
+
+class _Marks(nn.Identity):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _SlowAfterAnother.last[0] = self
+        return x
+
+
+def test_paired_times_times_each_call_after_an_untimed_call_of_the_same_module() -> None:
+    # alternating pairs alone would time every call of the first right after the second's
+    cold_ms, other_ms, _ = paired_times(_SlowAfterAnother(), _Marks(), torch.randn(4, 8), warmup=1, pairs=6)
+    assert cold_ms < 1.0 and other_ms < 1.0
+
+
 @pytest.mark.parametrize("method", ["svd", "tucker", "cp"])
 def test_shipped_lowrank_methods_time_every_layer_and_factor_linear_layers_too(method: str) -> None:
     cfg = compose_config([f"method={method}"])
