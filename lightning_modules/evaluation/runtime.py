@@ -329,11 +329,19 @@ def _session(path: str | Path, options):
                                 disabled_optimizers=KEEP_FLOAT_LAYERS)
 
 
-def _session_options(threads: int | None, optimized_path: str | None = None):
+# What an intra-op pool thread does while it waits for work: "on" busy-waits (ONNX Runtime's default, which
+# keeps spinning for a while after a call ends), "off" sleeps, "stop_after_run" spins during a call only.
+SPINNING = {"on": {}, "off": {"session.intra_op.allow_spinning": "0"},
+            "stop_after_run": {"session.force_spinning_stop": "1"}}
+
+
+def _session_options(threads: int | None, optimized_path: str | None = None, spinning: str = "on"):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's default, one per physical core
+    for key, value in SPINNING[spinning].items():
+        options.add_session_config_entry(key, value)
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -346,9 +354,9 @@ def _session_options(threads: int | None, optimized_path: str | None = None):
 class OrtModel:
     """An ONNX Runtime session that takes and returns torch tensors, like a module."""
 
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, spinning: str = "on") -> None:
         self.path = Path(path)
-        self.session = _session(self.path, _session_options(threads))
+        self.session = _session(self.path, _session_options(threads, spinning=spinning))
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
