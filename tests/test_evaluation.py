@@ -280,3 +280,15 @@ def test_a_broken_kernel_library_in_inductors_cache_is_removed_and_compiled_agai
     with pytest.raises(ImportError, match="file too short"):
         healing_inductor_cache(lambda: (_ for _ in ()).throw(ImportError(f"{outside}: file too short")))
     assert outside.exists()
+
+
+@pytest.mark.parametrize("spinning", ["on", "off", "stop_after_run"])
+def test_an_ort_session_runs_alike_whatever_its_threads_do_between_calls(tmp_path, spinning: str) -> None:
+    from lightning_modules.evaluation.runtime import SPINNING, OrtModel, export_onnx
+
+    model = LeNet5().eval()
+    export_onnx(model, tmp_path / "lenet5.onnx", (1, 28, 28))
+    x = torch.rand(4, 1, 28, 28)
+    assert spinning in SPINNING
+    with torch.no_grad():
+        assert torch.allclose(OrtModel(tmp_path / "lenet5.onnx", None, spinning)(x), model(x), atol=1e-4)
