@@ -465,13 +465,10 @@ class _ConvsSlowInInt8(LatencyTimer):
     def float_and_int8(self, runtime, float_layer, int8_layer, input_shape, batch, threads):
         return next(self.alone), 1.0
 
-    def whole_models(self, models, reference, runtime, input_shape, batch, threads):
-        figures = {reference: (1.0, 1.0)}
-        for label, model in models.items():
-            if label != reference:
-                convs_int8 = any(isinstance(m, Int8Layer) and m.kind == "conv" for m in model.modules())
-                figures[label] = (2.0, 0.5) if convs_int8 else (1.01, 0.99)
-        return figures
+    def whole_models(self, reference, candidates, runtime, input_shape, batch, threads):
+        for label, model in candidates:
+            convs_int8 = any(isinstance(m, Int8Layer) and m.kind == "conv" for m in model.modules())
+            yield (label, 2.0, 1.0, 0.5) if convs_int8 else (label, 1.01, 1.0, 0.99)
 
 
 def test_min_speedup_floats_the_slowest_layers_one_by_one_until_the_whole_model_is_fast_enough() -> None:
@@ -485,6 +482,26 @@ def test_min_speedup_floats_the_slowest_layers_one_by_one_until_the_whole_model_
         "classifier.1", "classifier.3", "classifier.5"]
     reasons = {row["layer"]: row["skipped"] for row in callback.summary(finalized) if row["skipped"]}
     assert set(reasons) == {"features.0", "features.3"} and "(0.20x < min_speedup=0.95)" in reasons["features.0"]
+
+
+def test_whole_models_deploys_the_reference_once_and_no_candidate_past_the_one_the_caller_stops_at(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_modules.evaluation import latency
+    deployed = []
+    monkeypatch.setattr(latency, "deploy", lambda model, *args: deployed.append(model) or model)
+    reference, first, second = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+    built = []
+
+    def candidates():
+        for label, model in (("first", first), ("second", second)):
+            built.append(label)
+            yield label, model
+
+    timings = LatencyTimer().whole_models(reference, candidates(), "ort", (4,), batch=2, threads=1)
+    label, ms, reference_ms, speedup = next(timings)
+    assert label == "first" and ms > 0 and reference_ms > 0 and speedup > 0
+    assert deployed == [reference, first] and built == ["first"]  # the second candidate was never built
+    assert [label for label, *_ in timings] == ["second"] and deployed == [reference, first, second]
 
 
 def test_min_speedup_without_a_timer_says_what_it_needs() -> None:

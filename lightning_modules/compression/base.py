@@ -8,7 +8,7 @@ Hybrids are several callbacks listed in order in the method config; finalize run
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import pytorch_lightning as pl
@@ -29,8 +29,9 @@ class Timer(Protocol):
     def float_and_int8(self, runtime: str, float_layer: nn.Module, int8_layer: nn.Module,
                        input_shape: tuple[int, ...], batch: int, threads: int | None) -> tuple[float, float]: ...
 
-    def whole_models(self, models: dict[str, nn.Module], reference: str, runtime: str, input_shape: tuple[int, ...],
-                     batch: int, threads: int | None) -> dict[str, tuple[float, float]]: ...
+    def whole_models(self, reference: nn.Module, candidates: Iterable[tuple[str, nn.Module]], runtime: str,
+                     input_shape: tuple[int, ...], batch: int,
+                     threads: int | None) -> Iterator[tuple[str, float, float, float]]: ...
 
 
 class CompressionCallback(pl.Callback):

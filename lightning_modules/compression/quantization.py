@@ -912,22 +912,24 @@ class StaticQuantization(CompressionCallback):
         first = len(slow_layers) if len(slow_layers) < len(order) else 1
         timer, shape = self.require_timer(), tuple(self.example.shape[1:])
         float_model = convert(copy.deepcopy(model), self.prepared, keep_float=order)
-        self.model_timings, summary = {}, []
+        plans = {}  # label -> {layer kept float: why}, in the order the candidates are timed
         for count in dict.fromkeys([0, *range(first, len(order))]):
-            label = _candidate_label(count, len(slow_layers), len(order))
-            keep = {name: slow_layers.get(name, f"kept float as one of the {count} layers slowest in int8 alone, "
-                                                  f"so that the whole model reaches min_speedup={self.min_speedup}")
-                    for name in order[:count]}
-            candidate = convert(copy.deepcopy(model), self.prepared, keep_float=keep)
-            figures = timer.whole_models({label: candidate, "float": float_model}, "float", runtime, shape,
-                                         self.speed_batch, self.threads)
-            (ms, speedup), (float_ms, _) = figures[label], figures["float"]
+            plans[_candidate_label(count, len(slow_layers), len(order))] = {
+                name: slow_layers.get(name, f"kept float as one of the {count} layers slowest in int8 alone, "
+                                            f"so that the whole model reaches min_speedup={self.min_speedup}")
+                for name in order[:count]}
+        # built lazily: the timer converts and deploys no candidate past the first fast enough
+        candidates = ((label, convert(copy.deepcopy(model), self.prepared, keep_float=keep))
+                      for label, keep in plans.items())
+        self.model_timings, summary = {}, []
+        for label, ms, float_ms, speedup in timer.whole_models(float_model, candidates, runtime, shape,
+                                                               self.speed_batch, self.threads):
             self.model_timings.update({label: ms, "float": float_ms})
             summary.append(f"{label} {ms:.4f} ms ({speedup:.2f}x)")
             if speedup >= self.min_speedup:
                 log.info("%s on %s at batch %d: %s, float %.4f ms; keeping %s", self.name, runtime, self.speed_batch,
                          ", ".join(summary), float_ms, label)
-                return keep
+                return plans[label]
         reason = (f"no int8 form of the model reaches min_speedup={self.min_speedup} on {runtime} at batch "
                   f"{self.speed_batch}: {', '.join(summary)}, float {self.model_timings['float']:.4f} ms (1.00x)")
         return {name: "; ".join(filter(None, (slow_layers.get(name), reason))) for name in order}
