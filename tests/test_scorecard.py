@@ -256,6 +256,18 @@ def test_int8_speed_passes_when_faster_or_when_every_run_kept_the_model_float():
     assert mixed.verdict == "FAIL" and "speedup_bs32 0.85 < 0.95 (the 1 int8 seed)" in mixed.reasons
 
 
+def test_a_model_with_an_int8_kernel_running_is_not_called_float_however_small_its_int8_share():
+    # ptq_dynamic on resnet20: its convolutions stay float (no dynamic int8 conv kernel), the classifier runs int8
+    dynamic = [run(seed, compression_ratio=1.001, speedup_bs32=1.16, layers_skipped_ptq_dynamic=21.0,
+                   int8_kernel_ops=1.0) for seed in (0, 1, 2)]
+    (judged_dynamic,) = judged(row("ptq_dynamic", dynamic, method="ptq_dynamic"))
+    assert judged_dynamic.verdict == "PASS" and "float model" not in sc.notes(judged_dynamic)
+    kept_float = [run(seed, compression_ratio=1.0, speedup_bs32=0.9, layers_skipped_qat=5.0, int8_kernel_ops=0.0)
+                  for seed in (0, 1, 2)]
+    (judged_float,) = judged(row("qat", kept_float, method="qat"))
+    assert "float model 3/3" in sc.notes(judged_float)
+
+
 def test_plan_skips_conv_only_methods_on_lenet300_and_full_covers_every_model():
     specs = sc.select_specs(["tucker", "svd"])
     default = {(job.spec.key, job.model) for job in sc.plan(specs, ["lenet300", "lenet5"], [0, 1, 2], full=False)}
