@@ -20,9 +20,9 @@ batch 32: largest +-9.0% spinning, 4.3% off, 3.0% stopped after each call, p50 0
 sessions called in turn: each one's spinning threads take the core the other needs); at batch 1 lenet300
 0.036 ms spinning against 0.060 ms with either other mode (waking a sleeping thread costs more than the
 call). lenet5's int8 file against its fp32 file (5 rounds each) read 1.01-1.06x at batch 32 in every mode.
-The shipped sessions keep ONNX Runtime's default: a deployed model served alone spins; what distorted the
-int8 speed gate was timing one model straight after the other (evaluation/latency.py `paired_times` now
-precedes each timed call with an untimed call of the same model).
+Identical pairs hid what two different models showed: timed in the int8 gate's back-to-back pairs, one
+session's spinning threads distorted the other's calls by up to 0.8x (scripts/benchmark_int8_gate.py), so
+since 2026-12-02 the workbench's sessions stop spinning after each call (runtime.MEASURED_SPINNING).
 """
 
 from __future__ import annotations

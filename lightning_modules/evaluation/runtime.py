@@ -333,6 +333,16 @@ def _session(path: str | Path, options):
 # keeps spinning for a while after a call ends), "off" sleeps, "stop_after_run" spins during a call only.
 SPINNING = {"on": {}, "off": {"session.intra_op.allow_spinning": "0"},
             "stop_after_run": {"session.force_spinning_stop": "1"}}
+# What the workbench's sessions do: every timing here runs two or more sessions in one process (a model
+# against its baseline, the int8 gate's candidates against the float model), and a session that spins after
+# its call takes the cores the next session's call needs. lenet5 on all cores (2), batch 32, quiet, the same
+# candidates read by the int8 gate and by measure_latency (scripts/benchmark_int8_gate.py --runtime ort,
+# 2026-12-02): spinning "on", one int8 Linear read 0.75-1.82x in the gate where the run read 1.01-1.03x;
+# "stop_after_run", gate and run within 0.04 of each other for every candidate (that one 0.97-1.02x). It costs
+# batch-1 calls of tiny models the wake-up of the pool's threads (lenet300 0.036 -> 0.060 ms,
+# scripts/benchmark_latency_noise.py): baseline and model alike. The stored .onnx file carries no
+# session options: whoever serves it chooses.
+MEASURED_SPINNING = "stop_after_run"
 
 
 def _session_options(threads: int | None, optimized_path: str | None = None, spinning: str = "on"):
@@ -354,7 +364,7 @@ def _session_options(threads: int | None, optimized_path: str | None = None, spi
 class OrtModel:
     """An ONNX Runtime session that takes and returns torch tensors, like a module."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, spinning: str = "on") -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, spinning: str = MEASURED_SPINNING) -> None:
         self.path = Path(path)
         self.session = _session(self.path, _session_options(threads, spinning=spinning))
         self.input_name = self.session.get_inputs()[0].name
