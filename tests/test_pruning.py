@@ -35,6 +35,34 @@ def test_global_masks_rank_all_layers_together() -> None:
     assert int(masks["small"].sum()) == 0 and int(masks["large"].sum()) == 30
 
 
+def test_global_masks_never_empty_a_layer_and_still_cut_the_sparsity_asked() -> None:
+    # mobilenetv2's classifier read 100% sparse under one threshold and the run ended at chance
+    torch.manual_seed(0)
+    scores = {"classifier": torch.rand(100) * 0.01, "body": torch.rand(900) + 1.0, "tiny": torch.rand(50) * 0.001}
+    masks = global_masks(scores, 0.8, max_layer_sparsity=0.9)
+    kept = {name: int(mask.sum()) for name, mask in masks.items()}
+    assert kept["classifier"] == 10 and kept["tiny"] == 5  # each at the ceiling, its best-scoring share kept
+    assert all(scores[name][masks[name] == 1].min() >= scores[name][masks[name] == 0].max() for name in scores)
+    assert sum(int((mask == 0).sum()) for mask in masks.values()) == round(0.8 * 1050)  # the rest cut from body
+    # a sparsity above the ceiling raises it: every layer at most the sparsity asked
+    assert all(int(mask.sum()) == 5 for mask in global_masks({"a": torch.rand(50), "b": torch.rand(50) * 9},
+                                                               0.9, max_layer_sparsity=0.5).values())
+
+
+def test_one_shot_magnitude_keeps_every_layer_alive_where_one_threshold_would_empty_one() -> None:
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+    with torch.no_grad():
+        model[2].weight.mul_(1e-3)  # a last layer on a much smaller scale, as after BatchNorm-scaled features
+    pruner = MagnitudePruning(sparsity=0.9)
+    pruner.cut(model, 0.9)
+    assert int((getattr(model[2], MASK) == 0).sum()) <= round(0.98 * 256)
+    weights = [model[0].weight.numel(), model[2].weight.numel()]
+    pruned = sum(int((getattr(model[i], MASK) == 0).sum()) for i in (0, 2))
+    assert pruned == round(0.9 * sum(weights))
+    with pytest.raises(ValueError, match="max_layer_sparsity=1.0 is not valid"):
+        MagnitudePruning(sparsity=0.5, max_layer_sparsity=1.0)
+
+
 # ----------------------------------------------------------------------------- schedules
 
 
