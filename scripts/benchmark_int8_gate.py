@@ -17,7 +17,7 @@ Measured 2026-12-02, quiet 2-core machine, Inductor on 2 threads (hardware=cpu):
 all int8 0.79 gate / 0.77-0.79 run; one layer int8 0.92-0.96 gate, 0.92-0.96 run, the run up to 0.04
 lower for the same candidate (features.3 alone: gate 0.953-0.958, run 0.930-0.955). So at
 min_speedup 0.95 the gate shipped forms the run then read below 0.95 (lenet5 qat@cpu in the scorecard:
-0.91-0.96x with one int8 layer, 1.03x smaller); at 1.0 such forms stay float.
+0.91-0.96x with one int8 layer, 1.03x smaller); at the shipped 0.98 such forms stay float.
 On ONNX Runtime on all cores (`--runtime ort`, two here) the sessions spun after each call (ONNX
 Runtime's default) until 2026-12-02: one session's spinning threads took the cores the next one's call
 needed, and the gate's pairs read one int8 Linear at 0.75-1.82x where the run read 1.01-1.03x (all
