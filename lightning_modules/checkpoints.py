@@ -8,7 +8,9 @@ progress and every callback's `state_dict`: masks and schedules, quantization sc
 and, beside the folder, `<folder>.attempt.json` (the run that wrote it; outside the folder, which Lightning
 wants empty when a training starts). A relaunched job that finds them resumes from the epoch
 after the last one saved; its run is tagged `resumed_from` with the killed attempt's run id and logs
-`resumed_at_epoch`. The folder is removed when the run finishes.
+`resumed_at_epoch`. The folder is removed when the run finishes, and when it is rejected (a collapsed
+model, a NaN loss: its training led to no result, so a relaunch trains anew instead of evaluating the
+same model again); a crash or a kill keeps it for the relaunch.
 
 With a server store (or `tracking.checkpoints_in_store: true`) each checkpoint is also logged as the
 run's artifact `checkpoints/last.ckpt`, so a job relaunched on another machine, without the sweep
@@ -31,6 +33,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
+
+from lightning_modules.tracking import RunRejected
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +112,20 @@ class TrainingCheckpoints:
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
         self.attempt_file.unlink(missing_ok=True)
+
+
+@contextmanager
+def removed_unless_resumable(checkpoints: TrainingCheckpoints | None) -> Iterator[None]:
+    """Remove `checkpoints` when the phase inside ends, except when it ends by a crash or a kill: those
+    are what a relaunch goes on from. A rejection (RunRejected) removes them too."""
+    try:
+        yield
+    except RunRejected:
+        if checkpoints is not None:
+            checkpoints.remove()
+        raise
+    if checkpoints is not None:
+        checkpoints.remove()
 
 
 class MirroredCheckpoint(ModelCheckpoint):

@@ -72,6 +72,9 @@ FINGERPRINT_TAG = "baseline_fingerprint"  # only on runs that trained a baseline
 # or whose heartbeat (unix seconds, refreshed while it runs) is stale, is marked KILLED (liveness.py)
 HOST_TAG, PID_TAG, PROCESS_START_TAG, HEARTBEAT_TAG = "host", "pid", "process_start", "heartbeat"
 ERROR_TAG = "error"  # why a run FAILED (or was KILLED)
+# "true" on a FAILED run whose result is not a result (collapsed, NaN loss: tracking.RunRejected); its training is
+# never resumed, so a relaunch trains anew where a crashed or killed attempt's relaunch goes on from its checkpoint
+REJECTED_TAG = "rejected"
 CHECKPOINT_FOLDER = "checkpoints"  # in a sweep folder: each job's training checkpoints (checkpoints.py)
 RESUMED_FROM_TAG = "resumed_from"  # a job's run that went on from a killed attempt's checkpoint: that attempt's run id
 NOISY_TAG = "latency_noisy"  # why its timing cannot be trusted (contention), when it cannot

@@ -29,7 +29,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from lightning_modules.checkpoints import RESUMED_AT_EPOCH, ResumeNote, TrainingCheckpoints, safe_loading
+from lightning_modules.checkpoints import (
+    RESUMED_AT_EPOCH, ResumeNote, TrainingCheckpoints, removed_unless_resumable, safe_loading,
+)
 from lightning_modules.compression.base import CompressionCallback
 from lightning_modules.config import build_callbacks, model_config, read_teacher_file, validate
 from lightning_modules.contract import (
@@ -141,7 +143,9 @@ def run_experiment(cfg: DictConfig) -> dict[str, float]:
         if baseline.metrics is not None:
             return baseline.metrics  # this run trained the baseline: it is the method=baseline run
     # the run is open from here: a baseline or teacher that cannot be loaded ends it FAILED, with the reason
-    with closing_run(ctx.open_run()) as run:
+    checkpoints = ctx.checkpoints(ctx.job_tags.get(JOB_TAG, ""), f"tags.{JOB_TAG} = '{ctx.job_tags.get(JOB_TAG)}' "
+                                  f"and tags.`{MLFLOW_PARENT_RUN_ID}` = '{ctx.parent_run_id}'")
+    with closing_run(ctx.open_run()) as run, removed_unless_resumable(checkpoints):
         started = time.perf_counter()
         baseline = baseline or obtain_baseline(ctx)                                                # 1. baseline
         callbacks = build_callbacks(cfg.method, timer=LatencyTimer())
@@ -149,15 +153,11 @@ def run_experiment(cfg: DictConfig) -> dict[str, float]:
         ctx.timings[TIME_BASELINE_S] = time.perf_counter() - started
         run.set_tags({BASELINE_RUN_TAG: baseline.run_id, **({TEACHER_TAG: teacher.source} if teacher else {}),
                       ENERGY_SOURCE_TAG: energy_source(ctx.device)})
-        checkpoints = ctx.checkpoints(ctx.job_tags.get(JOB_TAG, ""), f"tags.{JOB_TAG} = '{ctx.job_tags.get(JOB_TAG)}' "
-                                      f"and tags.`{MLFLOW_PARENT_RUN_ID}` = '{ctx.parent_run_id}'")
         model = compress(ctx, run, starting_model(cfg, baseline, ctx.data), callbacks, teacher,   # 2. compress
                          checkpoints)
         model = finalize(model, callbacks)                                                         # 3. finalize
         report = evaluate(ctx, model, baseline.model, callbacks, teacher and teacher.model)        # 4. evaluate
         metrics = track(ctx, run, report)                                                          # 5. track
-    if checkpoints is not None:
-        checkpoints.remove()  # the run is FINISHED: nothing to resume
     return metrics
 
 
@@ -208,15 +208,13 @@ def train_baseline(ctx: RunContext, fingerprint: str, tags: dict[str, str]) -> B
     log.info("baseline %s not in the store: training it (run %s)", fingerprint, claim.run_id)
     # shared by the jobs that need this baseline
     checkpoints = ctx.checkpoints(f"baseline-{fingerprint}", f"tags.{FINGERPRINT_TAG} = '{fingerprint}'")
-    with closing_run(claim) as run:
+    with closing_run(claim) as run, removed_unless_resumable(checkpoints):
         run.set_tags({BASELINE_RUN_TAG: run.run_id, ENERGY_SOURCE_TAG: energy_source(ctx.device)})
         pl.seed_everything(ctx.cfg.seed, workers=True, verbose=False)
         model = build_model(ctx.cfg.model.net, ctx.data.shape)
         model, baseline_ctx.timings[TRAIN_TIME_S] = fit(baseline_cfg, ctx.cfg.baseline, model, ctx.data, [], run,
                                                         checkpoints)
         metrics = track(baseline_ctx, run, evaluate(baseline_ctx, model, model, []))
-    if checkpoints is not None:
-        checkpoints.remove()
     return Baseline(model, run.run_id, metrics)
 
 

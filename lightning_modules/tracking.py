@@ -36,7 +36,8 @@ from lightning_modules.signals import kill_reason, signals_held
 from lightning_modules.contract import (
     DATA_TAG, ERROR_ARTIFACT, ERROR_TAG, EXPERIMENT, EXPERIMENT_KIND, EXPERIMENT_KIND_TAG,
     FINGERPRINT_TAG, GIT_COMMIT_TAG, GIT_DIRTY_TAG,
-    HARDWARE_TAG, HOST_TAG, METHOD_TAG, PID_TAG, MODEL_ARTIFACT, MODEL_FILE, MODEL_TAG, SEED_TAG, STORE_ARTIFACTS, SWEEP_FILE,
+    HARDWARE_TAG, HOST_TAG, METHOD_TAG, PID_TAG, MODEL_ARTIFACT, MODEL_FILE, MODEL_TAG, REJECTED_TAG, SEED_TAG, STORE_ARTIFACTS,
+    SWEEP_FILE,
     STORE_DB, SWEEP_TAG, resolve_store_uri, sqlite_path,
 )
 
@@ -241,10 +242,11 @@ def tracked_run(store: Store, name: str, tags: Mapping[str, Any], parent_run_id:
 
 def record_failure(run: TrackedRun, error: BaseException) -> None:
     """Mark the run FAILED, with the error as a tag (UI-searchable) and the traceback as an artifact."""
-    message = str(error) if isinstance(error, RunRejected) else f"{type(error).__name__}: {error}"
+    rejected = isinstance(error, RunRejected)
+    message = str(error) if rejected else f"{type(error).__name__}: {error}"
     with signals_held():  # recorded whole: a signal now waits until the run is FAILED
         try:
-            run.set_tags({ERROR_TAG: message[:5000]})
+            run.set_tags({ERROR_TAG: message[:5000], **({REJECTED_TAG: "true"} if rejected else {})})
             run.log_text("".join(traceback.format_exception(error)), ERROR_ARTIFACT)
         finally:
             run.store.client.set_terminated(run.run_id, "FAILED")
@@ -375,10 +377,18 @@ def live_claims(store: Store, fingerprint: str) -> list:
 
 
 def unfinished_attempts(store: Store, filter_string: str) -> list[str]:
-    """Ids of the KILLED or FAILED runs matching `filter_string`, newest first: earlier attempts of a job."""
+    """Ids of the KILLED or FAILED runs matching `filter_string`, newest first: earlier attempts of a job
+    whose training a relaunch may go on from. They stop at a rejected run (REJECTED_TAG): what trained
+    before it led to a model that is not a result, and resuming it would only evaluate that model again."""
     runs = store.client.search_runs([store.experiment_id], filter_string=filter_string, max_results=100,
                                     order_by=["attributes.start_time DESC"])
-    return [run.info.run_id for run in runs if run.info.status in ("KILLED", "FAILED")]
+    attempts = []
+    for run in runs:
+        if run.data.tags.get(REJECTED_TAG) == "true":
+            break
+        if run.info.status in ("KILLED", "FAILED"):
+            attempts.append(run.info.run_id)
+    return attempts
 
 
 def download_model_file(store: Store, run_id: str, destination: Path) -> Path:

@@ -3,6 +3,7 @@ the same sparsity, bits, ranks and channels (the weights differ: the batches aft
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import warnings
 from pathlib import Path
@@ -11,14 +12,16 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from lightning_modules.checkpoints import LAST, RESUMED_AT_EPOCH, STORE_FOLDER, TrainingCheckpoints
+from lightning_modules.checkpoints import (
+    LAST, RESUMED_AT_EPOCH, STORE_FOLDER, TrainingCheckpoints, removed_unless_resumable,
+)
 from lightning_modules.config import build_callbacks
-from lightning_modules.contract import RESUMED_FROM_TAG
+from lightning_modules.contract import REJECTED_TAG, RESUMED_FROM_TAG
 from lightning_modules.evaluation.latency import LatencyTimer
 from lightning_modules.experiment import finalize, fit
 from lightning_modules.models import build_model
 from lightning_modules.signals import RunKilled
-from lightning_modules.tracking import Store, closing_run, open_run
+from lightning_modules.tracking import RunRejected, Store, closing_run, open_run, record_failure, unfinished_attempts
 from tests.conftest import FAST, compose_config
 
 # what the structure of a compressed model is made of; the rest of a summary row (scales, timings) may differ
@@ -121,3 +124,42 @@ def test_a_fresh_training_starts_in_an_empty_checkpoint_folder_and_leaves_nothin
     assert not [w for w in caught if "exists and is not empty" in str(w.message)]
     checkpoints.remove()
     assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def _ended(store: Store, status: str, error: BaseException | None = None) -> str:
+    """A finished attempt of job `j`: KILLED, FAILED by `error`, or FINISHED."""
+    tracked = open_run(store, "attempt", {"job": "j"}, None)
+    if error is not None:
+        record_failure(tracked, error)
+    else:
+        store.client.set_terminated(tracked.run_id, status)
+    return tracked.run_id
+
+
+def test_a_relaunch_resumes_from_killed_or_crashed_attempts_but_never_from_before_a_rejected_one(tmp_path: Path) -> None:
+    """A rejected run (collapsed, NaN loss) trained to a model that is not a result: resuming its training would
+    only evaluate that model again, so the chain of attempts to go on from stops there."""
+    store = Store(f"sqlite:///{tmp_path / 'mlflow.db'}", "resume")
+    oldest_killed = _ended(store, "KILLED")
+    rejected = _ended(store, "FAILED", RunRejected("collapsed: test_acc 10.0% is within 2 points of chance (10.0%)"))
+    crashed = _ended(store, "FAILED", OSError("disk full"))
+    killed = _ended(store, "KILLED")
+    assert store.client.get_run(rejected).data.tags[REJECTED_TAG] == "true"
+    assert REJECTED_TAG not in store.client.get_run(crashed).data.tags
+    assert unfinished_attempts(store, "tags.job = 'j'") == [killed, crashed]
+    assert oldest_killed not in unfinished_attempts(store, "tags.job = 'j'")
+
+
+@pytest.mark.parametrize(("error", "kept"), [(None, False), (RunRejected("collapsed"), False), (RunKilled(signal.SIGTERM), True),
+                                             (OSError("disk full"), True)])
+def test_checkpoints_outlive_only_a_kill_or_a_crash(error: BaseException | None, kept: bool, tmp_path: Path) -> None:
+    checkpoints = TrainingCheckpoints(tmp_path / "checkpoints" / "job")
+    checkpoints.folder.mkdir(parents=True)
+    (checkpoints.folder / LAST).write_bytes(b"a checkpoint")
+    checkpoints.record_attempt("run-1")
+    with contextlib.suppress(type(error) if error else ()), removed_unless_resumable(checkpoints):
+        if error is not None:
+            raise error
+    assert (checkpoints.last is not None, checkpoints.attempt_file.is_file()) == (kept, kept)
+    with removed_unless_resumable(None):  # a single run has no checkpoints
+        pass

@@ -15,7 +15,7 @@ from lightning_modules.config import ConfigError, validate
 from lightning_modules.evaluation.report import Report, noisy_timing_reason
 from lightning_modules.experiment import check_not_collapsed, slower_reason
 from lightning_modules.models import LeNet300
-from lightning_modules.contract import FINGERPRINT_TAG
+from lightning_modules.contract import CHECKPOINT_FOLDER, FINGERPRINT_TAG, REJECTED_TAG
 from lightning_modules.tracking import RunRejected
 from tests.conftest import FAST, all_runs, compose_config, run_train
 
@@ -102,6 +102,9 @@ def test_a_collapsed_baseline_is_failed_never_stored_and_the_sweep_goes_on(tmp_p
     assert collapsed[0].data.tags["error"].startswith("collapsed: test_acc ")
     assert "within 2 points of chance (10.0%)" in collapsed[0].data.tags["error"]
     assert collapsed[0].data.metrics["test_acc"] <= 12.0  # its figures are logged before it is failed
+    assert collapsed[0].data.tags[REJECTED_TAG] == "true"
+    # its training led to no result: no checkpoint is left for a relaunch to re-evaluate instead of training anew
+    assert list((tmp_path / "sweep" / CHECKPOINT_FOLDER).glob("*")) == []
     assert len([run for run in baselines if run.info.status == "FINISHED"]) == 1  # the real LeNet300's
     # the sweep went on: the other job's compressed run finished; the one on the collapsed baseline is
     # FAILED with the reason, not missing
