@@ -12,7 +12,7 @@ Masks live beside the weights as `weight_mask` (and `bias_mask`) buffers, so the
 checkpoints, until `finalize` folds them in for good. Gradients of pruned weights are zeroed before
 the optimizer step and the masks are re-applied after it, so pruned weights stay exactly zero
 whatever the optimizer's momentum or weight decay. The math is in pure functions on tensors
-(`layer_mask`, `global_masks`, `nm_mask`, `polynomial_sparsity`); module surgery is separate
+(`layer_mask`, `lamp_scores`, `global_masks`, `nm_mask`, `polynomial_sparsity`); module surgery is separate
 (`attach_masks`, `fold_masks`, and channel_surgery.py for structured removal).
 """
 
@@ -87,6 +87,27 @@ def layer_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
         lowest = torch.topk(scores.flatten(), n_pruned, largest=False).indices
         mask.view(-1)[lowest] = 0.0
     return mask
+
+
+def lamp_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Layer-adaptive magnitude-based pruning scores (LAMP, Lee et al. 2021): each score squared, over the
+    sum of the squares of the layer's scores not below it. A layer's best weight scores 1 and every layer's
+    scores spread over (0, 1] whatever its scale, so one threshold across layers compares like with like.
+
+    Raw magnitudes across layers do not: BatchNorm after a convolution makes its weights' scale arbitrary.
+    mobilenetv2 (mnist5k baseline, seed 0) at 0.8 by one raw threshold had 20 of its 53 layers cut past
+    0.95, every depthwise convolution among them; by LAMP none. Entries already pruned (-inf) stay lowest.
+    """
+    flat = scores.detach().flatten().double()
+    alive = torch.isfinite(flat)
+    squares = torch.where(alive, flat.pow(2), torch.zeros_like(flat))
+    order = squares.argsort()
+    ascending = squares[order]
+    not_below = ascending.flip(0).cumsum(0).flip(0)  # the sum over each entry and every larger one
+    lamp = torch.empty_like(flat)
+    lamp[order] = ascending / not_below.clamp_min(torch.finfo(torch.float64).tiny)
+    lamp[~alive] = -math.inf
+    return lamp.view_as(scores).float()
 
 
 def global_masks(scores: dict[str, torch.Tensor], sparsity: float,
@@ -266,15 +287,20 @@ class MaskedPruning(MaskedTraining, CompressionCallback):
         max_layer_sparsity: under `global` scope no layer is cut beyond this (or beyond `sparsity`,
             when that is higher): a layer emptied by the joint threshold leaves a network that cannot
             learn (`global_masks`).
+        normalize: under `global` scope, `lamp` makes each layer's scores comparable before the one
+            threshold ranks them (`lamp_scores`); `none` ranks the criterion's raw scores.
     """
 
     name = "prune"
     SCOPES = ("global", "layer")
+    NORMALIZATIONS = ("lamp", "none")
 
     def __init__(self, sparsity: float, scope: str = "global", criterion: str = "magnitude",
                  skip_layers: Sequence[str] = (), layer_sparsity: dict[str, float] | None = None,
-                 taylor_batches: int = 8, seed: int = 0, max_layer_sparsity: float = 0.98) -> None:
+                 taylor_batches: int = 8, seed: int = 0, max_layer_sparsity: float = 0.98,
+                 normalize: str = "lamp") -> None:
         self.sparsity = check_fraction("sparsity", sparsity)
+        self.normalize = check_choice("normalize", normalize, self.NORMALIZATIONS)
         self.max_layer_sparsity = check_fraction("max_layer_sparsity", max_layer_sparsity)
         self.scope = check_choice("scope", scope, self.SCOPES)
         self.criterion = check_choice("criterion", criterion, list(IMPORTANCE))
@@ -303,6 +329,8 @@ class MaskedPruning(MaskedTraining, CompressionCallback):
             old = getattr(targets[name], MASK, None)
             scores[name] = score if old is None else score.masked_fill(old == 0, -math.inf)
         if self.scope == "global":
+            if self.normalize == "lamp":
+                scores = {name: lamp_scores(score) for name, score in scores.items()}
             masks = global_masks(scores, sparsity, self.max_layer_sparsity)
         else:
             masks = {n: layer_mask(s, self.layer_target(n, sparsity)) for n, s in scores.items()}
