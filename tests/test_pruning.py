@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import pytest
@@ -11,7 +12,7 @@ from torch import nn
 
 from lightning_modules.compression.pruning import (
     AGP, MASK, IterativePruning, LightningReference, LotteryTicket, MagnitudePruning, PolynomialSchedule, global_masks,
-    iterative_sparsities, layer_mask, polynomial_sparsity, pruning_callback, resolve, taylor_saliency,
+    iterative_sparsities, lamp_scores, layer_mask, polynomial_sparsity, pruning_callback, resolve, taylor_saliency,
 )
 from lightning_modules.data import InMemoryDataModule
 from lightning_modules.models import LeNet300
@@ -53,7 +54,7 @@ def test_one_shot_magnitude_keeps_every_layer_alive_where_one_threshold_would_em
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
     with torch.no_grad():
         model[2].weight.mul_(1e-3)  # a last layer on a much smaller scale, as after BatchNorm-scaled features
-    pruner = MagnitudePruning(sparsity=0.9)
+    pruner = MagnitudePruning(sparsity=0.9, normalize="none")  # raw scores: LAMP alone would keep it alive
     pruner.cut(model, 0.9)
     assert int((getattr(model[2], MASK) == 0).sum()) <= round(0.98 * 256)
     weights = [model[0].weight.numel(), model[2].weight.numel()]
@@ -61,6 +62,36 @@ def test_one_shot_magnitude_keeps_every_layer_alive_where_one_threshold_would_em
     assert pruned == round(0.9 * sum(weights))
     with pytest.raises(ValueError, match="max_layer_sparsity=1.0 is not valid"):
         MagnitudePruning(sparsity=0.5, max_layer_sparsity=1.0)
+
+
+def test_lamp_scores_are_each_square_over_the_squares_not_below_it() -> None:
+    scores = torch.tensor([[0.1, -0.3], [0.2, -math.inf]])  # -inf: pruned by an earlier cut
+    lamp = lamp_scores(scores)
+    expected = torch.tensor([[0.01 / 0.14, 1.0], [0.04 / 0.13, -math.inf]])
+    assert torch.allclose(lamp, expected)
+    assert torch.equal(lamp_scores(scores * 1e-4), lamp)  # a layer's scale does not matter
+    assert torch.equal(lamp_scores(torch.zeros(3)), torch.zeros(3))
+
+
+def _two_layer_net(last_scale: float) -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+    with torch.no_grad():
+        model[2].weight.mul_(last_scale)  # the scale BatchNorm makes arbitrary before a layer
+    return model
+
+
+def _layer_sparsities(model: nn.Sequential, normalize: str) -> list[float]:
+    MagnitudePruning(sparsity=0.8, normalize=normalize).cut(model, 0.8)
+    return [round(1 - getattr(model[i], MASK).mean().item(), 4) for i in (0, 2)]
+
+
+def test_lamp_cuts_each_layer_alike_whatever_its_scale_where_raw_scores_follow_the_scale() -> None:
+    assert _layer_sparsities(_two_layer_net(1e-3), "lamp") == _layer_sparsities(_two_layer_net(1.0), "lamp")
+    assert _layer_sparsities(_two_layer_net(1e-3), "none")[1] == pytest.approx(0.98, abs=0.002)  # cut to the cap
+    assert _layer_sparsities(_two_layer_net(1e3), "none")[1] < 0.1
+    with pytest.raises(ValueError, match="normalize='l2' is not valid; allowed: lamp, none"):
+        MagnitudePruning(sparsity=0.5, normalize="l2")
 
 
 # ----------------------------------------------------------------------------- schedules
