@@ -350,3 +350,22 @@ def test_kd_run_trains_its_teacher_once_and_accepts_a_teacher_uri(tmp_path: Path
     seed1 = next(r for r in all_runs(store_uri) if r.data.tags.get("method") == "kd" and r.data.tags["seed"] == "1")
     assert seed1.info.status == "FINISHED" and seed1.data.tags["teacher"] == uri
     assert len([r for r in all_runs(store_uri) if r.data.tags.get("model") == "lenet300"]) == 1
+
+
+@pytest.mark.parametrize(("student", "teacher", "warned"), [("lenet300", "lenet5", True), ("lenet5", "lenet300", False),
+                                                           ("lenet5", "lenet5", True)])
+def test_a_teacher_no_larger_than_its_student_is_named_at_the_start(student, teacher, warned, caplog) -> None:
+    import hydra.utils
+
+    from lightning_modules.experiment import warn_if_teacher_not_larger
+    from lightning_modules.models import build_model
+
+    cfg = compose_config([*FAST, f"model={student}", "method=kd", f"method.teacher.model={teacher}"])
+    data = hydra.utils.instantiate(cfg.data)
+    data.setup()
+    teacher_cfg = compose_config([*FAST, f"model={teacher}"])
+    with caplog.at_level("WARNING", logger="lightning_modules.experiment"):
+        warn_if_teacher_not_larger(build_model(teacher_cfg.model.net, data.shape), f"{teacher} baseline", cfg, data)
+    message = f"method=kd: the teacher ({teacher} baseline, "
+    assert any(message in record.getMessage() and f"not larger than the student ({student}, " in record.getMessage()
+               for record in caplog.records) == warned
