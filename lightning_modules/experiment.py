@@ -494,8 +494,10 @@ def slower_reason(report: Report, summaries: dict[str, list[dict]], batch_sizes:
     if high is not None and high >= SLOWER_SPEEDUP:
         causes.append(f"within the timing noise (95% interval [{low:.2f}, {high:.2f}] reaches {SLOWER_SPEEDUP})")
     if report.latency_label == DEQUANTIZED:
-        causes.append("weights decoded to float at load (dequantized): the runtime runs float32 layers "
-                      "plus the decoding, not narrow kernels")
+        # decoded once, so no decoding runs per call: a pruned or clustered model runs its baseline's float32
+        # kernels; low-bit codes also keep their activation quantizers
+        causes.append("weights decoded to float at load (dequantized): the runtime runs float32 layers (with any "
+                      "activation quantizers the method keeps), not narrow kernels")
     if report.metrics.get(INT8_KERNEL_OPS, 0) > 0:
         causes.append(f"runs on {report.metrics[INT8_KERNEL_OPS]:.0f} int8 kernel op(s): on layers this small their "
                       "quantize/dequantize costs more than the int8 arithmetic saves (ptq_static and qat time this "
