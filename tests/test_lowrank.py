@@ -34,7 +34,7 @@ from lightning_modules.config import build_callbacks
 from lightning_modules.data import InMemoryDataModule
 from lightning_modules.evaluation.complexity import count_macs
 from lightning_modules.evaluation.latency import LatencyTimer, paired_times
-from lightning_modules.models import LeNet5, LeNet300, ResNetCifar, resnet20
+from lightning_modules.models import LeNet5, LeNet300, ResNetCifar, mobilenetv2, resnet20
 from lightning_modules.task import ClassificationTask
 from tests.conftest import FAST, all_runs, compose_config, run_train
 
@@ -185,6 +185,40 @@ def test_svd_on_a_convolutional_net_factors_its_convolutions_unless_told_linear_
     assert all(row["skipped"] for row in rows)
     assert {row["skipped"] for row in rows if row["type"] == "Conv2d"} == {
         "Conv2d layer: svd factors Linear layers here (layer_types)"}
+
+
+def test_svd_kept_to_1x1_convolutions_factors_the_matrices_and_names_the_kernels_it_leaves() -> None:
+    # resnet8's projection shortcuts are its 1x1 convolutions (strided); its 3x3 ones are left to cp
+    model = ResNetCifar(8, in_channels=1)
+    callback = LowRankDecomposition("svd", 0.25, skip_layers=["last"], conv_kernel_sizes=[1])
+    x = torch.randn(2, 1, 28, 28)
+    callback.decompose(model)
+    model = callback.finalize(model)
+    rows = {row["layer"]: row for row in callback.summary(model)}
+    pointwise = [name for name, row in rows.items() if row["type"] == "Conv2d" and row["shape"].endswith("x1x1")]
+    assert pointwise and all(rows[name]["decomposition"] == "svd" for name in pointwise)
+    assert {row["skipped"] for name, row in rows.items() if row["type"] == "Conv2d" and name not in pointwise} == {
+        "3x3 kernel: svd factors 1x1 convolutions only here (conv_kernel_sizes)"}
+    assert rows["fc"]["skipped"] == "listed in skip_layers as 'last'"  # `last` counts the layers it takes
+    assert model(x).shape == (2, 10)
+
+
+def test_cp_method_factors_mobilenetv2_matrices_by_svd_before_cp_sees_the_kernels() -> None:
+    # mobilenetv2 is 1x1 and depthwise convolutions: CP alone had nothing to factor (1.00x smaller)
+    cfg = compose_config(["method=cp", "model=mobilenetv2", "method.min_speedup=null"])
+    callbacks = build_callbacks(cfg.method)
+    assert [callback.name for callback in callbacks] == ["svd", "cp"]  # svd's chains are 1x1: cp leaves them
+    model = mobilenetv2(in_channels=1, image_size=28)
+    before = sum(p.numel() for p in model.parameters())
+    for callback in callbacks:
+        callback.decompose(model)
+    for callback in callbacks:
+        model = callback.finalize(model)
+    assert sum(p.numel() for p in model.parameters()) < before / 2
+    svd_rows, cp_rows = (callback.summary(model) for callback in callbacks)
+    assert sum(1 for row in svd_rows if row["decomposition"] == "svd") >= 30
+    assert all(row["skipped"] for row in cp_rows if row["shape"].endswith("x1x1"))  # incl. svd's own chains
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
 
 def test_cp_chain_computes_a_rank_r_convolution_with_stride_and_padding() -> None:
@@ -424,6 +458,9 @@ def test_rank_multiple_rounds_up_and_stops_at_full_rank() -> None:
         ({"layer_types": ["Conv1d"]}, r"layer_types=\['Conv1d'\] is not valid for decomposition='svd'; allowed: null or a list of Linear, Conv2d"),
         ({"layer_types": []}, r"layer_types=\[\] is not valid"),
         ({"decomposition": "tucker", "layer_types": ["Linear"]}, r"decomposition='tucker'; allowed: null or a list of Conv2d$"),
+        ({"conv_kernel_sizes": [0]}, r"conv_kernel_sizes=\[0\] is not valid; allowed: null or a list of integers >= 1"),
+        ({"conv_kernel_sizes": []}, r"conv_kernel_sizes=\[\] is not valid"),
+        ({"conv_kernel_sizes": "1"}, r"conv_kernel_sizes='1' is not valid"),
     ],
 )
 def test_constructor_rejects_bad_arguments(kwargs: dict, message: str) -> None:

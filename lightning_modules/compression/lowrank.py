@@ -632,6 +632,9 @@ class LowRankDecomposition(CompressionCallback):
         layer_types: null (every type the decomposition factors: svd Linear and Conv2d, tucker and cp
             Conv2d), or a list of those type names: `[Linear]` keeps svd off the convolutions where
             tucker or cp factor them.
+        conv_kernel_sizes: null (convolutions of every kernel size), or the square kernel sizes of the
+            convolutions it factors: `[1]` keeps svd to the 1x1 convolutions (matrices, like Linear
+            layers) where cp factors the k x k ones.
         rank_multiple: round every chosen rank up to a multiple of this (clamped to the full rank):
             CPU kernels run channel counts in vectors of 8 or 16, so a rank of 5 costs what 8 does.
         min_saving: leave a layer alone unless factoring removes at least this share of its
@@ -658,6 +661,7 @@ class LowRankDecomposition(CompressionCallback):
         layer_ranks: dict[str, Any] | None = None,
         skip_layers: Sequence[str] = (),
         layer_types: Sequence[str] | None = None,
+        conv_kernel_sizes: Sequence[int] | None = None,
         rank_multiple: int = 1,
         min_saving: float = 0.0,
         channels_last: bool = False,
@@ -672,6 +676,7 @@ class LowRankDecomposition(CompressionCallback):
         _check_rank_value("rank", rank_by, rank)
         self.layer_ranks = {name: self._check_override(name, rank_by, value) for name, value in (layer_ranks or {}).items()}
         self.layer_types = self._check_layer_types(decomposition, layer_types)
+        self.conv_kernel_sizes = self._check_kernel_sizes(conv_kernel_sizes)
         self.rank_multiple = check_int("rank_multiple", rank_multiple, 1)
         self.min_saving = check_fraction("min_saving", min_saving)
         self.gradual_epochs = check_int("gradual_epochs", gradual_epochs, 0)
@@ -698,6 +703,22 @@ class LowRankDecomposition(CompressionCallback):
             raise ValueError(f"layer_types={names!r} is not valid for decomposition={decomposition!r}; "
                              f"allowed: null or a list of {', '.join(supported)}")
         return tuple(supported[name] for name in names)
+
+    @staticmethod
+    def _check_kernel_sizes(sizes: Sequence[int] | None) -> tuple[int, ...] | None:
+        if sizes is None:
+            return None
+        if isinstance(sizes, str) or not sizes or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in sizes):
+            raise ValueError(f"conv_kernel_sizes={sizes!r} is not valid; allowed: null or a list of integers >= 1 "
+                             f"(square kernel sizes, e.g. [1])")
+        return tuple(sizes)
+
+    def takes(self, module: nn.Module) -> bool:
+        """Whether this decomposition is asked to factor the layer (by type, and a convolution by kernel size)."""
+        if not isinstance(module, self.layer_types):
+            return False
+        return (self.conv_kernel_sizes is None or not isinstance(module, nn.Conv2d)
+                or module.kernel_size in {(k, k) for k in self.conv_kernel_sizes})
 
     def _check_override(self, name: str, rule: str, value: Any) -> Any:
         if rule == "vbmf":
@@ -767,7 +788,7 @@ class LowRankDecomposition(CompressionCallback):
         if self.min_speedup is not None:
             self.require_timer()  # before any work
         layers = list(weighted_layers(model))
-        ours = [name for name, module in layers if isinstance(module, self.layer_types)]
+        ours = [name for name, module in layers if self.takes(module)]
         skip = resolve_aliases(self.skip_layers, ours)  # first/last: of the layers this decomposition factors
         unknown = [entry for name, entry in skip.items() if name not in ours]
         unknown += [name for name in self.layer_ranks if name not in ours]
@@ -792,6 +813,10 @@ class LowRankDecomposition(CompressionCallback):
             kinds = " and ".join(kind.__name__ for kind in self.layer_types)
             limited = "" if self.layer_types == self.kind.layer_types else " here (layer_types)"
             return f"{plan.type} layer: {self.name} factors {kinds} layers{limited}"
+        if not self.takes(module):
+            sizes = " and ".join(f"{k}x{k}" for k in self.conv_kernel_sizes or ())
+            kh, kw = module.kernel_size
+            return f"{kh}x{kw} kernel: {self.name} factors {sizes} convolutions only here (conv_kernel_sizes)"
         if name in skip:
             return f"listed in skip_layers as {skip[name]!r}"
         reason = self.kind.unsupported(module)
