@@ -628,8 +628,10 @@ class Group:
 
 
 def shipped_kd_teacher() -> str:
-    """conf/config.yaml's `kd_teacher`: the teacher `method=kd` uses outside the default grid."""
-    return str(OmegaConf.load(ROOT / "conf" / "config.yaml").kd_teacher)
+    """conf/config.yaml's `kd_teacher` as written, quoted: the teacher `method=kd` uses outside the default grid
+    (an interpolation that reads each model's own, so one command serves every model)."""
+    raw = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "config.yaml"), resolve=False)["kd_teacher"]
+    return f"'{raw}'"
 
 
 def group_jobs(jobs: list[Job]) -> list[Group]:

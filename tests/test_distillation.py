@@ -317,6 +317,14 @@ def test_every_distillation_method_composes() -> None:
         assert cfg.method.fine_tune.epochs == cfg.baseline.epochs  # like-for-like with the baseline
 
 
+@pytest.mark.parametrize(("model", "teacher"), [("lenet300", "resnet20"), ("lenet5", "resnet20"), ("resnet8", "resnet20"),
+                                              ("resnet20", "resnet20"), ("mobilenetv2", "mobilenetv2")])
+def test_the_default_teacher_is_the_models_own_choice_else_resnet20(model: str, teacher: str) -> None:
+    # mobilenetv2 is larger than every other shipped model: a resnet20 teacher would be 8x smaller than it
+    assert compose_config([f"model={model}", "method=kd"]).method.teacher.model == teacher
+    assert compose_config([f"model={model}", "method=kd", "kd_teacher=lenet5"]).method.teacher.model == "lenet5"
+
+
 @pytest.mark.slow
 def test_kd_run_trains_its_teacher_once_and_accepts_a_teacher_uri(tmp_path: Path, store_uri: str) -> None:
     # FAST's 4 batches leave the lenet5 student at chance: the collapse check is off for this plumbing test

@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from lightning_modules.contract import EXPERIMENT
 from lightning_modules.tracking import copy_baselines
+from tests.conftest import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -296,6 +298,16 @@ def test_students_of_every_seed_share_one_teacher_and_only_distillation_rows_pin
     assert by_method["agp_kd"].overrides == ()
     command = by_method["kd"].command("t", tmp_path)
     assert "seed=0,1,2" in command and "method.teacher.seed=0" in command
+
+
+def test_the_command_sets_the_shipped_teacher_per_model_over_the_default_grids(tmp_path):
+    # the default grid teaches with lenet5; the scorecard passes config.yaml's own rule, which reads each model's
+    (group,) = sc.group_jobs(sc.plan(sc.select_specs(["kd"]), ["lenet5", "mobilenetv2"], [0], False))
+    (teacher,) = [arg for arg in group.command("t", tmp_path) if arg.startswith("kd_teacher=")]
+    (parsed,) = OverridesParser.create().parse_overrides([teacher])
+    assert not parsed.is_sweep_override()  # the rule's comma is inside quotes: one value, not a sweep
+    for model, expected in (("lenet5", "resnet20"), ("mobilenetv2", "mobilenetv2")):
+        assert compose_config([f"model={model}", "method=kd", teacher]).method.teacher.model == expected
 
 
 def test_the_table_is_markdown():
