@@ -260,6 +260,22 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+#: attribute naming the decomposition whose chain a module is: another decomposition in the same run leaves the
+#: chain's layers alone and out of its summary (cp after svd sees svd's 1x1 chains, not 1x1 layers of the model)
+CHAIN_OF = "lowrank_chain_of"
+
+
+def mark_chain(chain: nn.Module, decomposition: str) -> nn.Module:
+    setattr(chain, CHAIN_OF, decomposition)
+    return chain
+
+
+def in_chain(model: nn.Module, name: str) -> bool:
+    """Whether the layer `name` is part of a factored chain (the layers of the model as built are not)."""
+    parent = name.rpartition(".")[0]
+    return bool(parent) and hasattr(model.get_submodule(parent), CHAIN_OF)
+
+
 def _mask_name(dim: int) -> str:
     return f"rank_mask_{dim}"
 
@@ -772,7 +788,7 @@ class LowRankDecomposition(CompressionCallback):
             plan.start = plan.full_rank if self.gradual_epochs else plan.rank
             factors, plan.energy_kept = self.kind.decompose(module.weight, plan.start, self.iterations, self.seed)
             factors["bias"] = _bias(module)
-            chain = self.kind.build(module, factors, compact=not self.gradual_epochs)
+            chain = mark_chain(self.kind.build(module, factors, compact=not self.gradual_epochs), self.name)
             if self.gradual_epochs:
                 for dim, size in enumerate(plan.start):
                     chain.register_buffer(_mask_name(dim), torch.ones(size, device=module.weight.device))
@@ -787,7 +803,7 @@ class LowRankDecomposition(CompressionCallback):
                              f"needs an example input; allowed without one: min_speedup=null")
         if self.min_speedup is not None:
             self.require_timer()  # before any work
-        layers = list(weighted_layers(model))
+        layers = [(name, module) for name, module in weighted_layers(model) if not in_chain(model, name)]
         ours = [name for name, module in layers if self.takes(module)]
         skip = resolve_aliases(self.skip_layers, ours)  # first/last: of the layers this decomposition factors
         unknown = [entry for name, entry in skip.items() if name not in ours]
@@ -902,7 +918,8 @@ class LowRankDecomposition(CompressionCallback):
             chain = model.get_submodule(name)
             if any(buffer.startswith("rank_mask_") for buffer, _ in chain.named_buffers()):
                 factors = self.kind.slice(self.kind.read(chain), plan.rank)
-                replace_module(model, name, self.kind.build(self.kind.geometry(chain), factors, compact=True))
+                replace_module(model, name, mark_chain(self.kind.build(self.kind.geometry(chain), factors, compact=True),
+                                                       self.name))
             plan.params_after = _param_count(model.get_submodule(name))
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
