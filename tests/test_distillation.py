@@ -19,6 +19,7 @@ from lightning_modules.compression.distillation import (
 )
 from lightning_modules.config import ConfigError, validate
 from lightning_modules.data import FixedViews, InMemoryDataModule
+from lightning_modules.experiment import baseline_fingerprint
 from lightning_modules.models import LeNet5, LeNet300
 from lightning_modules.task import ClassificationTask
 from tests.conftest import FAST, all_runs, compose_config, run_train
@@ -323,6 +324,14 @@ def test_the_default_teacher_is_the_models_own_choice_else_resnet20(model: str, 
     # mobilenetv2 is larger than every other shipped model: a resnet20 teacher would be 8x smaller than it
     assert compose_config([f"model={model}", "method=kd"]).method.teacher.model == teacher
     assert compose_config([f"model={model}", "method=kd", "kd_teacher=lenet5"]).method.teacher.model == "lenet5"
+
+
+def test_a_models_teacher_choice_is_not_part_of_its_baselines_identity() -> None:
+    # a stored mobilenetv2 baseline is found again whichever teacher its kd runs name
+    shipped = compose_config(["model=mobilenetv2"])
+    other = compose_config(["model=mobilenetv2", "model.kd_teacher=resnet20"])
+    assert baseline_fingerprint(shipped) == baseline_fingerprint(other)
+    assert baseline_fingerprint(shipped) != baseline_fingerprint(compose_config(["model=mobilenetv2", "seed=1"]))
 
 
 @pytest.mark.slow
