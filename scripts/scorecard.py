@@ -424,6 +424,11 @@ def check_drop_at_least_row(row: Row, other_key: str, rows: dict[tuple[str, str]
     return _no_worse(other, row, rows, f"{other.spec.method} worse than its peer")
 
 
+def unmeasured_parts(keys: tuple[str, ...]) -> str:
+    """What a row's note says when the rows it is judged against were not measured in this scorecard."""
+    return f"not compared with {', '.join(keys)}: no FINISHED row of {'it' if len(keys) == 1 else 'them'} here"
+
+
 def check_drop_at_most_rows(row: Row, other_keys: tuple[str, ...],
                             rows: dict[tuple[str, str], Row]) -> tuple[bool | None, str]:
     """This row no worse than the lossier of the other rows beyond the noise (a hybrid against its parts:
@@ -431,7 +436,7 @@ def check_drop_at_most_rows(row: Row, other_keys: tuple[str, ...],
     others = [other for key in other_keys if (other := rows.get((row.model, key))) is not None
               and other.mean("acc_drop") is not None]
     if not others:
-        return None, ""
+        return None, unmeasured_parts(other_keys)
     return _no_worse(row, max(others, key=lambda other: other.mean("acc_drop")), rows, "the lossier of its parts")
 
 
@@ -446,6 +451,9 @@ def check_compression_at_least_rows(row: Row, other_keys: tuple[str, ...],
     mine = row.mean("compression_ratio")
     if mine is None:
         return None, ""
+    if not any(rows.get((row.model, key)) is not None and rows[(row.model, key)].mean("compression_ratio") is not None
+               for key in other_keys):
+        return None, unmeasured_parts(other_keys)
     larger = [(key, theirs) for key in other_keys if (other := rows.get((row.model, key))) is not None
               and (theirs := other.mean("compression_ratio")) is not None and theirs > mine * SAME_SIZE]
     if not larger:
@@ -532,6 +540,8 @@ def judge(rows: list[Row], targets: Iterable[Target] = TARGETS) -> list[Row]:
             passed, reason = CHECKS[target.check](row, target.value, by_key)
             if passed is False:
                 row.reasons.append(reason)
+            elif passed is None and reason and reason not in row.remarks:  # not judged: say so, never a silent PASS
+                row.remarks.append(reason)
             if target.check == "finished" and not row.finished:
                 break  # nothing measured: the other checks have nothing to say
         row.verdict = "FAIL" if row.reasons else "PASS"

@@ -202,6 +202,14 @@ def test_a_hybrid_on_one_seed_is_judged_against_its_parts_with_the_test_images_n
     assert beyond.verdict == "FAIL" and "by 1.80 (noise +-1.19): the lossier of its parts" in beyond.reasons[0]
 
 
+def test_a_hybrid_whose_parts_were_not_measured_says_it_was_not_compared():
+    # mobilenetv2 channel_qat measured alone (--methods channel_qat) lost 5.40 and read PASS with nothing said
+    (alone,) = judged(row("channel_qat", [run(0, acc_drop=5.4, acc_drop_ci95_low=3.8, acc_drop_ci95_high=7.0)],
+                          model="mobilenetv2"))
+    assert alone.remarks == ["not compared with channel, qat: no FINISHED row of them here"]
+    assert "not compared with channel, qat" in sc.notes(alone)
+
+
 # ----------------------------------------------------------------------------- statistics
 
 
