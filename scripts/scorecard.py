@@ -451,11 +451,11 @@ def check_compression_at_least_rows(row: Row, other_keys: tuple[str, ...],
     mine = row.mean("compression_ratio")
     if mine is None:
         return None, ""
-    if not any(rows.get((row.model, key)) is not None and rows[(row.model, key)].mean("compression_ratio") is not None
-               for key in other_keys):
+    measured = {key: theirs for key in other_keys if (other := rows.get((row.model, key))) is not None
+                and (theirs := other.mean("compression_ratio")) is not None}
+    if not measured:
         return None, unmeasured_parts(other_keys)
-    larger = [(key, theirs) for key in other_keys if (other := rows.get((row.model, key))) is not None
-              and (theirs := other.mean("compression_ratio")) is not None and theirs > mine * SAME_SIZE]
+    larger = [(key, theirs) for key, theirs in measured.items() if theirs > mine * SAME_SIZE]
     if not larger:
         return True, ""
     return False, "; ".join(f"{key} {theirs:.2f}x > {row.spec.key} {mine:.2f}x" for key, theirs in larger)
