@@ -321,6 +321,32 @@ def test_qat_freezes_batchnorm_counted_from_the_end_when_negative() -> None:
     assert QAT(batchnorm="freeze", freeze_bn_epoch=1).freeze_epoch(20) == 1
 
 
+def test_qat_trains_float_until_its_begin_epoch_then_calibrates_and_fake_quantizes() -> None:
+    import pytorch_lightning as pl
+
+    class Modes(pl.Callback):  # what the quantizer's wrappers do in each epoch (after the quantizer's own hook)
+        def __init__(self, quantizer: QAT) -> None:
+            self.quantizer, self.epochs = quantizer, []
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            prepared = self.quantizer.prepared
+            self.epochs.append((self.quantizer.calibrated_images,
+                                {w.fake_quant for w in prepared.layers.values()},
+                                {q.fake_quant for q in prepared.quantizers.values()}))
+
+    callback = QAT(begin_epoch=2)
+    modes = Modes(callback)
+    trained, _ = _fit(callback, epochs=3, batches=2, extra_callbacks=[modes])
+    (float0, weights0, acts0), (float1, weights1, acts1), (calibrated, weights2, acts2) = modes.epochs
+    assert (float0, weights0, acts0) == (0, {False}, {False}) == (float1, weights1, acts1)  # float: nothing quantized
+    assert calibrated > 0 and weights2 == {True} == acts2  # calibrated when fake quantization starts
+    assert len(int8_layers(callback.finalize(trained))) == 5  # every layer converted
+    with pytest.raises(ValueError, match=r"begin_epoch=3 is not valid; allowed: an integer below fine_tune.epochs=3"):
+        QAT(begin_epoch=3).check_epochs(3)
+    with pytest.raises(ValueError, match=r"begin_epoch=-1 is not valid"):
+        QAT(begin_epoch=-1)
+
+
 def _batchnorm_statistics(model: nn.Module) -> list[torch.Tensor]:
     return [t.clone() for m in model.modules() if isinstance(m, nn.BatchNorm2d)
             for t in (m.running_mean, m.running_var)]

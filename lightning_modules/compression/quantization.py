@@ -818,12 +818,16 @@ class StaticQuantization(CompressionCallback):
             self.prepare(pl_module, trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.min_speedup is not None and self.example is None:
-            self.example = training_batches(trainer, 1, f"{self.name} min_speedup")[0][0][:1].detach().cpu()
+        self.take_example(trainer)
         if self.calibrated_images == 0:
             self.calibrate(pl_module.model, trainer)
         else:  # resumed from a checkpoint: calibrated (and the steps learned) before, only the modes are gone
             self.set_training_mode()
+
+    def take_example(self, trainer: pl.Trainer) -> None:
+        """One training image, whose shape min_speedup times the layers at."""
+        if self.min_speedup is not None and self.example is None:
+            self.example = training_batches(trainer, 1, f"{self.name} min_speedup")[0][0][:1].detach().cpu()
 
     def _check_min_speedup(self, min_speedup: float | None) -> float | None:
         if min_speedup is None:
@@ -1013,20 +1017,51 @@ class QAT(StaticQuantization):
         freeze_bn_epoch: the epoch (0-based) from which the statistics are frozen (`freeze` only);
             negative counts from the end of the fit (-2: the last two epochs train with frozen
             statistics), for hybrids whose pruning or factoring moves the network for many epochs.
+        begin_epoch: the epoch (0-based) fake quantization starts at; the epochs before it train
+            the float network (wrapped, nothing quantized), and the activation ranges are
+            calibrated when it starts. For hybrids whose earlier stage damages the network
+            (channel_qat): the network recovers in float first, then learns to live with int8.
     """
 
     name = "qat"
     train_with_fake_quant = True
 
     def __init__(self, observer: str = "moving_average", batchnorm: str = "fold", freeze_bn_epoch: int = 1,
-                 **kwargs: Any) -> None:
+                 begin_epoch: int = 0, **kwargs: Any) -> None:
         super().__init__(observer=observer, **kwargs)
         self.batchnorm = check_choice("batchnorm", batchnorm, BATCHNORM_MODES)
         self.freeze_bn_epoch = check_number("freeze_bn_epoch", freeze_bn_epoch, integer=True,
                                             allowed="an integer (negative: counted from the last epoch)")
+        self.begin_epoch = check_number("begin_epoch", begin_epoch, 0, integer=True)
         self.batchnorm_frozen_at: int | None = None  # the epoch the statistics were frozen
 
+    def check_epochs(self, epochs: int) -> None:
+        if self.begin_epoch and self.begin_epoch >= epochs:
+            raise ValueError(f"begin_epoch={self.begin_epoch} is not valid; allowed: an integer below "
+                             f"fine_tune.epochs={epochs} (the fit must train through fake quantization)")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.max_epochs is not None:
+            self.check_epochs(trainer.max_epochs)
+        if self.calibrated_images == 0 and trainer.current_epoch < self.begin_epoch:
+            self.take_example(trainer)
+            self.fake_quantize(False)
+            log.info("%s: the float network trains until epoch %d, then fake quantization starts", self.name,
+                     self.begin_epoch)
+            return
+        super().on_fit_start(trainer, pl_module)
+
+    def fake_quantize(self, on: bool) -> None:
+        """Weights and activations fake-quantized (and activation ranges tracked), or all float."""
+        set_mode(self.prepared, observing=on, fake_quant=on)
+        for wrapper in self.prepared.layers.values():
+            wrapper.fake_quant = on
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.calibrated_images == 0 and trainer.current_epoch >= self.begin_epoch:
+            self.fake_quantize(True)  # weights as the int8 kernels hold them while the ranges are calibrated
+            self.calibrate(pl_module.model, trainer)
+            log.info("%s: fake quantization started at epoch %d", self.name, trainer.current_epoch)
         if self.batchnorm == "freeze" and trainer.current_epoch >= self.freeze_epoch(trainer.max_epochs):
             self.freeze_batchnorm(trainer.current_epoch)
 
