@@ -69,11 +69,11 @@ NOISY_MARK = "*"
 #: a configuration is compared only within one of these; seeds are the only thing averaged over
 GROUP_KEYS = ("data", "model", "hardware", "method")
 #: params that say where files went or how much was printed, never what was measured: not knobs; and
-#: kd_teacher, read only through method.teacher.model (the knob, resolved, where a method has a teacher)
+#: kd_teacher and its table, read only through method.teacher.model (the knob, resolved, where a method has one)
 NOT_KNOBS = frozenset({"seed", "data.root", "data.eval_batch_size", "trainer.enable_progress_bar",
                        "trainer.enable_model_summary", "trainer.enable_checkpointing", "trainer.log_every_n_steps",
                        "trainer.logger", "kd_teacher"})
-NOT_KNOB_PREFIXES = ("paths.", "tracking.", "hydra.")
+NOT_KNOB_PREFIXES = ("paths.", "tracking.", "hydra.", "kd_teachers.")
 UNSET = "unset"
 NOT_COUNTED_COLUMNS = ["run_name", "status", "data", "model", "method", "knobs", "hardware", "seed", "error",
                        "start_time", "run_id"]

@@ -223,11 +223,9 @@ def baseline_fingerprint(cfg: DictConfig) -> str:
     data = OmegaConf.to_container(cfg.data, resolve=True)
     for where_or_how_fast in ("root", "eval_batch_size"):
         data.pop(where_or_how_fast, None)
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    model.pop("kd_teacher", None)  # which teacher a model's kd runs learn from: nothing the baseline trains with
     identity = {
         "data": data,
-        "model": model,
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
         "seed": cfg.seed,
         "recipe": OmegaConf.to_container(cfg.baseline, resolve=True),
         "device": cfg.hardware.device,

@@ -329,7 +329,8 @@ def test_the_default_teacher_is_the_models_own_choice_else_resnet20(model: str, 
 def test_a_models_teacher_choice_is_not_part_of_its_baselines_identity() -> None:
     # a stored mobilenetv2 baseline is found again whichever teacher its kd runs name
     shipped = compose_config(["model=mobilenetv2"])
-    other = compose_config(["model=mobilenetv2", "model.kd_teacher=resnet20"])
+    other = compose_config(["model=mobilenetv2", "kd_teachers.mobilenetv2=resnet20"])
+    assert other.kd_teacher == "resnet20" and "kd_teacher" not in shipped.model
     assert baseline_fingerprint(shipped) == baseline_fingerprint(other)
     assert baseline_fingerprint(shipped) != baseline_fingerprint(compose_config(["model=mobilenetv2", "seed=1"]))
 

@@ -309,7 +309,7 @@ def test_students_of_every_seed_share_one_teacher_and_only_distillation_rows_pin
 
 
 def test_the_command_sets_the_shipped_teacher_per_model_over_the_default_grids(tmp_path):
-    # the default grid teaches with lenet5; the scorecard passes config.yaml's own rule, which reads each model's
+    # the default grid teaches with lenet5; the scorecard passes config.yaml's own rule, which reads its kd_teachers table
     (group,) = sc.group_jobs(sc.plan(sc.select_specs(["kd"]), ["lenet5", "mobilenetv2"], [0], False))
     (teacher,) = [arg for arg in group.command("t", tmp_path) if arg.startswith("kd_teacher=")]
     (parsed,) = OverridesParser.create().parse_overrides([teacher])
