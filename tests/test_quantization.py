@@ -343,8 +343,8 @@ def test_qat_trains_float_until_its_begin_epoch_then_calibrates_and_fake_quantiz
     assert len(int8_layers(callback.finalize(trained))) == 5  # every layer converted
     with pytest.raises(ValueError, match=r"begin_epoch=3 is not valid; allowed: an integer below fine_tune.epochs=3"):
         QAT(begin_epoch=3).check_epochs(3)
-    with pytest.raises(ValueError, match=r"begin_epoch=-1 is not valid"):
-        QAT(begin_epoch=-1)
+    assert [QAT(begin_epoch=-10).begin_at(epochs) for epochs in (20, 3)] == [10, 0]  # the last 10, or all of a short fit
+    QAT(begin_epoch=-10).check_epochs(3)
 
 
 def _batchnorm_statistics(model: nn.Module) -> list[torch.Tensor]:

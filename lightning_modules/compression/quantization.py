@@ -1002,6 +1002,12 @@ class PTQStatic(StaticQuantization):
         return bool(trainer.max_epochs) and trainer.limit_train_batches != 0
 
 
+def epoch_of_fit(setting: int, epochs: int | None) -> int:
+    """A 0-based epoch setting in a fit of `epochs` epochs: negative counts from its end (-2: the last two
+    epochs), never before epoch 0, so that a hybrid's shorter fine-tune keeps the same tail."""
+    return setting if setting >= 0 else max((epochs or 0) + setting, 0)
+
+
 class QAT(StaticQuantization):
     """Quantization-aware training (Jacob et al. 2018; Krishnamoorthi 2018) from the baseline:
     weights fake-quantized per channel with a straight-through estimator, activation ranges
@@ -1017,10 +1023,11 @@ class QAT(StaticQuantization):
         freeze_bn_epoch: the epoch (0-based) from which the statistics are frozen (`freeze` only);
             negative counts from the end of the fit (-2: the last two epochs train with frozen
             statistics), for hybrids whose pruning or factoring moves the network for many epochs.
-        begin_epoch: the epoch (0-based) fake quantization starts at; the epochs before it train
-            the float network (wrapped, nothing quantized), and the activation ranges are
-            calibrated when it starts. For hybrids whose earlier stage damages the network
-            (channel_qat): the network recovers in float first, then learns to live with int8.
+        begin_epoch: the epoch (0-based) fake quantization starts at, negative counting from the
+            end as freeze_bn_epoch (-10: the last ten epochs); the epochs before it train the float
+            network (wrapped, nothing quantized), and the activation ranges are calibrated when it
+            starts. For hybrids whose earlier stage damages the network (channel_qat): the network
+            recovers in float first, then learns to live with int8.
     """
 
     name = "qat"
@@ -1032,22 +1039,23 @@ class QAT(StaticQuantization):
         self.batchnorm = check_choice("batchnorm", batchnorm, BATCHNORM_MODES)
         self.freeze_bn_epoch = check_number("freeze_bn_epoch", freeze_bn_epoch, integer=True,
                                             allowed="an integer (negative: counted from the last epoch)")
-        self.begin_epoch = check_number("begin_epoch", begin_epoch, 0, integer=True)
+        self.begin_epoch = check_number("begin_epoch", begin_epoch, integer=True,
+                                        allowed="an integer (negative: counted from the last epoch)")
         self.batchnorm_frozen_at: int | None = None  # the epoch the statistics were frozen
 
     def check_epochs(self, epochs: int) -> None:
-        if self.begin_epoch and self.begin_epoch >= epochs:
+        if self.begin_epoch > 0 and self.begin_epoch >= epochs:
             raise ValueError(f"begin_epoch={self.begin_epoch} is not valid; allowed: an integer below "
                              f"fine_tune.epochs={epochs} (the fit must train through fake quantization)")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.max_epochs is not None:
             self.check_epochs(trainer.max_epochs)
-        if self.calibrated_images == 0 and trainer.current_epoch < self.begin_epoch:
+        if self.calibrated_images == 0 and trainer.current_epoch < self.begin_at(trainer.max_epochs):
             self.take_example(trainer)
             self.fake_quantize(False)
             log.info("%s: the float network trains until epoch %d, then fake quantization starts", self.name,
-                     self.begin_epoch)
+                     self.begin_at(trainer.max_epochs))
             return
         super().on_fit_start(trainer, pl_module)
 
@@ -1058,7 +1066,7 @@ class QAT(StaticQuantization):
             wrapper.fake_quant = on
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.calibrated_images == 0 and trainer.current_epoch >= self.begin_epoch:
+        if self.calibrated_images == 0 and trainer.current_epoch >= self.begin_at(trainer.max_epochs):
             self.fake_quantize(True)  # weights as the int8 kernels hold them while the ranges are calibrated
             self.calibrate(pl_module.model, trainer)
             log.info("%s: fake quantization started at epoch %d", self.name, trainer.current_epoch)
@@ -1066,10 +1074,12 @@ class QAT(StaticQuantization):
             self.freeze_batchnorm(trainer.current_epoch)
 
     def freeze_epoch(self, epochs: int | None) -> int:
-        """The epoch the statistics freeze at in a fit of `epochs` epochs (a negative setting counts from its end)."""
-        if self.freeze_bn_epoch >= 0:
-            return self.freeze_bn_epoch
-        return max((epochs or 0) + self.freeze_bn_epoch, 0)
+        """The epoch the statistics freeze at in a fit of `epochs` epochs."""
+        return epoch_of_fit(self.freeze_bn_epoch, epochs)
+
+    def begin_at(self, epochs: int | None) -> int:
+        """The epoch fake quantization starts at in a fit of `epochs` epochs."""
+        return epoch_of_fit(self.begin_epoch, epochs)
 
     def freeze_batchnorm(self, epoch: int) -> None:
         frozen = freeze_batchnorm(self.prepared)
