@@ -1053,13 +1053,13 @@ class QAT(StaticQuantization):
             self.check_epochs(trainer.max_epochs)
         if self.calibrated_images == 0 and trainer.current_epoch < self.begin_at(trainer.max_epochs):
             self.take_example(trainer)
-            self.fake_quantize(False)
+            self.set_fake_quant(False)
             log.info("%s: the float network trains until epoch %d, then fake quantization starts", self.name,
                      self.begin_at(trainer.max_epochs))
             return
         super().on_fit_start(trainer, pl_module)
 
-    def fake_quantize(self, on: bool) -> None:
+    def set_fake_quant(self, on: bool) -> None:
         """Weights and activations fake-quantized (and activation ranges tracked), or all float."""
         set_mode(self.prepared, observing=on, fake_quant=on)
         for wrapper in self.prepared.layers.values():
@@ -1067,7 +1067,7 @@ class QAT(StaticQuantization):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.calibrated_images == 0 and trainer.current_epoch >= self.begin_at(trainer.max_epochs):
-            self.fake_quantize(True)  # weights as the int8 kernels hold them while the ranges are calibrated
+            self.set_fake_quant(True)  # weights as the int8 kernels hold them while the ranges are calibrated
             self.calibrate(pl_module.model, trainer)
             log.info("%s: fake quantization started at epoch %d", self.name, trainer.current_epoch)
         if self.batchnorm == "freeze" and trainer.current_epoch >= self.freeze_epoch(trainer.max_epochs):
