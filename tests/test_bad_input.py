@@ -60,6 +60,8 @@ BAD_VALUES = [
     (["method=lightning", "method.fine_tune.epochs=5"], r"ramp_epochs=15 does not reach .* fine_tune.epochs=5"),
     (["method=iterative", "method.fine_tune.epochs=14"], r"takes 3 cycles of 5 epoch\(s\): fine_tune.epochs=14 is not valid; allowed: >= 15"),
     (["method=cluster", "method.callbacks.cluster.begin_epoch=2"], r"begin_epoch=2 is not valid; allowed: .*fine_tune.epochs=2"),
+    (["method=qat", "method.callbacks.quantize.begin_epoch=2"],
+     r"method.callbacks.quantize: begin_epoch=2 is not valid; allowed: an integer below fine_tune.epochs=2"),
     (["method=qat", "method.callbacks.quantize.observer=median"], r"observer='median' is not valid; allowed: "),
     (["method=qat", "method.callbacks.quantize.bits=0"], r"bits=0 is not valid; allowed"),
     (["method=cluster", "method.bits=0"], r"bits=0 is not valid; allowed"),
