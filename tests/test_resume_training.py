@@ -4,6 +4,7 @@ the same sparsity, bits, ranks and channels (the weights differ: the batches aft
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import warnings
 from pathlib import Path
@@ -43,7 +44,7 @@ class KillAt(pl.Callback):
 # min_speedup decides from timings, which differ from one measurement to the next: off, so that both
 # trainings make the same decisions
 TIMED = {"qat": ["method.callbacks.quantize.min_speedup=null"], "agp_qat": ["method.callbacks.quantize.min_speedup=null"],
-         "svd": ["method.min_speedup=null"]}
+         "svd": ["method.min_speedup=null"], "channel_qat": ["method.callbacks.quantize.min_speedup=null"]}
 
 
 def _config(method: str):
@@ -68,17 +69,21 @@ def _train(method: str, store: Store, checkpoints: TrainingCheckpoints | None, k
     rows = {cb.name: [{k: v for k, v in row.items() if k in STRUCTURE_COLUMNS} for row in cb.summary(model)]
             for cb in callbacks}
     signature = {key: tuple(value.shape) for key, value in model.state_dict().items() if isinstance(value, torch.Tensor)}
-    return run.run_id, rows, signature
+    return run.run_id, rows, signature, callbacks
 
 
 # one method per way a callback changes the model while it trains: masks (agp), parameters added once
 # training started and modes (lowbit's learned steps), layers replaced at setup (svd), index buffers
 # (cluster). iterative, qat, channel and agp_qat were checked the same way when this was written.
-@pytest.mark.parametrize("method", ["agp", "lowbit", "svd", "cluster"])
-def test_a_killed_training_resumes_at_its_epoch_and_ends_the_same(method: str, tmp_path: Path) -> None:
+# channel_qat is killed at epoch 5 of 20, in the float epochs before its fake quantization begins (epoch 10):
+# the resumed fit must go on in float and calibrate when that epoch comes.
+@pytest.mark.parametrize("method,killed_at", [("agp", None), ("lowbit", None), ("svd", None), ("cluster", None),
+                                              ("channel_qat", 5)])
+def test_a_killed_training_resumes_at_its_epoch_and_ends_the_same(method: str, killed_at: int | None,
+                                                                   tmp_path: Path, caplog) -> None:
     store = Store(f"sqlite:///{tmp_path / 'mlflow.db'}", "resume")
-    killed_at = _config(method).method.fine_tune.epochs // 2
-    _, expected_rows, expected_signature = _train(method, store, None)
+    killed_at = _config(method).method.fine_tune.epochs // 2 if killed_at is None else killed_at
+    _, expected_rows, expected_signature, _ = _train(method, store, None)
 
     checkpoints = TrainingCheckpoints(tmp_path / "checkpoints")
     with pytest.raises(RunKilled):
@@ -87,18 +92,24 @@ def test_a_killed_training_resumes_at_its_epoch_and_ends_the_same(method: str, t
     killed_run = checkpoints.previous_attempt()
     assert store.client.get_run(killed_run).info.status == "KILLED"
 
-    run_id, rows, signature = _train(method, store, checkpoints)
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="lightning_modules.compression.quantization")
+    run_id, rows, signature, callbacks = _train(method, store, checkpoints)
     resumed = store.client.get_run(run_id)
     assert resumed.data.metrics[RESUMED_AT_EPOCH] == killed_at  # the epochs before were not trained again
     assert resumed.data.tags[RESUMED_FROM_TAG] == killed_run
     assert signature == expected_signature
     assert rows == expected_rows
+    if method == "channel_qat":  # the resumed fit went on in float and began fake quantization at its epoch
+        quantizer = next(cb for cb in callbacks if cb.name == "qat")
+        assert quantizer.calibrated_images > 0
+        assert "qat: fake quantization started at epoch 10" in caplog.text
 
 
 def test_a_job_resumed_on_another_machine_fetches_its_checkpoint_from_the_store(tmp_path: Path) -> None:
     """A server store keeps each checkpoint as the run's artifact: the sweep folder need not be shared."""
     store = Store(f"sqlite:///{tmp_path / 'mlflow.db'}", "resume")
-    _, expected_rows, expected_signature = _train("agp", store, None)
+    _, expected_rows, expected_signature, _ = _train("agp", store, None)
     killed_at = _config("agp").method.fine_tune.epochs // 2
 
     here = TrainingCheckpoints(tmp_path / "machine-1", store)
@@ -108,7 +119,7 @@ def test_a_job_resumed_on_another_machine_fetches_its_checkpoint_from_the_store(
     assert f"{STORE_FOLDER}/{LAST}" in {a.path for a in store.client.list_artifacts(killed_run, STORE_FOLDER)}
 
     elsewhere = TrainingCheckpoints(tmp_path / "machine-2", store, earlier_attempts=lambda: [killed_run])
-    run_id, rows, signature = _train("agp", store, elsewhere)
+    run_id, rows, signature, _ = _train("agp", store, elsewhere)
     assert store.client.get_run(run_id).data.metrics[RESUMED_AT_EPOCH] == killed_at
     assert store.client.get_run(run_id).data.tags[RESUMED_FROM_TAG] == killed_run
     assert (signature, rows) == (expected_signature, expected_rows)
