@@ -11,12 +11,15 @@ baseline is trained once (or found there). Then it reads the runs back and print
     python scripts/scorecard.py --full                           # + every method on every model of conf/model
     python scripts/scorecard.py --dry-run                        # the train.py commands, nothing run
     python scripts/scorecard.py --report-only --store DIR        # the table from a store, even partly filled
+    python scripts/scorecard.py --report-only --store DIR --tag a,b  # a row joins the seeds of passes a and b
     python scripts/scorecard.py --store DIR --baselines-from /work/seed_store/mlflow.db
 
 `--store DIR` holds `mlflow.db` (and `artifacts/`, the sweep folders and one log per sweep);
 without it a fresh folder under /tmp is used. Running again into the same store resumes: the
 sweep of each group is launched into the same folder, so jobs with a FINISHED run are skipped
 (use another `--tag` to measure everything again while keeping the stored baselines).
+A row reads each seed's latest run from any sweep of its group under the tag, whatever seeds that
+sweep listed: `--seeds 0` then `--seeds 1,2` fill one 3-seed row.
 `--baselines-from DB` copies an MLflow SQLite file holding trained baselines into a store that has
 none yet, and points the copy's experiment at the new store's own artifacts folder (the copied
 baseline runs keep reading their artifacts where they are; new runs write beside the new db);
@@ -60,7 +63,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -699,33 +702,41 @@ def _now() -> str:
 # ============================================================================ reading the store
 
 
-def read_rows(store: Path, tag: str, jobs: list[Job]) -> list[Row]:
-    """One Row per job; each seed's last attempt in its group's sweep (MISSING when none)."""
+def read_rows(store: Path, tags: Sequence[str], jobs: list[Job]) -> list[Row]:
+    """One Row per job; each seed's last attempt in any sweep of its group under one of `tags`, whatever
+    seeds that sweep listed (a pass on seed 0 and a later one on seeds 1, 2 fill one row); MISSING when none."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=store_uri(store)) if (store / STORE_DB).exists() else None
     experiment = client.get_experiment_by_name(EXPERIMENT) if client is not None else None  # none: nothing run yet
-    sweeps = {(spec, model): group.name(tag) for group in group_jobs(jobs) for spec in group.specs
-              for model in group.models}
-    cache: dict[str, list] = {}
+    tagged = {tag: client.search_runs([experiment.experiment_id], filter_string=f"tags.sweep LIKE '{tag}-%'",
+                                      max_results=50000) if experiment is not None else [] for tag in tags}
+    group_of = {(spec, model): group for group in group_jobs(jobs) for spec in group.specs for model in group.models}
     rows = []
     for job in jobs:
-        sweep = sweeps[(job.spec, job.model)]
-        if experiment is not None and sweep not in cache:
-            cache[sweep] = client.search_runs([experiment.experiment_id], filter_string=f"tags.sweep = '{sweep}'",
-                                              order_by=["attributes.start_time ASC"], max_results=50000)
+        group = group_of[(job.spec, job.model)]
+        mine = sorted((run for tag in tags for run in tagged[tag] if in_sweep_of(run.data.tags.get("sweep", ""), tag, group)
+                       and (run.data.tags.get("model"), run.data.tags.get("method")) == (job.model, job.spec.method)),
+                      key=lambda run: run.info.start_time)
         runs = []
         for seed in job.seeds:
-            latest = None
-            for run in cache.get(sweep, []):  # oldest first: a later attempt (a resumed sweep) wins
-                tags = run.data.tags
-                if (tags.get("model"), tags.get("method"), tags.get("seed")) == (job.model, job.spec.method, str(seed)):
-                    latest = run
+            attempts = [run for run in mine if run.data.tags.get("seed") == str(seed)]
+            latest = attempts[-1] if attempts else None  # a later attempt (a resumed or repeated sweep) wins
             runs.append(RunRecord(seed, "MISSING") if latest is None else
                         RunRecord(seed, latest.info.status, dict(latest.data.metrics), dict(latest.data.tags),
                                   dict(latest.data.params)))
         rows.append(Row(job.spec, job.model, runs))
     return rows
+
+
+def in_sweep_of(sweep: str, tag: str, group: Group) -> bool:
+    """Whether `sweep` (a sweep folder's name) ran `group`'s rows under `tag`: the same phase, hardware and
+    overrides, whatever models and seeds it listed (the runs' own tags say which)."""
+    if not sweep.startswith(f"{tag}-"):
+        return False
+    parts, expected = sweep[len(tag) + 1:].split("-"), group.name(tag)[len(tag) + 1:].split("-")
+    # name parts: phase, hardware, models, s<seeds>, then one per override
+    return len(parts) == len(expected) and parts[:2] == expected[:2] and parts[4:] == expected[4:]
 
 
 # ============================================================================ the table
@@ -859,7 +870,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--full", action="store_true", help="also every method on every model of conf/model")
     parser.add_argument("--store", type=Path, default=None, help="folder of the MLflow store (default: a new /tmp folder)")
     parser.add_argument("--baselines-from", type=Path, default=None, help="an mlflow.db with trained baselines to start from")
-    parser.add_argument("--tag", default="scorecard", help="names the sweeps: another tag re-measures in the same store")
+    parser.add_argument("--tag", default="scorecard",
+                        help="names the sweeps: another tag re-measures in the same store; with --report-only, "
+                             "comma-separated tags join their runs into one row per model and method")
     parser.add_argument("--out", type=Path, default=None, help="the markdown table (default: scorecard.md in the store)")
     parser.add_argument("--data", default=DATA, help=argparse.SUPPRESS)  # tests only: the scorecard is of mnist5k
     parser.add_argument("--override", action="append", default=[], help=argparse.SUPPRESS)  # tests only: shrunk trainer
@@ -868,6 +881,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="list the train.py commands and exit")
     parser.add_argument("--report-only", action="store_true", help="read the store and print the table, run nothing")
     args = parser.parse_args(argv)
+    args.tag_list = [tag for tag in args.tag.split(",") if tag]
+    if len(args.tag_list) != 1 and not args.report_only:
+        parser.error(f"--tag: {args.tag!r}; allowed: one tag, which names the sweeps this run makes (several "
+                     f"comma-separated tags only with --report-only)")
     args.model_list = [name for name in args.models.split(",") if name]
     unknown = [name for name in args.model_list if name not in discover_models()]
     if unknown:
@@ -909,7 +926,7 @@ def scorecard(argv: list[str] | None = None) -> tuple[list[Row], int]:
                 print(copied)  # again before each sweep: baselines trained there meanwhile (a teacher)
             run_group(group, args.tag, args.store, args.data, args.override)
         wall_s = time.perf_counter() - started
-    rows = judge(read_rows(args.store, args.tag, jobs))
+    rows = judge(read_rows(args.store, args.tag_list, jobs))
     text = f"{summary(rows, wall_s, args)}\n\n{render(rows)}\n"
     print(text)
     out = args.out or args.store / "scorecard.md"

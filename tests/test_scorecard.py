@@ -343,6 +343,41 @@ def test_report_only_reads_a_store_with_nothing_yet(tmp_path):
     assert code == 1 and rows[0].runs[0].status == "MISSING" and rows[0].verdict == "NOT RUN"
 
 
+def test_report_only_joins_the_seeds_of_several_passes_and_tags_into_one_row(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    store = tmp_path / "store"
+    store.mkdir()
+    client = MlflowClient(tracking_uri=sc.store_uri(store))
+    experiment = client.create_experiment(EXPERIMENT, artifact_location=(store / "artifacts").as_uri())
+
+    started = iter(range(1_000, 100_000, 1_000))  # start times in order of logging: the later attempt is known
+
+    def logged(sweep: str, seed: int, test_acc: float, method: str = "svd") -> None:
+        run = client.create_run(experiment, start_time=next(started),
+                                tags={"sweep": sweep, "model": "lenet5", "method": method, "seed": str(seed)})
+        client.log_metric(run.info.run_id, "test_acc", test_acc)
+        client.set_terminated(run.info.run_id, "FINISHED")
+
+    args = ["--store", str(store), "--methods", "svd", "--exact", "--models", "lenet5", "--seeds", "0,1,2",
+            "--out", str(tmp_path / "s.md")]
+    (group,) = sc.group_jobs(sc.plan(sc.select_specs(["svd"], exact=True), ["lenet5"], [0], False))
+    first, second = group.name("a"), group.name("b").replace("-s0", "-s1_2")  # a seed-0 pass, then seeds 1 and 2
+    logged(first, 0, 90.0)
+    logged(first, 0, 91.0)  # the same seed again in a later attempt: the later one counts
+    logged(second, 1, 92.0)
+    logged(second, 2, 93.0)
+    logged(second.replace(group.hardware, "cpu_ort"), 2, 50.0)  # another row's sweep (other hardware): not this row
+    logged(second, 1, 60.0, method="tucker")  # another method in the same sweep: not this row
+
+    (joined,), _ = sc.scorecard(["--report-only", "--tag", "a,b", *args])
+    assert [(run.seed, run.metrics["test_acc"]) for run in joined.runs] == [(0, 91.0), (1, 92.0), (2, 93.0)]
+    (one_tag,), _ = sc.scorecard(["--report-only", "--tag", "a", *args])
+    assert [run.status for run in one_tag.runs] == ["FINISHED", "MISSING", "MISSING"]
+    with pytest.raises(SystemExit):  # running names its sweeps with one tag
+        sc.parse_args(["--tag", "a,b", "--store", str(store)])
+
+
 # ----------------------------------------------------------------------------- end to end
 
 SHRUNK = ["--data", "digits", "--override", "baseline.epochs=1", "--override", "trainer.limit_train_batches=4",
