@@ -626,6 +626,14 @@ class Group:
         parts += [override.lstrip("+").replace("method.", "").replace("=", "") for override in self.overrides]
         return "-".join(parts)
 
+    def ran(self, sweep: str, tag: str) -> bool:
+        """Whether `sweep` (a sweep folder's name) ran this group's rows under `tag`: the same phase, hardware
+        and overrides, whatever models and seeds it listed (its runs' own tags say which)."""
+        found, mine = sweep.split("-"), self.name(tag).split("-")
+        models_at = len(tag.split("-")) + 2  # after the tag, the phase and the hardware: models, then s<seeds>
+        return (len(found) == len(mine) and found[:models_at] == mine[:models_at]
+                and found[models_at + 2:] == mine[models_at + 2:])
+
     def command(self, tag: str, store: Path, data: str = DATA, extra: Iterable[str] = ()) -> list[str]:
         """The train.py command; `extra` overrides are for tests (a shrunk trainer), never for a scorecard."""
         # the baselines' own rows first; the distillation runs that need a teacher last
@@ -715,8 +723,9 @@ def read_rows(store: Path, tags: Sequence[str], jobs: list[Job]) -> list[Row]:
     rows = []
     for job in jobs:
         group = group_of[(job.spec, job.model)]
-        mine = sorted((run for tag in tags for run in tagged[tag] if in_sweep_of(run.data.tags.get("sweep", ""), tag, group)
-                       and (run.data.tags.get("model"), run.data.tags.get("method")) == (job.model, job.spec.method)),
+        mine = sorted((run for tag in tags for run in tagged[tag]
+                       if (run.data.tags.get("model"), run.data.tags.get("method")) == (job.model, job.spec.method)
+                       and group.ran(run.data.tags.get("sweep", ""), tag)),
                       key=lambda run: run.info.start_time)
         runs = []
         for seed in job.seeds:
@@ -727,16 +736,6 @@ def read_rows(store: Path, tags: Sequence[str], jobs: list[Job]) -> list[Row]:
                                   dict(latest.data.params)))
         rows.append(Row(job.spec, job.model, runs))
     return rows
-
-
-def in_sweep_of(sweep: str, tag: str, group: Group) -> bool:
-    """Whether `sweep` (a sweep folder's name) ran `group`'s rows under `tag`: the same phase, hardware and
-    overrides, whatever models and seeds it listed (the runs' own tags say which)."""
-    if not sweep.startswith(f"{tag}-"):
-        return False
-    parts, expected = sweep[len(tag) + 1:].split("-"), group.name(tag)[len(tag) + 1:].split("-")
-    # name parts: phase, hardware, models, s<seeds>, then one per override
-    return len(parts) == len(expected) and parts[:2] == expected[:2] and parts[4:] == expected[4:]
 
 
 # ============================================================================ the table
