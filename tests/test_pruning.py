@@ -286,8 +286,8 @@ def test_lottery_reinit_control_keeps_the_masks_and_draws_fresh_weights() -> Non
 
 
 def test_lottery_rewind_point_must_lie_in_the_dense_round() -> None:
-    with pytest.raises(ValueError, match=r"lottery: rewind_to=2 epoch\(s\) is step 10, but the dense round has 5 steps"):
-        _train([LotteryTicket(0.5, rewind_to=2)], LeNet300(1, 8, 10), epochs=2)
+    with pytest.raises(ValueError, match=r"lottery: rewind_to=10 step\(s\) is step 10, but the dense round has 5 steps"):
+        _train([LotteryTicket(0.5, rewind_to=10, unit="step")], LeNet300(1, 8, 10), epochs=2)
 
 
 def test_lottery_needs_a_dense_round_and_a_round_per_cut() -> None:

@@ -109,6 +109,14 @@ def test_shipped_lottery_anneals_every_round_and_restarts_the_rate_at_each_rewin
         assert rates[first:first + per_round] == sorted(rates[first:first + per_round], reverse=True)
 
 
+def test_lottery_rewind_point_in_epochs_past_the_dense_round_is_refused_before_any_work() -> None:
+    """The shipped rewind point (epoch 1) with one-epoch rounds: a config error, not a failure once training runs."""
+    cfg = compose_config(["method=lottery", "method.callbacks.prune.epochs_per_cycle=1"])
+    with pytest.raises(ValueError, match=r"rewind_to=1 epoch\(s\) is not valid with epochs_per_cycle=1; allowed: a "
+                                         r"rewind point inside the dense round \(< 1 epochs"):
+        validate(cfg)
+
+
 def test_lightning_peer_prunes_only_conv_and_linear_weights() -> None:
     network = LeNet5(1, 28, 10)
     peer = LightningReference(0.9, ramp_epochs=1)

@@ -483,6 +483,10 @@ class LotteryTicket(IterativePruning):
         self.rewind_to = check_number("rewind_to", rewind_to, 0)
         self.unit = check_choice("unit", unit, UNITS)
         self.reinit = check_bool("reinit", reinit)
+        if self.unit == "epoch" and self.rewind_to >= self.epochs_per_cycle:  # in steps: checked once training starts
+            raise ValueError(f"lottery: rewind_to={rewind_to} epoch(s) is not valid with epochs_per_cycle="
+                             f"{self.epochs_per_cycle}; allowed: a rewind point inside the dense round "
+                             f"(< {self.epochs_per_cycle} epochs; 0: the initialization)")
         self.rewind_step: int | None = None  # rewind_to in steps, known once training starts
         self.rewind_state: dict[str, torch.Tensor] | None = None
 
