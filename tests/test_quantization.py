@@ -40,12 +40,21 @@ def test_asymmetric_params_map_the_range_onto_the_codes_and_keep_zero_exact() ->
     assert float(zero) == 0.0
 
 
-def test_symmetric_per_channel_weight_codes_reach_127_in_every_channel() -> None:
+@pytest.mark.parametrize(("reduce_range", "top"), [(False, 127), (True, 63)])
+def test_symmetric_per_channel_weight_codes_reach_the_top_of_their_range_in_every_channel(reduce_range, top) -> None:
     weight = torch.randn(6, 3, 5, 5) * torch.arange(1, 7).reshape(6, 1, 1, 1)
-    codes, scale, zero_point = weight_codes(weight, QuantScheme())
-    assert codes.abs().reshape(6, -1).max(1).values.tolist() == [127] * 6
+    codes, scale, zero_point = weight_codes(weight, QuantScheme(reduce_range=reduce_range))
+    assert codes.abs().reshape(6, -1).max(1).values.tolist() == [top] * 6
     assert torch.all(zero_point == 0)
     assert torch.allclose(codes * scale.reshape(6, 1, 1, 1), weight, atol=float(scale.max()) / 2 + 1e-6)
+
+
+def test_default_int8_weights_keep_every_pair_of_uint8_products_inside_a_16_bit_sum() -> None:
+    # what a CPU without VNNI computes (VPMADDUBSW: two uint8 x int8 products into a saturating int16)
+    qmin, qmax = QuantScheme().weight_range()
+    activation_low, activation_high = QuantScheme().activation_range()
+    assert 2 * activation_high * max(abs(qmin), qmax) <= torch.iinfo(torch.int16).max
+    assert QuantScheme(weight_bits=4).weight_range() == (-7, 7)  # below 8 bits nothing is reduced
 
 
 def test_fake_quantize_passes_gradients_inside_the_range_only() -> None:
@@ -151,6 +160,53 @@ def test_int8_onnx_file_stores_one_int8_operator_per_layer_and_runs_as_the_simul
     x = torch.rand(4, 1, 28, 28)
     step = float(quantized.get_submodule(list(prepared.quantizers)[-1]).scale)
     assert torch.allclose(ort_load(tmp_path / "int8.onnx", torch.device("cpu"), threads=1)(x), quantized(x), atol=step * 1.01)
+
+
+def _relu6_net(activation: type[nn.Module] = nn.ReLU6) -> nn.Module:
+    """mobilenetv2's pattern: convolution, BatchNorm, ReLU6, a depthwise convolution, ReLU6, a 1x1."""
+    torch.manual_seed(0)
+    return _trained_bn(nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), activation(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), activation(),
+        nn.Conv2d(8, 16, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)))
+
+
+def test_relu6_folds_into_the_next_quantizer_and_runs_on_the_int8_kernels_relu_does(tmp_path) -> None:
+    gm, prepared = _calibrated(_relu6_net(), QuantScheme())
+    # one quantizer per tensor an int8 kernel reads or writes: the input, after each ReLU6, the 1x1, the
+    # pooling, the logits (a quantizer on each side of ReLU6 made ONNX Runtime dequantize and requantize there)
+    assert len(prepared.quantizers) == 6
+    quantized = convert(gm, prepared)
+    assert not any(isinstance(module, nn.ReLU6) for module in quantized.modules())
+    export_onnx(quantized, tmp_path / "relu6.onnx", (1, 28, 28))
+    gm_relu, prepared_relu = _calibrated(_relu6_net(nn.ReLU), QuantScheme())
+    export_onnx(convert(gm_relu, prepared_relu), tmp_path / "relu.onnx", (1, 28, 28))
+    assert optimized_ops(tmp_path / "relu6.onnx") == optimized_ops(tmp_path / "relu.onnx")  # as cheap as ReLU
+    # no activation of this net reaches 6, so ReLU6 computes ReLU: the two files compute the same codes
+    assert all(float(quantizer.qparams()[0]) * 255 < 6 for quantizer in prepared.quantizers.values())
+    x = torch.rand(8, 1, 28, 28)
+    run = {name: ort_load(tmp_path / f"{name}.onnx", torch.device("cpu"), 1)(x) for name in ("relu6", "relu")}
+    assert torch.equal(run["relu6"], run["relu"])
+
+
+@pytest.mark.parametrize(("top", "folded"), [(5.0, True), (12.0, False)])
+def test_relu6_folds_only_into_a_quantizer_whose_range_ends_at_or_below_6(top, folded) -> None:
+    model = _relu6_net()
+    with torch.no_grad():
+        model[1].weight.mul_(10)  # the first ReLU6 clamps at 6 often
+    gm, prepared = _calibrated(model, QuantScheme())
+    after_relu6 = prepared.quantizers["act_quant_1"]
+    after_relu6.learn()  # a learned step (LSQ) sets the range's top, wherever calibration put it
+    with torch.no_grad():
+        after_relu6.step.fill_(top / 255)
+    x = torch.rand(8, 1, 28, 28)
+    with torch.no_grad():
+        simulated = gm(x)
+        quantized = convert(gm, prepared)
+        deployed = quantized(x)
+    assert sum(isinstance(module, nn.ReLU6) for module in quantized.modules()) == (1 if not folded else 0)
+    # folded or kept, the deployed model computes what the simulation does: clamped at 6, then at the top
+    assert torch.allclose(deployed, simulated, atol=0.02 * float(simulated.abs().max()))
 
 
 def test_dynamic_quantization_uses_integer_matmuls(tmp_path) -> None:
@@ -272,7 +328,7 @@ def _fit(callback, epochs: int = 1, batches: int = 6, baseline: nn.Module | None
 
 
 @pytest.mark.parametrize(("callback", "bits", "code_bound"), [
-    (lambda: QAT(), 8, 127), (lambda: LowBit(bits=4), 4, 7), (lambda: LowBit(bits="ternary"), 2, 1),
+    (lambda: QAT(), 8, 63), (lambda: LowBit(bits=4), 4, 7), (lambda: LowBit(bits="ternary"), 2, 1),
 ])
 def test_qat_trains_fake_quant_and_converts_to_integer_codes(tmp_path, callback, bits, code_bound) -> None:
     callback = callback()

@@ -13,7 +13,7 @@ Three layers, as in pruning.py:
 - module surgery on a torch.fx graph: `prepare` (BatchNorm folded or wrapped, quantizers inserted
   after the model input and every Conv/Linear/add/pool output, Conv/Linear wrapped to
   fake-quantize their weights), `convert` (the deployable form: int8 weights and biases in int32
-  as buffers, fixed activation scales, ReLU folded into the clamp of the next quantizer);
+  as buffers, fixed activation scales, ReLU and ReLU6 folded into the clamp of the next quantizer);
 - the callbacks.
 The deployable form itself (the custom ops, Int8Layer, their ONNX translations and PT2E rewrite)
 lives in ../deployable_int8.py, which evaluation imports to run it.
@@ -234,6 +234,14 @@ class QuantScheme:
         symmetric_activations: activations as int8 around 0; else uint8 with a zero point.
         observer: `minmax`, `moving_average` or `histogram` (cut at `percentile`).
         learn_scales: LSQ steps for weights and PACT-like learned activation clipping (QAT only).
+        reduce_range: 8-bit symmetric weights take the codes -63..63 (stored in int8), as ONNX Runtime's
+            `reduce_range`. An x86 CPU without VNNI (AVX2; AVX-512 before VNNI) multiplies uint8
+            activations by int8 weights with VPMADDUBSW, which adds each pair of products into a
+            saturating 16-bit sum: 2 x 255 x 127 overflows it, 2 x 255 x 63 does not. With -127..127 the
+            int8 file computed other numbers on such a CPU than on one with VNNI and than its simulation
+            (2026-12-03, an AVX2 host: lenet5, resnet20 and a ReLU6 net several output steps off, up to
+            38; with -63..63 none); one bit of weight resolution buys an artifact that computes the same
+            on every x86 CPU.
     """
 
     weight_bits: int | str = 8
@@ -245,6 +253,7 @@ class QuantScheme:
     percentile: float = 99.99
     momentum: float = 0.1
     learn_scales: bool = False
+    reduce_range: bool = True
 
     WEIGHT_BITS = (8, 7, 6, 5, 4, 3, 2, "ternary", "binary")
 
@@ -272,6 +281,8 @@ class QuantScheme:
             return -1, 1
         if not self.symmetric_weights:
             return quant_range(8, signed=False)
+        if self.reduce_range and self.bits == 8:
+            return quant_range(7, signed=True, restricted=True)
         return quant_range(self.bits, signed=True, restricted=True)
 
     def activation_range(self) -> tuple[int, int]:
@@ -459,7 +470,6 @@ def int8_layer(wrapper: QuantizedWeightLayer, input_scale: torch.Tensor) -> Int8
 
 # ----------------------------------------------------------------------------- module surgery (torch.fx)
 
-RELUS = (nn.ReLU, F.relu, torch.relu, "relu")
 ADDS = (operator.add, torch.add, operator.iadd)
 # ops whose output lies on the grid of their input: they reuse their input's quantizer
 SHARED_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
@@ -468,12 +478,24 @@ SHARED_METHODS = ("view", "reshape", "flatten")
 OWN_SCALE_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)
 
 
-def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+def _relu_top(gm: fx.GraphModule, node: fx.Node) -> float | None:
+    """The value a ReLU-like node clamps its input to from above (inf for ReLU, 6 for ReLU6 and any
+    Hardtanh from 0); None for every other node. These clamp at 0 from below: the next quantizer, whose
+    range starts at 0 and ends at or below that top, does their work (`convert` folds them)."""
     if node.op == "call_module":
-        return isinstance(called_module(gm, node), nn.ReLU)
+        module = called_module(gm, node)
+        if isinstance(module, nn.ReLU):
+            return math.inf
+        if isinstance(module, nn.Hardtanh) and module.min_val == 0:  # nn.ReLU6 is Hardtanh(0, 6)
+            return float(module.max_val)
+        return None
     if node.op == "call_function":
-        return node.target in (F.relu, torch.relu)
-    return node.op == "call_method" and node.target == "relu"
+        return math.inf if node.target in (F.relu, torch.relu) else 6.0 if node.target is F.relu6 else None
+    return math.inf if node.op == "call_method" and node.target == "relu" else None
+
+
+def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return _relu_top(gm, node) is not None
 
 
 def _is_shared(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -525,7 +547,9 @@ def prepare(model: nn.Module, scheme: QuantScheme, layer_schemes: dict[str, Quan
     `batchnorm="fold"` folds each Conv2d's BatchNorm into it now, with the running statistics,
     which then never change; `"freeze"` keeps the BatchNorm beside its convolution with the fold
     simulated (QuantizedConvBatchNorm) until `freeze_batchnorm` and folds it at `convert`.
-    ReLU after a layer (or an add) is quantized after the ReLU, so it can fold into the clamp.
+    ReLU (or ReLU6) after a layer or an add is quantized after it, so it can fold into the clamp: one
+    quantizer instead of two around it (in ONNX Runtime a dequantize-requantize pair at every ReLU6 of
+    mobilenetv2, 66 nodes).
     `layer_schemes` overrides the scheme per layer (mixed precision); `skip` leaves layers in float
     (names, or {name: reason} as select_layers gives them).
     """
@@ -617,8 +641,9 @@ def _candidate_label(floated: int, slow: int, layers: int) -> str:
 
 
 def convert(gm: fx.GraphModule, prepared: Prepared, keep_float: Iterable[str] = ()) -> fx.GraphModule:
-    """The deployable int8 form: fixed quantizers, integer weights, ReLU folded where the next
-    quantizer's clamp already does its work (zero point at the bottom of the code range).
+    """The deployable int8 form: fixed quantizers, integer weights, ReLU and ReLU6 folded where the
+    next quantizer's clamp already does their work (zero point at the bottom of the code range, its top
+    at or below the activation's: half a step above counts, a rounding of the range).
 
     Layers named in `keep_float` become plain float Conv2d/Linear (BatchNorm folded in, weights
     as trained); then the quantizers between float tensors go (`_drop_float_quantizers`).
@@ -626,11 +651,13 @@ def convert(gm: fx.GraphModule, prepared: Prepared, keep_float: Iterable[str] = 
     gm = gm.cpu()
     keep_float = set(keep_float)
     fixed: dict[str, FixedQuantizeDequantize] = {}
+    clamps: dict[str, tuple[float, float]] = {}  # quantizer -> (bottom, top) of its range
     for name, quantizer in prepared.quantizers.items():
         scale, zero_point = quantizer.qparams()
-        qmin, _ = quantizer.scheme.activation_range()
+        qmin, qmax = quantizer.scheme.activation_range()
         fixed[name] = FixedQuantizeDequantize(scale, zero_point, qmin)
         gm.set_submodule(name, fixed[name])
+        clamps[name] = (float(scale) * (qmin - int(zero_point)), float(scale) * (qmax - int(zero_point)))
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target in prepared.layers:
             wrapper = prepared.layers[node.target]
@@ -648,10 +675,11 @@ def convert(gm: fx.GraphModule, prepared: Prepared, keep_float: Iterable[str] = 
     for node in list(gm.graph.nodes):
         users = list(node.users)
         # a float layer keeps its ReLU: the runtime fuses it into the float kernel
-        if _is_relu(gm, node) and len(users) == 1 and users[0].op == "call_module" and users[0].target in fixed \
+        top = _relu_top(gm, node)
+        if top is not None and len(users) == 1 and users[0].op == "call_module" and users[0].target in fixed \
                 and not _isfloat_layer(gm, node.args[0]):
-            q = fixed[users[0].target]
-            if int(q.zero_point) == torch.iinfo(q.zero_point.dtype).min:
+            bottom, quantizer_top = clamps[users[0].target]
+            if bottom == 0 and quantizer_top <= top + float(fixed[users[0].target].scale) / 2:
                 node.replace_all_uses_with(node.args[0])
                 gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()
@@ -746,7 +774,7 @@ def convert_dynamic(model: nn.Module, skip: Iterable[str] | dict[str, str] = ())
 
 
 def _scheme(**kwargs: Any) -> QuantScheme:
-    for key in ("per_channel", "symmetric_weights", "symmetric_activations", "learn_scales"):
+    for key in ("per_channel", "symmetric_weights", "symmetric_activations", "learn_scales", "reduce_range"):
         if key in kwargs:
             check_bool(key, kwargs[key])
     return QuantScheme(**kwargs)
@@ -764,7 +792,7 @@ class StaticQuantization(CompressionCallback):
     Args:
         bits: weight bits (8, 6, 4, 3, 2, ternary, binary); activation_bits: activation bits.
         observer, percentile, momentum, per_channel, symmetric_weights, symmetric_activations,
-        learn_scales: see QuantScheme.
+        learn_scales, reduce_range: see QuantScheme.
         calibration_batches: training batches the observers see before the scales are fixed.
         skip_layers: Conv/Linear layer names left in float (logged); `first` and `last` stand for the
             model's first and last of them, an unknown name is an error.
@@ -787,13 +815,13 @@ class StaticQuantization(CompressionCallback):
     def __init__(self, bits: int | str = 8, activation_bits: int = 8, observer: str = "minmax",
                  percentile: float = 99.99, momentum: float = 0.1, per_channel: bool = True,
                  symmetric_weights: bool = True, symmetric_activations: bool = False, learn_scales: bool = False,
-                 calibration_batches: int = 16, skip_layers: Iterable[str] = (), min_speedup: float | None = None,
+                 reduce_range: bool = True, calibration_batches: int = 16, skip_layers: Iterable[str] = (), min_speedup: float | None = None,
                  speed_batch: int = 32, runtime: str = "torch", compile: bool | str = "auto",
                  threads: int | None = None) -> None:
         self.scheme = _scheme(weight_bits=bits, activation_bits=activation_bits, observer=observer,
                               percentile=percentile, momentum=momentum, per_channel=per_channel,
                               symmetric_weights=symmetric_weights, symmetric_activations=symmetric_activations,
-                              learn_scales=learn_scales)
+                              learn_scales=learn_scales, reduce_range=reduce_range)
         self.calibration_batches = check_int("calibration_batches", calibration_batches, 1)
         self.skip_layers = list(skip_layers)
         self.min_speedup = self._check_min_speedup(min_speedup)
