@@ -154,7 +154,8 @@ def _agp(sparsity: float = 0.8) -> AGP:
 
 def test_qat_after_pruning_keeps_every_pruned_weight_exactly_zero_in_the_int8_model(tmp_path) -> None:
     torch.manual_seed(0)
-    prune, quantize = _agp(), QAT(min_speedup=None)
+    # -127..127: at -63..63 more small kept weights round to code 0 and the measured sparsity passes 0.81
+    prune, quantize = _agp(), QAT(min_speedup=None, reduce_range=False)
     model, data = _fit([prune, quantize], LeNet300(1, 8, 10, hidden=(64, 32)))
     # the masks the pruner left on the wrapped layers: every pruned entry is code 0 in the int8 layer
     layers = dict(int8_layers(model))
