@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """mobilenetv2 in int8 on ONNX Runtime with its ReLU6s folded into the next quantizer (how `convert`
 deploys it since 2026-12-03) against the form before (a quantizer on each side of every ReLU6, which
-ONNX Runtime runs as a dequantize-requantize pair there: 33 pairs, 134 nodes against 71), and against
+ONNX Runtime runs as a dequantize-requantize pair there: 134 nodes against 71), and against
 the fp32 model: latency at batch 1 and 32, interleaved in one process after warm-up, on 1 and 2 threads,
 with the node count of the graph ONNX Runtime runs. Random weights calibrated on random inputs: the
 kernels, not the accuracy, are timed.

@@ -52,7 +52,7 @@ def test_symmetric_per_channel_weight_codes_reach_the_top_of_their_range_in_ever
 def test_default_int8_weights_keep_every_pair_of_uint8_products_inside_a_16_bit_sum() -> None:
     # what a CPU without VNNI computes (VPMADDUBSW: two uint8 x int8 products into a saturating int16)
     qmin, qmax = QuantScheme().weight_range()
-    activation_low, activation_high = QuantScheme().activation_range()
+    _, activation_high = QuantScheme().activation_range()
     assert 2 * activation_high * max(abs(qmin), qmax) <= torch.iinfo(torch.int16).max
     assert QuantScheme(weight_bits=4).weight_range() == (-7, 7)  # below 8 bits nothing is reduced
 

@@ -548,8 +548,8 @@ def prepare(model: nn.Module, scheme: QuantScheme, layer_schemes: dict[str, Quan
     which then never change; `"freeze"` keeps the BatchNorm beside its convolution with the fold
     simulated (QuantizedConvBatchNorm) until `freeze_batchnorm` and folds it at `convert`.
     ReLU (or ReLU6) after a layer or an add is quantized after it, so it can fold into the clamp: one
-    quantizer instead of two around it (in ONNX Runtime a dequantize-requantize pair at every ReLU6 of
-    mobilenetv2, 66 nodes).
+    quantizer instead of two around it (two made ONNX Runtime dequantize and requantize at the ReLU6s of
+    mobilenetv2: 134 nodes, 71 with them folded).
     `layer_schemes` overrides the scheme per layer (mixed precision); `skip` leaves layers in float
     (names, or {name: reason} as select_layers gives them).
     """
@@ -815,8 +815,8 @@ class StaticQuantization(CompressionCallback):
     def __init__(self, bits: int | str = 8, activation_bits: int = 8, observer: str = "minmax",
                  percentile: float = 99.99, momentum: float = 0.1, per_channel: bool = True,
                  symmetric_weights: bool = True, symmetric_activations: bool = False, learn_scales: bool = False,
-                 reduce_range: bool = True, calibration_batches: int = 16, skip_layers: Iterable[str] = (), min_speedup: float | None = None,
-                 speed_batch: int = 32, runtime: str = "torch", compile: bool | str = "auto",
+                 reduce_range: bool = True, calibration_batches: int = 16, skip_layers: Iterable[str] = (),
+                 min_speedup: float | None = None, speed_batch: int = 32, runtime: str = "torch", compile: bool | str = "auto",
                  threads: int | None = None) -> None:
         self.scheme = _scheme(weight_bits=bits, activation_bits=activation_bits, observer=observer,
                               percentile=percentile, momentum=momentum, per_channel=per_channel,
