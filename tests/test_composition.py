@@ -238,6 +238,10 @@ def test_sparse_int8_codes_round_trip_at_a_bit_per_zero_plus_the_nonzero_codes()
     assert torch.equal(decode_tensor(encoded), codes) and decode_tensor(encoded).dtype == torch.int8
     nonzero = int((codes != 0).sum())
     assert encoded["bits"].numel() == codes.numel() // 8 and encoded["values"]["packed"].numel() == nonzero
+    # reduce_range's codes (-63..63) among the zeros too, their nonzero codes at 7 bits
+    reduced = codes.clamp(-63, 63)
+    assert encode_tensor(reduced)["encoding"] == "sparse_codes" and encode_tensor(reduced)["values"]["bits"] == 7
+    assert torch.equal(decode_tensor(encode_tensor(reduced)), reduced)
     # narrow codes (4-bit range) among the zeros are packed at their width
     narrow = (codes.clamp(-7, 7)).to(torch.int8)
     assert torch.equal(decode_tensor(encode_tensor(narrow)), narrow)

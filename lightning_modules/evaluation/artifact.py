@@ -200,9 +200,9 @@ def _payload_bytes(encoded: Encoded) -> int:
 def encode_tensor(tensor: torch.Tensor) -> Encoded:
     """The smallest encoding of `tensor`: one value when every entry is the same; bitmask+values pays
     off once about 1/32 of an fp32 tensor is zero; integer codes that fit in fewer bits than their
-    type are packed (int32 bias codes at about 16 bits, 4-bit codes at 4), full 8-bit ones stored
-    without their zero codes (sparse_codes) once about 1/8 of them are zero; a float tensor with at
-    most 256 distinct values is stored as a codebook plus packed indices, or Huffman-coded when it
+    type are packed (int32 bias codes at about 16 bits, 4-bit codes at 4), int8 weight codes (8 bits, or
+    7 under reduce_range) stored without their zero codes (sparse_codes) once enough of them are zero; a
+    float tensor with at most 256 distinct values is stored as a codebook plus packed indices, or Huffman-coded when it
     also has zeros (a pruned, clustered layer) and that is smaller."""
     tensor = tensor.detach().cpu().contiguous()
     dense = _encode_dense(tensor)
@@ -216,7 +216,8 @@ def encode_tensor(tensor: torch.Tensor) -> Encoded:
         if packed is None:
             return dense
         candidates = [dense, packed]
-        if packed["bits"] == 8 and tensor.element_size() == 1:  # full-width int8 codes (low-bit ones stay packed)
+        # int8 weight codes, -127..127 or reduce_range's -63..63 (7 bits): low-bit ones (6 bits and fewer) stay packed
+        if packed["bits"] >= 7 and tensor.element_size() == 1:
             candidates.append(_encode_sparse_codes(tensor))
         if tensor.element_size() == 1:
             codebook, indices = torch.unique(tensor.flatten(), return_inverse=True)
