@@ -30,8 +30,8 @@ class Timer(Protocol):
                        input_shape: tuple[int, ...], batch: int, threads: int | None) -> tuple[float, float]: ...
 
     def whole_models(self, reference: nn.Module, candidates: Iterable[tuple[str, nn.Module]], runtime: str,
-                     input_shape: tuple[int, ...], batch: int,
-                     threads: int | None) -> Iterator[tuple[str, float, float, float]]: ...
+                     input_shape: tuple[int, ...], batch: int, threads: int | None,
+                     min_time_s: float = ...) -> Iterator[tuple[str, float, float, float]]: ...
 
 
 class CompressionCallback(pl.Callback):

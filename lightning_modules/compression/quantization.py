@@ -630,6 +630,14 @@ def calibrate(gm: nn.Module, prepared: Prepared, batches: Iterable[torch.Tensor]
     return seen
 
 
+# A whole-model candidate that reads within this of min_speedup is timed once more, for longer, before the
+# model is left float. lenet5's forms with int8 Linears run at parity on ONNX Runtime and read 0.96-1.00x from
+# one half-second window to the next: in 1 of 3 seeds of svd_qat every candidate read under 0.98 and the
+# model shipped float (2.56x smaller against qat's 3.03x); a form really slower (0.93x and under) is not retried.
+CONFIRM_MARGIN = 0.03
+WHOLE_MODEL_CONFIRM_TIME_S = 2.0
+
+
 def _candidate_label(floated: int, slow: int, layers: int) -> str:
     """A whole-model candidate of the speed gate by its float layers: all int8, the slow layers float, or
     the k slowest float."""
@@ -835,6 +843,7 @@ class StaticQuantization(CompressionCallback):
         self.layer_timings: dict[str, tuple[float, float]] = {}  # layer -> (float ms, int8 ms) at speed_batch
         self.kept_float: dict[str, str] = {}  # layer -> why min_speedup kept it float
         self.model_timings: dict[str, float] = {}  # candidate -> whole-model ms at speed_batch
+        self.model_speedups: dict[str, float] = {}  # candidate -> its last speedup over the float model
         self.layer_schemes: dict[str, QuantScheme] = {}
         self.prepared: Prepared | None = None
         self.calibrated_images = 0
@@ -939,10 +948,10 @@ class StaticQuantization(CompressionCallback):
         time (the slowest in int8 alone first). When every layer reads slower alone, the candidates
         float the slowest one, two, ...: a layer timed alone near the threshold (LeNet-5's first
         Linear, 0.93-0.96x on ONNX Runtime) then no longer decides the whole model (0.99x with it int8).
-        If none reaches it, every layer stays float."""
+        If none reaches it, the candidates that read within CONFIRM_MARGIN of it are timed again, longer,
+        in the same order; if none of those reaches it either, every layer stays float."""
         order = sorted(self.prepared.layers, key=self._alone_speedup)  # slowest in int8 first
         first = len(slow_layers) if len(slow_layers) < len(order) else 1
-        timer, shape = self.require_timer(), tuple(self.example.shape[1:])
         float_model = convert(copy.deepcopy(model), self.prepared, keep_float=order)
         plans = {}  # label -> {layer kept float: why}, in the order the candidates are timed
         for count in dict.fromkeys([0, *range(first, len(order))]):
@@ -950,21 +959,40 @@ class StaticQuantization(CompressionCallback):
                 name: slow_layers.get(name, f"kept float as one of the {count} layers slowest in int8 alone, "
                                             f"so that the whole model reaches min_speedup={self.min_speedup}")
                 for name in order[:count]}
-        # built lazily: the timer converts and deploys no candidate past the first fast enough
-        candidates = ((label, convert(copy.deepcopy(model), self.prepared, keep_float=keep))
-                      for label, keep in plans.items())
-        self.model_timings, summary = {}, []
-        for label, ms, float_ms, speedup in timer.whole_models(float_model, candidates, runtime, shape,
-                                                               self.speed_batch, self.threads):
-            self.model_timings.update({label: ms, "float": float_ms})
-            summary.append(f"{label} {ms:.4f} ms ({speedup:.2f}x)")
-            if speedup >= self.min_speedup:
-                log.info("%s on %s at batch %d: %s, float %.4f ms; keeping %s", self.name, runtime, self.speed_batch,
-                         ", ".join(summary), float_ms, label)
-                return plans[label]
+        self.model_timings, self.model_speedups, summary = {}, {}, []
+        chosen = self._first_fast_enough(model, float_model, plans, runtime, summary)
+        near = {label: keep for label, keep in plans.items()
+                if self.model_speedups.get(label, 0.0) >= self.min_speedup - CONFIRM_MARGIN}
+        if chosen is None and near:  # none read fast enough: time the ones at the line again, for longer
+            chosen = self._first_fast_enough(model, float_model, near, runtime, summary, confirm=True)
+        if chosen is not None:
+            log.info("%s on %s at batch %d: %s, float %.4f ms; keeping %s", self.name, runtime, self.speed_batch,
+                     ", ".join(summary), self.model_timings["float"], chosen)
+            return plans[chosen]
         reason = (f"no int8 form of the model reaches min_speedup={self.min_speedup} on {runtime} at batch "
                   f"{self.speed_batch}: {', '.join(summary)}, float {self.model_timings['float']:.4f} ms (1.00x)")
         return {name: "; ".join(filter(None, (slow_layers.get(name), reason))) for name in order}
+
+    def _first_fast_enough(self, model: nn.Module, float_model: nn.Module, plans: dict[str, dict[str, str]],
+                           runtime: str, summary: list[str], confirm: bool = False) -> str | None:
+        """The label of the first candidate in `plans` whose whole model, timed against `float_model`,
+        reaches min_speedup (None if none does); each reading goes into `summary` and the timings.
+        `confirm` times each for WHOLE_MODEL_CONFIRM_TIME_S instead of the timer's default."""
+        timer = self.require_timer()
+        # built lazily: the timer converts and deploys no candidate past the first fast enough
+        candidates = ((label, convert(copy.deepcopy(model), self.prepared, keep_float=keep))
+                      for label, keep in plans.items())
+        options = {"min_time_s": WHOLE_MODEL_CONFIRM_TIME_S} if confirm else {}
+        for label, ms, float_ms, speedup in timer.whole_models(float_model, candidates, runtime,
+                                                               tuple(self.example.shape[1:]), self.speed_batch,
+                                                               self.threads, **options):
+            self.model_timings.update({label: ms, "float": float_ms})
+            self.model_speedups[label] = speedup
+            summary.append(f"{label}{f' again for {WHOLE_MODEL_CONFIRM_TIME_S:g} s' if confirm else ''} "
+                           f"{ms:.4f} ms ({speedup:.2f}x)")
+            if speedup >= self.min_speedup:
+                return label
+        return None
 
     def _alone_speedup(self, name: str) -> float:
         """float / int8 ms of a layer timed alone (1.0 when it was not timed)."""

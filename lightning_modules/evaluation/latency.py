@@ -207,19 +207,19 @@ class LatencyTimer:
         return time_int8_layer(runtime, float_layer, int8_layer, input_shape, batch, threads)
 
     def whole_models(self, reference: nn.Module, candidates: Iterable[tuple[str, nn.Module]], runtime: str,
-                     input_shape: tuple[int, ...], batch: int,
-                     threads: int | None) -> Iterator[tuple[str, float, float, float]]:
+                     input_shape: tuple[int, ...], batch: int, threads: int | None,
+                     min_time_s: float = WHOLE_MODEL_MIN_TIME_S) -> Iterator[tuple[str, float, float, float]]:
         """(label, p50 ms at `batch`, reference p50 ms, speedup over the reference) of each candidate whole
         model deployed on `runtime`, yielded as it is timed: a caller that stops at the first candidate
         fast enough builds and deploys no more of them, and the reference is deployed once (an Inductor
         compile of resnet20 takes seconds). Each candidate is timed against the reference in back-to-back
         pairs (paired_times: the median pair ratio moves less with a neighbour's load than a ratio of two
-        medians does)."""
+        medians does), for at least `min_time_s`."""
         cpu = torch.device("cpu")
         deployed_reference = deploy(reference, runtime, cpu, threads, input_shape)
         inputs = torch.randn(batch, *input_shape)
         for label, model in candidates:
             reference_ms, model_ms, speedup = paired_times(deployed_reference, deploy(model, runtime, cpu, threads,
                                                                                       input_shape),
-                                                           inputs, min_time_s=WHOLE_MODEL_MIN_TIME_S)
+                                                           inputs, min_time_s=min_time_s)
             yield label, model_ms, reference_ms, speedup
