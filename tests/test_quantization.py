@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -613,6 +615,37 @@ def test_min_speedup_does_not_time_again_a_candidate_really_slower() -> None:
     timer = _LinearsAtTheLine(first=0.93, confirmed=0.99)  # 0.93: more than CONFIRM_MARGIN under 0.98
     _, finalized = _gate_with(timer)
     assert timer.windows == [0.5] * 3 and not any(isinstance(m, Int8Layer) for m in finalized.modules())
+
+
+class _Int8AlwaysSlower(LatencyTimer):
+    """Every layer and every whole-model candidate reads at half the speed of float."""
+
+    def float_and_int8(self, runtime, float_layer, int8_layer, input_shape, batch, threads):
+        return 1.0, 2.0
+
+    def whole_models(self, reference, candidates, runtime, input_shape, batch, threads, min_time_s=0.5):
+        for label, _model in candidates:
+            yield label, 2.0, 1.0, 0.5
+
+
+def test_a_model_left_wholly_float_ships_in_its_own_class_not_as_a_traced_graph() -> None:
+    # run eagerly, lenet300's traced GraphModule read 0.85x of its baseline at batch 1 with identical weights
+    callback = PTQStatic(min_speedup=0.98, runtime="ort").attach_timer(_Int8AlwaysSlower())
+    model, data = _fit(callback, epochs=1, batches=2)
+    graph = convert(copy.deepcopy(model), callback.prepared, keep_float=callback.prepared.layers)
+    finalized = callback.finalize(model)
+    assert type(finalized) is LeNet5 and not finalized.training
+    images = next(iter(data.test_dataloader()))[0]
+    torch.testing.assert_close(finalized(images), graph(images), rtol=0, atol=0)
+    assert len([row for row in callback.summary(finalized) if row["skipped"]]) == 5  # each float layer says why
+
+
+def test_a_model_left_float_with_its_batchnorm_folded_keeps_the_converted_graph() -> None:
+    callback = QAT(min_speedup=0.98, runtime="ort").attach_timer(_Int8AlwaysSlower())  # QAT folds BatchNorm
+    model, data = _fit(callback, epochs=1, batches=2, baseline=resnet20(1, 10))
+    finalized = callback.finalize(model)
+    assert isinstance(finalized, torch.fx.GraphModule) and not any(isinstance(m, Int8Layer) for m in finalized.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in finalized.modules())
 
 
 def test_whole_models_deploys_the_reference_once_and_no_candidate_past_the_one_the_caller_stops_at(
