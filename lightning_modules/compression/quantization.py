@@ -919,7 +919,7 @@ class StaticQuantization(CompressionCallback):
         """A model left wholly float, in the form it was handed over (the baseline's class) with the
         trained weights, where its parameters and buffers map one to one: run eagerly, the traced
         GraphModule costs its calls (lenet300 on one thread, identical weights: 0.85x of the baseline at
-        batch 1, 0.92-0.97x at 32). A model whose BatchNorm was folded keeps the converted form."""
+        batch 1, 0.90-0.97x at 32). A model whose BatchNorm was folded keeps the converted form."""
         if self.unprepared is None:
             return converted
         plain = copy.deepcopy(self.unprepared)
