@@ -880,7 +880,8 @@ class StaticQuantization(CompressionCallback):
     # -- the workers
     def prepare(self, pl_module: pl.LightningModule, trainer: pl.Trainer | None = None) -> None:
         _, skip = select_layers(pl_module.model, self.skip_layers)  # first/last and unknown names: as every family
-        self.unprepared = copy.deepcopy(pl_module.model)
+        # prepare() traces a copy, so the model as handed over stays as it was; a GraphModule it changes in place
+        self.unprepared = None if isinstance(pl_module.model, fx.GraphModule) else pl_module.model
         pl_module.model, self.prepared = prepare(pl_module.model, self.scheme, self.layer_schemes, skip,
                                                  batchnorm=self.batchnorm)
         for wrapper in self.prepared.layers.values():
@@ -1007,8 +1008,8 @@ class StaticQuantization(CompressionCallback):
                                                                self.threads, **options):
             self.model_timings.update({label: ms, "float": float_ms})
             self.model_speedups[label] = speedup
-            summary.append(f"{label}{f' again for {WHOLE_MODEL_CONFIRM_TIME_S:g} s' if confirm else ''} "
-                           f"{ms:.4f} ms ({speedup:.2f}x)")
+            again = f" again for {WHOLE_MODEL_CONFIRM_TIME_S:g} s" if confirm else ""
+            summary.append(f"{label}{again} {ms:.4f} ms ({speedup:.2f}x)")
             if speedup >= self.min_speedup:
                 return label
         return None
