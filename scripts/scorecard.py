@@ -435,12 +435,16 @@ def unmeasured_parts(keys: tuple[str, ...]) -> str:
 def check_drop_at_most_rows(row: Row, other_keys: tuple[str, ...],
                             rows: dict[tuple[str, str], Row]) -> tuple[bool | None, str]:
     """This row no worse than the lossier of the other rows beyond the noise (a hybrid against its parts:
-    stacking a stage costs no accuracy beyond what the lossiest stage costs alone)."""
-    others = [other for key in other_keys if (other := rows.get((row.model, key))) is not None
-              and other.mean("acc_drop") is not None]
-    if not others:
-        return None, unmeasured_parts(other_keys)
-    return _no_worse(row, max(others, key=lambda other: other.mean("acc_drop")), rows, "the lossier of its parts")
+    stacking a stage costs no accuracy beyond what the lossiest stage costs alone).
+
+    Only with every part measured: the missing one may be the lossier (lenet5 channel_qat run with qat but
+    not channel, `--methods qat,channel_qat`, failed against qat's 0.10 where channel alone loses 0.43)."""
+    measured = {key: other for key in other_keys if (other := rows.get((row.model, key))) is not None
+                and other.mean("acc_drop") is not None}
+    if missing := tuple(key for key in other_keys if key not in measured):
+        return None, unmeasured_parts(missing)
+    lossier = max(measured.values(), key=lambda other: other.mean("acc_drop"))
+    return _no_worse(row, lossier, rows, "the lossier of its parts")
 
 
 # Two files of the same shapes differ by a byte or two of zip metadata (lenet5 channel and channel_kd files of

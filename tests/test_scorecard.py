@@ -208,6 +208,11 @@ def test_a_hybrid_whose_parts_were_not_measured_says_it_was_not_compared():
                           model="mobilenetv2"))
     assert alone.remarks == ["not compared with channel, qat: no FINISHED row of them here"]
     assert "not compared with channel, qat" in sc.notes(alone)
+    # with qat measured and channel not, the missing part may be the lossier: not judged against qat alone
+    qat = row("qat", [run(0, acc_drop=0.1, acc_drop_ci95_low=-0.1, acc_drop_ci95_high=0.3)], model="mobilenetv2")
+    _, partly = judged(qat, row("channel_qat", [run(0, acc_drop=1.5, acc_drop_ci95_low=1.3, acc_drop_ci95_high=1.7)],
+                                model="mobilenetv2"))
+    assert partly.verdict == "PASS" and "not compared with channel: no FINISHED row of it here" in partly.remarks
 
 
 # ----------------------------------------------------------------------------- statistics
