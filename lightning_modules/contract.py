@@ -78,6 +78,7 @@ REJECTED_TAG = "rejected"
 CHECKPOINT_FOLDER = "checkpoints"  # in a sweep folder: each job's training checkpoints (checkpoints.py)
 RESUMED_FROM_TAG = "resumed_from"  # a job's run that went on from a killed attempt's checkpoint: that attempt's run id
 NOISY_TAG = "latency_noisy"  # why its timing cannot be trusted (contention), when it cannot
+TIMED_ON_TAG = "timed_on"  # the processor its latencies were measured on (speedups differ between machines)
 SLOWER_TAG = "slower_reason"  # why it is slower than its baseline, when it is
 ONNX_ERROR_TAG = "onnx_export_error"  # why the finalized model has no model/model.onnx (the run still finishes)
 JOBS_TAG, FAILED_RUNS_TAG = "jobs", "failed_runs"  # on a sweep's parent run

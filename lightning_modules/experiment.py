@@ -38,7 +38,7 @@ from lightning_modules.contract import (
     ACC_DROP, ACC_DROP_CI95_HIGH, ACC_DROP_CI95_LOW, BASELINE_METHOD, BASELINE_RUN_TAG, CHANCE_MARGIN_POINTS, COMPRESSION_RATIO,
     CHECKPOINT_FOLDER, CONFIG_ARTIFACT, DEQUANTIZED, FINGERPRINT_TAG, INT8_KERNEL_OPS, JOB_TAG, MODEL_FOLDER, NOISY_TAG,
     RESUMED_FROM_TAG, RUN_TIME_S, SIMULATED,
-    SLOWER_TAG, TEACHER_TAG, TEST_ACC, TIME_BASELINE_S, TIME_DATA_S, TIME_EVALUATE_S, TIME_LOG_MODEL_S, TIME_TRACK_S,
+    SLOWER_TAG, TEACHER_TAG, TEST_ACC, TIMED_ON_TAG, TIME_BASELINE_S, TIME_DATA_S, TIME_EVALUATE_S, TIME_LOG_MODEL_S, TIME_TRACK_S,
     TRAIN_TIME_S, layers_skipped, run_model_uri, speedup, speedup_ci95, summary_table,
 )
 from lightning_modules.contract import ENERGY_SOURCE_TAG
@@ -443,7 +443,8 @@ def track(ctx: RunContext, run: TrackedRun, report: Report) -> dict[str, float]:
                  run_name(ctx.cfg), metrics[TEST_ACC], metrics[ACC_DROP], metrics[ACC_DROP_CI95_LOW],
                  metrics[ACC_DROP_CI95_HIGH], metrics[COMPRESSION_RATIO], metrics.get(speedup(1), float("nan")))
         for tag, text in report.tags.items():
-            log.warning("%s: %s: %s", run_name(ctx.cfg), tag, text)
+            if tag != TIMED_ON_TAG:  # a fact, not a warning
+                log.warning("%s: %s: %s", run_name(ctx.cfg), tag, text)
         check_not_collapsed(metrics[TEST_ACC], ctx.data.num_classes, chance_margin(ctx.cfg))
         metrics.update(log_mlflow_models(ctx, run, report.folder / MODEL_FOLDER))
     finally:

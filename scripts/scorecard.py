@@ -63,6 +63,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,8 +76,8 @@ sys.path.insert(0, str(ROOT))  # run from anywhere, installed or not
 
 from lightning_modules.tracking import copy_baselines  # noqa: E402
 from lightning_modules.contract import (  # noqa: E402
-    ERROR_TAG, EXPERIMENT, INT8_KERNEL_OPS, NOISY_TAG, SLOWER_TAG, STORE_DB, TEACHER_METRICS, speedup, speedup_ci95,
-    sqlite_uri,
+    ERROR_TAG, EXPERIMENT, INT8_KERNEL_OPS, NOISY_TAG, SLOWER_TAG, STORE_DB, TEACHER_METRICS, TIMED_ON_TAG, speedup,
+    speedup_ci95, sqlite_uri,
 )
 
 DATA = "mnist5k"
@@ -826,6 +827,9 @@ def summary(rows: list[Row], wall_s: float | None, args: argparse.Namespace) -> 
              f"{passed} of {len(rows)} rows PASS" + (f", {not_run} NOT RUN" if not_run else "")
              + (f", wall time {wall_s / 60:.1f} min" if wall_s is not None else "")
              + f" (store {store_uri(args.store)}, tag {args.tag}, code {_commits(rows)})."]
+    processors = _processors(rows)
+    if processors:
+        lines.append(f"Timed on: {processors} (speedups differ between processors: compare rows timed on one).")
     lines.append("Columns: asked = the method's config; sparsity, bits/w (32 / ratio: stored bits per weight) measured "
                  "on the finalized artifact; acc_drop = mean over FINISHED seeds [95% CI of that mean]; ratio = "
                  "compression_ratio; bs1/bs32 = speedup over the baseline timed beside it on the row's hardware.")
@@ -850,6 +854,14 @@ def _commits(rows: list[Row]) -> str:
     found = sorted({run.tags["git_commit"][:7] + ("+dirty" if run.tags.get("git_dirty") == "true" else "")
                     for row in rows for run in row.runs if run.tags.get("git_commit")})
     return ", ".join(found) if found else f"{_git_commit()} (no runs yet)"
+
+
+def _processors(rows: list[Row]) -> str:
+    """The processors the rows' latencies were measured on (their timed_on tags), with the runs timed on each."""
+    found = Counter(run.tags[TIMED_ON_TAG] for row in rows for run in row.runs if run.tags.get(TIMED_ON_TAG))
+    if len(found) == 1:
+        return next(iter(found))
+    return "; ".join(f"{name} ({count} run{'s' if count > 1 else ''})" for name, count in sorted(found.items()))
 
 
 def _git_commit() -> str:

@@ -160,6 +160,21 @@ def test_load_per_core_is_the_load_average_over_the_available_cores() -> None:
     assert load_per_core() == pytest.approx(before, abs=0.5)
 
 
+def test_the_processor_a_run_was_timed_on_is_named_with_its_int8_dot_products_and_cores(monkeypatch) -> None:
+    import torch
+
+    from lightning_modules.evaluation import latency
+
+    monkeypatch.setattr(latency, "available_cores", lambda: 2)
+    monkeypatch.setattr(latency, "_cpuinfo", lambda: ("AMD EPYC", {"avx2", "fma"}))
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert latency.processor_description() == f"AMD EPYC, {capability} without VNNI, 2 cores"
+    monkeypatch.setattr(latency, "_cpuinfo", lambda: ("Intel Xeon", {"avx512f", "avx512_vnni"}))
+    assert latency.processor_description() == f"Intel Xeon, {capability} with VNNI, 2 cores"
+    monkeypatch.setattr(latency, "_cpuinfo", lambda: ("", set()))  # no /proc/cpuinfo: no claim about VNNI
+    assert "VNNI" not in latency.processor_description() and latency.processor_description().endswith(", 2 cores")
+
+
 # ----------------------------------------------------------------------------- runtimes
 
 

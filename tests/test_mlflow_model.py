@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from lightning_modules.config import ConfigError, validate
 from lightning_modules.contract import (
     METHOD_TAG, MLFLOW_MODEL_NAME, MODEL_ARTIFACT, MODEL_FOLDER, ONNX_ARTIFACT, ONNX_ERROR_TAG, ONNX_MODEL_NAME,
-    TEST_ACC, TEST_ACC_ONNX, TIME_LOG_MODEL_S, TIME_ONNX_S,
+    TEST_ACC, TEST_ACC_ONNX, TIMED_ON_TAG, TIME_LOG_MODEL_S, TIME_ONNX_S,
 )
 from lightning_modules.data import InMemoryDataModule
 from lightning_modules.evaluation.accuracy import predict
@@ -56,6 +56,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
     runs = all_runs(uri)
     assert sorted(run.data.tags[METHOD_TAG] for run in runs) == ["agp", "baseline"]
     assert all(run.info.status == "FINISHED" for run in runs)
+    assert all(" core" in run.data.tags[TIMED_ON_TAG] for run in runs)  # where its latencies were measured
     return Store(uri, runs)
 
 

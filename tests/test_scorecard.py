@@ -331,6 +331,16 @@ def test_the_table_is_markdown():
     assert "PASS" in lines[2] and "FAIL: seed 0 FAILED (E)" in lines[3]
 
 
+def test_the_summary_names_the_processors_the_rows_were_timed_on(tmp_path):
+    args = sc.parse_args(["--store", str(tmp_path)])
+    one = [row("agp", [run(seed, tags={"timed_on": "AMD EPYC, AVX2 without VNNI, 2 cores"}) for seed in (0, 1)])]
+    assert "Timed on: AMD EPYC, AVX2 without VNNI, 2 cores (speedups" in sc.summary(judged(*one), None, args)
+    two = [*one, row("random", [run(0, tags={"timed_on": "Intel Xeon, AVX512 with VNNI, 2 cores"})])]
+    assert "AMD EPYC, AVX2 without VNNI, 2 cores (2 runs); Intel Xeon, AVX512 with VNNI, 2 cores (1 run)" in \
+        sc.summary(judged(*two), None, args)
+    assert "Timed on" not in sc.summary(judged(row("agp", three())), None, args)  # runs from before the tag
+
+
 def test_exit_code_is_nonzero_when_a_target_fails(tmp_path, monkeypatch):
     passing = [row("agp", three(sparsity=0.8))]
     monkeypatch.setattr(sc, "read_rows", lambda *args: passing)

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -134,6 +136,40 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+# /proc/cpuinfo flags of an int8 dot-product instruction: without one (AVX2; AVX-512 before VNNI) an x86 CPU
+# multiplies uint8 x int8 in 16-bit pairs, and int8 pays less against fp32 than on one with it
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def processor_description(device: torch.device | str = "cpu") -> str:
+    """What the latencies were measured on, for the run's `timed_on` tag: speedups differ between machines
+    (resnet20's int8 model on Inductor read 1.89x its fp32 form at batch 32 on 2026-12-02, 1.05x on 2026-12-04 on
+    an AVX2 host without VNNI; the runs did not say what they ran on).
+
+    A CUDA device is named by the GPU; a CPU by its model name, the vector instructions PyTorch uses on it,
+    whether it has int8 dot products (Linux only) and the cores this process may use.
+    """
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    name, flags = _cpuinfo()
+    parts = [name or platform.processor() or platform.machine(), torch.backends.cpu.get_cpu_capability()]
+    if flags:
+        parts[-1] += " with VNNI" if flags & set(INT8_DOT_FLAGS) else " without VNNI"
+    cores = available_cores()
+    return ", ".join([*parts, f"{cores} core{'s' if cores > 1 else ''}"])
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    """The first CPU's model name and flags in /proc/cpuinfo ("" and none where there is no such file)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "", set()
+    fields = dict(line.split(":", 1) for line in text.split("\n\n", 1)[0].splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    return fields.get("model name", ""), set(fields.get("flags", "").split())
 
 
 def load_per_core() -> float:

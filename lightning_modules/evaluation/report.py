@@ -23,7 +23,7 @@ from lightning_modules.contract import (
     BASELINE_TEST_ACC, COMPRESSION_RATIO, COMPRESSION_RATIO_VS_TEACHER, DEQUANTIZED, ENCODING_TABLE, INT8_KERNEL_OPS,
     LATENCY_LOAD_AVG, LAYERS_TABLE, MACS_DENSE, MACS_EFFECTIVE, MACS_EFFECTIVE_THEORETICAL, MODEL_FILE, NOISY_TAG,
     ONNX_ERROR_TAG, ONNX_FILE, SIMULATED, SIZE_BYTES, TEACHER_SIZE_BYTES, TEACHER_TEST_ACC, TEST_ACC, TEST_ACC_ONNX,
-    TEST_IMAGES, TEST_LOSS, TIME_ONNX_S, baseline_metric, labelled,
+    TEST_IMAGES, TEST_LOSS, TIME_ONNX_S, TIMED_ON_TAG, baseline_metric, labelled,
     latency_ms_p50, reference_test_acc, size_bytes_of, speedup, speedup_ci95, teacher_metric, vs_teacher,
 )
 from lightning_modules.architecture import ModelRecipe
@@ -34,7 +34,7 @@ from lightning_modules.evaluation.artifact import (
 )
 from lightning_modules.deployable_int8 import decode_low_bit, dequantized, is_quantized
 from lightning_modules.evaluation.complexity import count_macs
-from lightning_modules.evaluation.latency import load_per_core, measure_latency
+from lightning_modules.evaluation.latency import load_per_core, measure_latency, processor_description
 from lightning_modules.evaluation.runtime import (
     INT8_OPS, RUNTIMES, Deployed, OrtModel, export_onnx, optimized_ops, runtime_name,
 )
@@ -159,7 +159,7 @@ def measure(
         metrics.update(teacher_figures(metrics, metrics.pop(TEACHER_TEST_ACC), sizes["teacher"],
                                        timing.latency["teacher"], list(hardware.latency.batch_sizes)))
     tables = {LAYERS_TABLE: layer_table(shipped.counted), ENCODING_TABLE: shipped.encodings}
-    tags = {NOISY_TAG: timing.noise} if timing.noise else {}
+    tags = {TIMED_ON_TAG: processor_description(device), **({NOISY_TAG: timing.noise} if timing.noise else {})}
     if shipped.onnx.error is not None:
         tags[ONNX_ERROR_TAG] = shipped.onnx.error
     return Report(metrics, tables, artifact_dir / MODEL_FILE, tags, shipped.latency_label)
