@@ -787,7 +787,7 @@ def notes(row: Row) -> str:
     skipped = {key: row.mean(key) for run in finished for key in run.metrics if key.startswith("layers_skipped_")}
     skipped = {key: value for key, value in skipped.items() if value}
     if skipped:
-        parts.append("skipped layers " + ", ".join(f"{key.removeprefix('layers_skipped_')} {value:g}"
+        parts.append("skipped layers " + ", ".join(f"{key.removeprefix('layers_skipped_')} {round(value, 1):g}"
                                                    for key, value in skipped.items()))
     parts.extend(row.remarks)
     return "; ".join(parts)

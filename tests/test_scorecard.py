@@ -283,6 +283,12 @@ def test_a_model_with_an_int8_kernel_running_is_not_called_float_however_small_i
     assert "float model 3/3" in sc.notes(judged_float)
 
 
+def test_the_mean_count_of_skipped_layers_is_read_to_one_decimal():
+    runs = [run(seed, layers_skipped_qat=count) for seed, count in ((0, 3.0), (1, 4.0), (2, 4.0))]
+    (judged_row,) = judged(row("qat", runs, method="qat"))
+    assert "skipped layers qat 3.7" in sc.notes(judged_row)
+
+
 def test_plan_skips_conv_only_methods_on_lenet300_and_full_covers_every_model():
     specs = sc.select_specs(["tucker", "svd"])
     default = {(job.spec.key, job.model) for job in sc.plan(specs, ["lenet300", "lenet5"], [0, 1, 2], full=False)}
