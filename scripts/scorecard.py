@@ -857,11 +857,20 @@ def _commits(rows: list[Row]) -> str:
 
 
 def _processors(rows: list[Row]) -> str:
-    """The processors the rows' latencies were measured on (their timed_on tags), with the runs timed on each."""
-    found = Counter(run.tags[TIMED_ON_TAG] for row in rows for run in row.runs if run.tags.get(TIMED_ON_TAG))
-    if len(found) == 1:
-        return next(iter(found))
-    return "; ".join(f"{name} ({count} run{'s' if count > 1 else ''})" for name, count in sorted(found.items()))
+    """The processors the rows' latencies were measured on (their timed_on tags), with the runs timed on each
+    when they differ; runs from before the tag are counted as not recorded."""
+    measured = [run for row in rows for run in row.runs if run.metrics]
+    found = Counter(run.tags.get(TIMED_ON_TAG, "") for run in measured)
+    unrecorded = found.pop("", 0)
+    if not found:
+        return ""
+    named = [next(iter(found))] if len(found) == 1 and not unrecorded else \
+        [f"{name} ({_count_runs(count)})" for name, count in sorted(found.items())]
+    return "; ".join(named + ([f"not recorded for {_count_runs(unrecorded)} (older code)"] if unrecorded else []))
+
+
+def _count_runs(count: int) -> str:
+    return f"{count} run{'s' if count > 1 else ''}"
 
 
 def _git_commit() -> str:

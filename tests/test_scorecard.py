@@ -345,6 +345,8 @@ def test_the_summary_names_the_processors_the_rows_were_timed_on(tmp_path):
     assert "AMD EPYC, AVX2 without VNNI, 2 cores (2 runs); Intel Xeon, AVX512 with VNNI, 2 cores (1 run)" in \
         sc.summary(judged(*two), None, args)
     assert "Timed on" not in sc.summary(judged(row("agp", three())), None, args)  # runs from before the tag
+    mixed = sc.summary(judged(*one, row("random", three())), None, args)
+    assert "AMD EPYC, AVX2 without VNNI, 2 cores (2 runs); not recorded for 3 runs (older code)" in mixed
 
 
 def test_exit_code_is_nonzero_when_a_target_fails(tmp_path, monkeypatch):
