@@ -278,6 +278,8 @@ def _validate_hardware(hardware: DictConfig) -> None:
                  noun="a number of seconds")
     check_number("hardware.latency.noisy_speedup_error", hardware.latency.get("noisy_speedup_error", 0.1), 0,
                  error=ConfigError, allowed="a fraction of the speedup >= 0 (e.g. 0.1)")
+    if not isinstance(hardware.latency.get("exclusive", True), bool):
+        _fail("hardware.latency.exclusive", hardware.latency.exclusive, "true or false")
 
 
 def _validate_recipe(key: str, recipe: DictConfig, minimum_epochs: int) -> None:

@@ -49,6 +49,7 @@ from lightning_modules.evaluation.complexity import count_macs
 from lightning_modules.evaluation.energy import energy_report, energy_source, metered_training, open_counter, run_cores
 from lightning_modules.evaluation.latency import LatencyTimer, available_cores
 from lightning_modules.evaluation.report import Report, measure
+from lightning_modules.evaluation.timing_lock import StepAsideForTiming, busy, set_exclusive
 from lightning_modules.liveness import end_dead_runs
 from lightning_modules.mlflow_model import log_run_models
 from lightning_modules.models import build_model, model_recipe
@@ -128,7 +129,17 @@ class Baseline:
 
 
 def run_experiment(cfg: DictConfig) -> dict[str, float]:
-    """Run one (data, model, method, hardware, seed) and return its logged metrics."""
+    """Run one (data, model, method, hardware, seed) and return its logged metrics.
+
+    The run computes as `busy` (evaluation/timing_lock.py): it pauses at its next batch while another
+    job of this machine times a model, and they pause while it times its own.
+    """
+    set_exclusive(OmegaConf.select(cfg, "hardware.latency.exclusive", default=True) is not False)  # validate judges it
+    with busy():
+        return _run_experiment(cfg)
+
+
+def _run_experiment(cfg: DictConfig) -> dict[str, float]:
     validate(cfg)
     store, sweep, job = where_to_log(cfg.tracking)
     end_dead_runs(store)  # RUNNING runs of the experiment whose process is gone (kill -9, a lost node) end KILLED
@@ -363,7 +374,7 @@ def fit(cfg: DictConfig, recipe: DictConfig | None, model: nn.Module, data: InMe
         noted = [note] if resume is not None else []  # a fresh start has no resume to note
         saving = {"enable_checkpointing": True, "callbacks": [checkpoints.callback(run.run_id), *noted]}
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, max_epochs=epochs, **{
-        **saving, "callbacks": [*callbacks, EpochMetricsLogger(run), *saving.get("callbacks", [])]})
+        **saving, "callbacks": [*callbacks, EpochMetricsLogger(run), StepAsideForTiming(), *saving.get("callbacks", [])]})
     started = time.perf_counter()
     with safe_loading():  # a checkpoint is read with weights_only=True
         trainer.fit(task, datamodule=data, ckpt_path=resume, weights_only=True)

@@ -31,6 +31,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_modules.evaluation.timing_lock import idle
 from lightning_modules.liveness import HEARTBEAT_S, STALE_AFTER_S, end_if_dead, end_killed, heartbeat, liveness_tags
 from lightning_modules.signals import kill_reason, signals_held
 from lightning_modules.contract import (
@@ -338,7 +339,8 @@ def won_claim(store: Store, fingerprint: str, run_id: str) -> bool:
     it is at once and still `store.claim_settle_s` later, and no job has finished that baseline meanwhile."""
     for look in range(2 if store.claim_settle_s > 0 else 1):
         if look:
-            time.sleep(store.claim_settle_s)
+            with idle():  # a job of this machine that times meanwhile need not wait for this one
+                time.sleep(store.claim_settle_s)
         claims = live_claims(store, fingerprint)
         if claims and claims[0].info.run_id != run_id:
             return False
@@ -368,7 +370,8 @@ def wait_for_baseline(store: Store, fingerprint: str, timeout_s: float) -> str |
         if not announced:
             log.info("baseline %s is being trained by run %s: waiting for it", fingerprint, live[0].info.run_id)
             announced = True
-        time.sleep(CLAIM_POLL_SECONDS)
+        with idle():
+            time.sleep(CLAIM_POLL_SECONDS)
 
 
 def live_claims(store: Store, fingerprint: str) -> list:

@@ -2,8 +2,10 @@
 
 Runs each `conf/method/` option with nothing changed but the hardware it is measured on (and the few
 extra rows of TARGETS that set `method.sparsity`), on data=mnist5k, through `train.py -m` in
-subprocesses (Hydra's basic launcher: one job at a time) into one MLflow store, so each dense
-baseline is trained once (or found there). Then it reads the runs back and prints one row per
+subprocesses into one MLflow store, so each dense baseline is trained once (or found there). Runs on
+one thread (cpu_1t) train `--jobs` at a time (Hydra's joblib launcher; default: one per core) and
+time one at a time: a run that times makes the others pause at their next batch
+(lightning_modules/evaluation/timing_lock.py); runs on every core go one at a time. Then it reads the runs back and prints one row per
 (model, method row), aggregated over the seeds, with a verdict against the target table below:
 
     python scripts/scorecard.py                                  # lenet300 + lenet5, seeds 0,1,2, every method
@@ -74,6 +76,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere, installed or not
 
+from lightning_modules.evaluation.latency import available_cores  # noqa: E402
 from lightning_modules.tracking import copy_baselines  # noqa: E402
 from lightning_modules.contract import (  # noqa: E402
     ERROR_TAG, EXPERIMENT, INT8_KERNEL_OPS, NOISY_TAG, SLOWER_TAG, STORE_DB, TEACHER_METRICS, TIMED_ON_TAG, speedup,
@@ -639,8 +642,21 @@ class Group:
         return (len(found) == len(mine) and found[:models_at] == mine[:models_at]
                 and found[models_at + 2:] == mine[models_at + 2:])
 
-    def command(self, tag: str, store: Path, data: str = DATA, extra: Iterable[str] = ()) -> list[str]:
-        """The train.py command; `extra` overrides are for tests (a shrunk trainer), never for a scorecard."""
+    def parallel_jobs(self, jobs: int) -> int:
+        """How many of the group's runs train at once: `jobs` where each trains on one thread (its hardware's
+        `threads: 1`), else one (a run on every core leaves none to another)."""
+        threads = OmegaConf.load(ROOT / "conf" / "hardware" / f"{self.hardware}.yaml").get("threads")
+        runs = len(self.methods) * len(self.models) * len(self.seeds)
+        return max(1, min(jobs, runs)) if threads == 1 else 1
+
+    def command(self, tag: str, store: Path, data: str = DATA, extra: Iterable[str] = (), jobs: int = 1) -> list[str]:
+        """The train.py command; `extra` overrides are for tests (a shrunk trainer), never for a scorecard.
+
+        With `jobs` > 1 the group's one-thread runs train `jobs` at a time (Hydra's joblib launcher); their
+        timings stay alone: a run that times makes the others pause (lightning_modules/evaluation/timing_lock.py)."""
+        parallel = self.parallel_jobs(jobs)
+        launcher = (["hydra/launcher=joblib", f"hydra.launcher.n_jobs={parallel}"] if parallel > 1 else
+                    ["hydra/launcher=basic"])  # one job at a time
         # the baselines' own rows first; the distillation runs that need a teacher last
         methods = sorted(self.methods, key=lambda method: (method != "baseline", method in ("kd", "kd_feature")))
         return [sys.executable, str(ROOT / "train.py"), "-m",
@@ -649,8 +665,7 @@ class Group:
                 # the default grid teaches kd with lenet5; a scorecard judges the shipped teacher
                 f"kd_teacher={shipped_kd_teacher()}",
                 *self.overrides, *extra, f"tracking.uri={store_uri(store)}", "trainer.enable_progress_bar=false",
-                "hydra/launcher=basic",  # one job at a time: timings of one run are not disturbed by the next
-                f"hydra.sweep.dir={store / 'sweeps' / self.name(tag)}"]
+                *launcher, f"hydra.sweep.dir={store / 'sweeps' / self.name(tag)}"]
 
 
 def shipped_kd_teacher() -> str:
@@ -687,9 +702,10 @@ def store_uri(store: Path) -> str:
     return sqlite_uri(store)
 
 
-def run_group(group: Group, tag: str, store: Path, data: str = DATA, extra: Iterable[str] = ()) -> tuple[int, float]:
+def run_group(group: Group, tag: str, store: Path, data: str = DATA, extra: Iterable[str] = (),
+              jobs: int = 1) -> tuple[int, float]:
     """Run one sweep; its output goes to <store>/logs/<group>.log, the per-run result lines also here."""
-    command = group.command(tag, store, data, extra)
+    command = group.command(tag, store, data, extra, jobs)
     log_path = store / "logs" / f"{group.name(tag)}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WORKBENCH_ROOT": str(ROOT), "MLFLOW_TRACKING_URI": store_uri(store),
@@ -704,7 +720,8 @@ def run_group(group: Group, tag: str, store: Path, data: str = DATA, extra: Iter
                 print(f"  {line.rstrip()[-220:]}", flush=True)
     seconds = time.perf_counter() - started
     print(f"[{_now()}] exit {process.returncode} after {seconds:.0f} s ({len(group.methods)} methods x "
-          f"{len(group.models)} models x {len(group.seeds)} seeds); log {log_path}", flush=True)
+          f"{len(group.models)} models x {len(group.seeds)} seeds, {group.parallel_jobs(jobs)} at a time); "
+          f"log {log_path}", flush=True)
     return process.returncode, seconds
 
 
@@ -902,6 +919,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--override", action="append", default=[], help=argparse.SUPPRESS)  # tests only: shrunk trainer
     parser.add_argument("--readme", type=Path, default=None,
                         help="also write the table into this README's 'What the defaults deliver' section")
+    parser.add_argument("--jobs", type=int, default=available_cores(),
+                        help="one-thread runs trained at once (default: the cores; timings stay one at a time)")
     parser.add_argument("--dry-run", action="store_true", help="list the train.py commands and exit")
     parser.add_argument("--report-only", action="store_true", help="read the store and print the table, run nothing")
     args = parser.parse_args(argv)
@@ -919,6 +938,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--seeds: {args.seeds!r} is not a comma-separated list of integers")
     if not args.seed_list:
         parser.error("--seeds: give at least one seed")
+    if args.jobs < 1:
+        parser.error(f"--jobs: {args.jobs}; allowed: an integer >= 1")
     if args.store is None:
         if args.report_only:
             parser.error("--report-only needs --store")
@@ -940,7 +961,7 @@ def scorecard(argv: list[str] | None = None) -> tuple[list[Row], int]:
         runs = sum(len(group.methods) * len(group.models) * len(group.seeds) for group in groups)
         print(f"{len(jobs)} rows, {runs} runs in {len(groups)} sweeps (store {args.store}):")
         for group in groups:
-            print(" ".join(group.command(args.tag, args.store, args.data, args.override)[1:]))
+            print(" ".join(group.command(args.tag, args.store, args.data, args.override, args.jobs)[1:]))
         return [], 0
     wall_s = None
     if not args.report_only:
@@ -948,7 +969,7 @@ def scorecard(argv: list[str] | None = None) -> tuple[list[Row], int]:
         for group in groups:
             if args.baselines_from is not None and (copied := copy_baselines(args.store, args.baselines_from)):
                 print(copied)  # again before each sweep: baselines trained there meanwhile (a teacher)
-            run_group(group, args.tag, args.store, args.data, args.override)
+            run_group(group, args.tag, args.store, args.data, args.override, args.jobs)
         wall_s = time.perf_counter() - started
     rows = judge(read_rows(args.store, args.tag_list, jobs))
     text = f"{summary(rows, wall_s, args)}\n\n{render(rows)}\n"

@@ -160,6 +160,7 @@ def test_a_nan_loss_stops_training_at_once_and_fails_the_run(tmp_path, store_uri
         (["hardware.latency.noisy_speedup_error=-0.1"],
          r"hardware.latency.noisy_speedup_error=-0.1 is not valid; allowed: a fraction of the speedup >= 0"),
         (["++run_checks.chance_margin=-1"], r"run_checks.chance_margin=-1 is not valid; allowed: points above chance >= 0"),
+        (["hardware.latency.exclusive=sometimes"], r"hardware.latency.exclusive='sometimes' is not valid; allowed: true or false"),
     ],
 )
 def test_bad_model_settings_and_layer_names_fail_validation(overrides: list[str], message: str) -> None:
@@ -240,7 +241,7 @@ def test_noisy_and_slower_runs_are_tagged_and_starred_in_the_grid(tmp_path, stor
     assert result.returncode == 0, result.stderr[-3000:]
     runs = all_runs(store_uri)
     assert all("latency_spread_bs1" in run.data.metrics and "latency_load_avg" in run.data.metrics
-               for run in runs if run.data.tags.get("method"))
+               and "latency_others_cores" in run.data.metrics for run in runs if run.data.tags.get("method"))
     [pruned] = [run for run in runs if run.data.tags.get("method") == "magnitude"]
     assert "noisy_speedup_error=0" in pruned.data.tags["latency_noisy"]
     assert pruned.data.metrics["speedup_bs32_ci95_low"] <= pruned.data.metrics["speedup_bs32"] \

@@ -329,6 +329,18 @@ def test_the_command_sets_the_shipped_teacher_per_model_over_the_default_grids(t
         assert compose_config([f"model={model}", "method=kd", teacher]).method.teacher.model == expected
 
 
+def test_one_thread_runs_train_in_parallel_and_runs_on_every_core_one_at_a_time(tmp_path):
+    groups = {group.hardware: group for group in sc.group_jobs(sc.plan(sc.select_specs(["agp", "qat"], exact=True),
+                                                                        ["lenet5"], [0, 1], False))}
+    one_thread, every_core = groups["cpu_1t"].command("t", tmp_path, jobs=2), groups["cpu_ort"].command("t", tmp_path, jobs=2)
+    assert "hydra/launcher=joblib" in one_thread and "hydra.launcher.n_jobs=2" in one_thread
+    assert "hydra/launcher=basic" in every_core and not any("n_jobs" in arg for arg in every_core)
+    assert "hydra/launcher=basic" in groups["cpu_1t"].command("t", tmp_path, jobs=1)
+    assert groups["cpu_1t"].parallel_jobs(8) == 2  # never more workers than the group's runs
+    with pytest.raises(SystemExit):
+        sc.parse_args(["--jobs", "0"])
+
+
 def test_the_table_is_markdown():
     rows = judged(row("agp", three(sparsity=0.8)), row("random", [run(0, status="FAILED", tags={"error": "E"})]))
     lines = sc.render(rows).splitlines()

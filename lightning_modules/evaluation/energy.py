@@ -30,6 +30,7 @@ from lightning_modules.contract import (
     ENERGY_J_PER_IMAGE_ESTIMATE, ENERGY_J_PER_IMAGE_MEASURED, ENERGY_TRAIN_KJ_ESTIMATE, ENERGY_TRAIN_KJ_MEASURED,
     TRAIN_TIME_S, latency_ms_p50,
 )
+from lightning_modules.evaluation.timing_lock import timing_alone
 
 POWERCAP = Path("/sys/class/powercap")
 MEASURE_SECONDS = 2.0  # how long the finalized model runs while a counter measures inference
@@ -179,7 +180,8 @@ def measured_inference(counter: Counter, model: nn.Module, example: torch.Tensor
         if example.device.type == "cuda":
             torch.cuda.synchronize(example.device)
 
-    joules = counter.joules_during(loop)
+    with timing_alone():  # a reading of the whole machine's counter: the workbench's other jobs pause
+        joules = counter.joules_during(loop)
     return joules / max(images, 1)
 
 

@@ -27,6 +27,7 @@ from lightning_modules.contract import (
     latency_ms_p50, latency_ms_p95, latency_spread, speedup, speedup_ci95, throughput,
 )
 from lightning_modules.evaluation.runtime import Deployed, deploy, measured_runtime, time_int8_layer
+from lightning_modules.evaluation.timing_lock import timing_alone
 
 
 def _synchronizer(device: torch.device) -> Callable[[], None]:
@@ -59,8 +60,9 @@ def measure_latency(
     """
     results: dict[str, dict[str, float]] = {name: {} for name in models}
     for batch_size in batch_sizes:
-        times = _interleaved_times(models, torch.randn((batch_size, *input_shape), device=device),
-                                   _synchronizer(device), warmup, repeats, min_time_s)
+        with timing_alone():  # the workbench's other jobs pause meanwhile (timing_lock.py)
+            times = _interleaved_times(models, torch.randn((batch_size, *input_shape), device=device),
+                                       _synchronizer(device), warmup, repeats, min_time_s)
         p50 = {name: float(np.percentile(ms, 50)) for name, ms in times.items()}
         for name, ms in times.items():
             p95 = float(np.percentile(ms, 95))
@@ -172,6 +174,41 @@ def _cpuinfo() -> tuple[str, set[str]]:
     return fields.get("model name", ""), set(fields.get("flags", "").split())
 
 
+class OthersCpu:
+    """Cores' worth of CPU time the machine's other processes used while a block ran (`others_cpu`).
+
+    Read from /proc/stat (every core's busy time) less this process's own CPU time (all its threads,
+    ONNX Runtime's pool included), over the block's wall time: 0.0-0.02 on this 2-core machine idle,
+    1.0 beside one busy process, 0.08 beside one that computes 20% of the time. Unlike the 1-minute load
+    average, it covers the timing only: jobs that trained until a second ago and now pause for it
+    (timing_lock.py) do not count. nan where /proc/stat cannot be read (macOS, Windows).
+    """
+
+    def __init__(self) -> None:
+        self.cores = float("nan")
+        self._start = (_machine_busy_s(), time.process_time(), time.monotonic())
+
+    def stop(self) -> float:
+        machine, own, wall = _machine_busy_s(), time.process_time(), time.monotonic()
+        elapsed = wall - self._start[2]
+        if elapsed > 0 and not math.isnan(machine):
+            others = (machine - self._start[0]) - (own - self._start[1])
+            self.cores = max(0.0, others / elapsed)
+        return self.cores
+
+
+def _machine_busy_s() -> float:
+    """Seconds every core of the machine has spent busy since boot (/proc/stat), or nan."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(value) for value in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return float("nan")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle and iowait
+    busy = sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal (guest is inside user)
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
 def load_per_core() -> float:
     """The machine's 1-minute load average (runnable threads, ours included) per available core.
 
@@ -198,23 +235,24 @@ def paired_times(dense: nn.Module, factored: nn.Module, inputs: torch.Tensor, wa
     At least `pairs` pairs, and more until `min_time_s` has passed (sub-millisecond models).
     """
     sync = torch.cuda.synchronize if inputs.is_cuda else (lambda: None)
-    for _ in range(warmup):
-        dense(inputs)
-        factored(inputs)
-    sync()
-    dense_s, factored_s = [], []
-    end = time.perf_counter() + min_time_s
-    pair = 0
-    while pair < pairs or time.perf_counter() < end:
-        for which in ((0, 1) if pair % 2 == 0 else (1, 0)):
-            module = (dense, factored)[which]
-            module(inputs)  # untimed: this module's weights in the caches, the other's threads settled
-            sync()
-            start = time.perf_counter()
-            module(inputs)
-            sync()
-            (dense_s, factored_s)[which].append(time.perf_counter() - start)
-        pair += 1
+    with timing_alone():  # the workbench's other jobs pause meanwhile (timing_lock.py)
+        for _ in range(warmup):
+            dense(inputs)
+            factored(inputs)
+        sync()
+        dense_s, factored_s = [], []
+        end = time.perf_counter() + min_time_s
+        pair = 0
+        while pair < pairs or time.perf_counter() < end:
+            for which in ((0, 1) if pair % 2 == 0 else (1, 0)):
+                module = (dense, factored)[which]
+                module(inputs)  # untimed: this module's weights in the caches, the other's threads settled
+                sync()
+                start = time.perf_counter()
+                module(inputs)
+                sync()
+                (dense_s, factored_s)[which].append(time.perf_counter() - start)
+            pair += 1
     ratios = np.asarray(dense_s) / np.asarray(factored_s)
     return float(np.median(dense_s)) * 1000.0, float(np.median(factored_s)) * 1000.0, float(np.median(ratios))
 

@@ -7,6 +7,7 @@ accuracy, size, MACs and latency are all taken on exactly what a user would ship
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from torch import nn
 from lightning_modules.contract import (
     ACC_DROP, ACC_DROP_CI95_HIGH, ACC_DROP_CI95_LOW, ACC_DROP_VS_TEACHER, BASELINE_MACS_DENSE, BASELINE_SIZE_BYTES,
     BASELINE_TEST_ACC, COMPRESSION_RATIO, COMPRESSION_RATIO_VS_TEACHER, DEQUANTIZED, ENCODING_TABLE, INT8_KERNEL_OPS,
-    LATENCY_LOAD_AVG, LAYERS_TABLE, MACS_DENSE, MACS_EFFECTIVE, MACS_EFFECTIVE_THEORETICAL, MODEL_FILE, NOISY_TAG,
+    LATENCY_LOAD_AVG, LATENCY_OTHERS_CORES, LAYERS_TABLE, MACS_DENSE, MACS_EFFECTIVE, MACS_EFFECTIVE_THEORETICAL, MODEL_FILE, NOISY_TAG,
     ONNX_ERROR_TAG, ONNX_FILE, SIMULATED, SIZE_BYTES, TEACHER_SIZE_BYTES, TEACHER_TEST_ACC, TEST_ACC, TEST_ACC_ONNX,
     TEST_IMAGES, TEST_LOSS, TIME_ONNX_S, TIMED_ON_TAG, baseline_metric, labelled,
     latency_ms_p50, reference_test_acc, size_bytes_of, speedup, speedup_ci95, teacher_metric, vs_teacher,
@@ -34,7 +35,8 @@ from lightning_modules.evaluation.artifact import (
 )
 from lightning_modules.deployable_int8 import decode_low_bit, dequantized, is_quantized
 from lightning_modules.evaluation.complexity import count_macs
-from lightning_modules.evaluation.latency import load_per_core, measure_latency, processor_description
+from lightning_modules.evaluation.latency import OthersCpu, load_per_core, measure_latency, processor_description
+from lightning_modules.evaluation.timing_lock import step_aside_if_asked, the_lock, timing_alone
 from lightning_modules.evaluation.runtime import (
     INT8_OPS, RUNTIMES, Deployed, OrtModel, export_onnx, optimized_ops, runtime_name,
 )
@@ -42,9 +44,13 @@ from lightning_modules.layers import layer_table, parameter_counts
 
 log = logging.getLogger(__name__)
 
-# A timing is judged noisy (tag `latency_noisy`) when the machine had more runnable threads than
-# cores while it ran, or a speedup's 95% interval reaches further from it than
-# hardware.latency.noisy_speedup_error (a fraction of the speedup).
+# A timing is judged noisy (tag `latency_noisy`) when other processes used more than MAX_OTHERS_CORES
+# cores' worth of CPU while it ran (where /proc/stat says; elsewhere: more runnable threads than cores
+# by the load average), when the workbench's other jobs did not pause for it (timing_lock.py), or when a
+# speedup's 95% interval reaches further from it than hardware.latency.noisy_speedup_error (a fraction
+# of the speedup). 0.25: an idle 2-core machine reads 0.00-0.02, one busy neighbour 1.0, one computing
+# a fifth of the time 0.08 (2026-12-04).
+MAX_OTHERS_CORES = 0.25
 MAX_LOAD_PER_CORE = 1.0
 NOISY_SPEEDUP_ERROR_DEFAULT = 0.10
 
@@ -145,7 +151,9 @@ def measure(
     if teacher is not None:
         others["teacher"] = deploy_for_measure(teacher, "teacher", shipped.runtime, hardware, device, scratch_dir,
                                                input_shape)
+    step_aside_if_asked()  # between steps: a job of this machine that asked to time goes first
     accuracy = accuracy_figures(shipped, others, references or {}, test, device)
+    step_aside_if_asked()
     sizes = {name: other.size_bytes if shipped.packed or other.runtime_size_bytes is None else other.runtime_size_bytes
              for name, other in others.items()}
     metrics = {**accuracy, **size_figures(shipped, sizes["baseline"]),
@@ -153,6 +161,7 @@ def measure(
     timing = time_models(shipped, others, input_shape, hardware, device)
     metrics.update(latency_figures(timing, shipped.latency_label, list(hardware.latency.batch_sizes)))
     metrics.update(shipped.figures)
+    step_aside_if_asked()
     metrics.update(onnx_accuracy(shipped, test, device, hardware.get("threads")))
     metrics[TEST_IMAGES] = float(len(test))
     if teacher is not None:
@@ -318,6 +327,7 @@ class Timing:
     latency: dict[str, dict[str, float]]  # "model", "baseline" (unless it is the model), "teacher"
     load: float
     noise: str | None
+    others_cores: float = float("nan")  # cores' worth of CPU other processes used meanwhile (latency.OthersCpu)
 
 
 def time_models(shipped: Shipped, others: dict[str, Deployment], input_shape: tuple[int, ...],
@@ -327,13 +337,17 @@ def time_models(shipped: Shipped, others: dict[str, Deployment], input_shape: tu
              **{name: other.deployed for name, other in others.items() if other is not shipped.deployment}}
     batch_sizes = list(hardware.latency.batch_sizes)
     load_before = load_per_core()
-    latency = measure_latency(timed, input_shape, batch_sizes, device, warmup=hardware.latency.warmup,
-                              repeats=hardware.latency.repeats, min_time_s=hardware.latency.get("min_time_s", 0.0),
-                              reference="baseline" if "baseline" in timed else None)
+    with timing_alone() as alone:  # the workbench's other jobs on this machine pause meanwhile
+        others = OthersCpu()
+        latency = measure_latency(timed, input_shape, batch_sizes, device, warmup=hardware.latency.warmup,
+                                  repeats=hardware.latency.repeats, min_time_s=hardware.latency.get("min_time_s", 0.0),
+                                  reference="baseline" if "baseline" in timed else None)
+        others.stop()
     load = max(load_before, load_per_core())  # nan only where the platform has no load average
     noise = noisy_timing_reason(load, latency["model"], batch_sizes,
-                                hardware.latency.get("noisy_speedup_error", NOISY_SPEEDUP_ERROR_DEFAULT))
-    return Timing(latency, load, noise)
+                                hardware.latency.get("noisy_speedup_error", NOISY_SPEEDUP_ERROR_DEFAULT),
+                                others.cores, None if alone.alone or not the_lock().enabled else alone.waited_s)
+    return Timing(latency, load, noise, others.cores)
 
 
 def latency_figures(timing: Timing, label: str | None, batch_sizes: list[int]) -> dict[str, float]:
@@ -341,7 +355,7 @@ def latency_figures(timing: Timing, label: str | None, batch_sizes: list[int]) -
     simulated) when the latency is not of the deployed weights on kernels of their own width."""
     model_latency = timing.latency["model"]
     baseline_latency = timing.latency.get("baseline", model_latency)
-    figures = {**model_latency, LATENCY_LOAD_AVG: timing.load}
+    figures = {**model_latency, LATENCY_LOAD_AVG: timing.load, LATENCY_OTHERS_CORES: timing.others_cores}
     for batch_size in batch_sizes:
         key = latency_ms_p50(batch_size)
         figures[baseline_metric(key)] = baseline_latency[key]
@@ -370,14 +384,22 @@ def teacher_figures(metrics: dict[str, float], teacher_acc: float, teacher_size:
 
 
 def noisy_timing_reason(load_per_core: float, model_latency: dict[str, float], batch_sizes: list[int],
-                        max_error: float) -> str | None:
-    """Why the timing cannot be trusted as it stands, or None: the machine's load per core above 1 while
-    timing, or a speedup whose 95% interval reaches further than `max_error` (a fraction of the speedup,
+                        max_error: float, others_cores: float = float("nan"),
+                        not_alone_after_s: float | None = None) -> str | None:
+    """Why the timing cannot be trusted as it stands, or None: other processes busy on more than
+    MAX_OTHERS_CORES cores while timing (where that is measured, else the load average above 1 per core),
+    the workbench's other jobs not paused for it (`not_alone_after_s`: how long it waited for them), or a
+    speedup whose 95% interval reaches further than `max_error` (a fraction of the speedup,
     hardware.latency.noisy_speedup_error) on either side of it."""
     reasons = []
-    if load_per_core > MAX_LOAD_PER_CORE:
+    if not math.isnan(others_cores):
+        if others_cores > MAX_OTHERS_CORES:
+            reasons.append(f"other processes used {others_cores:.2f} cores while timing (above {MAX_OTHERS_CORES})")
+    elif load_per_core > MAX_LOAD_PER_CORE:
         reasons.append(f"load {load_per_core:.2f} per core while timing (above {MAX_LOAD_PER_CORE:.1f}: "
                        "more runnable threads than cores)")
+    if not_alone_after_s is not None:
+        reasons.append(f"other jobs did not pause for the timing within {not_alone_after_s:.0f} s")
     for batch_size in batch_sizes:
         if speedup(batch_size) not in model_latency:
             continue  # the baseline's own run: nothing compared
