@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,15 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from lightning_modules.contract import EXPERIMENT
+from lightning_modules.evaluation.timing_lock import LOCK_DIR_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+
+# Each test worker (pytest-xdist) times apart from the others: the tests check behaviour, not speed, and
+# with one lock for the machine each worker paused for the other's timings and waited for its compiles
+# (evaluation/timing_lock.py): 26 minutes for the suite instead of 21. The runs a test starts share its lock.
+os.environ.setdefault(LOCK_DIR_ENV, str(Path(tempfile.gettempdir()) / f"workbench-timing-tests-{os.getpid()}"))
 
 # A run small enough for a test: 8x8 digits, one epoch of a few batches, short latency loops.
 FAST_SHIPPED = [
