@@ -278,6 +278,9 @@ def _validate_hardware(hardware: DictConfig) -> None:
                  noun="a number of seconds")
     check_number("hardware.latency.noisy_speedup_error", hardware.latency.get("noisy_speedup_error", 0.1), 0,
                  error=ConfigError, allowed="a fraction of the speedup >= 0 (e.g. 0.1)")
+    check_number("hardware.latency.retries", hardware.latency.get("retries", 0), 0, integer=True, error=ConfigError)
+    check_number("hardware.latency.retry_wait_s", hardware.latency.get("retry_wait_s", 0.0), 0, error=ConfigError,
+                 noun="a number of seconds")
     if not isinstance(hardware.latency.get("exclusive", True), bool):
         _fail("hardware.latency.exclusive", hardware.latency.exclusive, "true or false")
 

@@ -99,6 +99,7 @@ MACS_DENSE, MACS_EFFECTIVE, MACS_EFFECTIVE_THEORETICAL = "macs_dense", "macs_eff
 BASELINE_MACS_DENSE = "baseline_macs_dense"
 LATENCY_LOAD_AVG = "latency_load_avg"  # the machine's load per core while timing
 LATENCY_OTHERS_CORES = "latency_others_cores"  # cores' worth of CPU other processes used while timing
+LATENCY_ATTEMPTS = "latency_attempts"  # timings taken (a noisy one is taken again: hardware.latency.retries)
 INT8_KERNEL_OPS = "int8_kernel_ops"
 TRAIN_TIME_S = "train_time_s"
 CHANCE_MARGIN_POINTS = 2.0  # a model within this many points of chance is a collapse: FAILED, never shipped

@@ -23,6 +23,8 @@ CONF = ROOT / "conf"
 # with one lock for the machine each worker paused for the other's timings and waited for its compiles
 # (evaluation/timing_lock.py): 26 minutes for the suite instead of 21. The runs a test starts share its lock.
 os.environ.setdefault(LOCK_DIR_ENV, str(Path(tempfile.gettempdir()) / f"workbench-timing-tests-{os.getpid()}"))
+# and a noisy timing (most are, beside the other worker) is not taken again (hardware.latency.retries)
+os.environ.setdefault("WORKBENCH_LATENCY_RETRIES", "0")
 
 # A run small enough for a test: 8x8 digits, one epoch of a few batches, short latency loops.
 FAST_SHIPPED = [

@@ -155,3 +155,24 @@ def test_a_timing_beside_busy_processes_or_jobs_that_did_not_pause_is_noisy() ->
     assert "0.95 cores" in noisy_timing_reason(0.2, steady, [1], 0.1, others_cores=0.95)
     assert "did not pause" in noisy_timing_reason(0.2, steady, [1], 0.1, others_cores=0.0, not_alone_after_s=300)
     assert "load 1.90" in noisy_timing_reason(1.9, steady, [1], 0.1)  # where others' CPU is not measured
+
+
+def test_a_noisy_timing_is_taken_again_until_quiet_or_out_of_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from lightning_modules.evaluation import report
+
+    readings = iter(["other processes used 0.97 cores while timing (above 0.25)", None, None])
+    monkeypatch.setattr(report, "_time_once",
+                        lambda *args: report.Timing({"model": {}}, 0.5, next(readings), 0.0))
+    shipped = SimpleNamespace(deployment=SimpleNamespace(deployed=object()))
+    hardware = OmegaConf.create({"latency": {"retries": 2, "retry_wait_s": 0}})
+    timing = report.time_models(shipped, {}, (1, 28, 28), hardware, None)
+    assert timing.noise is None and timing.attempts == 2  # the second was quiet: kept
+
+    always = "speedup_bs32 0.90 has a 95% interval [0.70, 1.05] (+-22%, over 0.1)"
+    monkeypatch.setattr(report, "_time_once", lambda *args: report.Timing({"model": {}}, 0.5, always, 0.0))
+    timing = report.time_models(shipped, {}, (1, 28, 28), OmegaConf.create({"latency": {"retries": 1, "retry_wait_s": 0}}), None)
+    assert timing.noise == always and timing.attempts == 2  # out of retries: the last, still noisy
