@@ -374,7 +374,8 @@ def fit(cfg: DictConfig, recipe: DictConfig | None, model: nn.Module, data: InMe
         noted = [note] if resume is not None else []  # a fresh start has no resume to note
         saving = {"enable_checkpointing": True, "callbacks": [checkpoints.callback(run.run_id), *noted]}
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, max_epochs=epochs, **{
-        **saving, "callbacks": [*callbacks, EpochMetricsLogger(run), StepAsideForTiming(), *saving.get("callbacks", [])]})
+        **saving,
+        "callbacks": [*callbacks, EpochMetricsLogger(run), StepAsideForTiming(), *saving.get("callbacks", [])]})
     started = time.perf_counter()
     with safe_loading():  # a checkpoint is read with weights_only=True
         trainer.fit(task, datamodule=data, ckpt_path=resume, weights_only=True)

@@ -5,8 +5,9 @@ extra rows of TARGETS that set `method.sparsity`), on data=mnist5k, through `tra
 subprocesses into one MLflow store, so each dense baseline is trained once (or found there). Runs on
 one thread (cpu_1t) train `--jobs` at a time (Hydra's joblib launcher; default: one per core) and
 time one at a time: a run that times makes the others pause at their next batch
-(lightning_modules/evaluation/timing_lock.py); runs on every core go one at a time. Then it reads the runs back and prints one row per
-(model, method row), aggregated over the seeds, with a verdict against the target table below:
+(lightning_modules/evaluation/timing_lock.py); runs on every core go one at a time. Then it reads
+the runs back and prints one row per (model, method row), aggregated over the seeds, with a verdict
+against the target table below:
 
     python scripts/scorecard.py                                  # lenet300 + lenet5, seeds 0,1,2, every method
     python scripts/scorecard.py --methods agp,channel --seeds 0  # a subset (a method name brings its extra rows)

@@ -161,7 +161,8 @@ def test_a_nan_loss_stops_training_at_once_and_fails_the_run(tmp_path, store_uri
          r"hardware.latency.noisy_speedup_error=-0.1 is not valid; allowed: a fraction of the speedup >= 0"),
         (["++run_checks.chance_margin=-1"], r"run_checks.chance_margin=-1 is not valid; allowed: points above chance >= 0"),
         (["hardware.latency.retries=-1"], r"hardware.latency.retries=-1 is not valid"),
-        (["hardware.latency.exclusive=sometimes"], r"hardware.latency.exclusive='sometimes' is not valid; allowed: true or false"),
+        (["hardware.latency.exclusive=sometimes"],
+         r"hardware.latency.exclusive='sometimes' is not valid; allowed: true or false"),
     ],
 )
 def test_bad_model_settings_and_layer_names_fail_validation(overrides: list[str], message: str) -> None:

@@ -332,7 +332,8 @@ def test_the_command_sets_the_shipped_teacher_per_model_over_the_default_grids(t
 def test_one_thread_runs_train_in_parallel_and_runs_on_every_core_one_at_a_time(tmp_path):
     groups = {group.hardware: group for group in sc.group_jobs(sc.plan(sc.select_specs(["agp", "qat"], exact=True),
                                                                         ["lenet5"], [0, 1], False))}
-    one_thread, every_core = groups["cpu_1t"].command("t", tmp_path, jobs=2), groups["cpu_ort"].command("t", tmp_path, jobs=2)
+    one_thread = groups["cpu_1t"].command("t", tmp_path, jobs=2)
+    every_core = groups["cpu_ort"].command("t", tmp_path, jobs=2)
     assert "hydra/launcher=joblib" in one_thread and "hydra.launcher.n_jobs=2" in one_thread
     assert "hydra/launcher=basic" in every_core and not any("n_jobs" in arg for arg in every_core)
     assert "hydra/launcher=basic" in groups["cpu_1t"].command("t", tmp_path, jobs=1)

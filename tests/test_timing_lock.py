@@ -71,6 +71,7 @@ def test_a_timer_that_waits_too_long_times_anyway_and_says_so(tmp_path: Path) ->
         with TimingLock(tmp_path).timing_alone(max_wait_s=0.3) as alone:
             assert not alone.alone
             assert 0.3 <= alone.waited_s < 5
+            assert alone.gave_up_after_s == alone.waited_s  # what the run's latency_noisy reason says
         assert time.monotonic() - started < 5
     finally:
         _stop(child, stop)
@@ -127,6 +128,7 @@ def test_turned_off_a_job_neither_pauses_nor_waits(tmp_path: Path) -> None:
         started = time.monotonic()
         with lock.timing_alone(max_wait_s=30) as alone:
             assert not alone.alone
+            assert alone.gave_up_after_s is None  # nobody was asked to pause: not a reason to call it noisy
         assert time.monotonic() - started < 1
     finally:
         _stop(child, stop)
@@ -174,5 +176,6 @@ def test_a_noisy_timing_is_taken_again_until_quiet_or_out_of_retries(monkeypatch
 
     always = "speedup_bs32 0.90 has a 95% interval [0.70, 1.05] (+-22%, over 0.1)"
     monkeypatch.setattr(report, "_time_once", lambda *args: report.Timing({"model": {}}, 0.5, always, 0.0))
-    timing = report.time_models(shipped, {}, (1, 28, 28), OmegaConf.create({"latency": {"retries": 1, "retry_wait_s": 0}}), None)
+    once_more = OmegaConf.create({"latency": {"retries": 1, "retry_wait_s": 0}})
+    timing = report.time_models(shipped, {}, (1, 28, 28), once_more, None)
     assert timing.noise == always and timing.attempts == 2  # out of retries: the last, still noisy

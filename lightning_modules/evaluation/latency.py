@@ -175,7 +175,7 @@ def _cpuinfo() -> tuple[str, set[str]]:
 
 
 class OthersCpu:
-    """Cores' worth of CPU time the machine's other processes used while a block ran (`others_cpu`).
+    """Cores' worth of CPU time the machine's other processes used between its creation and `stop()`.
 
     Read from /proc/stat (every core's busy time) less this process's own CPU time (all its threads,
     ONNX Runtime's pool included), over the block's wall time: 0.0-0.02 on this 2-core machine idle,

@@ -22,7 +22,8 @@ from torch import nn
 from lightning_modules.contract import (
     ACC_DROP, ACC_DROP_CI95_HIGH, ACC_DROP_CI95_LOW, ACC_DROP_VS_TEACHER, BASELINE_MACS_DENSE, BASELINE_SIZE_BYTES,
     BASELINE_TEST_ACC, COMPRESSION_RATIO, COMPRESSION_RATIO_VS_TEACHER, DEQUANTIZED, ENCODING_TABLE, INT8_KERNEL_OPS,
-    LATENCY_ATTEMPTS, LATENCY_LOAD_AVG, LATENCY_OTHERS_CORES, LAYERS_TABLE, MACS_DENSE, MACS_EFFECTIVE, MACS_EFFECTIVE_THEORETICAL, MODEL_FILE, NOISY_TAG,
+    LATENCY_ATTEMPTS, LATENCY_LOAD_AVG, LATENCY_OTHERS_CORES, LAYERS_TABLE, MACS_DENSE, MACS_EFFECTIVE,
+    MACS_EFFECTIVE_THEORETICAL, MODEL_FILE, NOISY_TAG,
     ONNX_ERROR_TAG, ONNX_FILE, SIMULATED, SIZE_BYTES, TEACHER_SIZE_BYTES, TEACHER_TEST_ACC, TEST_ACC, TEST_ACC_ONNX,
     TEST_IMAGES, TEST_LOSS, TIME_ONNX_S, TIMED_ON_TAG, baseline_metric, labelled,
     latency_ms_p50, reference_test_acc, size_bytes_of, speedup, speedup_ci95, teacher_metric, vs_teacher,
@@ -36,7 +37,7 @@ from lightning_modules.evaluation.artifact import (
 from lightning_modules.deployable_int8 import decode_low_bit, dequantized, is_quantized
 from lightning_modules.evaluation.complexity import count_macs
 from lightning_modules.evaluation.latency import OthersCpu, load_per_core, measure_latency, processor_description
-from lightning_modules.evaluation.timing_lock import idle, step_aside_if_asked, the_lock, timing_alone
+from lightning_modules.evaluation.timing_lock import idle, step_aside_if_asked, timing_alone
 from lightning_modules.evaluation.runtime import (
     INT8_OPS, RUNTIMES, Deployed, OrtModel, export_onnx, optimized_ops, runtime_name,
 )
@@ -342,14 +343,14 @@ def time_models(shipped: Shipped, others: dict[str, Deployment], input_shape: tu
     saw 0.3-1.3 cores busy elsewhere; such a moment passes within seconds."""
     timed = {"model": shipped.deployment.deployed,
              **{name: other.deployed for name, other in others.items() if other is not shipped.deployment}}
-    attempts = 1 + int(hardware.latency.get("retries", 0))
+    attempts, wait_s = 1 + int(hardware.latency.get("retries", 0)), hardware.latency.get("retry_wait_s", 5.0)
     for attempt in range(1, attempts + 1):
         timing = _time_once(timed, input_shape, hardware, device)
         if timing.noise is None or attempt == attempts:
             break
-        log.info("timing noisy (%s): timed again in %.0f s", timing.noise, hardware.latency.get("retry_wait_s", 5.0))
+        log.info("timing noisy (%s): timed again in %.0f s", timing.noise, wait_s)
         with idle():  # this job's neighbours go on meanwhile
-            time.sleep(hardware.latency.get("retry_wait_s", 5.0))
+            time.sleep(wait_s)
     timing.attempts = attempt
     return timing
 
@@ -367,7 +368,7 @@ def _time_once(timed: dict[str, Deployed], input_shape: tuple[int, ...], hardwar
     load = max(load_before, load_per_core())  # nan only where the platform has no load average
     noise = noisy_timing_reason(load, latency["model"], batch_sizes,
                                 hardware.latency.get("noisy_speedup_error", NOISY_SPEEDUP_ERROR_DEFAULT),
-                                others.cores, None if alone.alone or not the_lock().enabled else alone.waited_s)
+                                others.cores, alone.gave_up_after_s)
     return Timing(latency, load, noise, others.cores)
 
 

@@ -55,6 +55,12 @@ class Alone:
 
     alone: bool
     waited_s: float
+    asked: bool = True  # False where pausing is off (hardware.latency.exclusive=false): nobody was asked
+
+    @property
+    def gave_up_after_s(self) -> float | None:
+        """Seconds the timer waited before timing beside jobs that did not pause, or None."""
+        return None if self.alone or not self.asked else self.waited_s
 
 
 class TimingLock:
@@ -114,7 +120,7 @@ class TimingLock:
     def timing_alone(self, max_wait_s: float = TIMER_WAIT_S) -> Iterator[Alone]:
         """Hold the machine exclusively: the other jobs pause at their next safe point. Nested calls are free."""
         if not self.enabled:
-            yield Alone(False, 0.0)
+            yield Alone(False, 0.0, asked=False)
             return
         if self._timing:
             self._timing += 1
