@@ -262,6 +262,8 @@ def _validate_hardware(hardware: DictConfig) -> None:
             f"machine (torch {torch.__version__}); choose hardware=cpu or hardware=cpu_1t"
         )
     check_number("hardware.threads", hardware.threads, 1, integer=True, optional=True, error=ConfigError)
+    check_number("hardware.train_threads", hardware.get("train_threads"), 1, integer=True, optional=True,
+                 error=ConfigError)
     if not isinstance(hardware.get("export_onnx", True), bool):
         _fail("hardware.export_onnx", hardware.export_onnx, "true, false")
     compile_mode = hardware.get("compile", False)

@@ -47,7 +47,9 @@ from lightning_modules.evaluation.artifact import FORMAT as ARTIFACT_FORMAT
 from lightning_modules.evaluation.artifact import load_deployable
 from lightning_modules.evaluation.complexity import count_macs
 from lightning_modules.evaluation.energy import energy_report, energy_source, metered_training, open_counter, run_cores
-from lightning_modules.evaluation.latency import LatencyTimer, available_cores
+from lightning_modules.evaluation.latency import (
+    LatencyTimer, measuring_threads, torch_threads, training_threads,
+)
 from lightning_modules.evaluation.report import Report, measure
 from lightning_modules.evaluation.timing_lock import StepAsideForTiming, busy, set_exclusive
 from lightning_modules.liveness import end_dead_runs
@@ -159,7 +161,7 @@ def _run_experiment(cfg: DictConfig) -> dict[str, float]:
     with closing_run(ctx.open_run()) as run, removed_unless_resumable(checkpoints):
         started = time.perf_counter()
         baseline = baseline or obtain_baseline(ctx)                                                # 1. baseline
-        callbacks = build_callbacks(cfg.method, timer=LatencyTimer())
+        callbacks = build_callbacks(cfg.method, timer=LatencyTimer(measuring_threads(cfg.hardware)))
         teacher = obtain_teacher(ctx) if needs_teacher(callbacks) else None
         ctx.timings[TIME_BASELINE_S] = time.perf_counter() - started
         run.set_tags({BASELINE_RUN_TAG: baseline.run_id, **({TEACHER_TAG: teacher.source} if teacher else {}),
@@ -314,7 +316,7 @@ def teacher_training_notice(teacher_cfg: DictConfig, data: InMemoryDataModule) -
     """What a user waits for when a distillation run has to train its teacher first."""
     images = len(data.split("train"))
     macs = count_macs(build_model(teacher_cfg.model.net, data.shape), tuple(data.split("train").tensors[0].shape[1:]))
-    cores = min(teacher_cfg.hardware.threads or available_cores(), available_cores())
+    cores = run_cores(teacher_cfg.hardware, training=True)
     epochs = teacher_cfg.baseline.epochs
     seconds = epochs * images * 3 * macs["macs_dense"] / (TRAINING_MACS_PER_CORE_S * cores)
     cost = f"{seconds / 60:.0f} minutes" if seconds >= 90 else f"{seconds:.0f} seconds"
@@ -407,7 +409,8 @@ def evaluate(ctx: RunContext, model: nn.Module, baseline: nn.Module, callbacks: 
         (folder / MODEL_FOLDER).mkdir()
         # models a callback keeps for comparison (QAT's fake-quant model), scored as test_acc_<name>
         references = {name: ref for cb in callbacks for name, ref in cb.reference_models().items()}
-        with scratch_dir() as scratch:  # the baseline's (and teacher's) files, written only to be measured
+        with scratch_dir() as scratch, torch_threads(measuring_threads(ctx.cfg.hardware)):
+            # the baseline's (and teacher's) files, written only to be measured
             report = measure(model, baseline, ctx.data, ctx.cfg.hardware, ctx.device, folder / MODEL_FOLDER,
                              Path(scratch), references, teacher, model_recipe(ctx.cfg.model.net, ctx.data.shape))
         summaries = {callback.name: callback.summary(model) for callback in callbacks}
@@ -421,8 +424,10 @@ def evaluate(ctx: RunContext, model: nn.Module, baseline: nn.Module, callbacks: 
                            for name, rows in summaries.items()})
     for callback in callbacks:  # a method's own figures (Deep Compression's stage ratios)
         report.metrics.update(callback.metrics(model, report.metrics))
-    energy, _ = energy_report(report.metrics, ctx.timings, ctx.cfg.hardware, run_cores(ctx.cfg.hardware),
-                              open_counter(ctx.device), model, tuple(ctx.data.split("test").tensors[0].shape[1:]))
+    with torch_threads(measuring_threads(ctx.cfg.hardware)):
+        energy, _ = energy_report(report.metrics, ctx.timings, ctx.cfg.hardware, run_cores(ctx.cfg.hardware),
+                                  open_counter(ctx.device), model, tuple(ctx.data.split("test").tensors[0].shape[1:]),
+                                  train_cores=run_cores(ctx.cfg.hardware, training=True))
     report.metrics.update(energy)  # energy_*_estimate; energy_*_measured where a counter reads (evaluation/energy.py)
     reason = slower_reason(report, summaries, list(ctx.cfg.hardware.latency.batch_sizes))
     if reason is not None:
@@ -532,6 +537,7 @@ def slower_reason(report: Report, summaries: dict[str, list[dict]], batch_sizes:
 
 
 def configure_hardware(hardware: DictConfig) -> torch.device:
-    if hardware.threads is not None:
-        torch.set_num_threads(hardware.threads)
+    """The run's device, with torch set to its training threads (evaluate switches to the measuring ones).
+    Set every run, null included: an earlier job of the same sweep process may have set fewer."""
+    torch.set_num_threads(training_threads(hardware))
     return torch.device(hardware.device)

@@ -68,7 +68,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -620,7 +620,8 @@ def plan(specs: list[RowSpec], models: list[str], seeds: list[int], full: bool) 
 
 @dataclass
 class Group:
-    """Jobs that one `train.py -m` runs: same hardware, overrides, models and seeds."""
+    """Rows that share a sweep name: same phase, hardware and overrides, on the same models and seeds. The
+    scorecard runs a group as one or more Units (one `train.py -m` each)."""
 
     phase: int
     hardware: str
@@ -630,8 +631,12 @@ class Group:
     methods: list[str] = field(default_factory=list)
     specs: list[RowSpec] = field(default_factory=list)
 
-    def name(self, tag: str) -> str:
-        parts = [tag, str(self.phase), self.hardware, "_".join(self.models), "s" + "_".join(map(str, self.seeds))]
+    def name(self, tag: str, models: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
+             part: str = "") -> str:
+        """The sweep's folder name (and its runs' `sweep` tag); a unit names its own models and seeds, and
+        its `part` where two units of the group share them."""
+        seeds_part = "s" + "_".join(map(str, self.seeds if seeds is None else seeds)) + (f".{part}" if part else "")
+        parts = [tag, str(self.phase), self.hardware, "_".join(self.models if models is None else models), seeds_part]
         parts += [override.lstrip("+").replace("method.", "").replace("=", "") for override in self.overrides]
         return "-".join(parts)
 
@@ -643,30 +648,23 @@ class Group:
         return (len(found) == len(mine) and found[:models_at] == mine[:models_at]
                 and found[models_at + 2:] == mine[models_at + 2:])
 
-    def parallel_jobs(self, jobs: int) -> int:
-        """How many of the group's runs train at once: `jobs` where each trains on one thread (its hardware's
-        `threads: 1`), else one (a run on every core leaves none to another)."""
-        threads = OmegaConf.load(ROOT / "conf" / "hardware" / f"{self.hardware}.yaml").get("threads")
-        runs = len(self.methods) * len(self.models) * len(self.seeds)
-        return max(1, min(jobs, runs)) if threads == 1 else 1
-
-    def command(self, tag: str, store: Path, data: str = DATA, extra: Iterable[str] = (), jobs: int = 1) -> list[str]:
-        """The train.py command; `extra` overrides are for tests (a shrunk trainer), never for a scorecard.
-
-        With `jobs` > 1 the group's one-thread runs train `jobs` at a time (Hydra's joblib launcher); their
-        timings stay alone: a run that times makes the others pause (lightning_modules/evaluation/timing_lock.py)."""
-        parallel = self.parallel_jobs(jobs)
-        launcher = (["hydra/launcher=joblib", f"hydra.launcher.n_jobs={parallel}"] if parallel > 1 else
-                    ["hydra/launcher=basic"])  # one job at a time
+    def command(self, tag: str, store: Path, data: str = DATA, extra: Iterable[str] = (),
+                methods: Sequence[str] | None = None, models: Sequence[str] | None = None,
+                seeds: Sequence[int] | None = None, part: str = "") -> list[str]:
+        """The train.py command of the group, or of a unit's part of it; its jobs run one at a time (Hydra's
+        basic launcher): units run side by side instead. `extra` overrides are for tests (a shrunk trainer)
+        and for the scorecard's training threads, never a method's knob."""
+        models, seeds = models or self.models, seeds or self.seeds
         # the baselines' own rows first; the distillation runs that need a teacher last
-        methods = sorted(self.methods, key=lambda method: (method != "baseline", method in ("kd", "kd_feature")))
+        methods = sorted(methods or self.methods,
+                         key=lambda method: (method != "baseline", method in ("kd", "kd_feature")))
         return [sys.executable, str(ROOT / "train.py"), "-m",
-                f"method={','.join(methods)}", f"model={','.join(self.models)}",
-                f"seed={','.join(map(str, self.seeds))}", f"data={data}", f"hardware={self.hardware}",
+                f"method={','.join(methods)}", f"model={','.join(models)}",
+                f"seed={','.join(map(str, seeds))}", f"data={data}", f"hardware={self.hardware}",
                 # the default grid teaches kd with lenet5; a scorecard judges the shipped teacher
                 f"kd_teacher={shipped_kd_teacher()}",
                 *self.overrides, *extra, f"tracking.uri={store_uri(store)}", "trainer.enable_progress_bar=false",
-                *launcher, f"hydra.sweep.dir={store / 'sweeps' / self.name(tag)}"]
+                "hydra/launcher=basic", f"hydra.sweep.dir={store / 'sweeps' / self.name(tag, models, seeds, part)}"]
 
 
 def shipped_kd_teacher() -> str:
@@ -703,27 +701,148 @@ def store_uri(store: Path) -> str:
     return sqlite_uri(store)
 
 
-def run_group(group: Group, tag: str, store: Path, data: str = DATA, extra: Iterable[str] = (),
-              jobs: int = 1) -> tuple[int, float]:
-    """Run one sweep; its output goes to <store>/logs/<group>.log, the per-run result lines also here."""
-    command = group.command(tag, store, data, extra, jobs)
-    log_path = store / "logs" / f"{group.name(tag)}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+@dataclass
+class Unit:
+    """One `train.py -m` of the scorecard: some of a group's methods on some of its models and seeds, its jobs
+    one at a time. `--jobs` units run side by side (`run_units`); a unit starts once the units that train
+    what it needs (`needs`: (model, seed) baselines, a teacher among them) have finished, so no process
+    waits for another's baseline while holding a core."""
+
+    group: Group
+    methods: tuple[str, ...]
+    models: tuple[str, ...]
+    seeds: tuple[int, ...]
+    part: str = ""  # tells two units of a group on the same models and seeds apart (their sweep folders)
+    provides: frozenset[tuple[str, int]] = frozenset()  # the baselines it trains for the others
+    needs: frozenset[tuple[str, int]] = frozenset()
+
+    @property
+    def runs(self) -> int:
+        return len(self.methods) * len(self.models) * len(self.seeds)
+
+    @property
+    def cost(self) -> float:
+        """A rough relative duration, to start the long units first (the long trainings; Inductor compiles)."""
+        weight = 2.5 if self.group.phase == 3 else 1.5 if self.group.hardware == "cpu" else 1.0
+        return self.runs * weight
+
+    def name(self, tag: str) -> str:
+        return self.group.name(tag, self.models, self.seeds, self.part)
+
+    def command(self, tag: str, store: Path, data: str = DATA, extra: Iterable[str] = ()) -> list[str]:
+        return self.group.command(tag, store, data, extra, self.methods, self.models, self.seeds, self.part)
+
+
+# A unit holds at most about this many runs: units of a few minutes let two lanes finish together.
+UNIT_RUNS = 16
+
+
+def teacher_of(group: Group, model: str, seed: int) -> tuple[str, int] | None:
+    """The baseline that teaches `model`'s distillation runs in `group` when its seed is pinned (the kd rows:
+    `method.teacher.seed`), from the composed config; None for a teacher of the student's own seed."""
+    pinned = [override.split("=", 1)[1] for override in group.overrides if override.startswith("method.teacher.seed=")]
+    if not pinned:
+        return None
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"model={model}", f"method={group.methods[0]}",
+                                                       f"seed={seed}", f"kd_teacher={shipped_kd_teacher()}",
+                                                       *group.overrides])
+    return str(cfg.method.teacher.model), int(pinned[0])
+
+
+def plan_units(groups: list[Group]) -> list[Unit]:
+    """The units, in the order they may start: the teachers and each seed's baselines first, then the rest
+    longest first. Each group runs one unit per seed (split by model beyond UNIT_RUNS runs)."""
+    needed = {(model, seed) for group in groups for model in group.models for seed in group.seeds}
+    home = next((group for group in groups if "baseline" in group.methods), None) or Group(
+        0, DEFAULT_HARDWARE, (), tuple(_ordered({model for model, _ in needed})), ())
+    teachers = {}
+    for group in groups:
+        for model in group.models:
+            for seed in group.seeds:
+                if (teacher := teacher_of(group, model, seed)) is not None:
+                    teachers.setdefault(teacher, group)
+    providers = [Unit(group, ("baseline",), (model,), (seed,), "teacher", frozenset({(model, seed)}))
+                 for (model, seed), group in teachers.items() if (model, seed) not in needed]
+    for seed in sorted({seed for _, seed in needed}):
+        models = tuple(_ordered({model for model, s in needed if s == seed}))
+        providers.append(Unit(home, ("baseline",), models, (seed,), "baseline",
+                              frozenset((model, seed) for model in models)))
+    rest = []
+    for group in groups:
+        methods = tuple(method for method in group.methods if method != "baseline")
+        for seed in group.seeds:
+            model_sets = ([group.models] if len(methods) * len(group.models) <= UNIT_RUNS else
+                          [(model,) for model in group.models])
+            for models in model_sets:
+                needs = {(model, seed) for model in models}
+                needs |= {teacher for model in models if (teacher := teacher_of(group, model, seed)) is not None}
+                if methods:
+                    rest.append(Unit(group, methods, models, (seed,), needs=frozenset(needs)))
+    return with_distinct_names(providers + sorted(rest, key=lambda unit: -unit.cost))
+
+
+def with_distinct_names(units: list[Unit]) -> list[Unit]:
+    """Units whose sweep folders would coincide (two groups that differ only in their models, once split by
+    model) get a numbered part, in plan order: the same plan names its folders the same way again (resume)."""
+    seen: Counter = Counter()
+    named = []
+    for unit in units:
+        seen[unit.name("")] += 1
+        named.append(unit if seen[unit.name("")] == 1 else replace(unit, part=f"{unit.part}{seen[unit.name('')]}"))
+    return named
+
+
+def _ordered(models: Iterable[str]) -> list[str]:
+    return [model for model in _model_order() if model in set(models)]
+
+
+def run_units(units: list[Unit], tag: str, store: Path, data: str = DATA, extra: Iterable[str] = (),
+              jobs: int = 1, before_each: Callable[[], None] = lambda: None) -> float:
+    """Run the units `jobs` at a time, each as soon as a lane is free and what it needs is trained; each one's
+    output goes to <store>/logs/<unit>.log, its result lines also here. With `jobs` > 1 every run trains on
+    one thread (hardware.train_threads=1) and times on its hardware's threads, alone (timing_lock.py).
+    Returns the wall seconds."""
+    extra = [*extra, *(["hardware.train_threads=1"] if jobs > 1 else [])]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WORKBENCH_ROOT": str(ROOT), "MLFLOW_TRACKING_URI": store_uri(store),
-           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "PYTHONUNBUFFERED": "1"}  # result lines as they come
+           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "PYTHONUNBUFFERED": "1"}
+    (store / "logs").mkdir(parents=True, exist_ok=True)
+    waiting, running, trained = list(units), {}, set()
     started = time.perf_counter()
-    print(f"[{_now()}] {' '.join(command[1:])}", flush=True)
-    with open(log_path, "w") as log, subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                                      stderr=subprocess.STDOUT, text=True) as process:
-        for line in process.stdout:
-            log.write(line)
-            if "test_acc" in line and "drop" in line or "run failed" in line or "Error" in line[:80]:
-                print(f"  {line.rstrip()[-220:]}", flush=True)
-    seconds = time.perf_counter() - started
-    print(f"[{_now()}] exit {process.returncode} after {seconds:.0f} s ({len(group.methods)} methods x "
-          f"{len(group.models)} models x {len(group.seeds)} seeds, {group.parallel_jobs(jobs)} at a time); "
-          f"log {log_path}", flush=True)
-    return process.returncode, seconds
+    while waiting or running:
+        ready = [unit for unit in waiting if unit.needs <= trained | _untrained_by_any(unit, waiting, running)]
+        while ready and len(running) < jobs:
+            unit = ready.pop(0)
+            waiting.remove(unit)
+            before_each()
+            log_path = store / "logs" / f"{unit.name(tag)}.log"
+            command = unit.command(tag, store, data, extra)
+            print(f"[{_now()}] {' '.join(command[1:])}", flush=True)
+            with open(log_path, "w") as log:
+                process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            running[process] = (unit, log_path, time.perf_counter())
+        time.sleep(0.5)
+        for process in [process for process in running if process.poll() is not None]:
+            unit, log_path, since = running.pop(process)
+            trained |= unit.provides
+            _report_unit(unit, process.returncode, time.perf_counter() - since, log_path)
+    return time.perf_counter() - started
+
+
+def _untrained_by_any(unit: Unit, waiting: list[Unit], running: dict) -> set[tuple[str, int]]:
+    """The needs of `unit` that no other unit provides: the unit trains those itself."""
+    others = [other for other in waiting if other is not unit] + [entry[0] for entry in running.values()]
+    return {need for need in unit.needs if not any(need in other.provides for other in others)}
+
+
+def _report_unit(unit: Unit, code: int, seconds: float, log_path: Path) -> None:
+    for line in log_path.read_text(errors="replace").splitlines():
+        if "test_acc" in line and "drop" in line or "run failed" in line or "Error" in line[:80]:
+            print(f"  {line.rstrip()[-220:]}", flush=True)
+    print(f"[{_now()}] exit {code} after {seconds:.0f} s ({len(unit.methods)} methods x {len(unit.models)} models "
+          f"x {len(unit.seeds)} seeds); log {log_path}", flush=True)
 
 
 def _now() -> str:
@@ -958,20 +1077,22 @@ def scorecard(argv: list[str] | None = None) -> tuple[list[Row], int]:
     specs = select_specs([name for name in args.methods.split(",") if name], args.exact)
     jobs = plan(specs, args.model_list, args.seed_list, args.full)
     groups = group_jobs(jobs)
+    units = plan_units(groups) if not args.report_only else []
     if args.dry_run:
-        runs = sum(len(group.methods) * len(group.models) * len(group.seeds) for group in groups)
-        print(f"{len(jobs)} rows, {runs} runs in {len(groups)} sweeps (store {args.store}):")
-        for group in groups:
-            print(" ".join(group.command(args.tag, args.store, args.data, args.override, args.jobs)[1:]))
+        runs = sum(unit.runs for unit in units)
+        print(f"{len(jobs)} rows, {runs} runs in {len(units)} sweeps, {args.jobs} at a time (store {args.store}):")
+        for unit in units:
+            after = f"  # after {', '.join(f'{m} s{s}' for m, s in sorted(unit.needs))}" if unit.needs else ""
+            print(" ".join(unit.command(args.tag, args.store, args.data, args.override)[1:]) + after)
         return [], 0
     wall_s = None
     if not args.report_only:
-        started = time.perf_counter()
-        for group in groups:
+
+        def copy_baselines_in() -> None:  # before each sweep: baselines trained there meanwhile (a teacher)
             if args.baselines_from is not None and (copied := copy_baselines(args.store, args.baselines_from)):
-                print(copied)  # again before each sweep: baselines trained there meanwhile (a teacher)
-            run_group(group, args.tag, args.store, args.data, args.override, args.jobs)
-        wall_s = time.perf_counter() - started
+                print(copied)
+
+        wall_s = run_units(units, args.tag, args.store, args.data, args.override, args.jobs, copy_baselines_in)
     rows = judge(read_rows(args.store, args.tag_list, jobs))
     text = f"{summary(rows, wall_s, args)}\n\n{render(rows)}\n"
     print(text)

@@ -329,15 +329,59 @@ def test_the_command_sets_the_shipped_teacher_per_model_over_the_default_grids(t
         assert compose_config([f"model={model}", "method=kd", teacher]).method.teacher.model == expected
 
 
-def test_one_thread_runs_train_in_parallel_and_runs_on_every_core_one_at_a_time(tmp_path):
-    groups = {group.hardware: group for group in sc.group_jobs(sc.plan(sc.select_specs(["agp", "qat"], exact=True),
-                                                                        ["lenet5"], [0, 1], False))}
-    one_thread = groups["cpu_1t"].command("t", tmp_path, jobs=2)
-    every_core = groups["cpu_ort"].command("t", tmp_path, jobs=2)
-    assert "hydra/launcher=joblib" in one_thread and "hydra.launcher.n_jobs=2" in one_thread
-    assert "hydra/launcher=basic" in every_core and not any("n_jobs" in arg for arg in every_core)
-    assert "hydra/launcher=basic" in groups["cpu_1t"].command("t", tmp_path, jobs=1)
-    assert groups["cpu_1t"].parallel_jobs(8) == 2  # never more workers than the group's runs
+def test_units_train_the_teacher_and_each_seeds_baselines_first_and_the_rest_waits_for_them(tmp_path):
+    groups = sc.group_jobs(sc.plan(sc.select_specs(["baseline", "agp", "kd", "qat"], exact=True), ["lenet300", "lenet5"],
+                                   [0, 1], False))
+    units = sc.plan_units(groups)
+    teacher, first, second = units[:3]
+    assert (teacher.part, teacher.methods, teacher.models, teacher.provides) == (
+        "teacher", ("baseline",), ("resnet20",), frozenset({("resnet20", 0)}))
+    assert first.provides == {("lenet300", 0), ("lenet5", 0)} and second.provides == {("lenet300", 1), ("lenet5", 1)}
+    assert all(unit.methods == ("baseline",) for unit in units[:3])
+    assert not any("baseline" in unit.methods for unit in units[3:])  # the baseline rows are the baseline units
+    kd_units = [unit for unit in units if "kd" in unit.methods]
+    assert [sorted(unit.needs) for unit in kd_units] == [
+        [("lenet300", seed), ("lenet5", seed), ("resnet20", 0)] for seed in (0, 1)]  # seed 0's teacher for all
+    assert len({unit.name("t") for unit in units}) == len(units)
+    assert {(method, model, seed) for unit in units for method in unit.methods for model in unit.models
+            for seed in unit.seeds} >= {(job.spec.method, job.model, seed) for job in
+                                        sc.plan(sc.select_specs(["baseline", "agp", "kd", "qat"], exact=True),
+                                                ["lenet300", "lenet5"], [0, 1], False) for seed in job.seeds}
+    assert all("hydra/launcher=basic" in unit.command("t", tmp_path) for unit in units)  # units run side by side
+    # a group's unit folders are read back as the group's (the seeds part and its suffix are not compared)
+    assert all(unit.group.ran(unit.name("t"), "t") for unit in units if unit.part != "teacher")
+
+
+def test_units_too_big_are_split_by_model_and_folder_names_stay_distinct():
+    groups = sc.group_jobs(sc.plan(sc.select_specs(None), ["lenet300", "lenet5"], [0], False))
+    units = sc.plan_units(groups)
+    assert all(unit.runs <= sc.UNIT_RUNS for unit in units if unit.part != "baseline")
+    assert len({unit.name("t") for unit in units}) == len(units)  # the cp/tucker lenet5 unit beside the big one
+
+
+def test_run_units_runs_jobs_at_a_time_and_a_unit_after_what_it_needs(tmp_path, monkeypatch):
+    events = tmp_path / "events"
+    group = sc.Group(0, "cpu_1t", (), ("lenet5",), (0,), ["agp"])
+    provider = sc.Unit(group, ("baseline",), ("lenet5",), (0,), "baseline", frozenset({("lenet5", 0)}))
+    needing = sc.Unit(group, ("agp",), ("lenet5",), (0,), "a", needs=frozenset({("lenet5", 0)}))
+    free = sc.Unit(group, ("agp",), ("lenet5",), (0,), "b")
+    extras = []
+
+    def command(unit, tag, store, data=sc.DATA, extra=()):
+        extras.append(list(extra))
+        script = ("import sys, time; f = open(sys.argv[1], 'a'); f.write('start ' + sys.argv[2] + chr(10)); f.flush(); "
+                  "time.sleep(1.0); f.write('end ' + sys.argv[2] + chr(10))")
+        return [sys.executable, "-c", script, str(events), unit.part]
+
+    monkeypatch.setattr(sc.Unit, "command", command)
+    sc.run_units([provider, needing, free], "t", tmp_path, jobs=2)
+    order = events.read_text().split("\n")
+    assert order.index("start a") > order.index("end baseline")  # waited for its baseline
+    assert order.index("start b") < order.index("end baseline")  # needing nothing: beside the provider
+    assert all("hardware.train_threads=1" in extra for extra in extras)  # side by side: each trains on one thread
+    extras.clear()
+    sc.run_units([free], "t", tmp_path, jobs=1)
+    assert extras == [[]]
     with pytest.raises(SystemExit):
         sc.parse_args(["--jobs", "0"])
 

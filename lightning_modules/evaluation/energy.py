@@ -69,16 +69,17 @@ def largest_timed_batch(metrics: Mapping[str, float]) -> int | None:
 
 
 def estimate_figures(metrics: Mapping[str, float], train_time_s: float | None, hardware: DictConfig,
-                     cores: int) -> dict[str, float]:
+                     cores: int, train_cores: int | None = None) -> dict[str, float]:
     """The estimates from what the run measured (see the module's docstring); a figure whose time
-    was not measured is left out."""
-    watts = PowerModel.from_hardware(hardware).watts(hardware.device, cores)
+    was not measured is left out. `cores` measured the model, `train_cores` (default: `cores`) trained it."""
+    power = PowerModel.from_hardware(hardware)
     figures = {}
     batch = largest_timed_batch(metrics)
     if batch is not None:
-        figures[ENERGY_J_PER_IMAGE_ESTIMATE] = metrics[latency_ms_p50(batch)] / 1000 * watts / batch
+        figures[ENERGY_J_PER_IMAGE_ESTIMATE] = (metrics[latency_ms_p50(batch)] / 1000
+                                                * power.watts(hardware.device, cores) / batch)
     if train_time_s is not None:
-        figures[ENERGY_TRAIN_KJ_ESTIMATE] = train_time_s * watts / 1000
+        figures[ENERGY_TRAIN_KJ_ESTIMATE] = train_time_s * power.watts(hardware.device, train_cores or cores) / 1000
     return figures
 
 
@@ -187,11 +188,12 @@ def measured_inference(counter: Counter, model: nn.Module, example: torch.Tensor
 
 def energy_report(metrics: Mapping[str, float], timings: Mapping[str, float], hardware: DictConfig, cores: int,
                   counter: Counter | None, model: nn.Module | None = None,
-                  input_shape: tuple[int, ...] | None = None) -> tuple[dict[str, float], str]:
+                  input_shape: tuple[int, ...] | None = None, train_cores: int | None = None,
+                  ) -> tuple[dict[str, float], str]:
     """The run's energy figures and its `energy_source` tag: the estimates always; the measured
     inference figure when a counter reads (the measured training figure is in `timings` when the
     training was metered: `meter_training`)."""
-    figures = estimate_figures(metrics, timings.get(TRAIN_TIME_S), hardware, cores)
+    figures = estimate_figures(metrics, timings.get(TRAIN_TIME_S), hardware, cores, train_cores)
     if counter is None:
         return figures, no_counter_reason(torch.device(hardware.device))
     batch = largest_timed_batch(metrics)
@@ -219,8 +221,10 @@ def metered_training(device: torch.device, timings: dict[str, float]) -> Iterato
         timings[ENERGY_TRAIN_KJ_MEASURED] = (counter.read() - start) / 1000
 
 
-def run_cores(hardware: DictConfig) -> int:
-    """The cores a run computes on: hardware.threads, else every core it may use."""
+def run_cores(hardware: DictConfig, training: bool = False) -> int:
+    """The cores a run measures on (hardware.threads, else every core it may use) or, with `training`,
+    trains on (hardware.train_threads, else the same)."""
     from lightning_modules.evaluation.latency import available_cores
 
-    return min(hardware.threads or available_cores(), available_cores())
+    threads = (hardware.get("train_threads") if training else None) or hardware.threads
+    return min(threads or available_cores(), available_cores())

@@ -17,6 +17,7 @@ import platform
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +139,34 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+# torch's intra-op threads when nothing set them: one per core this process may use (torch's own choice)
+DEFAULT_TORCH_THREADS = torch.get_num_threads()
+
+
+def training_threads(hardware) -> int:
+    """torch threads while a run trains (its baseline, a teacher, the fine-tune): `hardware.train_threads`,
+    else `hardware.threads`, else the default. What trains is not what is measured: a parallel sweep may train
+    each job on one core and still time the artifact on every core (timings run alone: timing_lock.py)."""
+    return hardware.get("train_threads") or measuring_threads(hardware)
+
+
+def measuring_threads(hardware) -> int:
+    """torch threads while the artifact and its baseline are scored and timed: `hardware.threads`, else the
+    default (every core)."""
+    return hardware.get("threads") or DEFAULT_TORCH_THREADS
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads set to `count` inside, set back after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # /proc/cpuinfo flags of an int8 dot-product instruction: without one (AVX2; AVX-512 before VNNI) an x86 CPU
@@ -265,11 +294,18 @@ WHOLE_MODEL_MIN_TIME_S = 0.5
 class LatencyTimer:
     """The timings a callback's `min_speedup` decides from (compression/base.py: Timer). The
     pipeline hands one to every callback (config.build_callbacks): compression/ imports nothing of
-    evaluation/, so what times a layer on a runtime is received, not imported."""
+    evaluation/, so what times a layer on a runtime is received, not imported.
+
+    `threads`: torch's threads while it times (the run's measuring threads): a gate decided during
+    training, which may run on fewer threads (`hardware.train_threads`), times as the artifact will run."""
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads or DEFAULT_TORCH_THREADS
 
     def paired(self, first: nn.Module, second: nn.Module, inputs: torch.Tensor) -> tuple[float, float, float]:
         """(first p50 ms, second p50 ms, median first/second over back-to-back pairs): see paired_times."""
-        return paired_times(first, second, inputs)
+        with torch_threads(self.threads):
+            return paired_times(first, second, inputs)
 
     def int8_runtime(self, runtime: str, compile_mode: bool | str) -> str:
         """The runtime an int8 model runs on for hardware.runtime and hardware.compile."""
@@ -278,7 +314,8 @@ class LatencyTimer:
     def float_and_int8(self, runtime: str, float_layer: nn.Module, int8_layer: nn.Module,
                        input_shape: tuple[int, ...], batch: int, threads: int | None) -> tuple[float, float]:
         """p50 ms of one layer in float and in int8 on `runtime`: see runtime.time_int8_layer."""
-        return time_int8_layer(runtime, float_layer, int8_layer, input_shape, batch, threads)
+        with torch_threads(self.threads):
+            return time_int8_layer(runtime, float_layer, int8_layer, input_shape, batch, threads)
 
     def whole_models(self, reference: nn.Module, candidates: Iterable[tuple[str, nn.Module]], runtime: str,
                      input_shape: tuple[int, ...], batch: int, threads: int | None,
@@ -290,10 +327,12 @@ class LatencyTimer:
         pairs (paired_times: the median pair ratio moves less with a neighbour's load than a ratio of two
         medians does), for at least `min_time_s`."""
         cpu = torch.device("cpu")
-        deployed_reference = deploy(reference, runtime, cpu, threads, input_shape)
+        with torch_threads(self.threads):  # an Inductor compile reads the thread count into its kernels
+            deployed_reference = deploy(reference, runtime, cpu, threads, input_shape)
         inputs = torch.randn(batch, *input_shape)
         for label, model in candidates:
-            reference_ms, model_ms, speedup = paired_times(deployed_reference, deploy(model, runtime, cpu, threads,
-                                                                                      input_shape),
-                                                           inputs, min_time_s=min_time_s)
-            yield label, model_ms, reference_ms, speedup
+            with torch_threads(self.threads):
+                reference_ms, model_ms, speedup = paired_times(
+                    deployed_reference, deploy(model, runtime, cpu, threads, input_shape), inputs,
+                    min_time_s=min_time_s)
+            yield label, model_ms, reference_ms, speedup  # the caller's threads while it decides
