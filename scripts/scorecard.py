@@ -764,7 +764,10 @@ def plan_units(groups: list[Group]) -> list[Unit]:
             for seed in group.seeds:
                 if (teacher := teacher_of(group, model, seed)) is not None:
                     teachers.setdefault(teacher, group)
-    providers = [Unit(group, ("baseline",), (model,), (seed,), "teacher", frozenset({(model, seed)}))
+    # a teacher is a baseline like any other; its unit takes its phase from the students' group, not their
+    # overrides (method.teacher.seed is no key of method=baseline)
+    providers = [Unit(Group(group.phase, group.hardware, (), (model,), (seed,), ["baseline"]), ("baseline",),
+                      (model,), (seed,), "teacher", frozenset({(model, seed)}))
                  for (model, seed), group in teachers.items() if (model, seed) not in needed]
     for seed in sorted({seed for _, seed in needed}):
         models = tuple(_ordered({model for model, s in needed if s == seed}))
