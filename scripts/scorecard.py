@@ -78,7 +78,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere, installed or not
 
 from lightning_modules.evaluation.latency import available_cores  # noqa: E402
-from lightning_modules.tracking import copy_baselines  # noqa: E402
+from lightning_modules.tracking import Store, copy_baselines  # noqa: E402
 from lightning_modules.contract import (  # noqa: E402
     ERROR_TAG, EXPERIMENT, INT8_KERNEL_OPS, NOISY_TAG, SLOWER_TAG, STORE_DB, TEACHER_METRICS, TIMED_ON_TAG, speedup,
     speedup_ci95, sqlite_uri,
@@ -812,6 +812,10 @@ def run_units(units: list[Unit], tag: str, store: Path, data: str = DATA, extra:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WORKBENCH_ROOT": str(ROOT), "MLFLOW_TRACKING_URI": store_uri(store),
            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "PYTHONUNBUFFERED": "1"}
     (store / "logs").mkdir(parents=True, exist_ok=True)
+    before_each()
+    # the store made once, here: two sweeps opening a new SQLite store at once both migrate its schema, and one
+    # fails ("duplicate column name")
+    Store(store_uri(store), EXPERIMENT).experiment_id  # noqa: B018 (created on first use)
     waiting, running, trained = list(units), {}, set()
     started = time.perf_counter()
     while waiting or running:
