@@ -2,12 +2,14 @@
 
 Runs each `conf/method/` option with nothing changed but the hardware it is measured on (and the few
 extra rows of TARGETS that set `method.sparsity`), on data=mnist5k, through `train.py -m` in
-subprocesses into one MLflow store, so each dense baseline is trained once (or found there). Runs on
-one thread (cpu_1t) train `--jobs` at a time (Hydra's joblib launcher; default: one per core) and
-time one at a time: a run that times makes the others pause at their next batch
-(lightning_modules/evaluation/timing_lock.py); runs on every core go one at a time. Then it reads
-the runs back and prints one row per (model, method row), aggregated over the seeds, with a verdict
-against the target table below:
+subprocesses into one MLflow store, so each dense baseline is trained once (or found there). The sweeps
+are cut into units (a group of rows on one seed, `plan_units`) that run `--jobs` at a time (default:
+one per core), each one job at a time: first the kd teacher and each seed's baselines, then the rest
+longest first, a unit starting once what it needs is trained. Beside one another every run trains on
+one thread (`hardware.train_threads=1`) and measures on its hardware's threads, and timings stay one
+at a time: a run that times makes the others pause at their next batch
+(lightning_modules/evaluation/timing_lock.py). Then it reads the runs back and prints one row per
+(model, method row), aggregated over the seeds, with a verdict against the target table below:
 
     python scripts/scorecard.py                                  # lenet300 + lenet5, seeds 0,1,2, every method
     python scripts/scorecard.py --methods agp,channel --seeds 0  # a subset (a method name brings its extra rows)
@@ -132,15 +134,16 @@ CONV_ONLY = {"tucker", "cp"}
 MODELS_WITH_CONV = {"lenet5", "resnet20", "resnet8", "mobilenetv2"}
 # Convolutional methods: --full runs them on resnet20 with every seed (their targets name it).
 CONV_METHODS = ("channel", "tucker", "cp")
-# Expensive rows run last, so a partial store already holds every cheap row (seconds per job on 2 cores):
-# the ones that train 30-40 epochs, then those measured on `cpu`, where Inductor compiles the int8 model and
-# its baseline (1-3 minutes per run on 2 shared cores).
+# Expensive rows: the ones that train 30-40 epochs (phase 3); then those measured on `cpu`, where Inductor
+# compiles the int8 model and its baseline (1-3 minutes per run on 2 shared cores; phase 2). Their units start
+# first (Unit.cost): a long unit started last would end the pass with one core idle.
 EXPENSIVE = {"kd", "kd_feature", "lottery", "lottery_reinit", "agp_kd", "agp_qat", "agp_ptq", "agp_cluster"}
 
 
 def phase(spec: RowSpec) -> int:
-    """When a row's sweep runs: 0 the defaults on cpu_1t, 1 rows with overrides or on ONNX Runtime,
-    2 rows compiled by Inductor, 3 the long trainings."""
+    """A row's phase, part of its sweeps' names (how its runs are found in a store) and of its units' cost:
+    0 the defaults on cpu_1t, 1 rows with overrides or on ONNX Runtime, 2 rows compiled by Inductor, 3 the
+    long trainings."""
     if spec.method in EXPENSIVE:
         return 3
     if spec.hardware == "cpu":
@@ -846,7 +849,7 @@ def _untrained_by_any(unit: Unit, waiting: list[Unit], running: dict) -> set[tup
 
 def _report_unit(unit: Unit, code: int, seconds: float, log_path: Path) -> None:
     for line in log_path.read_text(errors="replace").splitlines():
-        if "test_acc" in line and "drop" in line or "run failed" in line or "Error" in line[:80]:
+        if "test_acc" in line and "(drop" in line or "run failed" in line or "Error" in line[:80]:
             print(f"  {line.rstrip()[-220:]}", flush=True)
     print(f"[{_now()}] exit {code} after {seconds:.0f} s ({len(unit.methods)} methods x {len(unit.models)} models "
           f"x {len(unit.seeds)} seeds); log {log_path}", flush=True)
@@ -1047,7 +1050,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--readme", type=Path, default=None,
                         help="also write the table into this README's 'What the defaults deliver' section")
     parser.add_argument("--jobs", type=int, default=available_cores(),
-                        help="one-thread runs trained at once (default: the cores; timings stay one at a time)")
+                        help="sweeps run at once, each training on one thread (default: the cores; timings "
+                             "stay one at a time)")
     parser.add_argument("--dry-run", action="store_true", help="list the train.py commands and exit")
     parser.add_argument("--report-only", action="store_true", help="read the store and print the table, run nothing")
     args = parser.parse_args(argv)

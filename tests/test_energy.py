@@ -28,6 +28,16 @@ def test_estimates_are_time_times_cores_times_watts() -> None:
     assert figures[ENERGY_TRAIN_KJ_ESTIMATE] == pytest.approx(100 * 14 / 1000)
 
 
+def test_training_on_fewer_cores_than_the_model_is_timed_on_counts_those_cores() -> None:
+    metrics = {latency_ms_p50(32): 4.0}
+    figures = energy.estimate_figures(metrics, train_time_s=100.0, hardware=hardware(), cores=2, train_cores=1)
+    assert figures[ENERGY_J_PER_IMAGE_ESTIMATE] == pytest.approx(0.004 * 14 / 32)
+    assert figures[ENERGY_TRAIN_KJ_ESTIMATE] == pytest.approx(100 * 7 / 1000)
+    trains_apart = OmegaConf.create({"threads": None, "train_threads": 1})
+    assert energy.run_cores(trains_apart, training=True) == 1
+    assert energy.run_cores(trains_apart) == energy.run_cores(OmegaConf.create({"threads": None}))
+
+
 def test_no_latency_and_no_training_leave_their_estimates_out() -> None:
     assert energy.estimate_figures({}, None, hardware(), cores=1) == {}
 

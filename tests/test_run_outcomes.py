@@ -163,6 +163,7 @@ def test_a_nan_loss_stops_training_at_once_and_fails_the_run(tmp_path, store_uri
         (["hardware.latency.retries=-1"], r"hardware.latency.retries=-1 is not valid"),
         (["hardware.latency.exclusive=sometimes"],
          r"hardware.latency.exclusive='sometimes' is not valid; allowed: true or false"),
+        (["hardware.train_threads=0"], r"hardware.train_threads=0 is not valid"),
     ],
 )
 def test_bad_model_settings_and_layer_names_fail_validation(overrides: list[str], message: str) -> None:
@@ -278,3 +279,38 @@ def test_kd_feature_runs_on_every_model_and_logs_figures_against_its_teacher(tmp
     # its own architecture (the files differ by a few header bytes)
     assert resnet20.data.metrics["compression_ratio_vs_teacher"] == pytest.approx(1.0, abs=0.02)
     assert "runs with a teacher: the student against its teacher" in result.stdout
+
+
+# ----------------------------------------------------------------------------- training threads apart from measuring
+
+
+def test_a_run_trains_on_train_threads_and_scores_and_times_on_its_hardware_threads(tmp_path, monkeypatch,
+                                                                                   store_uri: str) -> None:
+    import pytorch_lightning as pl
+
+    from lightning_modules import experiment
+
+    seen: dict[str, int] = {}
+    fit, measure = pl.Trainer.fit, experiment.measure
+
+    def counting_fit(self, *args, **kwargs):
+        seen["fit"] = torch.get_num_threads()
+        return fit(self, *args, **kwargs)
+
+    def counting_measure(*args, **kwargs):
+        seen["measure"] = torch.get_num_threads()
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(pl.Trainer, "fit", counting_fit)
+    monkeypatch.setattr(experiment, "measure", counting_measure)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # an earlier job of the process left 2: the run sets its own either way
+    try:
+        metrics = experiment.run_experiment(compose_config(
+            [*UNCHECKED, "data=digits", "method=magnitude", "hardware=cpu", "hardware.threads=3",
+             "hardware.train_threads=1", f"tracking.uri={store_uri}"]))
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {"fit": 1, "measure": 3}
+    # the training energy estimate counts the one core it trained on
+    assert metrics["energy_train_kj_estimate"] == pytest.approx(metrics["train_time_s"] * 7.0 / 1000)
