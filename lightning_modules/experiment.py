@@ -47,9 +47,7 @@ from lightning_modules.evaluation.artifact import FORMAT as ARTIFACT_FORMAT
 from lightning_modules.evaluation.artifact import load_deployable
 from lightning_modules.evaluation.complexity import count_macs
 from lightning_modules.evaluation.energy import energy_report, energy_source, metered_training, open_counter, run_cores
-from lightning_modules.evaluation.latency import (
-    LatencyTimer, measuring_threads, torch_threads, training_threads,
-)
+from lightning_modules.evaluation.latency import LatencyTimer, measuring_threads, torch_threads, training_threads
 from lightning_modules.evaluation.report import Report, measure
 from lightning_modules.evaluation.timing_lock import StepAsideForTiming, busy, set_exclusive
 from lightning_modules.liveness import end_dead_runs
@@ -403,14 +401,21 @@ def evaluate(ctx: RunContext, model: nn.Module, baseline: nn.Module, callbacks: 
 
     The files to log (model/, the tables) wait in `report.folder` until `track` sends them.
     """
+    # scored, exported and timed on the hardware's threads; the run may train on fewer (train_threads), and
+    # may train again after this (a baseline evaluated before the method's own fine-tune)
+    with torch_threads(measuring_threads(ctx.cfg.hardware)):
+        return _evaluate(ctx, model, baseline, callbacks, teacher)
+
+
+def _evaluate(ctx: RunContext, model: nn.Module, baseline: nn.Module, callbacks: list[CompressionCallback],
+              teacher: nn.Module | None) -> Report:
     started = time.perf_counter()
     folder = Path(tempfile.mkdtemp(prefix="workbench-"))
     try:
         (folder / MODEL_FOLDER).mkdir()
         # models a callback keeps for comparison (QAT's fake-quant model), scored as test_acc_<name>
         references = {name: ref for cb in callbacks for name, ref in cb.reference_models().items()}
-        with scratch_dir() as scratch, torch_threads(measuring_threads(ctx.cfg.hardware)):
-            # the baseline's (and teacher's) files, written only to be measured
+        with scratch_dir() as scratch:  # the baseline's (and teacher's) files, written only to be measured
             report = measure(model, baseline, ctx.data, ctx.cfg.hardware, ctx.device, folder / MODEL_FOLDER,
                              Path(scratch), references, teacher, model_recipe(ctx.cfg.model.net, ctx.data.shape))
         summaries = {callback.name: callback.summary(model) for callback in callbacks}
@@ -424,10 +429,9 @@ def evaluate(ctx: RunContext, model: nn.Module, baseline: nn.Module, callbacks: 
                            for name, rows in summaries.items()})
     for callback in callbacks:  # a method's own figures (Deep Compression's stage ratios)
         report.metrics.update(callback.metrics(model, report.metrics))
-    with torch_threads(measuring_threads(ctx.cfg.hardware)):
-        energy, _ = energy_report(report.metrics, ctx.timings, ctx.cfg.hardware, run_cores(ctx.cfg.hardware),
-                                  open_counter(ctx.device), model, tuple(ctx.data.split("test").tensors[0].shape[1:]),
-                                  train_cores=run_cores(ctx.cfg.hardware, training=True))
+    energy, _ = energy_report(report.metrics, ctx.timings, ctx.cfg.hardware, run_cores(ctx.cfg.hardware),
+                              open_counter(ctx.device), model, tuple(ctx.data.split("test").tensors[0].shape[1:]),
+                              train_cores=run_cores(ctx.cfg.hardware, training=True))
     report.metrics.update(energy)  # energy_*_estimate; energy_*_measured where a counter reads (evaluation/energy.py)
     reason = slower_reason(report, summaries, list(ctx.cfg.hardware.latency.batch_sizes))
     if reason is not None:

@@ -761,12 +761,12 @@ def plan_units(groups: list[Group]) -> list[Unit]:
     needed = {(model, seed) for group in groups for model in group.models for seed in group.seeds}
     home = next((group for group in groups if "baseline" in group.methods), None) or Group(
         0, DEFAULT_HARDWARE, (), tuple(_ordered({model for model, _ in needed})), ())
+    teacher_at = {(index, model, seed): teacher_of(group, model, seed) for index, group in enumerate(groups)
+                  for model in group.models for seed in group.seeds}  # composed once per row's model and seed
     teachers = {}
-    for group in groups:
-        for model in group.models:
-            for seed in group.seeds:
-                if (teacher := teacher_of(group, model, seed)) is not None:
-                    teachers.setdefault(teacher, group)
+    for (index, _, _), teacher in teacher_at.items():
+        if teacher is not None:
+            teachers.setdefault(teacher, groups[index])
     # a teacher is a baseline like any other; its unit takes its phase from the students' group, not their
     # overrides (method.teacher.seed is no key of method=baseline)
     providers = [Unit(Group(group.phase, group.hardware, (), (model,), (seed,), ["baseline"]), ("baseline",),
@@ -777,14 +777,14 @@ def plan_units(groups: list[Group]) -> list[Unit]:
         providers.append(Unit(home, ("baseline",), models, (seed,), "baseline",
                               frozenset((model, seed) for model in models)))
     rest = []
-    for group in groups:
+    for index, group in enumerate(groups):
         methods = tuple(method for method in group.methods if method != "baseline")
         for seed in group.seeds:
             model_sets = ([group.models] if len(methods) * len(group.models) <= UNIT_RUNS else
                           [(model,) for model in group.models])
             for models in model_sets:
                 needs = {(model, seed) for model in models}
-                needs |= {teacher for model in models if (teacher := teacher_of(group, model, seed)) is not None}
+                needs |= {teacher for model in models if (teacher := teacher_at[index, model, seed]) is not None}
                 if methods:
                     rest.append(Unit(group, methods, models, (seed,), needs=frozenset(needs)))
     return with_distinct_names(providers + sorted(rest, key=lambda unit: -unit.cost))

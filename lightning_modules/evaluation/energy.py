@@ -224,7 +224,6 @@ def metered_training(device: torch.device, timings: dict[str, float]) -> Iterato
 def run_cores(hardware: DictConfig, training: bool = False) -> int:
     """The cores a run measures on (hardware.threads, else every core it may use) or, with `training`,
     trains on (hardware.train_threads, else the same)."""
-    from lightning_modules.evaluation.latency import available_cores
+    from lightning_modules.evaluation.latency import available_cores, configured_threads
 
-    threads = (hardware.get("train_threads") if training else None) or hardware.threads
-    return min(threads or available_cores(), available_cores())
+    return min(configured_threads(hardware, training) or available_cores(), available_cores())

@@ -145,17 +145,22 @@ def available_cores() -> int:
 DEFAULT_TORCH_THREADS = torch.get_num_threads()
 
 
+def configured_threads(hardware, training: bool = False) -> int | None:
+    """The threads the config sets for measuring (`hardware.threads`) or, with `training`, for training
+    (`hardware.train_threads`, else the same); None: every core. What trains is not what is measured: a
+    parallel sweep may train each job on one core and still time the artifact on every core (timings run
+    alone: timing_lock.py)."""
+    return (hardware.get("train_threads") if training else None) or hardware.get("threads")
+
+
 def training_threads(hardware) -> int:
-    """torch threads while a run trains (its baseline, a teacher, the fine-tune): `hardware.train_threads`,
-    else `hardware.threads`, else the default. What trains is not what is measured: a parallel sweep may train
-    each job on one core and still time the artifact on every core (timings run alone: timing_lock.py)."""
-    return hardware.get("train_threads") or measuring_threads(hardware)
+    """torch threads while a run trains (its baseline, a teacher, the fine-tune)."""
+    return configured_threads(hardware, training=True) or DEFAULT_TORCH_THREADS
 
 
 def measuring_threads(hardware) -> int:
-    """torch threads while the artifact and its baseline are scored and timed: `hardware.threads`, else the
-    default (every core)."""
-    return hardware.get("threads") or DEFAULT_TORCH_THREADS
+    """torch threads while the artifact and its baseline are scored and timed."""
+    return configured_threads(hardware) or DEFAULT_TORCH_THREADS
 
 
 @contextmanager
