@@ -48,9 +48,22 @@ class ClassificationTask(pl.LightningModule):
         if not torch.isfinite(loss):
             raise RunRejected(f"non-finite loss at epoch {self.current_epoch} step {self.global_step} "
                               f"(batch {batch_idx}: loss {loss.item()})")
-        self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True)
-        self.log("train_acc", 100.0 * (logits.argmax(1) == targets).float().mean(), on_step=False, on_epoch=True)
+        with torch.no_grad():
+            self.epoch_sums += torch.stack([loss.detach() * len(targets), (logits.argmax(1) == targets).sum().float(),
+                                            loss.new_tensor(float(len(targets)))])
         return loss
+
+    def on_train_epoch_start(self) -> None:
+        self.epoch_sums = torch.zeros(3, device=self.device)  # loss x images, correct, images: this epoch's so far
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # the epoch's train_loss and train_acc (means over its images), logged once, at its last batch:
+        # two self.log calls a step cost ~0.9 ms, 6-8% of a step of these models on one core
+        if batch_idx + 1 < self.trainer.num_training_batches:
+            return
+        loss_sum, correct, images = self.epoch_sums
+        self.log("train_loss", loss_sum / images, prog_bar=True, on_step=False, on_epoch=True)
+        self.log("train_acc", 100.0 * correct / images, on_step=False, on_epoch=True)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         inputs, targets = batch

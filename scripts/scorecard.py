@@ -757,7 +757,8 @@ def teacher_of(group: Group, model: str, seed: int) -> tuple[str, int] | None:
 
 def plan_units(groups: list[Group]) -> list[Unit]:
     """The units, in the order they may start: the teachers and each seed's baselines first, then the rest
-    longest first. Each group runs one unit per seed (split by model beyond UNIT_RUNS runs)."""
+    longest first. A group runs one unit for all its seeds, or beyond UNIT_RUNS runs one per seed (split by
+    model beyond UNIT_RUNS runs)."""
     needed = {(model, seed) for group in groups for model in group.models for seed in group.seeds}
     home = next((group for group in groups if "baseline" in group.methods), None) or Group(
         0, DEFAULT_HARDWARE, (), tuple(_ordered({model for model, _ in needed})), ())
@@ -779,14 +780,17 @@ def plan_units(groups: list[Group]) -> list[Unit]:
     rest = []
     for index, group in enumerate(groups):
         methods = tuple(method for method in group.methods if method != "baseline")
-        for seed in group.seeds:
-            model_sets = ([group.models] if len(methods) * len(group.models) <= UNIT_RUNS else
-                          [(model,) for model in group.models])
+        per_seed = len(methods) * len(group.models)
+        # a process start costs ~13 s (imports, the sweep's set-up, its summary): small groups run their seeds
+        # in one unit, the others one unit per seed, split by model beyond UNIT_RUNS
+        seed_sets = [group.seeds] if per_seed * len(group.seeds) <= UNIT_RUNS else [(seed,) for seed in group.seeds]
+        model_sets = [group.models] if per_seed <= UNIT_RUNS else [(model,) for model in group.models]
+        for seeds in seed_sets if methods else []:
             for models in model_sets:
-                needs = {(model, seed) for model in models}
-                needs |= {teacher for model in models if (teacher := teacher_at[index, model, seed]) is not None}
-                if methods:
-                    rest.append(Unit(group, methods, models, (seed,), needs=frozenset(needs)))
+                needs = {(model, seed) for model in models for seed in seeds}
+                needs |= {teacher for model in models for seed in seeds
+                          if (teacher := teacher_at[index, model, seed]) is not None}
+                rest.append(Unit(group, methods, models, seeds, needs=frozenset(needs)))
     return with_distinct_names(providers + sorted(rest, key=lambda unit: -unit.cost))
 
 

@@ -223,6 +223,29 @@ def test_compiled_int8_model_runs_onednn_int8_kernels_and_computes_the_workbench
         assert torch.allclose(compiled_fp32(x), model(x), atol=1e-5)
 
 
+@pytest.mark.slow
+def test_compiled_model_builds_one_graph_per_batch_size_for_scoring_and_timing_alike() -> None:
+    from torch._dynamo.utils import counters
+    from torch.utils.data import TensorDataset
+
+    from lightning_modules.evaluation.accuracy import predict
+    from lightning_modules.evaluation.latency import measure_latency
+    from lightning_modules.evaluation.runtime import CompiledModel
+
+    torch.manual_seed(0)
+    model = LeNet5(1, 28, 10).eval()
+    compiled = CompiledModel(model, (1, 28, 28))
+    counters.clear()
+    assert compiled.int8_kernel_ops == 0  # compiled at batch 1 to read its code
+    test = TensorDataset(torch.rand(70, 1, 28, 28), torch.randint(0, 10, (70,)))
+    scored = predict(compiled, test, torch.device("cpu"), batch_size=32)  # 32, 32 and 6 padded to 32
+    measure_latency({"model": compiled}, (1, 28, 28), [1, 32], torch.device("cpu"), warmup=1, repeats=2)
+    # batch 1 and batch 32, whether the input is an inference tensor (timing) or not (scoring)
+    assert counters["stats"]["unique_graphs"] == 2
+    eager = predict(model, test, torch.device("cpu"), batch_size=512)
+    assert np.array_equal(scored.correct, eager.correct) and scored.loss == pytest.approx(eager.loss, rel=1e-4)
+
+
 def test_eager_runtime_runs_resnet20_with_batchnorm_folded_and_leaves_the_model_alone() -> None:
     from lightning_modules.evaluation.runtime import deploy
 

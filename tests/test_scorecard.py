@@ -340,8 +340,9 @@ def test_units_train_the_teacher_and_each_seeds_baselines_first_and_the_rest_wai
     assert all(unit.methods == ("baseline",) for unit in units[:3])
     assert not any("baseline" in unit.methods for unit in units[3:])  # the baseline rows are the baseline units
     kd_units = [unit for unit in units if "kd" in unit.methods]
+    # a small group's seeds share one unit; seed 0's teacher teaches them all
     assert [sorted(unit.needs) for unit in kd_units] == [
-        [("lenet300", seed), ("lenet5", seed), ("resnet20", 0)] for seed in (0, 1)]  # seed 0's teacher for all
+        [("lenet300", 0), ("lenet300", 1), ("lenet5", 0), ("lenet5", 1), ("resnet20", 0)]]
     assert len({unit.name("t") for unit in units}) == len(units)
     assert {(method, model, seed) for unit in units for method in unit.methods for model in unit.models
             for seed in unit.seeds} >= {(job.spec.method, job.model, seed) for job in
@@ -352,11 +353,14 @@ def test_units_train_the_teacher_and_each_seeds_baselines_first_and_the_rest_wai
     assert all(unit.group.ran(unit.name("t"), "t") for unit in units if unit.part != "teacher")
 
 
-def test_units_too_big_are_split_by_model_and_folder_names_stay_distinct():
-    groups = sc.group_jobs(sc.plan(sc.select_specs(None), ["lenet300", "lenet5"], [0], False))
+def test_units_too_big_are_split_by_seed_then_by_model_and_folder_names_stay_distinct():
+    groups = sc.group_jobs(sc.plan(sc.select_specs(None), ["lenet300", "lenet5"], [0, 1, 2], False))
     units = sc.plan_units(groups)
     assert all(unit.runs <= sc.UNIT_RUNS for unit in units if unit.part != "baseline")
     assert len({unit.name("t") for unit in units}) == len(units)  # the cp/tucker lenet5 unit beside the big one
+    seeds_of = {unit.seeds for unit in units if unit.part not in ("baseline", "teacher")}
+    assert seeds_of == {(0, 1, 2), (0,), (1,), (2,)}  # small groups in one unit, the others one per seed
+    assert all(len(unit.models) == 1 for unit in units if len(unit.methods) * 2 > sc.UNIT_RUNS)
 
 
 def test_run_units_runs_jobs_at_a_time_and_a_unit_after_what_it_needs(tmp_path, monkeypatch):

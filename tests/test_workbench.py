@@ -49,6 +49,9 @@ def test_two_run_multirun_lands_every_contract_metric_tag_and_artifact(tmp_path:
         model_files = [a.path for a in client.list_artifacts(run.info.run_id, MODEL_FOLDER)]
         assert model_files == [ONNX_ARTIFACT, MODEL_ARTIFACT]
         assert run.data.params["data.name"] == "digits"
+        epochs = int(run.data.params["baseline.epochs"])  # an epoch's train_loss, train_acc, val_acc each once
+        for metric in ("train_loss", "train_acc", "val_acc"):
+            assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == list(range(epochs))
     assert {r.data.tags["model"] for r in children} == {"lenet300", "lenet5"}
     # the compact grid at the end of the multirun
     assert "test_acc" in result.stdout and "compression_ratio" in result.stdout and "lenet300" in result.stdout
@@ -115,3 +118,26 @@ def test_single_run_without_sweep(tmp_path: Path, store_uri: str) -> None:
     runs = all_runs(store_uri)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert "mlflow.parentRunId" not in runs[0].data.tags
+
+
+def test_train_loss_and_accuracy_are_each_epochs_means_over_its_images() -> None:
+    import pytorch_lightning as pl
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_modules.task import ClassificationTask
+
+    torch.manual_seed(0)
+    inputs, targets = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    model = torch.nn.Linear(4, 3)
+    # learning rate 0: the weights stay, so the epoch's mean is the model's loss on all 10 images,
+    # whatever the batches (4, 4 and 2: a mean of the three batch means would differ)
+    task = ClassificationTask(model, optimizer=lambda params: torch.optim.SGD(params, lr=0.0))
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(task, DataLoader(TensorDataset(inputs, targets), batch_size=4))
+    with torch.no_grad():
+        logits = model(inputs)
+    assert trainer.callback_metrics["train_loss"].item() == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-5)
+    assert trainer.callback_metrics["train_acc"].item() == pytest.approx(100.0 * (logits.argmax(1) == targets).float().mean().item())

@@ -332,9 +332,9 @@ class LatencyTimer:
         pairs (paired_times: the median pair ratio moves less with a neighbour's load than a ratio of two
         medians does), for at least `min_time_s`."""
         cpu = torch.device("cpu")
-        with torch_threads(self.threads):  # an Inductor compile reads the thread count into its kernels
-            deployed_reference = deploy(reference, runtime, cpu, threads, input_shape)
-        inputs = torch.randn(batch, *input_shape)
+        deployed_reference = deploy(reference, runtime, cpu, threads, input_shape)  # Inductor compiles at the first call
+        with torch.inference_mode():  # an inference tensor, as every timing's input (runtime.CompiledModel)
+            inputs = torch.randn(batch, *input_shape)
         for label, model in candidates:
             with torch_threads(self.threads):
                 reference_ms, model_ms, speedup = paired_times(

@@ -153,7 +153,8 @@ def measure(
         others["teacher"] = deploy_for_measure(teacher, "teacher", shipped.runtime, hardware, device, scratch_dir,
                                                input_shape)
     step_aside_if_asked()  # between steps: a job of this machine that asked to time goes first
-    accuracy = accuracy_figures(shipped, others, references or {}, test, device)
+    # scored in batches of the largest timed size: the graphs a compiled runtime builds for it serve both
+    accuracy = accuracy_figures(shipped, others, references or {}, test, device, max(hardware.latency.batch_sizes))
     step_aside_if_asked()
     sizes = {name: other.size_bytes if shipped.packed or other.runtime_size_bytes is None else other.runtime_size_bytes
              for name, other in others.items()}
@@ -279,12 +280,13 @@ def check_reproduces(model: nn.Module, loaded: nn.Module, input_shape: tuple[int
 
 
 def accuracy_figures(shipped: Shipped, others: dict[str, Deployment], references: dict[str, nn.Module],
-                     test, device: torch.device) -> dict[str, float]:
+                     test, device: torch.device, batch_size: int) -> dict[str, float]:
     """Accuracy of the deployed model, its baseline's, the paired interval of the drop; the teacher's
     (TEACHER_TEST_ACC) and each reference model's (`test_acc_<name>`) when there are any."""
-    predictions = predict(shipped.deployment.deployed, test, device)
+    predictions = predict(shipped.deployment.deployed, test, device, batch_size)
     baseline = others["baseline"]
-    baseline_predictions = predictions if baseline is shipped.deployment else predict(baseline.deployed, test, device)
+    baseline_predictions = (predictions if baseline is shipped.deployment
+                            else predict(baseline.deployed, test, device, batch_size))
     drop_low, drop_high = paired_drop_interval(baseline_predictions.correct, predictions.correct)
     figures = {
         TEST_ACC: 100.0 * predictions.accuracy,
@@ -295,9 +297,9 @@ def accuracy_figures(shipped: Shipped, others: dict[str, Deployment], references
         ACC_DROP_CI95_HIGH: drop_high,
     }
     for name, reference in references.items():
-        figures[reference_test_acc(name)] = 100.0 * predict(reference.eval().to(device), test, device).accuracy
+        figures[reference_test_acc(name)] = 100.0 * predict(reference.eval().to(device), test, device, batch_size).accuracy
     if "teacher" in others:
-        figures[TEACHER_TEST_ACC] = 100.0 * predict(others["teacher"].deployed, test, device).accuracy
+        figures[TEACHER_TEST_ACC] = 100.0 * predict(others["teacher"].deployed, test, device, batch_size).accuracy
     return figures
 
 
