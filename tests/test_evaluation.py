@@ -223,6 +223,29 @@ def test_compiled_int8_model_runs_onednn_int8_kernels_and_computes_the_workbench
         assert torch.allclose(compiled_fp32(x), model(x), atol=1e-5)
 
 
+def test_scoring_runs_every_batch_at_one_size_the_last_padded_with_its_own_images() -> None:
+    from torch.utils.data import TensorDataset
+
+    from lightning_modules.evaluation.accuracy import predict
+
+    sizes = []
+
+    def by_batch_range(inputs: torch.Tensor) -> torch.Tensor:  # as dynamic quantization: the batch's range
+        sizes.append(len(inputs))
+        flat = inputs.flatten(1)[:, :10]
+        low, high = flat.min(0).values, flat.max(0).values
+        return (flat - low) / (high - low)
+
+    torch.manual_seed(0)
+    # pixels in 1..2: a zero image as padding would move every column's range
+    images, labels = 1.0 + torch.rand(70, 1, 28, 28), torch.randint(0, 10, (70,))
+    scored = predict(by_batch_range, TensorDataset(images, labels), torch.device("cpu"), batch_size=32)
+    assert sizes == [32, 32, 32]
+    logits = torch.cat([by_batch_range(images[start:start + 32]) for start in (0, 32, 64)])
+    assert np.array_equal(scored.correct, (logits.argmax(1) == labels).numpy())
+    assert scored.loss == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item())  # no range moved
+
+
 @pytest.mark.slow
 def test_compiled_model_builds_one_graph_per_batch_size_for_scoring_and_timing_alike() -> None:
     from torch._dynamo.utils import counters

@@ -26,7 +26,7 @@ class Predictions:
 def predict(model: Deployed, dataset: TensorDataset, device: torch.device, batch_size: int = 512) -> Predictions:
     """Score a deployed model (see runtime.py) on every image of `dataset`.
 
-    Every batch has the same size (the last one padded with zero images whose outputs are dropped):
+    Every batch has the same size (the last one padded with its own images, their outputs dropped):
     a compiled runtime compiles a graph per batch size, so scoring at a batch size the latency is
     timed at compiles nothing more."""
     correct, loss_sum = [], 0.0
@@ -41,9 +41,11 @@ def predict(model: Deployed, dataset: TensorDataset, device: torch.device, batch
 
 
 def padded(inputs: torch.Tensor, size: int) -> torch.Tensor:
-    """`inputs` with zero images appended up to `size` in the batch dimension."""
-    missing = size - len(inputs)
-    return inputs if missing <= 0 else torch.cat([inputs, inputs.new_zeros((missing, *inputs.shape[1:]))])
+    """`inputs` repeated up to `size` images. The padding is the batch's own images, so what reads the
+    whole batch (a dynamic quantization's activation range) finds nothing the batch does not hold."""
+    if len(inputs) >= size:
+        return inputs
+    return inputs.repeat(-(-size // len(inputs)), *([1] * (inputs.dim() - 1)))[:size]
 
 
 def paired_drop_interval(
