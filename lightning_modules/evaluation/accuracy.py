@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,7 +46,7 @@ def padded(inputs: torch.Tensor, size: int) -> torch.Tensor:
     whole batch (a dynamic quantization's activation range) finds nothing the batch does not hold."""
     if len(inputs) >= size:
         return inputs
-    return inputs.repeat(-(-size // len(inputs)), *([1] * (inputs.dim() - 1)))[:size]
+    return inputs.repeat(math.ceil(size / len(inputs)), *([1] * (inputs.dim() - 1)))[:size]
 
 
 def paired_drop_interval(
