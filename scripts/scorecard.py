@@ -3,8 +3,8 @@
 Runs each `conf/method/` option with nothing changed but the hardware it is measured on (and the few
 extra rows of TARGETS that set `method.sparsity`), on data=mnist5k, through `train.py -m` in
 subprocesses into one MLflow store, so each dense baseline is trained once (or found there). The sweeps
-are cut into units (a group of rows on one seed, `plan_units`) that run `--jobs` at a time (default:
-one per core), each one job at a time: first the kd teacher and each seed's baselines, then the rest
+are cut into units (a group of rows on all its seeds, or on one when that is too many runs; `plan_units`)
+that run `--jobs` at a time (default: one per core), each one job at a time: first the kd teacher and each seed's baselines, then the rest
 longest first, a unit starting once what it needs is trained. Beside one another every run trains on
 one thread (`hardware.train_threads=1`) and measures on its hardware's threads, and timings stay one
 at a time: a run that times makes the others pause at their next batch
@@ -783,9 +783,11 @@ def plan_units(groups: list[Group]) -> list[Unit]:
         per_seed = len(methods) * len(group.models)
         # a process start costs ~13 s (imports, the sweep's set-up, its summary): small groups run their seeds
         # in one unit, the others one unit per seed, split by model beyond UNIT_RUNS
+        if not methods:
+            continue
         seed_sets = [group.seeds] if per_seed * len(group.seeds) <= UNIT_RUNS else [(seed,) for seed in group.seeds]
         model_sets = [group.models] if per_seed <= UNIT_RUNS else [(model,) for model in group.models]
-        for seeds in seed_sets if methods else []:
+        for seeds in seed_sets:
             for models in model_sets:
                 needs = {(model, seed) for model in models for seed in seeds}
                 needs |= {teacher for model in models for seed in seeds
